@@ -1,0 +1,1 @@
+"""Discrete-event model of a GPU cluster serving or training an MoE model. Never imports torch."""

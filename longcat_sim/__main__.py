@@ -1,0 +1,3 @@
+from longcat_sim.cli import entry
+
+entry()

@@ -1,0 +1,94 @@
+"""The ``longcat-sim`` command line: parse, call an experiment, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from longcat_sim.artifacts import build_manifest, dumps_json, write_run
+from longcat_sim.errors import UserError
+from model.config import ConfigError
+
+# command name -> module in longcat_sim.experiments exposing HELP, add_arguments(parser), run(args)
+COMMANDS: dict[str, str] = {
+    "params": "longcat_sim.experiments.params",
+}
+
+PROG = "longcat-sim"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, description="Simulation and reproducibility testbed for MoE systems."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        cmd.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+        cmd.add_argument(
+            "--run-dir",
+            type=Path,
+            default=None,
+            help="where to write manifest.json and results.json (default runs/COMMAND/CONFIG_HASH)",
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        output = args._module.run(args)
+    except (UserError, ConfigError) as exc:
+        return _fail(str(exc))
+    except _domain_errors() as exc:
+        return _fail(str(exc))
+    run_dir = args.run_dir or Path("runs") / args.command / output.config_hash[:12]
+    manifest = build_manifest(
+        args.command, output.config, output.config_hash, output.seeds, output.device
+    )
+    try:
+        write_run(run_dir, manifest, output.results)
+    except OSError as exc:
+        return _fail(f"cannot write run directory {str(run_dir)!r}: {exc.strerror or exc}")
+    if args.json:
+        sys.stdout.write(dumps_json(output.results))
+    else:
+        print(output.text)
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def _domain_errors() -> tuple[type[Exception], ...]:
+    """Input-error types of the engines, imported only if their package is already loaded."""
+    errors: list[type[Exception]] = []
+    cluster_errors = sys.modules.get("cluster.errors")
+    if cluster_errors is not None:
+        errors.append(cluster_errors.ClusterInputError)
+    return tuple(errors) or (UserError,)
+
+
+def entry() -> NoReturn:  # pragma: no cover - thin wrapper
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

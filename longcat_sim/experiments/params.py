@@ -1,0 +1,48 @@
+"""``longcat-sim params``: total, activated and KV-cache sizes of a model, from the analytic count."""
+
+from __future__ import annotations
+
+import argparse
+
+from longcat_sim.experiments.base import CommandOutput
+from model import costs
+from model.config import load_model_config
+
+HELP = "parameter counts (total, activated) and KV-cache bytes per token of a model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="longcat-flash", help="preset name or TOML file (default longcat-flash)"
+    )
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    cfg = load_model_config(args.model)
+    k_lo = max(0, cfg.moe_topk - cfg.zero_expert_num)
+    k_hi = min(cfg.moe_topk, cfg.n_routed_experts)
+    results = {
+        "model": cfg.name,
+        "total_params": costs.total_params(cfg),
+        "mtp_params": costs.mtp_params(cfg),
+        "activated_params_min": costs.activated_params(cfg, k_lo),
+        "activated_params_max": costs.activated_params(cfg, k_hi),
+        "activated_params_expected": costs.activated_params(cfg, cfg.expected_ffn_experts),
+        "expected_ffn_experts": cfg.expected_ffn_experts,
+        "kv_cache_bytes_per_token": costs.kv_cache_bytes_per_token(cfg, dtype_bytes=2),
+    }
+    text = "\n".join(
+        [
+            f"model {cfg.name}",
+            f"  total parameters          {results['total_params'] / 1e9:10.2f} B"
+            f"  (MTP adds {results['mtp_params'] / 1e9:.2f} B)",
+            f"  activated, {k_lo:>2} FFN experts  {results['activated_params_min'] / 1e9:10.2f} B",
+            f"  activated, {k_hi:>2} FFN experts  {results['activated_params_max'] / 1e9:10.2f} B",
+            f"  activated, expected K_e={cfg.expected_ffn_experts:g} "
+            f"{results['activated_params_expected'] / 1e9:8.2f} B",
+            f"  KV cache (bf16)           {results['kv_cache_bytes_per_token']:10,d} B/token",
+        ]
+    )
+    return CommandOutput(
+        results=results, text=text, config=cfg.to_dict(), config_hash=cfg.config_hash()
+    )

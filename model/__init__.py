@@ -1,0 +1,28 @@
+"""LongCat-Flash in PyTorch, plus its torch-free configuration and analytic cost model.
+
+Importing ``model`` does not import torch: ``model.config`` and ``model.costs`` stay
+usable by the simulator bridge. Torch-backed names load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model.config import ConfigError, ModelConfig, get_preset, load_model_config, preset_names
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "get_preset",
+    "load_model_config",
+    "load_pretrained",
+    "preset_names",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load_pretrained":
+        from model.checkpoint import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Kernels: pure-torch references and Triton implementations, chosen by explicit argument."""

@@ -1,0 +1,1 @@
+"""Plotly figures and self-contained HTML reports built from results on disk. Never imports torch."""
