@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from cluster.errors import ClusterInputError
 from longcat_sim.artifacts import build_manifest, dumps_json, write_run
 from longcat_sim.errors import UserError
 from model.config import ConfigError
@@ -57,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         output = args._module.run(args)
-    except (UserError, ConfigError) as exc:
-        return _fail(str(exc))
-    except _domain_errors() as exc:
+    except (UserError, ConfigError, ClusterInputError) as exc:
         return _fail(str(exc))
     run_dir = args.run_dir or Path("runs") / args.command / output.config_hash[:12]
     manifest = build_manifest(
@@ -75,15 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         print(output.text)
         print(f"run directory: {run_dir}")
     return 0
-
-
-def _domain_errors() -> tuple[type[Exception], ...]:
-    """Input-error types of the engines, imported only if their package is already loaded."""
-    errors: list[type[Exception]] = []
-    cluster_errors = sys.modules.get("cluster.errors")
-    if cluster_errors is not None:
-        errors.append(cluster_errors.ClusterInputError)
-    return tuple(errors) or (UserError,)
 
 
 def entry() -> NoReturn:  # pragma: no cover - thin wrapper
