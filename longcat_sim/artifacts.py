@@ -2,47 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.files import dumps_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+__all__ = [
+    "build_manifest",
+    "dumps_json",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_run",
+    "write_text_atomic",
+]
+
 _TRACKED_PACKAGES = ("longcat-sim", "torch", "simpy", "numpy", "scipy", "plotly", "safetensors")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so a crash loses nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def dumps_json(obj: Any) -> str:
-    """Canonical JSON: sorted keys, two-space indent, trailing newline."""
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    return write_text_atomic(path, dumps_json(obj))
 
 
 def git_revision() -> str | None:
