@@ -31,17 +31,20 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "expected_ffn_experts": cfg.expected_ffn_experts,
         "kv_cache_bytes_per_token": costs.kv_cache_bytes_per_token(cfg, dtype_bytes=2),
     }
+    rows = [
+        ("total parameters", f"{results['total_params'] / 1e9:.3f} B"),
+        ("MTP module (not in total)", f"{results['mtp_params'] / 1e9:.3f} B"),
+        (f"activated, {k_lo} FFN experts", f"{results['activated_params_min'] / 1e9:.3f} B"),
+        (f"activated, {k_hi} FFN experts", f"{results['activated_params_max'] / 1e9:.3f} B"),
+        (
+            f"activated, K_e = {cfg.expected_ffn_experts:g}",
+            f"{results['activated_params_expected'] / 1e9:.3f} B",
+        ),
+        ("KV cache, bf16", f"{results['kv_cache_bytes_per_token']:,d} B/token"),
+    ]
+    width = max(len(label) for label, _ in rows)
     text = "\n".join(
-        [
-            f"model {cfg.name}",
-            f"  total parameters          {results['total_params'] / 1e9:10.2f} B"
-            f"  (MTP adds {results['mtp_params'] / 1e9:.2f} B)",
-            f"  activated, {k_lo:>2} FFN experts  {results['activated_params_min'] / 1e9:10.2f} B",
-            f"  activated, {k_hi:>2} FFN experts  {results['activated_params_max'] / 1e9:10.2f} B",
-            f"  activated, expected K_e={cfg.expected_ffn_experts:g} "
-            f"{results['activated_params_expected'] / 1e9:8.2f} B",
-            f"  KV cache (bf16)           {results['kv_cache_bytes_per_token']:10,d} B/token",
-        ]
+        [f"model {cfg.name}", *(f"  {label:<{width}}  {value:>14}" for label, value in rows)]
     )
     return CommandOutput(
         results=results, text=text, config=cfg.to_dict(), config_hash=cfg.config_hash()
