@@ -91,10 +91,27 @@ class DecodeWorkload:
 @dataclass(frozen=True)
 class TrainLayerTimes:
     """Forward and backward stage times of one layer for one token chunk (the MoE of a training
-    layer is split into chunks along the token dimension)."""
+    layer is split into chunks along the token dimension).
+
+    ``weight_grad`` (optional) gives, per backward compute stage, the seconds of its weight
+    gradient (W) on top of ``backward``, which then holds the input gradient only; zero-bubble
+    pipelines defer W. Without it the whole backward counts as input gradient."""
 
     forward: StageTimes
     backward: StageTimes
+    weight_grad: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for stage, seconds in self.weight_grad.items():
+            if stage not in self.backward.compute:
+                raise ClusterInputError(
+                    f"weight gradient of {stage!r} has no backward compute stage; "
+                    f"use one of {sorted(self.backward.compute)}"
+                )
+            if not seconds >= 0.0:
+                raise ClusterInputError(
+                    f"weight gradient of {stage!r} has time {seconds!r}; it must be >= 0"
+                )
 
 
 @dataclass(frozen=True)

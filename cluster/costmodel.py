@@ -1,0 +1,439 @@
+"""Pure functions: op x hardware x assumptions -> seconds, and whole decode steps / training
+layers priced into ``cluster.workload`` records.
+
+Compute ops follow a roofline: a fixed per-kernel overhead plus the larger of FLOPs over the
+achieved FLOP rate and bytes over the achieved HBM bandwidth. Expert-parallel dispatch and
+combine follow an alpha-beta model: a fixed per-call latency plus the slower of the NVLink share
+and the RDMA share of the bytes over their achieved bandwidths. Tensor/context-parallel
+collectives are pipelined hierarchical rings: ring-step latencies plus bytes sent per rank over
+the achieved NVLink (same node) and RDMA (other nodes) bandwidths.
+The most loaded expert-parallel rank sets the pace of expert work and of dispatch/combine, and
+the GPU holding the most cached context sets the pace of attention (every collective after it
+waits for the slowest GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from cluster.assumptions import Assumptions
+from cluster.errors import ClusterInputError
+from cluster.hardware import Hardware
+from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
+from cluster.placement import imbalance_factor, sample_expert_loads, slots_per_rank
+from cluster.workload import DecodeWorkload, Link, StageTimes, TrainLayerTimes
+
+OpsForTokens = Callable[[int], Sequence[LayerOps]]
+StepOpsForTokens = Callable[[int], Sequence[ComputeOp]]
+ExpertLoads = np.ndarray | Sequence[np.ndarray]
+
+
+# -- compute --------------------------------------------------------------------------------
+
+
+def _flop_fraction(kind: str, a: Assumptions) -> float:
+    if kind == "attention":
+        return a.attention_flop_fraction
+    return a.gemm_flop_fraction
+
+
+def roofline_time(
+    flops: float, bytes_moved: float, peak_flops: float, bytes_per_s: float, overhead_s: float
+) -> float:
+    """Fixed overhead plus the slower of compute and memory traffic."""
+    return overhead_s + max(flops / peak_flops, bytes_moved / bytes_per_s)
+
+
+def compute_time(op: ComputeOp, hw: Hardware, a: Assumptions) -> float:
+    """Seconds one kernel takes on one GPU."""
+    peak = hw.peak_flops(op.precision) * _flop_fraction(op.kind, a)
+    hbm = a.attention_hbm_fraction if op.kind == "attention" else a.hbm_fraction
+    moved = (
+        op.kv_bytes
+        + (op.weight_bytes if a.weight_traffic else 0.0)
+        + (op.act_bytes if a.activation_traffic else 0.0)
+    )
+    return roofline_time(op.flops, moved, peak, hw.hbm_bytes_per_s * hbm, a.kernel_overhead_s)
+
+
+def experts_touched(resident: float, pairs: float) -> float:
+    """Expected resident experts that receive at least one of ``pairs`` uniformly routed pairs."""
+    if resident <= 0:
+        return 0.0
+    return resident * -math.expm1(-pairs / resident)
+
+
+def expert_time(
+    op: ExpertOp,
+    hw: Hardware,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int = 0,
+    imbalance: float = 1.0,
+) -> float:
+    """Seconds of the expert kernel on the most loaded rank of an ``ep``-way group.
+
+    That rank computes ``pairs x imbalance`` pairs and reads the weights of each resident
+    expert (or replica) that any pair reaches.
+    """
+    _check_imbalance(imbalance)
+    resident = slots_per_rank(op.n_experts, ep, redundant_experts)
+    pairs = op.pairs * imbalance
+    touched = experts_touched(resident, pairs)
+    weights = touched * op.expert_weight_bytes if a.weight_traffic else 0.0
+    acts = pairs * op.act_bytes_per_pair if a.activation_traffic else 0.0
+    peak = hw.peak_flops(op.precision) * a.expert_flop_fraction
+    return roofline_time(
+        pairs * op.flops_per_pair,
+        weights + acts,
+        peak,
+        hw.hbm_bytes_per_s * a.hbm_fraction,
+        a.kernel_overhead_s,
+    )
+
+
+# -- communication --------------------------------------------------------------------------
+
+
+def ep_traffic_shares(ep: int, hw: Hardware, a: Assumptions) -> tuple[float, float]:
+    """(NVLink share, RDMA share) of dispatched copies, with ranks packed into whole nodes.
+
+    Without locality every copy is priced on the scale-out network, as the Table 7 estimate
+    does. With it, the 1/ep bound for this GPU stays put and same-node copies take NVLink.
+    """
+    _check_positive_int("EP size", ep)
+    if not a.ep_locality:
+        return 0.0, 1.0
+    node = min(ep, hw.gpus_per_node)
+    return (node - 1) / ep, (ep - node) / ep
+
+
+def ep_link(ep: int, hw: Hardware, a: Assumptions) -> Link:
+    """The link that carries the bulk of a dispatch/combine."""
+    return "nvlink" if a.ep_locality and ep <= hw.gpus_per_node else "rdma"
+
+
+def ep_comm_time(
+    op: CommOp, hw: Hardware, a: Assumptions, *, ep: int, imbalance: float = 1.0
+) -> float:
+    """Seconds of one dispatch or combine. The most loaded rank receives (dispatch) or sends
+    back (combine) ``imbalance`` times the mean, so its bytes scale by it."""
+    if op.pattern not in ("dispatch", "combine"):
+        raise ClusterInputError(f"comm {op.name!r} is a {op.pattern}, not a dispatch/combine")
+    _check_imbalance(imbalance)
+    nvlink_share, rdma_share = ep_traffic_shares(ep, hw, a)
+    moved = op.bytes * imbalance
+    t_nvlink = moved * nvlink_share / (hw.nvlink_bytes_per_s * a.ep_nvlink_fraction)
+    t_rdma = moved * rdma_share / (hw.rdma_bytes_per_s * a.ep_rdma_fraction)
+    latency = a.ep_call_latency_s
+    if a.ep_link_latency:
+        if rdma_share > 0:
+            latency += hw.rdma_latency_s
+        elif nvlink_share > 0:
+            latency += hw.nvlink_latency_s
+    return latency + max(t_nvlink, t_rdma)
+
+
+def collective_link(op: CommOp, hw: Hardware) -> Link:
+    return "nvlink" if op.group <= hw.gpus_per_node else "rdma"
+
+
+def collective_time(op: CommOp, hw: Hardware, a: Assumptions) -> float:
+    """Seconds of a pipelined hierarchical ring all-gather / reduce-scatter (an all-reduce is
+    both). Of the shards a rank exchanges, one per other node crosses RDMA and the rest NVLink;
+    the two links work concurrently, and every ring step pays its link's latency."""
+    if op.pattern in ("dispatch", "combine"):
+        raise ClusterInputError(f"comm {op.name!r} is a {op.pattern}; price it with ep_comm_time")
+    if op.group == 1:
+        return 0.0
+    node = min(op.group, hw.gpus_per_node)
+    nodes = math.ceil(op.group / node)
+    rdma_bytes = op.bytes * (nodes - 1) / (op.group - 1)
+    nvlink_bytes = op.bytes - rdma_bytes
+    passes = 2 if op.pattern == "all_reduce" else 1
+    latency = passes * ((node - 1) * hw.nvlink_latency_s + (nodes - 1) * hw.rdma_latency_s)
+    transfer = max(
+        nvlink_bytes / (hw.nvlink_bytes_per_s * a.tp_link_fraction),
+        rdma_bytes / (hw.rdma_bytes_per_s * a.tp_link_fraction),
+    )
+    return a.kernel_overhead_s + latency + transfer
+
+
+# -- layers ---------------------------------------------------------------------------------
+
+
+def layer_stage_times(
+    layer: LayerOps,
+    hw: Hardware,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int = 0,
+    imbalance: float = 1.0,
+    attention_imbalance: float = 1.0,
+) -> StageTimes:
+    """Sum the priced ops of each stage of one layer into ``StageTimes``. ``imbalance`` scales
+    the expert work and dispatch/combine of the pace-setting rank, ``attention_imbalance`` the
+    attention-core work (FLOPs and cache reads) of the GPU with the most cached context."""
+    _check_imbalance(attention_imbalance)
+    compute: dict[str, float] = {}
+    for op in layer.ops:
+        if isinstance(op, ExpertOp):
+            seconds = expert_time(
+                op, hw, a, ep=ep, redundant_experts=redundant_experts, imbalance=imbalance
+            )
+        elif op.kind == "attention" and attention_imbalance != 1.0:
+            scaled = dataclasses.replace(
+                op,
+                flops=op.flops * attention_imbalance,
+                kv_bytes=op.kv_bytes * attention_imbalance,
+            )
+            seconds = compute_time(scaled, hw, a)
+        else:
+            seconds = compute_time(op, hw, a)
+        compute[op.stage] = compute.get(op.stage, 0.0) + seconds
+    comm: dict[str, float] = {}
+    links: dict[str, Link] = {}
+    for op in layer.comms:
+        if op.pattern in ("dispatch", "combine"):
+            seconds = ep_comm_time(op, hw, a, ep=ep, imbalance=imbalance)
+            link = ep_link(ep, hw, a)
+        else:
+            seconds = collective_time(op, hw, a)
+            link = collective_link(op, hw)
+        comm[op.stage] = comm.get(op.stage, 0.0) + seconds
+        previous = links.setdefault(op.stage, link)
+        if previous != link:
+            links[op.stage] = "rdma"
+    return StageTimes(kind=layer.kind, compute=compute, comm=comm, comm_link=links)
+
+
+def layer_imbalance(
+    layer: LayerOps,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int = 0,
+    rng: np.random.Generator | None = None,
+    expert_loads: np.ndarray | None = None,
+) -> float:
+    """Imbalance of one layer's expert work: from a given histogram of per-expert loads, from
+    a sampled one (``routing="multinomial"``), or 1 (``"balanced"``)."""
+    experts = [op for op in layer.ops if isinstance(op, ExpertOp)]
+    if not experts:
+        return 1.0
+    n_experts = experts[0].n_experts
+    slots_per_rank(n_experts, ep, redundant_experts)
+    if expert_loads is not None:
+        loads = np.asarray(expert_loads, dtype=float)
+        if loads.shape != (n_experts,):
+            raise ClusterInputError(
+                f"expert load histogram has shape {loads.shape}; layer {layer.index} needs "
+                f"({n_experts},), one entry per FFN expert"
+            )
+        return imbalance_factor(loads, ep, redundant_experts)
+    if a.routing == "balanced":
+        return 1.0
+    if rng is None:
+        raise ClusterInputError(
+            f"assumption set {a.name!r} samples routing; pass a numpy Generator as rng"
+        )
+    popularity = None
+    if a.expert_popularity_sigma > 0:
+        popularity = rng.lognormal(0.0, a.expert_popularity_sigma, n_experts)
+    group_pairs = round(experts[0].pairs * ep)
+    loads = sample_expert_loads(rng, n_experts, group_pairs, popularity)
+    return imbalance_factor(loads, ep, redundant_experts)
+
+
+def context_imbalance(
+    a: Assumptions, *, requests: int, ep: int, rng: np.random.Generator | None = None
+) -> float:
+    """Attention work of the GPU with the most cached context over the mean, when each of the
+    ``ep`` GPUs holds ``requests`` requests whose contexts are gamma distributed with the
+    assumption set's coefficient of variation (1 when it is 0)."""
+    _check_positive_int("requests per GPU", requests)
+    if a.context_cv == 0:
+        return 1.0
+    if not isinstance(rng, np.random.Generator):
+        raise ClusterInputError(
+            f"assumption set {a.name!r} samples request contexts; pass a numpy Generator as rng"
+        )
+    shape = 1.0 / a.context_cv**2
+    per_gpu = rng.gamma(shape, 1.0 / shape, size=(ep, requests)).sum(axis=1)
+    return max(1.0, float(per_gpu.max() / per_gpu.mean()))
+
+
+def price_layers(
+    layers: Sequence[LayerOps],
+    hw: Hardware,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int = 0,
+    rng: np.random.Generator | None = None,
+    expert_loads: ExpertLoads | None = None,
+    attention_imbalance: float = 1.0,
+) -> tuple[StageTimes, ...]:
+    """Price every layer; ``expert_loads`` is one histogram for all layers or one per layer."""
+    per_layer = loads_per_layer(expert_loads, len(layers))
+    priced = []
+    for layer, loads in zip(layers, per_layer, strict=True):
+        imbalance = layer_imbalance(
+            layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=loads
+        )
+        priced.append(
+            layer_stage_times(
+                layer,
+                hw,
+                a,
+                ep=ep,
+                redundant_experts=redundant_experts,
+                imbalance=imbalance,
+                attention_imbalance=attention_imbalance,
+            )
+        )
+    return tuple(priced)
+
+
+# -- whole decode step / training layer -----------------------------------------------------
+
+
+def decode_workload(
+    ops_for_tokens: OpsForTokens,
+    *,
+    hardware: Hardware,
+    assumptions: Assumptions,
+    ep: int,
+    batch_per_device: int,
+    mtp_draft_tokens: int = 0,
+    mtp_accept: float = 0.0,
+    redundant_experts: int = 0,
+    rng: np.random.Generator | None = None,
+    expert_loads: ExpertLoads | None = None,
+    step_ops_for_tokens: StepOpsForTokens | None = None,
+) -> DecodeWorkload:
+    """Price one decode step on one GPU of an ``ep``-way expert-parallel deployment.
+
+    ``ops_for_tokens(n)`` lists the layers' ops for ``n`` query tokens on this GPU; it is
+    called for the whole batch and for the larger of the two micro-batches TBO splits it into
+    (ceil(batch / 2) requests). Each request carries 1 + ``mtp_draft_tokens`` query tokens.
+    ``step_ops_for_tokens(n)`` (optional) lists work outside the layers (embedding, LM head,
+    MTP draft), priced sequentially into ``overhead_s`` with the assumption set's fixed
+    per-step overhead.
+    """
+    _check_positive_int("batch per device", batch_per_device)
+    _check_positive_int("EP size", ep)
+    if (
+        isinstance(mtp_draft_tokens, bool)
+        or not isinstance(mtp_draft_tokens, int)
+        or mtp_draft_tokens < 0
+    ):
+        raise ClusterInputError(
+            f"MTP draft tokens must be a non-negative integer, got {mtp_draft_tokens!r}"
+        )
+    queries = 1 + mtp_draft_tokens
+    tokens = batch_per_device * queries
+    half_batch = math.ceil(batch_per_device / 2)
+    half_tokens = half_batch * queries
+    common = dict(ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=expert_loads)
+    full_ctx = context_imbalance(assumptions, requests=batch_per_device, ep=ep, rng=rng)
+    half_ctx = context_imbalance(assumptions, requests=half_batch, ep=ep, rng=rng)
+    layers = price_layers(
+        ops_for_tokens(tokens), hardware, assumptions, attention_imbalance=full_ctx, **common
+    )
+    layers_half = price_layers(
+        ops_for_tokens(half_tokens), hardware, assumptions, attention_imbalance=half_ctx, **common
+    )
+    overhead = assumptions.step_overhead_s
+    if step_ops_for_tokens is not None:
+        overhead += sum(
+            compute_time(op, hardware, assumptions) for op in step_ops_for_tokens(tokens)
+        )
+    return DecodeWorkload(
+        layers=layers,
+        layers_half=layers_half,
+        batch_per_device=batch_per_device,
+        tokens_per_step=tokens,
+        mtp_draft_tokens=mtp_draft_tokens,
+        mtp_accept=mtp_accept,
+        gpu_hour_usd=hardware.gpu_hour_usd,
+        overhead_s=overhead,
+    )
+
+
+def train_layer_times(
+    forward: LayerOps,
+    backward: LayerOps,
+    *,
+    hardware: Hardware,
+    assumptions: Assumptions,
+    ep: int,
+    redundant_experts: int = 0,
+    rng: np.random.Generator | None = None,
+    expert_loads: np.ndarray | None = None,
+) -> TrainLayerTimes:
+    """Forward and backward stage times of one layer for one token chunk. The backward pass
+    meets the same routing as the forward, so both use one imbalance factor."""
+    imbalance = layer_imbalance(
+        forward,
+        assumptions,
+        ep=ep,
+        redundant_experts=redundant_experts,
+        rng=rng,
+        expert_loads=expert_loads,
+    )
+    common = dict(ep=ep, redundant_experts=redundant_experts, imbalance=imbalance)
+    return TrainLayerTimes(
+        forward=layer_stage_times(forward, hardware, assumptions, **common),
+        backward=layer_stage_times(backward, hardware, assumptions, **common),
+    )
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ClusterInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_imbalance(imbalance: float) -> None:
+    if not (math.isfinite(imbalance) and imbalance >= 1.0):
+        raise ClusterInputError(f"imbalance factor must be a finite number >= 1, got {imbalance}")
+
+
+def loads_per_layer(loads: ExpertLoads | None, n_layers: int) -> list[np.ndarray | None]:
+    if loads is None:
+        return [None] * n_layers
+    if isinstance(loads, np.ndarray) and loads.ndim == 1:
+        return [loads] * n_layers
+    per_layer = list(loads)
+    if len(per_layer) != n_layers:
+        raise ClusterInputError(
+            f"got {len(per_layer)} expert load histograms for {n_layers} layers; give one per "
+            f"layer or a single 1-D histogram for all"
+        )
+    return per_layer
+
+
+__all__ = [
+    "collective_time",
+    "compute_time",
+    "context_imbalance",
+    "decode_workload",
+    "ep_comm_time",
+    "ep_traffic_shares",
+    "expert_time",
+    "layer_imbalance",
+    "layer_stage_times",
+    "loads_per_layer",
+    "price_layers",
+    "roofline_time",
+    "train_layer_times",
+]

@@ -1,0 +1,558 @@
+"""Schedules: stage times -> task DAGs on streams, plus the closed forms the simulator must
+reproduce that belong to a schedule here (TBO steady state, pipeline bubbles; the sequential and
+SBO per-layer forms are in ``cluster.closedform``).
+
+A layer is a dataflow graph of stages (``DATAFLOW``: each stage lists the stages whose output it
+reads; ``IN`` is the layer input, ``OUT`` the layer output). A schedule fixes the issue order of
+those stages on the streams (``cluster.streams``: every stream runs in issue order):
+
+- ``sequential``: every stage in forward order, each waiting for the one before it (communication
+  blocks compute).
+- ``sbo`` (single-batch overlap, LongCat-Flash §6.1): one batch, issue order attn0, dispatch ||
+  (ffn0, attn1_qkv), moe, combine || (attn1_core, ffn1). On standard MoE layers it hides the
+  dispatch behind the shared experts.
+- ``tbo`` (two-batch overlap, DeepSeek style): the batch split into two micro-batches; each layer
+  runs in two phases cut at the dispatch, and each phase is issued for micro-batch 0 then 1, so
+  one micro-batch's compute overlaps the other's dispatch or combine.
+
+Training layers split the MoE into C token chunks: ``scmoe`` issues the chunks' MoE GEMMs between
+the dense blocks of the shortcut branch, so their dispatch/combine overlap dense compute and each
+other; ``baseline`` makes the dense branch wait for the MoE output (no shortcut), so the chunks
+only overlap each other. Standard MoE and dense layers have no shortcut: both schedules treat them
+alike. Training stage times are per token chunk; whole-micro-batch stages take chunks x that.
+Backward reverses the dataflow; weight-gradient (W) tasks follow their input-gradient task, or
+form a separate block for zero-bubble pipelines.
+
+Pipelines (``none``, ``1f1b``, ``zb``) arrange whole forward/backward blocks of micro-batches
+over pipeline stages; the closed-form bubbles are those of the DualPipe README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from cluster.errors import ClusterInputError
+from cluster.streams import COMPUTE, Task
+from cluster.workload import StageTimes, TrainLayerTimes
+
+IN = "IN"
+OUT = "OUT"
+
+# Stage -> stages it reads, in forward order. Comments name the model line each stage computes.
+DATAFLOW: dict[str, dict[str, tuple[str, ...]]] = {
+    "scmoe": {
+        "attn0": (IN,),  # a = x0 + MLA_0(x0)
+        "router": ("attn0",),  # routes u = norm(a): the shortcut input of the MoE
+        "dispatch": ("router",),
+        "moe": ("dispatch",),
+        "combine": ("moe",),
+        "ffn0": ("attn0",),  # b = a + FFN_0(u)
+        "ffn0_tp": ("ffn0",),
+        "attn1_qkv": ("ffn0_tp",),  # c = b + MLA_1(b)
+        "attn1_core": ("attn1_qkv",),
+        "ffn1": ("attn1_core",),  # y = c + FFN_1(c) + m
+        "ffn1_tp": ("ffn1",),
+        OUT: ("ffn1_tp", "combine"),
+    },
+    "moe": {
+        "attn_qkv": (IN,),
+        "attn_core": ("attn_qkv",),
+        "shared": ("attn_core",),
+        "router": ("attn_core",),
+        "dispatch": ("router",),
+        "moe": ("dispatch",),
+        "combine": ("moe",),
+        OUT: ("shared", "combine"),
+    },
+    "dense": {
+        "attn_qkv": (IN,),
+        "attn_core": ("attn_qkv",),
+        "ffn": ("attn_core",),
+        "ffn_tp": ("ffn",),
+        OUT: ("ffn_tp",),
+    },
+}
+
+SBO_ORDER: dict[str, tuple[str, ...]] = {
+    "scmoe": (
+        "attn0",
+        "router",
+        "dispatch",
+        "ffn0",
+        "ffn0_tp",
+        "attn1_qkv",
+        "moe",
+        "combine",
+        "attn1_core",
+        "ffn1",
+        "ffn1_tp",
+    ),
+    "moe": ("attn_qkv", "attn_core", "router", "dispatch", "shared", "moe", "combine"),
+    "dense": ("attn_qkv", "attn_core", "ffn", "ffn_tp"),
+}
+
+TBO_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "scmoe": (SBO_ORDER["scmoe"][:6], SBO_ORDER["scmoe"][6:]),
+    "moe": (SBO_ORDER["moe"][:4], SBO_ORDER["moe"][4:]),
+    "dense": (SBO_ORDER["dense"],),
+}
+
+DECODE_SCHEDULES = ("sbo", "sequential", "tbo")
+TRAIN_SCHEDULES = ("baseline", "scmoe")
+PIPELINES = ("1f1b", "none", "zb")
+MOE_PATH = ("router", "dispatch", "moe", "combine")  # the stages split into token chunks
+
+Key = tuple[str, int]  # (stage, chunk); chunk -1: the whole micro-batch
+
+
+@dataclass(frozen=True)
+class Op:
+    """One stage (or one chunk of it) in a layer program, with the ops whose output it reads."""
+
+    stage: str
+    chunk: int
+    deps: tuple[Key, ...]
+    reads_input: bool
+
+    @property
+    def key(self) -> Key:
+        return (self.stage, self.chunk)
+
+
+@dataclass(frozen=True)
+class LayerProgram:
+    """A layer's ops in issue order and the ops whose results form the layer output."""
+
+    ops: tuple[Op, ...]
+    out: tuple[Key, ...]
+
+    def subset(self, stages: Iterable[str]) -> tuple[Op, ...]:
+        wanted = set(stages)
+        return tuple(op for op in self.ops if op.stage in wanted)
+
+
+def check_stages(st: StageTimes, layer: int) -> None:
+    """Every stage of ``st`` must belong to its layer kind and run on exactly one kind of stream."""
+    known = DATAFLOW.get(st.kind)
+    if known is None:
+        raise ClusterInputError(
+            f"layer {layer} has unknown kind {st.kind!r}; use scmoe, moe or dense"
+        )
+    both = set(st.compute) & set(st.comm)
+    if both:
+        raise ClusterInputError(
+            f"layer {layer}: stages {sorted(both)} are listed as both compute and communication"
+        )
+    unknown = (set(st.compute) | set(st.comm)) - set(known)
+    if unknown:
+        raise ClusterInputError(
+            f"layer {layer} ({st.kind}) has unknown stages {sorted(unknown)}; "
+            f"{st.kind} stages are {', '.join(s for s in known if s != OUT)}"
+        )
+
+
+def _program(kind: str, order: Sequence[str], chain: bool = False) -> LayerProgram:
+    """Whole-batch program: ``order`` is the issue order; ``chain`` adds a dependency on the
+    previous stage (sequential execution)."""
+    flow = DATAFLOW[kind]
+    ops = []
+    previous: Key | None = None
+    for stage in order:
+        reads = flow[stage]
+        deps = tuple((s, -1) for s in reads if s != IN)
+        if chain and previous is not None:
+            deps = (*deps, previous)
+        ops.append(Op(stage, -1, deps, IN in reads or (chain and previous is None)))
+        previous = (stage, -1)
+    out = tuple((s, -1) for s in flow[OUT])
+    if chain and previous is not None:
+        out = (*out, previous)
+    return LayerProgram(tuple(ops), out)
+
+
+def sequential_program(kind: str) -> LayerProgram:
+    return _program(kind, [s for s in DATAFLOW[kind] if s != OUT], chain=True)
+
+
+def sbo_program(kind: str) -> LayerProgram:
+    return _program(kind, SBO_ORDER[kind])
+
+
+# Read-only tables built once: the programs do not depend on stage times.
+SEQUENTIAL_PROGRAMS = MappingProxyType({kind: sequential_program(kind) for kind in DATAFLOW})
+SBO_PROGRAMS = MappingProxyType({kind: sbo_program(kind) for kind in DATAFLOW})
+TBO_PHASE_OPS = MappingProxyType(
+    {kind: tuple(SBO_PROGRAMS[kind].subset(ph) for ph in TBO_PHASES[kind]) for kind in DATAFLOW}
+)
+
+
+class DagBuilder:
+    """Collects tasks; ``emit`` places a layer program's present stages and returns the outputs."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    def add(self, task: Task) -> int:
+        self.tasks.append(task)
+        return len(self.tasks) - 1
+
+    def layer(
+        self,
+        st: StageTimes,
+        layer_in: Iterable[int],
+        *,
+        scale_whole: int = 1,
+        **labels,
+    ) -> LayerEmitter:
+        return LayerEmitter(self, st, frozenset(layer_in), scale_whole, labels)
+
+
+class LayerEmitter:
+    """Emits ops of one layer of one micro-batch, possibly in several calls (TBO phases).
+
+    A stage absent from the layer's stage times is skipped and its readers inherit its inputs;
+    unlike a zero-second task it makes no stream wait for those inputs.
+    Whole-batch ops of a chunked layer take ``scale_whole`` x the per-chunk stage time.
+    """
+
+    def __init__(
+        self,
+        dag: DagBuilder,
+        st: StageTimes,
+        layer_in: frozenset[int],
+        scale_whole: int,
+        labels: dict[str, int],
+    ) -> None:
+        self.dag = dag
+        self.st = st
+        self.layer_in = layer_in
+        self.scale_whole = scale_whole
+        self.labels = labels
+        self.resolved: dict[Key, frozenset[int]] = {}
+
+    def emit(self, ops: Iterable[Op], *, phase: str = "") -> None:
+        st = self.st
+        for op in ops:
+            deps = set(self.layer_in) if op.reads_input else set()
+            for key in op.deps:
+                deps |= self.resolved[key]
+            if op.stage in st.compute or op.stage in st.comm:
+                stream = COMPUTE if op.stage in st.compute else st.comm_link[op.stage]
+                base = st.get(op.stage)
+                duration = base if op.chunk >= 0 else base * self.scale_whole
+                index = self.dag.add(
+                    Task(
+                        op.stage,
+                        stream,
+                        duration,
+                        tuple(sorted(deps)),
+                        chunk=max(op.chunk, 0),
+                        phase=phase,
+                        **self.labels,
+                    )
+                )
+                self.resolved[op.key] = frozenset((index,))
+            else:
+                self.resolved[op.key] = frozenset(deps)
+
+    def outputs(self, program: LayerProgram) -> frozenset[int]:
+        out: set[int] = set()
+        for key in program.out:
+            out |= self.resolved[key]
+        return frozenset(out)
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def decode_tasks(
+    layers: Sequence[StageTimes],
+    layers_half: Sequence[StageTimes],
+    schedule: str,
+    overhead_s: float = 0.0,
+) -> list[Task]:
+    """All tasks of one decode step: every layer under ``schedule``, then the per-step overhead
+    (embedding, LM head, sampling) on the compute stream."""
+    if schedule not in DECODE_SCHEDULES:
+        raise ClusterInputError(
+            f"unknown decode schedule {schedule!r}; choose one of {', '.join(DECODE_SCHEDULES)}"
+        )
+    for i, st in enumerate(layers):
+        check_stages(st, i)
+    for i, st in enumerate(layers_half):
+        check_stages(st, i)
+    dag = DagBuilder()
+    if schedule == "tbo":
+        ends = [frozenset(), frozenset()]
+        for i, st in enumerate(layers_half):
+            emitters = [dag.layer(st, ends[mb], layer=i, microbatch=mb) for mb in (0, 1)]
+            for phase_ops in TBO_PHASE_OPS[st.kind]:
+                for emitter in emitters:
+                    emitter.emit(phase_ops)
+            ends = [e.outputs(SBO_PROGRAMS[st.kind]) for e in emitters]
+        last = ends[0] | ends[1]
+    else:
+        programs = SEQUENTIAL_PROGRAMS if schedule == "sequential" else SBO_PROGRAMS
+        last = frozenset()
+        for i, st in enumerate(layers):
+            program = programs[st.kind]
+            emitter = dag.layer(st, last, layer=i)
+            emitter.emit(program.ops)
+            last = emitter.outputs(program)
+    if overhead_s > 0.0:
+        dag.add(Task("overhead", COMPUTE, overhead_s, tuple(sorted(last))))
+    return dag.tasks
+
+
+def tbo_steady_layer_time(attention: float, dispatch: float, moe: float, combine: float) -> float:
+    """Steady-state time per layer of TBO on a standard MoE layer without shared experts, from one
+    micro-batch's times (a = attention incl. router, d, m, c).
+
+    It is the maximum cycle mean of the schedule's event graph (the simulator converges to it over many layers; the paper's
+    "dispatch + MoE + combine" per layer is a simpler estimate): the compute stream 2(a + m), the
+    communication stream 2(d + c), and cycles through both streams and both micro-batches, which
+    all take the form a + d + m + c + x - y for two different stages x, y; the largest is
+    S + max - min."""
+    a, d, m, c = attention, dispatch, moe, combine
+    total = a + d + m + c
+    return max(2 * (a + m), 2 * (d + c), total + max(a, d, m, c) - min(a, d, m, c))
+
+
+def tbo_layer_stages(st: StageTimes) -> tuple[float, float, float, float]:
+    """(attention, dispatch, moe, combine) of a half-batch moe layer for
+    :func:`tbo_steady_layer_time`; rejects layers the closed form does not cover."""
+    if st.kind != "moe" or st.get("shared") > 0:
+        raise ClusterInputError(
+            "the TBO closed form covers moe layers without shared experts; simulate the others"
+        )
+    g = st.get
+    return (g("attn_qkv") + g("attn_core") + g("router"), g("dispatch"), g("moe"), g("combine"))
+
+
+# ---------------------------------------------------------------------------- training layers
+
+
+def _moe_positions(chunks: int, blocks: int) -> list[int]:
+    """After which dense block (1-based; 0 = before the first) each MoE chunk is issued: spread
+    evenly, so one chunk lands after ffn0 + attn1_qkv, like SBO."""
+    return [((c + 1) * blocks + (chunks + 1) // 2) // (chunks + 1) for c in range(chunks)]
+
+
+def train_forward_program(kind: str, schedule: str, chunks: int) -> LayerProgram:
+    """Forward program of one training layer with the MoE path split into ``chunks``."""
+    if schedule not in TRAIN_SCHEDULES:
+        raise ClusterInputError(
+            f"unknown training schedule {schedule!r}; choose one of {', '.join(TRAIN_SCHEDULES)}"
+        )
+    flow = DATAFLOW[kind]
+    if kind == "scmoe" and schedule == "baseline":
+        flow = {**flow, "ffn0": ("attn0", "combine")}  # no shortcut: the MoE output feeds ffn0
+
+    def op(stage: str, chunk: int) -> Op:
+        deps = []
+        for src in flow[stage]:
+            if src == IN:
+                continue
+            if src in MOE_PATH and chunk < 0:
+                deps.extend((src, c) for c in range(chunks))
+            else:
+                deps.append((src, chunk if src in MOE_PATH else -1))
+        return Op(stage, chunk, tuple(deps), IN in flow[stage])
+
+    def chunk_ops(stages: Sequence[str], c: int) -> list[Op]:
+        return [op(s, c) for s in stages]
+
+    if kind == "dense":
+        ops = [op(s, -1) for s in ("attn_qkv", "attn_core", "ffn", "ffn_tp")]
+        return LayerProgram(tuple(ops), (("ffn_tp", -1),))
+    routing = [o for c in range(chunks) for o in chunk_ops(("router", "dispatch"), c)]
+    experts = [[*chunk_ops(("moe", "combine"), c)] for c in range(chunks)]
+    if kind == "scmoe" and schedule == "scmoe":
+        blocks = [["ffn0", "ffn0_tp"], ["attn1_qkv"], ["attn1_core"], ["ffn1", "ffn1_tp"]]
+        positions = _moe_positions(chunks, len(blocks))
+        ops = [op("attn0", -1), *routing]
+        for c in range(chunks):
+            if positions[c] == 0:
+                ops.extend(experts[c])
+        for b, block in enumerate(blocks, start=1):
+            ops.extend(op(s, -1) for s in block)
+            for c in range(chunks):
+                if positions[c] == b:
+                    ops.extend(experts[c])
+    elif kind == "scmoe":
+        ops = [op("attn0", -1), *routing, *(o for e in experts for o in e)]
+        ops += [
+            op(s, -1) for s in ("ffn0", "ffn0_tp", "attn1_qkv", "attn1_core", "ffn1", "ffn1_tp")
+        ]
+    else:
+        ops = [op("attn_qkv", -1), op("attn_core", -1), *routing, op("shared", -1)]
+        ops += [o for e in experts for o in e]
+    out = [(src, c) for src in flow[OUT] for c in (range(chunks) if src in MOE_PATH else (-1,))]
+    return LayerProgram(tuple(ops), tuple(out))
+
+
+def reverse_program(forward: LayerProgram) -> LayerProgram:
+    """Backward program: every dataflow edge reversed, issued in reverse forward order."""
+    readers: dict[Key, list[Key]] = {op.key: [] for op in forward.ops}
+    for op in forward.ops:
+        for dep in op.deps:
+            readers[dep].append(op.key)
+    outputs = set(forward.out)
+    ops = tuple(
+        Op(op.stage, op.chunk, tuple(readers[op.key]), op.key in outputs)
+        for op in reversed(forward.ops)
+    )
+    return LayerProgram(ops, tuple(op.key for op in forward.ops if op.reads_input))
+
+
+def train_layer_tasks(
+    layers: Sequence[TrainLayerTimes],
+    schedule: str,
+    chunks: int,
+    *,
+    defer_weight_grad: bool,
+    gpu: int = 0,
+) -> tuple[list[Task], list[Task], float]:
+    """One micro-batch through a pipeline stage's layers: (forward tasks, backward tasks, W).
+
+    Weight-gradient tasks follow their input-gradient task unless ``defer_weight_grad``; then
+    they are left out and their total seconds are returned as the W block (pure compute)."""
+    for i, lt in enumerate(layers):
+        check_stages(lt.forward, i)
+        check_stages(lt.backward, i)
+        if lt.forward.kind != lt.backward.kind:
+            raise ClusterInputError(f"layer {i}: forward and backward kinds differ")
+    forward_programs = {k: train_forward_program(k, schedule, chunks) for k in DATAFLOW}
+    backward_programs = {k: reverse_program(p) for k, p in forward_programs.items()}
+    fwd = DagBuilder()
+    last: frozenset[int] = frozenset()
+    for i, lt in enumerate(layers):
+        program = forward_programs[lt.forward.kind]
+        emitter = fwd.layer(lt.forward, last, scale_whole=chunks, layer=i, gpu=gpu)
+        emitter.emit(program.ops, phase="fwd")
+        last = emitter.outputs(program)
+
+    bwd = DagBuilder()
+    deferred = 0.0
+    last = frozenset()
+    for i in reversed(range(len(layers))):
+        lt = layers[i]
+        program = backward_programs[lt.backward.kind]
+        emitter = bwd.layer(lt.backward, last, scale_whole=chunks, layer=i, gpu=gpu)
+        for op in program.ops:
+            emitter.emit((op,), phase="bwd")
+            w = lt.weight_grad.get(op.stage, 0.0) * (1 if op.chunk >= 0 else chunks)
+            if w <= 0.0:
+                continue
+            if defer_weight_grad:
+                deferred += w
+            else:
+                source = tuple(sorted(emitter.resolved[op.key]))
+                bwd.add(
+                    Task(
+                        op.stage,
+                        COMPUTE,
+                        w,
+                        source,
+                        layer=i,
+                        chunk=max(op.chunk, 0),
+                        gpu=gpu,
+                        phase="wgrad",
+                    )
+                )
+        last = emitter.outputs(program)
+    return fwd.tasks, bwd.tasks, deferred
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+
+def pipeline_tasks(
+    pipeline: str,
+    stages: int,
+    microbatches: int,
+    forward: float,
+    backward: float,
+    weight: float = 0.0,
+) -> list[Task]:
+    """Forward (F), backward (B) and weight-gradient (W) blocks of every micro-batch on every
+    pipeline stage (GPU class = stage). ``backward`` excludes ``weight``; 1F1B and ``none`` run W
+    inside the backward block, ``zb`` (ZB1P) defers it: stage s keeps s weight-gradient blocks
+    pending and flushes them at the end, which fills the cool-down bubbles."""
+    if pipeline not in PIPELINES:
+        raise ClusterInputError(
+            f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}"
+        )
+    if stages <= 0 or microbatches <= 0:
+        raise ClusterInputError("pipeline stages and micro-batches must be positive")
+    split = pipeline == "zb"
+    b_block = backward if split else backward + weight
+    if pipeline == "none":
+        stages = 1  # without pipeline dependencies every stage runs the same timeline
+    order: list[list[tuple[str, int]]] = []
+    for s in range(stages):
+        if pipeline == "none":
+            seq = [(k, i) for i in range(microbatches) for k in ("F", "B")]
+            order.append(seq)
+            continue
+        warmup = min(stages - 1 - s, microbatches)
+        seq = [("F", i) for i in range(warmup)]
+        pending: list[int] = []
+        next_f = warmup
+        for i in range(microbatches):
+            if next_f < microbatches:
+                seq.append(("F", next_f))
+                next_f += 1
+            seq.append(("B", i))
+            if split:
+                pending.append(i)
+                while len(pending) > s:
+                    seq.append(("W", pending.pop(0)))
+        seq.extend(("W", i) for i in pending)
+        order.append(seq)
+
+    index: dict[tuple[int, str, int], int] = {}
+    flat = [(s, kind, i) for s, seq in enumerate(order) for kind, i in seq]
+    for n, key in enumerate(flat):
+        index[key] = n
+    seconds = {"F": forward, "B": b_block, "W": weight}
+    phases = {"F": "fwd", "B": "bwd", "W": "wgrad"}
+    tasks = []
+    linked = pipeline != "none"
+    for s, kind, i in flat:
+        deps = []
+        if kind == "F" and linked and s > 0:
+            deps.append(index[(s - 1, "F", i)])
+        if kind == "B":
+            deps.append(index[(s, "F", i)])
+            if linked and s < stages - 1:
+                deps.append(index[(s + 1, "B", i)])
+        if kind == "W":
+            deps.append(index[(s, "B", i)])
+        tasks.append(
+            Task(kind, COMPUTE, seconds[kind], tuple(deps), microbatch=i, gpu=s, phase=phases[kind])
+        )
+    return tasks
+
+
+def bubble_1f1b(stages: int, forward: float, backward: float) -> float:
+    """1F1B bubble per stage, (PP - 1)(F + B), B the whole backward (DualPipe README)."""
+    return (stages - 1) * (forward + backward)
+
+
+def bubble_zb1p(stages: int, forward: float, backward: float, weight: float) -> float:
+    """ZB1P bubble, (PP - 1)(F + B - 2W), B the whole backward including W (DualPipe README).
+    The ``zb`` pipeline reproduces it when W <= min(F, B - W) and micro-batches >= stages."""
+    return (stages - 1) * (forward + backward - 2 * weight)
+
+
+def bubble_dualpipe(
+    stages: int, forward_and_backward: float, backward: float, weight: float
+) -> float:
+    """DualPipe bubble, (PP/2 - 1)(F&B + B - 3W), F&B one overlapped forward+backward chunk
+    (DualPipe README). A closed form only; DualPipe is not simulated."""
+    if stages % 2:
+        raise ClusterInputError(f"DualPipe needs an even number of pipeline stages, got {stages}")
+    return (stages / 2 - 1) * (forward_and_backward + backward - 3 * weight)
