@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/longcat-sim params --model longcat-flash
+	$(BIN)/longcat-sim report
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

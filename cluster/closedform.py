@@ -1,35 +1,47 @@
 """Closed-form decode step times for the overlap strategies, straight from stage times.
 
-These are the formulas of the LongCat-Flash paper (arXiv 2509.01322, sec. 6.1-6.2): the
-simulator must agree with them when its streams never contend. Per layer:
+The simulator (``cluster.simulator``) must equal these when the schedule's streams never contend
+beyond what the formulas account for; the tests check that it does. Per layer:
 
-- ``sbo`` (single-batch overlap, ScMoE layers): attn0 + router + max(dispatch, ffn0 + ffn0_tp +
-  attn1_qkv) + moe + max(combine, attn1_core + ffn1 + ffn1_tp).
-- ``tbo`` (two-batch overlap): per micro-batch the longer of all its compute and the chain
-  dispatch -> moe + shared -> combine that attention of the other micro-batch hides behind;
-  twice that per layer.
-- ``none``: everything in sequence.
+- ``sbo`` (single-batch overlap, ScMoE layers; LongCat-Flash paper, arXiv 2509.01322, sec. 6.1):
+  attn0 + router + max(dispatch, ffn0 + ffn0_tp + attn1_qkv) + moe
+  + max(combine, attn1_core + ffn1 + ffn1_tp).
+- ``tbo`` (two-batch overlap in ``cluster.schedules.TBO_ORDER``): see :func:`tbo_step_time`.
+  When each micro-batch's attention fits under the other's combine, a layer takes dispatch +
+  MoE + combine of the whole batch, the paper's Table 7 estimate.
+- ``sequential``: every stage in turn.
 
 TPOT = step / (1 + accept x draft tokens); tokens/GPU/s = batch / TPOT.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from cluster.errors import ClusterInputError
 from cluster.workload import DecodeWorkload, StageTimes
 
-Overlap = Literal["sbo", "tbo", "none"]
-OVERLAPS: tuple[str, ...] = ("sbo", "tbo", "none")
+Schedule = Literal["sbo", "tbo", "sequential"]
+SCHEDULES: tuple[str, ...] = ("sbo", "sequential", "tbo")
+
+# Stages of one micro-batch's layer under TBO: the attention issued before the dispatch, and the
+# work beside the routed experts (it needs the attention output but not the dispatch).
+TBO_ATTENTION = {
+    "scmoe": ("attn0", "router"),
+    "moe": ("attn_qkv", "attn_core", "router"),
+    "dense": ("attn_qkv", "attn_core"),
+}
+TBO_BESIDE_EXPERTS = {
+    "scmoe": ("ffn0", "ffn0_tp", "attn1_qkv", "attn1_core", "ffn1", "ffn1_tp"),
+    "moe": ("shared",),
+    "dense": ("ffn", "ffn_tp"),
+}
 
 
 def sequential_layer_time(st: StageTimes) -> float:
     return st.compute_total + st.comm_total
-
-
-def _tp(st: StageTimes, *stages: str) -> float:
-    return sum(st.get(stage) for stage in stages)
 
 
 def sbo_layer_time(st: StageTimes) -> float:
@@ -55,30 +67,94 @@ def sbo_layer_time(st: StageTimes) -> float:
     return sequential_layer_time(st)
 
 
-def tbo_layer_time(half: StageTimes) -> float:
-    """One layer under two-batch overlap, from the stage times of one micro-batch."""
-    compute = half.compute_total + _tp(half, "ffn_tp", "ffn0_tp", "ffn1_tp")
-    chain = half.get("dispatch") + half.get("moe") + half.get("shared") + half.get("combine")
-    return 2.0 * max(compute, chain)
+@dataclass(frozen=True)
+class TboStages:
+    """One micro-batch's layer as TBO sees it: attention ``a`` (issued before the dispatch),
+    dispatch ``d``, the work beside the routed experts ``s``, routed experts ``m``, combine
+    ``c`` (seconds)."""
+
+    a: float
+    d: float
+    s: float
+    m: float
+    c: float
 
 
-def layer_time(full: StageTimes, half: StageTimes, overlap: Overlap) -> float:
-    if overlap == "sbo":
-        return sbo_layer_time(full)
-    if overlap == "tbo":
-        return tbo_layer_time(half)
-    if overlap == "none":
-        return sequential_layer_time(full)
-    raise ClusterInputError(f"unknown overlap {overlap!r}; choose one of {', '.join(OVERLAPS)}")
-
-
-def step_time(workload: DecodeWorkload, overlap: Overlap) -> float:
-    """Seconds of one decode step: every layer plus the per-step overhead."""
-    layers = sum(
-        layer_time(full, half, overlap)
-        for full, half in zip(workload.layers, workload.layers_half, strict=True)
+def tbo_stages(half: StageTimes) -> TboStages:
+    """Group a micro-batch's stage times for :func:`tbo_step_time`."""
+    if half.kind not in TBO_ATTENTION:
+        raise ClusterInputError(f"unknown layer kind {half.kind!r}; use scmoe, moe or dense")
+    g = half.get
+    return TboStages(
+        a=sum(g(stage) for stage in TBO_ATTENTION[half.kind]),
+        d=g("dispatch"),
+        s=sum(g(stage) for stage in TBO_BESIDE_EXPERTS[half.kind]),
+        m=g("moe"),
+        c=g("combine"),
     )
-    return layers + workload.overhead_s
+
+
+def tbo_step_time(layers_half: Sequence[StageTimes]) -> float:
+    """Seconds of all layers under TBO, from one micro-batch's stage times per layer.
+
+    Micro-batch 0's layer l is issued, then micro-batch 1's, on in-order streams (compute, and
+    one link carrying dispatch and combine). From the end of one micro-batch's expert GEMM to
+    the end of the other's, the compute stream runs the other micro-batch's attention a and its
+    work beside the experts s, and the link runs this combine then the other dispatch:
+
+        g(c_before) = max(c_before + d, a + max(d, s)) + m
+
+    where c_before is the combine the dispatch queues behind. Layer l contributes
+    g(c_{l-1}) (micro-batch 0 waits for micro-batch 1's previous combine) + g(c_l)
+    (micro-batch 1 waits for micro-batch 0's combine of this layer); the step ends with the
+    last combine:
+
+        T = sum_l [ max(c_{l-1} + d_l, u_l) + max(c_l + d_l, u_l) + 2 m_l ] + c_{L-1},
+        u_l = a_l + max(d_l, s_l),  c_{-1} = 0.
+
+    A steady layer takes 2 (max(c + d, a + max(d, s)) + m): with a <= c and s <= d that is
+    2 (d + m + c) of a micro-batch, dispatch + MoE + combine of the whole batch. Exact when the
+    layer has no tensor-parallel collectives (``ffn0_tp``, ``ffn1_tp``, ``ffn_tp``, counted here
+    as serial work in s) and dispatch and combine share one link.
+    """
+    if not layers_half:
+        raise ClusterInputError("TBO needs stage times of the two micro-batches")
+    total = 0.0
+    c_before = 0.0
+    for half in layers_half:
+        t = tbo_stages(half)
+        u = t.a + max(t.d, t.s)
+        total += max(c_before + t.d, u) + max(t.c + t.d, u) + 2.0 * t.m
+        c_before = t.c
+    return total + c_before
+
+
+def tbo_steady_layer_time(half: StageTimes) -> float:
+    """Per-layer time of TBO over many identical layers: 2 (max(c + d, a + max(d, s)) + m)."""
+    t = tbo_stages(half)
+    return 2.0 * (max(t.c + t.d, t.a + max(t.d, t.s)) + t.m)
+
+
+def layers_time(workload: DecodeWorkload, schedule: Schedule) -> float:
+    """Seconds of all layers of one decode step under ``schedule``."""
+    if schedule == "tbo":
+        return tbo_step_time(workload.layers_half)
+    if schedule not in ("sbo", "sequential"):
+        raise ClusterInputError(
+            f"unknown decode schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
+        )
+    if not workload.layers:
+        raise ClusterInputError(
+            f"the {schedule} schedule needs stage times of the whole batch; price the workload "
+            "with micro_batches including 1"
+        )
+    per_layer = sbo_layer_time if schedule == "sbo" else sequential_layer_time
+    return sum(per_layer(st) for st in workload.layers)
+
+
+def step_time(workload: DecodeWorkload, schedule: Schedule) -> float:
+    """Seconds of one decode step: every layer plus the per-step overhead."""
+    return layers_time(workload, schedule) + workload.overhead_s
 
 
 def tokens_per_request_step(workload: DecodeWorkload) -> float:
@@ -86,19 +162,19 @@ def tokens_per_request_step(workload: DecodeWorkload) -> float:
     return 1.0 + workload.mtp_accept * workload.mtp_draft_tokens
 
 
-def tpot_s(workload: DecodeWorkload, overlap: Overlap) -> float:
-    return step_time(workload, overlap) / tokens_per_request_step(workload)
+def tpot_s(workload: DecodeWorkload, schedule: Schedule) -> float:
+    return step_time(workload, schedule) / tokens_per_request_step(workload)
 
 
-def tps_per_user(workload: DecodeWorkload, overlap: Overlap) -> float:
-    return 1.0 / tpot_s(workload, overlap)
+def tps_per_user(workload: DecodeWorkload, schedule: Schedule) -> float:
+    return 1.0 / tpot_s(workload, schedule)
 
 
-def tgs(workload: DecodeWorkload, overlap: Overlap) -> float:
+def tgs(workload: DecodeWorkload, schedule: Schedule) -> float:
     """Output tokens per GPU per second."""
-    return workload.batch_per_device / tpot_s(workload, overlap)
+    return workload.batch_per_device / tpot_s(workload, schedule)
 
 
-def cost_per_m_tokens(workload: DecodeWorkload, overlap: Overlap) -> float:
+def cost_per_m_tokens(workload: DecodeWorkload, schedule: Schedule) -> float:
     """US dollars per million output tokens at the workload's GPU price."""
-    return workload.gpu_hour_usd / (tgs(workload, overlap) * 3600.0) * 1e6
+    return workload.gpu_hour_usd / (tgs(workload, schedule) * 3600.0) * 1e6

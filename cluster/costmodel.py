@@ -24,7 +24,12 @@ from cluster.assumptions import Assumptions
 from cluster.errors import ClusterInputError
 from cluster.hardware import Hardware
 from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
-from cluster.placement import imbalance_factor, sample_expert_loads, slots_per_rank
+from cluster.placement import (
+    imbalance_factor,
+    imbalance_factors,
+    sample_expert_loads,
+    slots_per_rank,
+)
 from cluster.workload import DecodeWorkload, Link, StageTimes, TrainLayerTimes
 
 OpsForTokens = Callable[[int], Sequence[LayerOps]]
@@ -176,41 +181,131 @@ def layer_stage_times(
     redundant_experts: int = 0,
     imbalance: float = 1.0,
     attention_imbalance: float = 1.0,
+    memo: dict[object, float] | None = None,
 ) -> StageTimes:
     """Sum the priced ops of each stage of one layer into ``StageTimes``. ``imbalance`` scales
     the expert work and dispatch/combine of the pace-setting rank, ``attention_imbalance`` the
-    attention-core work (FLOPs and cache reads) of the GPU with the most cached context."""
+    attention-core work (FLOPs and cache reads) of the GPU with the most cached context.
+    ``memo`` (optional, for one hardware and assumption set) keeps compute-op and collective
+    seconds already priced, keyed by the op and the attention imbalance."""
     _check_imbalance(attention_imbalance)
+    fixed = _fixed_parts(layer, hw, a, attention_imbalance, {} if memo is None else memo)
+    return _with_experts(
+        layer.kind, fixed, hw, a, ep=ep, redundant_experts=redundant_experts, imbalance=imbalance
+    )
+
+
+_Fixed = tuple[
+    dict[str, float], tuple[ExpertOp, ...], dict[str, float], dict[str, Link], tuple[CommOp, ...]
+]
+
+
+def _merge_link(links: dict[str, Link], stage: str, link: Link) -> None:
+    """A stage whose collectives use both links is paced by the slower one, RDMA."""
+    if links.setdefault(stage, link) != link:
+        links[stage] = "rdma"
+
+
+def _fixed_parts(
+    layer: LayerOps, hw: Hardware, a: Assumptions, attention_imbalance: float, memo: dict
+) -> _Fixed:
+    """Seconds per stage of the ops that do not depend on routing imbalance, and the ops that
+    do (expert GEMMs; dispatch and combine)."""
     compute: dict[str, float] = {}
+    experts: list[ExpertOp] = []
     for op in layer.ops:
         if isinstance(op, ExpertOp):
-            seconds = expert_time(
-                op, hw, a, ep=ep, redundant_experts=redundant_experts, imbalance=imbalance
-            )
-        elif op.kind == "attention" and attention_imbalance != 1.0:
-            scaled = dataclasses.replace(
-                op,
-                flops=op.flops * attention_imbalance,
-                kv_bytes=op.kv_bytes * attention_imbalance,
-            )
-            seconds = compute_time(scaled, hw, a)
-        else:
-            seconds = compute_time(op, hw, a)
+            experts.append(op)
+            continue
+        key = (op, attention_imbalance if op.kind == "attention" else 1.0)
+        seconds = memo.get(key)
+        if seconds is None:
+            seconds = memo[key] = _compute_time_scaled(op, hw, a, key[1])
         compute[op.stage] = compute.get(op.stage, 0.0) + seconds
     comm: dict[str, float] = {}
     links: dict[str, Link] = {}
+    routed: list[CommOp] = []
     for op in layer.comms:
         if op.pattern in ("dispatch", "combine"):
-            seconds = ep_comm_time(op, hw, a, ep=ep, imbalance=imbalance)
-            link = ep_link(ep, hw, a)
-        else:
-            seconds = collective_time(op, hw, a)
-            link = collective_link(op, hw)
+            routed.append(op)
+            continue
+        seconds = memo.get(op)
+        if seconds is None:
+            seconds = memo[op] = collective_time(op, hw, a)
         comm[op.stage] = comm.get(op.stage, 0.0) + seconds
-        previous = links.setdefault(op.stage, link)
-        if previous != link:
-            links[op.stage] = "rdma"
-    return StageTimes(kind=layer.kind, compute=compute, comm=comm, comm_link=links)
+        _merge_link(links, op.stage, collective_link(op, hw))
+    return compute, tuple(experts), comm, links, tuple(routed)
+
+
+def _with_experts(
+    kind: str,
+    fixed: _Fixed,
+    hw: Hardware,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int,
+    imbalance: float,
+) -> StageTimes:
+    """Add the imbalance-dependent ops to a layer's fixed stage seconds."""
+    fixed_compute, experts, fixed_comm, fixed_links, routed = fixed
+    compute = dict(fixed_compute)
+    for op in experts:
+        seconds = expert_time(
+            op, hw, a, ep=ep, redundant_experts=redundant_experts, imbalance=imbalance
+        )
+        compute[op.stage] = compute.get(op.stage, 0.0) + seconds
+    comm = dict(fixed_comm)
+    links = dict(fixed_links)
+    for op in routed:
+        seconds = ep_comm_time(op, hw, a, ep=ep, imbalance=imbalance)
+        comm[op.stage] = comm.get(op.stage, 0.0) + seconds
+        _merge_link(links, op.stage, ep_link(ep, hw, a))
+    return StageTimes(kind=kind, compute=compute, comm=comm, comm_link=links)
+
+
+def _compute_time_scaled(op: ComputeOp, hw: Hardware, a: Assumptions, factor: float) -> float:
+    """An attention core's seconds with its FLOPs and cache reads scaled by ``factor``."""
+    if factor != 1.0:
+        op = dataclasses.replace(op, flops=op.flops * factor, kv_bytes=op.kv_bytes * factor)
+    return compute_time(op, hw, a)
+
+
+def layer_expert_loads(
+    layer: LayerOps,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int = 0,
+    rng: np.random.Generator | None = None,
+    expert_loads: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """The per-expert load histogram behind one layer's imbalance: the given one, a sampled one
+    (``routing="multinomial"``), or None (no experts, or ``"balanced"`` routing: factor 1)."""
+    experts = [op for op in layer.ops if isinstance(op, ExpertOp)]
+    if not experts:
+        return None
+    n_experts = experts[0].n_experts
+    slots_per_rank(n_experts, ep, redundant_experts)
+    if expert_loads is not None:
+        loads = np.asarray(expert_loads, dtype=float)
+        if loads.shape != (n_experts,):
+            raise ClusterInputError(
+                f"expert load histogram has shape {loads.shape}; layer {layer.index} needs "
+                f"({n_experts},), one entry per FFN expert"
+            )
+        return loads
+    if a.routing == "balanced":
+        return None
+    if rng is None:
+        raise ClusterInputError(
+            f"assumption set {a.name!r} samples routing; pass a numpy Generator as rng"
+        )
+    popularity = None
+    if a.expert_popularity_sigma > 0:
+        popularity = rng.lognormal(0.0, a.expert_popularity_sigma, n_experts)
+    group_pairs = round(experts[0].pairs * ep)
+    return sample_expert_loads(rng, n_experts, group_pairs, popularity)
 
 
 def layer_imbalance(
@@ -224,31 +319,10 @@ def layer_imbalance(
 ) -> float:
     """Imbalance of one layer's expert work: from a given histogram of per-expert loads, from
     a sampled one (``routing="multinomial"``), or 1 (``"balanced"``)."""
-    experts = [op for op in layer.ops if isinstance(op, ExpertOp)]
-    if not experts:
-        return 1.0
-    n_experts = experts[0].n_experts
-    slots_per_rank(n_experts, ep, redundant_experts)
-    if expert_loads is not None:
-        loads = np.asarray(expert_loads, dtype=float)
-        if loads.shape != (n_experts,):
-            raise ClusterInputError(
-                f"expert load histogram has shape {loads.shape}; layer {layer.index} needs "
-                f"({n_experts},), one entry per FFN expert"
-            )
-        return imbalance_factor(loads, ep, redundant_experts)
-    if a.routing == "balanced":
-        return 1.0
-    if rng is None:
-        raise ClusterInputError(
-            f"assumption set {a.name!r} samples routing; pass a numpy Generator as rng"
-        )
-    popularity = None
-    if a.expert_popularity_sigma > 0:
-        popularity = rng.lognormal(0.0, a.expert_popularity_sigma, n_experts)
-    group_pairs = round(experts[0].pairs * ep)
-    loads = sample_expert_loads(rng, n_experts, group_pairs, popularity)
-    return imbalance_factor(loads, ep, redundant_experts)
+    loads = layer_expert_loads(
+        layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=expert_loads
+    )
+    return 1.0 if loads is None else imbalance_factor(loads, ep, redundant_experts)
 
 
 def context_imbalance(
@@ -279,23 +353,47 @@ def price_layers(
     rng: np.random.Generator | None = None,
     expert_loads: ExpertLoads | None = None,
     attention_imbalance: float = 1.0,
+    memo: dict[object, float] | None = None,
 ) -> tuple[StageTimes, ...]:
-    """Price every layer; ``expert_loads`` is one histogram for all layers or one per layer."""
+    """Price every layer; ``expert_loads`` is one histogram for all layers or one per layer.
+    ``memo`` (optional) keeps the seconds of ops met before, for layers that repeat."""
+    memo = {} if memo is None else memo
     per_layer = loads_per_layer(expert_loads, len(layers))
-    priced = []
-    for layer, loads in zip(layers, per_layer, strict=True):
-        imbalance = layer_imbalance(
+    histograms = [
+        layer_expert_loads(
             layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=loads
         )
-        priced.append(
-            layer_stage_times(
+        for layer, loads in zip(layers, per_layer, strict=True)
+    ]
+    factors = [1.0] * len(layers)
+    by_size: dict[int, list[int]] = {}
+    for i, loads in enumerate(histograms):
+        if loads is not None:
+            by_size.setdefault(loads.size, []).append(i)
+    for indices in by_size.values():  # pack all layers of one expert count at once
+        batch = imbalance_factors(np.stack([histograms[i] for i in indices]), ep, redundant_experts)
+        for i, factor in zip(indices, batch, strict=True):
+            factors[i] = float(factor)
+    _check_imbalance(attention_imbalance)
+    fixed_by_layer: dict[tuple[int, int], tuple[LayerOps, _Fixed]] = {}  # layers sharing ops
+    priced = []
+    for layer, imbalance in zip(layers, factors, strict=True):
+        key = (id(layer.ops), id(layer.comms))
+        entry = fixed_by_layer.get(key)
+        if entry is None or entry[0].ops is not layer.ops or entry[0].comms is not layer.comms:
+            entry = fixed_by_layer[key] = (
                 layer,
+                _fixed_parts(layer, hw, a, attention_imbalance, memo),
+            )
+        priced.append(
+            _with_experts(
+                layer.kind,
+                entry[1],
                 hw,
                 a,
                 ep=ep,
                 redundant_experts=redundant_experts,
                 imbalance=imbalance,
-                attention_imbalance=attention_imbalance,
             )
         )
     return tuple(priced)
@@ -317,15 +415,17 @@ def decode_workload(
     rng: np.random.Generator | None = None,
     expert_loads: ExpertLoads | None = None,
     step_ops_for_tokens: StepOpsForTokens | None = None,
+    micro_batches: Sequence[int] = (1, 2),
 ) -> DecodeWorkload:
     """Price one decode step on one GPU of an ``ep``-way expert-parallel deployment.
 
-    ``ops_for_tokens(n)`` lists the layers' ops for ``n`` query tokens on this GPU; it is
-    called for the whole batch and for the larger of the two micro-batches TBO splits it into
-    (ceil(batch / 2) requests). Each request carries 1 + ``mtp_draft_tokens`` query tokens.
-    ``step_ops_for_tokens(n)`` (optional) lists work outside the layers (embedding, LM head,
-    MTP draft), priced sequentially into ``overhead_s`` with the assumption set's fixed
-    per-step overhead.
+    ``ops_for_tokens(n)`` lists the layers' ops for ``n`` query tokens on this GPU. It is called
+    for the whole batch when ``micro_batches`` holds 1 (``sequential``, ``sbo``) and for the
+    larger of two micro-batches (ceil(batch / 2) requests) when it holds 2 (``tbo``); sampled
+    terms are drawn in that order, the whole batch first. Each request carries
+    1 + ``mtp_draft_tokens`` query tokens. ``step_ops_for_tokens(n)`` (optional) lists work
+    outside the layers (embedding, LM head, MTP draft), priced sequentially into
+    ``overhead_s`` with the assumption set's fixed per-step overhead.
     """
     _check_positive_int("batch per device", batch_per_device)
     _check_positive_int("EP size", ep)
@@ -337,27 +437,37 @@ def decode_workload(
         raise ClusterInputError(
             f"MTP draft tokens must be a non-negative integer, got {mtp_draft_tokens!r}"
         )
+    splits = tuple(micro_batches)
+    if not splits or any(n not in (1, 2) for n in splits):
+        raise ClusterInputError(
+            f"micro_batches must hold 1 (whole batch) and/or 2 (two micro-batches), got {splits}"
+        )
     queries = 1 + mtp_draft_tokens
     tokens = batch_per_device * queries
-    half_batch = math.ceil(batch_per_device / 2)
-    half_tokens = half_batch * queries
     common = dict(ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=expert_loads)
-    full_ctx = context_imbalance(assumptions, requests=batch_per_device, ep=ep, rng=rng)
-    half_ctx = context_imbalance(assumptions, requests=half_batch, ep=ep, rng=rng)
-    layers = price_layers(
-        ops_for_tokens(tokens), hardware, assumptions, attention_imbalance=full_ctx, **common
-    )
-    layers_half = price_layers(
-        ops_for_tokens(half_tokens), hardware, assumptions, attention_imbalance=half_ctx, **common
-    )
+    memo: dict[object, float] = {}
+    priced: dict[int, tuple[StageTimes, ...]] = {1: (), 2: ()}
+    for split in (1, 2):
+        if split not in splits:
+            continue
+        requests = math.ceil(batch_per_device / split)
+        ctx = context_imbalance(assumptions, requests=requests, ep=ep, rng=rng)
+        priced[split] = price_layers(
+            ops_for_tokens(requests * queries),
+            hardware,
+            assumptions,
+            attention_imbalance=ctx,
+            memo=memo,
+            **common,
+        )
     overhead = assumptions.step_overhead_s
     if step_ops_for_tokens is not None:
         overhead += sum(
             compute_time(op, hardware, assumptions) for op in step_ops_for_tokens(tokens)
         )
     return DecodeWorkload(
-        layers=layers,
-        layers_half=layers_half,
+        layers=priced[1],
+        layers_half=priced[2],
         batch_per_device=batch_per_device,
         tokens_per_step=tokens,
         mtp_draft_tokens=mtp_draft_tokens,
@@ -430,6 +540,7 @@ __all__ = [
     "ep_comm_time",
     "ep_traffic_shares",
     "expert_time",
+    "layer_expert_loads",
     "layer_imbalance",
     "layer_stage_times",
     "loads_per_layer",

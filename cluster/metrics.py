@@ -60,14 +60,21 @@ def stream_busy(records: Iterable[EventRecord]) -> dict[tuple[int, str], float]:
     return busy
 
 
-def per_layer_us(records: Iterable[EventRecord], n_layers: int) -> dict[str, float]:
-    """Busy microseconds per layer of each stage group (all micro-batches of the layer)."""
+def per_layer_us(records: Iterable[EventRecord]) -> dict[str, float]:
+    """Busy microseconds per layer of each stage group (all micro-batches of a layer), averaged
+    over the layers that run the group: DeepSeek-V3's dispatch is per MoE layer, not diluted by
+    its dense layers. 0 for a group no layer runs."""
     totals = dict.fromkeys(GROUPS, 0.0)
+    layers: dict[str, set[int]] = {group: set() for group in GROUPS}
     for r in records:
         group = STAGE_GROUPS.get(r.name)
         if group is not None:
             totals[group] += r.duration
-    return {group: seconds / n_layers * 1e6 for group, seconds in totals.items()}
+            layers[group].add(r.layer)
+    return {
+        group: seconds / len(layers[group]) * 1e6 if layers[group] else 0.0
+        for group, seconds in totals.items()
+    }
 
 
 def union(intervals: Iterable[Interval]) -> list[Interval]:

@@ -1,6 +1,5 @@
-"""Schedules: stage times -> task DAGs on streams, plus the closed forms the simulator must
-reproduce that belong to a schedule here (TBO steady state, pipeline bubbles; the sequential and
-SBO per-layer forms are in ``cluster.closedform``).
+"""Schedules: stage times -> task DAGs on streams, plus the pipeline-bubble closed forms the
+simulator must reproduce (the decode closed forms live in ``cluster.closedform``).
 
 A layer is a dataflow graph of stages (``DATAFLOW``: each stage lists the stages whose output it
 reads; ``IN`` is the layer input, ``OUT`` the layer output). A schedule fixes the issue order of
@@ -11,9 +10,16 @@ those stages on the streams (``cluster.streams``: every stream runs in issue ord
 - ``sbo`` (single-batch overlap, LongCat-Flash §6.1): one batch, issue order attn0, dispatch ||
   (ffn0, attn1_qkv), moe, combine || (attn1_core, ffn1). On standard MoE layers it hides the
   dispatch behind the shared experts.
-- ``tbo`` (two-batch overlap, DeepSeek style): the batch split into two micro-batches; each layer
-  runs in two phases cut at the dispatch, and each phase is issued for micro-batch 0 then 1, so
-  one micro-batch's compute overlaps the other's dispatch or combine.
+- ``tbo`` (two-batch overlap, DeepSeek-V3 decode): the batch split into two micro-batches that
+  take turns layer by layer. Each micro-batch issues its whole layer in ``TBO_ORDER``: the
+  attention before the dispatch (with the router), the dispatch, the compute that does not need
+  the routed experts (shared experts; ScMoE's dense branch; a dense layer's FFN), the routed
+  experts, the combine; then the other micro-batch issues the same layer. So one micro-batch's
+  dispatch -> MoE -> combine runs serially on the communication stream while the compute
+  stream runs the other micro-batch's attention (under the combine) and its own shared work
+  (under the dispatch); the two micro-batches' chains alternate on the link. When attention
+  fits under the combine a layer takes dispatch + MoE + combine of the whole batch, the
+  paper's Table 7 TBO estimate; ``cluster.closedform.tbo_step_time`` is the exact form.
 
 Training layers split the MoE into C token chunks: ``scmoe`` issues the chunks' MoE GEMMs between
 the dense blocks of the shortcut branch, so their dispatch/combine overlap dense compute and each
@@ -93,10 +99,24 @@ SBO_ORDER: dict[str, tuple[str, ...]] = {
     "dense": ("attn_qkv", "attn_core", "ffn", "ffn_tp"),
 }
 
-TBO_PHASES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "scmoe": (SBO_ORDER["scmoe"][:6], SBO_ORDER["scmoe"][6:]),
-    "moe": (SBO_ORDER["moe"][:4], SBO_ORDER["moe"][4:]),
-    "dense": (SBO_ORDER["dense"],),
+# Per micro-batch: attention up to the router, dispatch, the work beside the routed experts
+# (shared experts / the ScMoE dense branch / a dense FFN), the routed experts, combine.
+TBO_ORDER: dict[str, tuple[str, ...]] = {
+    "scmoe": (
+        "attn0",
+        "router",
+        "dispatch",
+        "ffn0",
+        "ffn0_tp",
+        "attn1_qkv",
+        "attn1_core",
+        "ffn1",
+        "ffn1_tp",
+        "moe",
+        "combine",
+    ),
+    "moe": ("attn_qkv", "attn_core", "router", "dispatch", "shared", "moe", "combine"),
+    "dense": ("attn_qkv", "attn_core", "ffn", "ffn_tp"),
 }
 
 DECODE_SCHEDULES = ("sbo", "sequential", "tbo")
@@ -127,10 +147,6 @@ class LayerProgram:
 
     ops: tuple[Op, ...]
     out: tuple[Key, ...]
-
-    def subset(self, stages: Iterable[str]) -> tuple[Op, ...]:
-        wanted = set(stages)
-        return tuple(op for op in self.ops if op.stage in wanted)
 
 
 def check_stages(st: StageTimes, layer: int) -> None:
@@ -183,9 +199,7 @@ def sbo_program(kind: str) -> LayerProgram:
 # Read-only tables built once: the programs do not depend on stage times.
 SEQUENTIAL_PROGRAMS = MappingProxyType({kind: sequential_program(kind) for kind in DATAFLOW})
 SBO_PROGRAMS = MappingProxyType({kind: sbo_program(kind) for kind in DATAFLOW})
-TBO_PHASE_OPS = MappingProxyType(
-    {kind: tuple(SBO_PROGRAMS[kind].subset(ph) for ph in TBO_PHASES[kind]) for kind in DATAFLOW}
-)
+TBO_PROGRAMS = MappingProxyType({kind: _program(kind, TBO_ORDER[kind]) for kind in DATAFLOW})
 
 
 class DagBuilder:
@@ -285,15 +299,25 @@ def decode_tasks(
         check_stages(st, i)
     dag = DagBuilder()
     if schedule == "tbo":
+        if not layers_half:
+            raise ClusterInputError(
+                "the tbo schedule needs stage times of the two micro-batches; price the "
+                "workload with micro_batches including 2"
+            )
         ends = [frozenset(), frozenset()]
         for i, st in enumerate(layers_half):
-            emitters = [dag.layer(st, ends[mb], layer=i, microbatch=mb) for mb in (0, 1)]
-            for phase_ops in TBO_PHASE_OPS[st.kind]:
-                for emitter in emitters:
-                    emitter.emit(phase_ops)
-            ends = [e.outputs(SBO_PROGRAMS[st.kind]) for e in emitters]
+            program = TBO_PROGRAMS[st.kind]
+            for mb in (0, 1):
+                emitter = dag.layer(st, ends[mb], layer=i, microbatch=mb)
+                emitter.emit(program.ops)
+                ends[mb] = emitter.outputs(program)
         last = ends[0] | ends[1]
     else:
+        if not layers:
+            raise ClusterInputError(
+                f"the {schedule} schedule needs stage times of the whole batch; price the "
+                "workload with micro_batches including 1"
+            )
         programs = SEQUENTIAL_PROGRAMS if schedule == "sequential" else SBO_PROGRAMS
         last = frozenset()
         for i, st in enumerate(layers):
@@ -304,31 +328,6 @@ def decode_tasks(
     if overhead_s > 0.0:
         dag.add(Task("overhead", COMPUTE, overhead_s, tuple(sorted(last))))
     return dag.tasks
-
-
-def tbo_steady_layer_time(attention: float, dispatch: float, moe: float, combine: float) -> float:
-    """Steady-state time per layer of TBO on a standard MoE layer without shared experts, from one
-    micro-batch's times (a = attention incl. router, d, m, c).
-
-    It is the maximum cycle mean of the schedule's event graph (the simulator converges to it over many layers; the paper's
-    "dispatch + MoE + combine" per layer is a simpler estimate): the compute stream 2(a + m), the
-    communication stream 2(d + c), and cycles through both streams and both micro-batches, which
-    all take the form a + d + m + c + x - y for two different stages x, y; the largest is
-    S + max - min."""
-    a, d, m, c = attention, dispatch, moe, combine
-    total = a + d + m + c
-    return max(2 * (a + m), 2 * (d + c), total + max(a, d, m, c) - min(a, d, m, c))
-
-
-def tbo_layer_stages(st: StageTimes) -> tuple[float, float, float, float]:
-    """(attention, dispatch, moe, combine) of a half-batch moe layer for
-    :func:`tbo_steady_layer_time`; rejects layers the closed form does not cover."""
-    if st.kind != "moe" or st.get("shared") > 0:
-        raise ClusterInputError(
-            "the TBO closed form covers moe layers without shared experts; simulate the others"
-        )
-    g = st.get
-    return (g("attn_qkv") + g("attn_core") + g("router"), g("dispatch"), g("moe"), g("combine"))
 
 
 # ---------------------------------------------------------------------------- training layers

@@ -43,7 +43,7 @@ class DecodeResult:
     tps_per_user: float
     tgs: float
     cost_per_m_tokens: float
-    per_layer_us: dict[str, float]  # busy time of each stage group per layer
+    per_layer_us: dict[str, float]  # busy time of each stage group per layer that runs it
     comm_us: float
     exposed_comm_us: float
     hidden_comm_us: float
@@ -117,7 +117,7 @@ def simulate_decode(
     records = run_tasks(_jittered(tasks, rng, jitter))
     step_s = metrics.makespan(records)
     _check_step(step_s)
-    n_layers = len(workload.layers)
+    n_layers = len(workload.layers_half if schedule == "tbo" else workload.layers)
     overhead_s = sum(r.duration for r in records if r.name == "overhead")
     tpot = metrics.tpot_ms(step_s, workload.mtp_draft_tokens, workload.mtp_accept)
     tgs = metrics.tgs(workload.batch_per_device, tpot / 1e3)
@@ -131,7 +131,7 @@ def simulate_decode(
         tps_per_user=metrics.tps_per_user(tpot),
         tgs=tgs,
         cost_per_m_tokens=metrics.cost_per_m_tokens(workload.gpu_hour_usd, tgs),
-        per_layer_us=metrics.per_layer_us(records, n_layers),
+        per_layer_us=metrics.per_layer_us(records),
         comm_us=comm.comm_s * 1e6,
         exposed_comm_us=comm.exposed_s * 1e6,
         hidden_comm_us=comm.hidden_s * 1e6,

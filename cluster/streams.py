@@ -1,8 +1,8 @@
-"""GPU streams as SimPy resources, tasks on them, and an executor that runs a task DAG.
+"""GPU streams as SimPy processes, tasks on them, and an executor that runs a task DAG.
 
 Each GPU (one per equivalence class of symmetric ranks) owns a compute stream and one stream per
-link (``nvlink``, ``rdma``), each a capacity-1 FIFO :class:`simpy.Resource`. Tasks are issued to
-their stream in list order, as a host thread launches kernels on a CUDA stream, and a stream runs
+link (``nvlink``, ``rdma``), each a SimPy process that runs one task at a time: a capacity-1
+FIFO server whose queue is its issue order. Tasks are issued to their stream in list order, as a host thread launches kernels on a CUDA stream, and a stream runs
 them in that order: a task starts at ``max(end of its dependencies, end of its stream
 predecessor)``.
 
@@ -89,7 +89,9 @@ def run_tasks(tasks: Sequence[Task]) -> tuple[EventRecord, ...]:
     """Run ``tasks`` on their streams; return one record per task, in task-list order.
 
     Each stream is a SimPy process that takes its tasks in issue order: it waits for a task's
-    dependencies on other streams, then holds the stream's resource for the task's duration.
+    dependencies on other streams, then is busy for the task's duration. (Only its own process
+    ever uses a stream, so the process itself is the capacity-1 server; a separate
+    ``simpy.Resource`` per stream would add events and no behaviour.)
     Raises ClusterInputError when issue order and dependencies deadlock (a task waits for a
     task queued behind it on its own stream, or dependencies form a cycle).
     """
@@ -112,21 +114,19 @@ def run_tasks(tasks: Sequence[Task]) -> tuple[EventRecord, ...]:
     starts = [0.0] * len(tasks)
     ends = [-1.0] * len(tasks)
 
-    def stream(resource: simpy.Resource, order: list[int]):
+    def stream(order: list[int]):
         for i in order:
             for dep in waits[i]:
                 if not done[dep].processed:
                     yield done[dep]
-            with resource.request() as request:
-                yield request
-                starts[i] = env.now
-                yield env.timeout(tasks[i].duration)
-                ends[i] = env.now
+            starts[i] = env.now
+            yield env.timeout(tasks[i].duration)
+            ends[i] = env.now
             if i in done:
                 done[i].succeed()
 
     for order in queues.values():
-        env.process(stream(simpy.Resource(env, capacity=1), order))
+        env.process(stream(order))
     env.run()
 
     stuck = [i for i, end in enumerate(ends) if end < 0.0]

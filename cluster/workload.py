@@ -61,8 +61,10 @@ class StageTimes:
 
 @dataclass(frozen=True)
 class DecodeWorkload:
-    """One decode step on one GPU: per-layer stage times for the whole per-device batch, and for
-    each of the two micro-batches that two-batch overlap (TBO) splits it into."""
+    """One decode step on one GPU: per-layer stage times for the whole per-device batch
+    (``layers``, used by ``sequential`` and ``sbo``) and for each of the two micro-batches that
+    two-batch overlap splits it into (``layers_half``, used by ``tbo``). Either may be empty
+    when no schedule that needs it will run, not both."""
 
     layers: tuple[StageTimes, ...]
     layers_half: tuple[StageTimes, ...]
@@ -74,9 +76,12 @@ class DecodeWorkload:
     overhead_s: float = 0.0  # per-step time outside the layers (embedding, LM head, sampling)
 
     def __post_init__(self) -> None:
-        if not self.layers or len(self.layers) != len(self.layers_half):
+        if not (self.layers or self.layers_half) or (
+            self.layers and self.layers_half and len(self.layers) != len(self.layers_half)
+        ):
             raise ClusterInputError(
-                "a decode workload needs the same non-zero number of full and half layers"
+                "a decode workload needs layers of the whole batch, of a micro-batch, or both "
+                "with the same number of layers"
             )
         if self.batch_per_device <= 0:
             raise ClusterInputError(

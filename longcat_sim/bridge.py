@@ -19,7 +19,9 @@ Deployment mapping (decode):
 Training mapping: ``model.costs`` phase "train" for one MoE token chunk per GPU; attention runs
 with context parallelism ``cp`` (each GPU holds 1/cp of every sequence and all-gathers the
 compressed KV of the others; the gather sits on the attention stage's critical path), experts
-over an ``ep`` group, every matmul's backward split into input and weight gradient.
+over an ``ep`` group, every matmul's backward split into input and weight gradient, the
+attention core's backward priced as a deterministic FlashAttention gradient (score recomputation,
+LongCat's 0.95x kernel speed).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from cluster.hardware import Hardware, Precision
 from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
 from cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
 from model import costs
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
 
 AttentionDtype = Literal["bf16", "fp8"]
 TrainEpComm = Literal["all_to_all", "allgather"]
@@ -192,9 +194,14 @@ def decode_layer_ops(
     ffn_tp: int = 1,
     k_ffn: float | None = None,
 ) -> tuple[LayerOps, ...]:
-    """Every layer's ops for ``tokens`` decode query tokens on one GPU."""
+    """Every layer's ops for ``tokens`` decode query tokens on one GPU.
+
+    ``model.costs`` prices a layer from its kind alone (tests/test_bridge.py checks it), so one
+    layer of each kind is costed and converted, and the layers of a kind share its op records.
+    """
+    kinds = costs.layer_kinds(cfg)
     layers = costs.layer_costs(
-        cfg,
+        _one_layer_per_kind(cfg, kinds),
         tokens=tokens,
         context=context,
         phase="decode",
@@ -206,18 +213,32 @@ def decode_layer_ops(
         combine_bytes=2,
         ffn_tp=ffn_tp,
     )
+    by_kind: dict[str, LayerOps] = {}
+    for layer in layers:
+        if layer.kind not in by_kind:
+            by_kind[layer.kind] = layer_ops(
+                layer,
+                cfg,
+                a,
+                attention_dtype=attention_dtype,
+                queries_per_request=queries_per_request,
+                attention_tp=attention_tp,
+                ffn_tp=ffn_tp,
+            )
     return tuple(
-        layer_ops(
-            layer,
-            cfg,
-            a,
-            attention_dtype=attention_dtype,
-            queries_per_request=queries_per_request,
-            attention_tp=attention_tp,
-            ffn_tp=ffn_tp,
-        )
-        for layer in layers
+        dataclasses.replace(by_kind[kind], index=index) for index, kind in enumerate(kinds)
     )
+
+
+def _one_layer_per_kind(cfg: ModelConfig, kinds: Sequence[str]) -> ModelConfig:
+    """The shallowest version of ``cfg`` that still holds every kind of layer it has."""
+    depth = max(kinds.index(kind) for kind in set(kinds)) + 1
+    if depth == cfg.num_layers:
+        return cfg
+    try:
+        return cfg.replace(num_layers=depth)
+    except ConfigError:
+        return cfg
 
 
 def _mtp_layer_config(cfg: ModelConfig) -> ModelConfig:
@@ -304,14 +325,18 @@ def decode_workload(
     attention_tp: int = 1,
     ffn_tp: int = 1,
     k_ffn: float | None = None,
-    step_work: bool = True,
+    step_work: bool | None = None,
+    micro_batches: Sequence[int] = (1, 2),
 ) -> DecodeWorkload:
     """Price one decode step of ``cfg`` on one GPU of an ``ep``-way deployment.
 
     ``context``: cached tokens each request attends to. ``step_work`` adds the LM head and MTP
-    draft outside the layers (``overhead_s``); the assumption set's fixed per-step overhead is
-    always added.
+    draft outside the layers (``overhead_s``; default: the assumption set's ``step_work``); the
+    assumption set's fixed per-step overhead is always added. ``micro_batches``: price the whole
+    batch (1: ``sequential``, ``sbo``), the two micro-batches (2: ``tbo``) or both.
     """
+    if step_work is None:
+        step_work = assumptions.step_work
     _check_choice("attention dtype", attention_dtype, ("bf16", "fp8"))
     _check_positive_int("batch per device", batch_per_device)
     _check_positive_int("attention TP size", attention_tp)
@@ -356,6 +381,7 @@ def decode_workload(
         rng=rng,
         expert_loads=expert_loads,
         step_ops_for_tokens=step_ops if step_work else None,
+        micro_batches=micro_batches,
     )
 
 
@@ -397,6 +423,27 @@ def _split_backward(layer: LayerOps) -> tuple[LayerOps, LayerOps]:
 
 def _replace(op: ComputeOp | ExpertOp, **changes: float | str) -> ComputeOp | ExpertOp:
     return dataclasses.replace(op, **changes)
+
+
+# FlashAttention's backward recomputes the attention scores: five matmuls against the forward's
+# two (FlashAttention-2, Dao 2023, sec. 3), 2.5x the forward FLOPs where model.costs counts 2x.
+FLASH_BACKWARD_FLOPS = 2.5 / 2.0
+# LongCat-Flash's deterministic FlashAttention gradient runs at 0.95x the speed of the
+# non-deterministic kernel (arXiv 2509.01322 sec. 5.2).
+DETERMINISTIC_FAG_SPEED = 0.95
+
+
+def _deterministic_flash_backward(layer: LayerOps) -> LayerOps:
+    """The backward attention core priced as LongCat trains it: score recomputation and the
+    deterministic kernel's speed, as extra FLOPs at the attention rate."""
+    factor = FLASH_BACKWARD_FLOPS / DETERMINISTIC_FAG_SPEED
+    ops = tuple(
+        _replace(op, flops=op.flops * factor)
+        if isinstance(op, ComputeOp) and op.kind == "attention"
+        else op
+        for op in layer.ops
+    )
+    return LayerOps(layer.index, layer.kind, ops, layer.comms)
 
 
 def _cp_gather_seconds(
@@ -483,7 +530,7 @@ def train_layer_times(
     out = []
     for layer, loads in zip(layers, per_layer, strict=True):
         fwd = layer_ops(layer, cfg, a, direction="fwd")
-        bwd = layer_ops(layer, cfg, a, direction="bwd")
+        bwd = _deterministic_flash_backward(layer_ops(layer, cfg, a, direction="bwd"))
         if ep_comm == "allgather":
             fwd = _train_ep_comms(fwd, ep=ep, hidden=cfg.hidden_size, tokens=chunk_tokens)
             bwd = _train_ep_comms(bwd, ep=ep, hidden=cfg.hidden_size, tokens=chunk_tokens)
@@ -524,6 +571,7 @@ def train_workload(
     cp: int = 8,
     moe_chunks: int = 2,
     ep_comm: TrainEpComm = "allgather",
+    redundant_experts: int = 0,
     rng: np.random.Generator | None = None,
 ) -> TrainWorkload:
     """One training step of one pipeline stage. ``microbatch_tokens`` per GPU per micro-batch
@@ -554,6 +602,7 @@ def train_workload(
         ep=ep,
         cp=cp,
         ep_comm=ep_comm,
+        redundant_experts=redundant_experts,
         rng=rng,
     )
     per_stage = cfg.num_layers // pipeline_stages

@@ -16,6 +16,9 @@ from model.config import ConfigError
 # command name -> module in longcat_sim.experiments exposing HELP, add_arguments(parser), run(args)
 COMMANDS: dict[str, str] = {
     "params": "longcat_sim.experiments.params",
+    "report": "longcat_sim.experiments.report",
+    "simulate": "longcat_sim.experiments.simulate",
+    "sweep": "longcat_sim.experiments.sweep",
 }
 
 PROG = "longcat-sim"

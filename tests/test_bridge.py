@@ -15,22 +15,10 @@ from cluster.workload import DecodeWorkload
 from longcat_sim import bridge
 from model import costs
 from model.config import get_preset
+from tests.cluster.published import TABLE7
 
 H800 = get_hardware("H800")
 
-# -- V1: LongCat-Flash Table 7 (arXiv 2509.01322, sec. 6.2), H800, EP128, batch 96, MTP 1 at
-# 80 % acceptance, Table 7 assumptions. Published microseconds per layer, TPOT ms, $ per M.
-TABLE7_ROWS = {
-    "deepseek-v3": dict(
-        overlap="tbo", tp=1, attn=471, disp=275, moe=77, comb=551, tpot=30, usd=0.17
-    ),
-    "qwen3-235b-a22b": dict(
-        overlap="tbo", tp=4, attn=314, disp=157, moe=29, comb=315, tpot=26.2, usd=0.15
-    ),
-    "longcat-flash": dict(
-        overlap="sbo", tp=1, attn=264, disp=236, moe=60, comb=472, tpot=16, usd=0.09
-    ),
-}
 # How close the attention row gets at the assumed TABLE7_CONTEXT = 5000 (the paper states no
 # context): DeepSeek-V3 441 us (-6 %), Qwen3 307 us (-2 %), LongCat-Flash 220 us (-17 %).
 ATTENTION_ROW_TOLERANCE = 0.20
@@ -46,19 +34,20 @@ def _table7_workload(model: str) -> DecodeWorkload:
         context=TABLE7_CONTEXT,
         mtp_draft_tokens=1,
         mtp_accept=0.8,
-        attention_tp=TABLE7_ROWS[model]["tp"],
+        attention_tp=TABLE7[model].attention_tp,
         step_work=False,
     )
 
 
-@pytest.mark.parametrize("model", sorted(TABLE7_ROWS))
+@pytest.mark.parametrize("model", sorted(TABLE7))
 def test_table7_rows(model: str) -> None:
-    ref = TABLE7_ROWS[model]
+    ref = TABLE7[model]
     w = _table7_workload(model)
     layer = w.layers[-1]  # an MoE layer (DeepSeek-V3's first three are dense)
-    assert layer.get("dispatch") * 1e6 == pytest.approx(ref["disp"], rel=0.03)
-    assert (layer.get("moe") + layer.get("shared")) * 1e6 == pytest.approx(ref["moe"], rel=0.03)
-    assert layer.get("combine") * 1e6 == pytest.approx(ref["comb"], rel=0.03)
+    assert layer.get("dispatch") * 1e6 == pytest.approx(ref.dispatch_us, rel=0.03)
+    moe = layer.get("moe") + layer.get("shared")
+    assert moe * 1e6 == pytest.approx(ref.moe_us, rel=0.03)
+    assert layer.get("combine") * 1e6 == pytest.approx(ref.combine_us, rel=0.03)
     exposed = layer.get("attn0") if layer.kind == "scmoe" else layer.compute_total
     attention = (
         layer.get("attn0")
@@ -66,16 +55,17 @@ def test_table7_rows(model: str) -> None:
         else layer.get("attn_qkv") + layer.get("attn_core")
     )
     assert exposed >= attention
-    assert attention * 1e6 == pytest.approx(ref["attn"], rel=ATTENTION_ROW_TOLERANCE)
+    assert attention * 1e6 == pytest.approx(ref.attention_us, rel=ATTENTION_ROW_TOLERANCE)
 
 
-@pytest.mark.parametrize("model", sorted(TABLE7_ROWS))
+@pytest.mark.parametrize("model", sorted(TABLE7))
 def test_table7_tpot_and_cost(model: str) -> None:
-    ref = TABLE7_ROWS[model]
+    ref = TABLE7[model]
     w = _table7_workload(model)
     assert w.overhead_s == 0.0
-    assert closedform.tpot_s(w, ref["overlap"]) * 1e3 == pytest.approx(ref["tpot"], rel=0.05)
-    assert closedform.cost_per_m_tokens(w, ref["overlap"]) == pytest.approx(ref["usd"], rel=0.05)
+    assert closedform.tpot_s(w, ref.schedule) * 1e3 == pytest.approx(ref.tpot_ms, rel=0.05)
+    usd = closedform.cost_per_m_tokens(w, ref.schedule)
+    assert usd == pytest.approx(ref.cost_per_m_tokens, rel=0.05)
 
 
 def test_table7_longcat_hides_the_second_attention() -> None:
@@ -265,3 +255,61 @@ def test_train_workload() -> None:
             pipeline_stages=5,
             data_parallel=1,
         )
+
+
+def test_step_work_follows_the_assumption_set() -> None:
+    """Table 7 prices the layers only; the default set adds the LM head and MTP draft."""
+    common = dict(hardware=H800, ep=128, batch_per_device=96, context=5000, mtp_draft_tokens=1)
+    cfg = get_preset("longcat-flash")
+    ideal = bridge.decode_workload(cfg, assumptions=TABLE7_ASSUMPTIONS, **common)
+    assert ideal.overhead_s == 0.0
+    real = bridge.decode_workload(
+        cfg, assumptions=DEFAULT, rng=np.random.default_rng(0), micro_batches=(1,), **common
+    )
+    assert real.overhead_s > DEFAULT.step_overhead_s
+
+
+def test_price_only_the_batches_a_schedule_needs() -> None:
+    cfg = get_preset("qwen3-235b-a22b")
+    common = dict(hardware=H800, assumptions=TABLE7_ASSUMPTIONS, ep=128, context=5000)
+    both = bridge.decode_workload(cfg, batch_per_device=96, **common)
+    whole = bridge.decode_workload(cfg, batch_per_device=96, micro_batches=(1,), **common)
+    halves = bridge.decode_workload(cfg, batch_per_device=96, micro_batches=(2,), **common)
+    assert whole.layers == both.layers and whole.layers_half == ()
+    assert halves.layers_half == both.layers_half and halves.layers == ()
+    assert closedform.step_time(halves, "tbo") == closedform.step_time(both, "tbo")
+    with pytest.raises(ClusterInputError, match="micro_batches"):
+        bridge.decode_workload(cfg, batch_per_device=96, micro_batches=(3,), **common)
+
+
+def test_training_attention_backward_is_deterministic_flash() -> None:
+    """The backward attention core carries FlashAttention's score recomputation (2.5x forward
+    FLOPs, FlashAttention-2) at LongCat's deterministic kernel speed (0.95x, paper sec. 5.2);
+    every other op keeps model.costs' 2x."""
+    cfg = get_preset("longcat-flash")
+    (layer,) = costs.layer_costs(cfg, tokens=2048, context=8192, phase="train", weight_bytes=1)[:1]
+    fwd = {op.name: op for op in bridge.layer_ops(layer, cfg, DEFAULT, direction="fwd").ops}
+    raw = bridge.layer_ops(layer, cfg, DEFAULT, direction="bwd")
+    bwd = {op.name: op for op in bridge._deterministic_flash_backward(raw).ops}
+    core = bwd["attn0.attention.bwd"]
+    assert core.flops == pytest.approx(fwd["attn0.attention"].flops * 2.5 / 0.95)
+    assert bwd["ffn0.gate_up_proj.bwd"].flops == pytest.approx(2 * fwd["ffn0.gate_up_proj"].flops)
+
+
+@pytest.mark.parametrize("model", ["longcat-flash", "deepseek-v3", "qwen3-235b-a22b"])
+def test_layers_of_one_kind_cost_the_same(model: str) -> None:
+    """decode_layer_ops costs and converts one layer per kind and shares it: that relies on
+    model.costs giving every layer of a kind the same ops, which this checks, and must equal
+    converting every layer."""
+    cfg = get_preset(model)
+    layers = costs.layer_costs(cfg, tokens=96, context=5000, phase="decode", weight_bytes=1)
+    by_kind: dict[str, costs.LayerCost] = {}
+    for layer in layers:
+        first = by_kind.setdefault(layer.kind, layer)
+        assert (layer.ops, layer.comms, layer.expert_pairs) == (
+            first.ops,
+            first.comms,
+            first.expert_pairs,
+        )
+    converted = bridge.decode_layer_ops(cfg, DEFAULT, tokens=96, context=5000)
+    assert converted == tuple(bridge.layer_ops(layer, cfg, DEFAULT) for layer in layers)

@@ -1,8 +1,9 @@
 """V2: measured decode throughput (LongCat-Flash Table 6, DeepSeek-V3 profile) from the
-``default`` assumption set through the closed forms, with one set of efficiency terms.
+``default`` assumption set through the simulator, with one set of efficiency terms.
 
 Only one term, the router's per-step expert-popularity spread, was fitted, on the first
-LongCat-Flash row; every other row is a prediction.
+LongCat-Flash row; every other row is a prediction. The simulated step equals the closed form
+of its schedule, so both paths give the same numbers.
 """
 
 from __future__ import annotations
@@ -11,49 +12,51 @@ import numpy as np
 import pytest
 
 from cluster import closedform
-from cluster.assumptions import DEFAULT, FITTED_EXPERT_POPULARITY_SIGMA
+from cluster.assumptions import DEFAULT, FITTED_EXPERT_POPULARITY_SIGMA, TABLE7
 from cluster.hardware import get_hardware
+from cluster.simulator import DecodeResult, simulate_decode
+from cluster.workload import DecodeWorkload
 from longcat_sim.bridge import decode_workload
 from model.config import get_preset
+from tests.cluster.published import (
+    DEEPSEEK_PROFILE_BATCH,
+    DEEPSEEK_PROFILE_CONTEXT,
+    DEEPSEEK_PROFILE_TGS,
+    LONGCAT_MTP_ACCEPT,
+    TABLE6_FIT_ROW,
+    TABLE6_LONGCAT,
+    TABLE6_TOLERANCE,
+)
 
 H800 = get_hardware("H800")
-MTP_ACCEPT = 0.9  # LongCat-Flash MTP acceptance, ~90 % on test sets (paper sec. 6)
-
-# LongCat-Flash Table 6 (arXiv 2509.01322): 128 Hopper GPUs, EP128.
-# (attention dtype, average context, TGS tokens/GPU/s, TPS per user)
-LONGCAT_TABLE6 = [
-    ("bf16", 5000, 3785, 35.0),  # the row the popularity spread was fitted on
-    ("bf16", 5000, 2205, 68.9),
-    ("bf16", 5000, 804, 100.5),
-    ("fp8", 5000, 4230, 26.4),
-    ("fp8", 8192, 3240, 33.8),
-]
-FIT_ROW = 0
-# deepseek-ai/profile-data: decode on EP128, 128 requests per GPU, 4K prompt, two micro-batches
-# (TBO), absolutely balanced routing; 18,598 tokens/s per 8-GPU node = 2,324 per GPU.
-DEEPSEEK_PROFILE_TGS = 2324
-TOLERANCE = 0.15
 SEEDS = (0, 1, 2)
 
 
-def longcat_tps_per_user(row: int, seed: int) -> float:
-    dtype, context, tgs, tps = LONGCAT_TABLE6[row]
-    w = decode_workload(
+def longcat_workload(row: int, seed: int, assumptions=DEFAULT) -> DecodeWorkload:
+    r = TABLE6_LONGCAT[row]
+    return decode_workload(
         get_preset("longcat-flash"),
         hardware=H800,
-        assumptions=DEFAULT,
+        assumptions=assumptions,
         ep=128,
-        batch_per_device=round(tgs / tps),
-        context=context,
-        attention_dtype=dtype,
+        batch_per_device=r.batch_per_device,
+        context=r.context,
+        attention_dtype=r.attention_dtype,
         mtp_draft_tokens=1,
-        mtp_accept=MTP_ACCEPT,
+        mtp_accept=LONGCAT_MTP_ACCEPT,
         rng=np.random.default_rng(seed),
+        micro_batches=(1,),
     )
-    return closedform.tps_per_user(w, "sbo")
 
 
-def deepseek_profile_tgs() -> float:
+def longcat_result(row: int, seed: int) -> DecodeResult:
+    w = longcat_workload(row, seed)
+    result = simulate_decode(w, "sbo")
+    assert result.step_ms == pytest.approx(closedform.step_time(w, "sbo") * 1e3, rel=1e-12)
+    return result
+
+
+def deepseek_profile() -> DecodeResult:
     """The profile's synthetic run: balanced routing and one fixed context for every request.
     It names no speculative decoding, so each request gains one token per step."""
     w = decode_workload(
@@ -61,10 +64,13 @@ def deepseek_profile_tgs() -> float:
         hardware=H800,
         assumptions=DEFAULT.replace(routing="balanced", context_cv=0.0),
         ep=128,
-        batch_per_device=128,
-        context=4096,
+        batch_per_device=DEEPSEEK_PROFILE_BATCH,
+        context=DEEPSEEK_PROFILE_CONTEXT,
+        micro_batches=(2,),
     )
-    return closedform.tgs(w, "tbo")
+    result = simulate_decode(w, "tbo")
+    assert result.step_ms == pytest.approx(closedform.step_time(w, "tbo") * 1e3, rel=1e-12)
+    return result
 
 
 def test_only_one_term_was_fitted() -> None:
@@ -73,36 +79,27 @@ def test_only_one_term_was_fitted() -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fitted_row(seed: int) -> None:
-    measured = LONGCAT_TABLE6[FIT_ROW][3]
-    assert longcat_tps_per_user(FIT_ROW, seed) == pytest.approx(measured, rel=0.08)
+    measured = TABLE6_LONGCAT[TABLE6_FIT_ROW].tps_per_user
+    assert longcat_result(TABLE6_FIT_ROW, seed).tps_per_user == pytest.approx(measured, rel=0.08)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("row", [i for i in range(len(LONGCAT_TABLE6)) if i != FIT_ROW])
+@pytest.mark.parametrize("row", [i for i in range(len(TABLE6_LONGCAT)) if i != TABLE6_FIT_ROW])
 def test_longcat_table6_predictions(row: int, seed: int) -> None:
-    measured = LONGCAT_TABLE6[row][3]
-    assert longcat_tps_per_user(row, seed) == pytest.approx(measured, rel=TOLERANCE)
+    r = TABLE6_LONGCAT[row]
+    result = longcat_result(row, seed)
+    assert result.tps_per_user == pytest.approx(r.tps_per_user, rel=TABLE6_TOLERANCE)
+    # users per GPU are the batch, so throughput per GPU follows: TGS = batch x TPS/user
+    assert result.tgs == pytest.approx(r.batch_per_device * result.tps_per_user, rel=1e-12)
 
 
 def test_deepseek_v3_profile() -> None:
-    assert deepseek_profile_tgs() == pytest.approx(DEEPSEEK_PROFILE_TGS, rel=TOLERANCE)
+    assert deepseek_profile().tgs == pytest.approx(DEEPSEEK_PROFILE_TGS, rel=TABLE6_TOLERANCE)
 
 
 def test_negative_control_ideal_terms_miss_the_measurements() -> None:
-    """Without the realistic terms (the paper's theoretical assumptions) the same closed form
+    """Without the realistic terms (the paper's theoretical assumptions) the same simulation
     over-predicts the measured throughput well beyond the tolerance, so the check can fail."""
-    from cluster.assumptions import TABLE7
-
-    dtype, context, tgs, tps = LONGCAT_TABLE6[FIT_ROW]
-    w = decode_workload(
-        get_preset("longcat-flash"),
-        hardware=H800,
-        assumptions=TABLE7,
-        ep=128,
-        batch_per_device=round(tgs / tps),
-        context=context,
-        attention_dtype=dtype,
-        mtp_draft_tokens=1,
-        mtp_accept=MTP_ACCEPT,
-    )
-    assert closedform.tps_per_user(w, "sbo") > tps * (1 + TOLERANCE)
+    w = longcat_workload(TABLE6_FIT_ROW, 0, assumptions=TABLE7)
+    measured = TABLE6_LONGCAT[TABLE6_FIT_ROW].tps_per_user
+    assert simulate_decode(w, "sbo").tps_per_user > measured * (1 + TABLE6_TOLERANCE)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cluster import closedform
@@ -34,7 +34,14 @@ from cluster.costmodel import (
 from cluster.errors import ClusterInputError
 from cluster.hardware import Hardware, get_hardware
 from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
-from cluster.placement import imbalance_factor, rank_loads, replica_counts, slots_per_rank
+from cluster.placement import (
+    imbalance_factor,
+    imbalance_factors,
+    rank_loads,
+    rank_loads_batch,
+    replica_counts,
+    slots_per_rank,
+)
 from cluster.workload import StageTimes
 
 H800 = get_hardware("H800")
@@ -118,7 +125,29 @@ def test_table7_assumption_figures() -> None:
     assert H800.rdma_bytes_per_s * a.ep_rdma_fraction == pytest.approx(40e9)
     assert a.kernel_overhead_s == 0 and a.ep_call_latency_s == 0 and a.routing == "balanced"
     assert TABLE7_CONTEXT == 5000
-    assert set(assumption_names()) == {"table7", "default"}
+    assert set(assumption_names()) == {"table7", "default", "train"}
+
+
+def test_train_set_is_default_plus_one_fitted_term() -> None:
+    """``train`` differs from ``default`` in its name, description, BF16 precisions (training
+    weights) and the one fitted term, the collectives' achieved link fraction."""
+    from cluster.assumptions import FITTED_TRAIN_LINK_FRACTION
+
+    train = get_assumptions("train")
+    differs = {
+        f.name
+        for f in dataclasses.fields(train)
+        if getattr(train, f.name) != getattr(DEFAULT, f.name)
+    }
+    assert differs == {
+        "name",
+        "description",
+        "linear_precision",
+        "expert_precision",
+        "tp_link_fraction",
+    }
+    assert train.tp_link_fraction == FITTED_TRAIN_LINK_FRACTION
+    assert train.linear_precision == train.expert_precision == "bf16"
 
 
 def test_table7_longcat_tpot_closed_form_from_stage_times() -> None:
@@ -306,6 +335,38 @@ def test_imbalance_factor_at_least_one(loads, ep, redundant) -> None:
     assert totals.sum() == pytest.approx(sum(loads), rel=1e-9, abs=1e-6)
 
 
+@settings(max_examples=40)
+@given(
+    st.lists(
+        st.lists(st.integers(0, 50).map(float), min_size=32, max_size=32), min_size=1, max_size=4
+    ),
+    st.sampled_from([1, 2, 4, 8, 16, 32]),
+    st.sampled_from([0, 8, 32]),
+)
+def test_batched_packing_equals_one_layer_at_a_time(rows, ep, redundant) -> None:
+    """The packing of many layers at once (used to price a step) gives every layer exactly the
+    rank loads and imbalance of the one-layer greedy packing, ties included."""
+    assume((32 + redundant) % ep == 0)
+    loads = np.array(rows)
+    batch = rank_loads_batch(loads, ep, redundant)
+    factors = imbalance_factors(loads, ep, redundant)
+    for row, totals, factor in zip(loads, batch, factors, strict=True):
+        assert totals.tolist() == rank_loads(row, ep, redundant).tolist()
+        assert factor == imbalance_factor(row, ep, redundant)
+
+
+def test_greedy_packing_hand_computed_and_negative_control() -> None:
+    """Loads 9, 7, 5, 4, 3, 1 on 2 ranks of 3 slots, heaviest first onto the lighter rank:
+    9 -> r0, 7 -> r1, 5 -> r1, 4 -> r0, 3 -> r1, 1 -> r0: r0 = 14, r1 = 15. A round-robin
+    packing of the sorted copies (r0 = 9 + 5 + 3, r1 = 7 + 4 + 1) differs, so the equality
+    above holds for the greedy packing only."""
+    loads = np.array([9.0, 7.0, 5.0, 4.0, 3.0, 1.0])
+    assert rank_loads(loads, 2).tolist() == [14.0, 15.0]
+    assert rank_loads_batch(loads[None, :], 2)[0].tolist() == [14.0, 15.0]
+    round_robin = [sum(loads[0::2]), sum(loads[1::2])]
+    assert round_robin == [17.0, 12.0] != rank_loads(loads, 2).tolist()
+
+
 @settings(max_examples=25)
 @given(st.sampled_from([1, 2, 4, 8, 16, 32, 64]), st.floats(min_value=1e-3, max_value=1e6))
 def test_uniform_histogram_is_balanced(ep, load) -> None:
@@ -420,15 +481,16 @@ def test_train_layer_times_from_hand_ops() -> None:
 
 
 def test_tbo_closed_form_matches_the_paper_form() -> None:
-    """With no overheads, TBO per layer = dispatch + MoE + shared + combine of the full batch
-    when that chain is longer than all compute."""
+    """With no overheads, a TBO layer takes dispatch + MoE + combine of the full batch when each
+    micro-batch's attention fits under the other's combine and its shared expert under its own
+    dispatch (Table 7's TBO rows, arXiv 2509.01322)."""
     half = StageTimes(
         "moe",
         {"attn_qkv": 10e-6, "attn_core": 200e-6, "moe": 38e-6, "shared": 1e-6},
         {"dispatch": 137e-6, "combine": 275e-6},
         {"dispatch": "rdma", "combine": "rdma"},
     )
-    assert closedform.tbo_layer_time(half) == pytest.approx(2 * (137 + 38 + 1 + 275) * 1e-6)
+    assert closedform.tbo_steady_layer_time(half) == pytest.approx(2 * (137 + 38 + 275) * 1e-6)
 
 
 # -- errors ------------------------------------------------------------------------------------

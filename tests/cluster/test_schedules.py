@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from cluster import closedform
@@ -17,8 +17,6 @@ from cluster.schedules import (
     bubble_zb1p,
     decode_tasks,
     pipeline_tasks,
-    tbo_layer_stages,
-    tbo_steady_layer_time,
     train_layer_tasks,
 )
 from cluster.streams import STREAM_NAMES, Task, earliest_start_times, run_tasks
@@ -141,8 +139,10 @@ def moe_layers(draw, shared: bool = True):
 
 
 @st.composite
-def dense_layers(draw):
+def dense_layers(draw, tp: bool = True):
     compute = {n: draw(micros) for n in ("attn_qkv", "attn_core", "ffn")}
+    if not tp:
+        return StageTimes("dense", compute)
     return StageTimes("dense", compute, {"ffn_tp": draw(micros)}, {"ffn_tp": "nvlink"})
 
 
@@ -206,57 +206,118 @@ def test_sbo_stage_order_on_streams():
 
 # ----------------------------------------------------------------------------- TBO
 
+tp_free_layer = st.one_of(scmoe_layers(tp=False), moe_layers(), dense_layers(tp=False))
+RDMA = {"dispatch": "rdma", "combine": "rdma"}
 
-def _moe_layer(a: float, d: float, m: float, c: float) -> StageTimes:
-    return StageTimes(
-        "moe",
-        {"attn_qkv": a, "moe": m},
-        {"dispatch": d, "combine": c},
-        {"dispatch": "rdma", "combine": "rdma"},
+
+def _moe_layer(a: float, d: float, m: float, c: float, s: float = 0.0) -> StageTimes:
+    compute = {"attn_qkv": a, "moe": m} | ({"shared": s} if s else {})
+    return StageTimes("moe", compute, {"dispatch": d, "combine": c}, RDMA)
+
+
+def test_tbo_hand_computed_timeline():
+    """Two MoE layers, a = 2, shared s = 1, dispatch 3, MoE 1, combine 4 (one micro-batch).
+    Micro-batch 1's attention runs under micro-batch 0's combine; each micro-batch's dispatch,
+    MoE and combine follow one another and the two chains alternate on the link."""
+    layer = _moe_layer(2.0, 3.0, 1.0, 4.0, s=1.0)
+    records = run_tasks(decode_tasks([], [layer, layer], "tbo"))
+    spans = {(r.layer, r.microbatch, r.name): (r.start, r.end) for r in records}
+    expected = {
+        (0, 0, "attn_qkv"): (0, 2), (0, 0, "dispatch"): (2, 5), (0, 0, "shared"): (2, 3),
+        (0, 0, "moe"): (5, 6), (0, 0, "combine"): (6, 10), (0, 1, "attn_qkv"): (6, 8),
+        (0, 1, "dispatch"): (10, 13), (0, 1, "shared"): (8, 9), (0, 1, "moe"): (13, 14),
+        (0, 1, "combine"): (14, 18), (1, 0, "attn_qkv"): (14, 16), (1, 0, "dispatch"): (18, 21),
+        (1, 0, "shared"): (16, 17), (1, 0, "moe"): (21, 22), (1, 0, "combine"): (22, 26),
+        (1, 1, "attn_qkv"): (22, 24), (1, 1, "dispatch"): (26, 29), (1, 1, "shared"): (24, 25),
+        (1, 1, "moe"): (29, 30), (1, 1, "combine"): (30, 34),
+    }  # fmt: skip
+    assert spans == {k: (float(a), float(b)) for k, (a, b) in expected.items()}
+    link = [(r.layer, r.microbatch, r.name) for r in records if r.stream == "rdma"]
+    assert link == [
+        (lay, mb, n) for lay in (0, 1) for mb in (0, 1) for n in ("dispatch", "combine")
+    ]
+    # closed form: u = 2 + max(3, 1) = 5; layer 0: max(0 + 3, 5) + max(4 + 3, 5) + 2 x 1 = 14,
+    # layer 1: max(4 + 3, 5) + max(4 + 3, 5) + 2 = 16; plus the last combine 4
+    assert closedform.tbo_step_time([layer, layer]) == 34.0
+
+
+@settings(max_examples=60)
+@given(st.lists(tp_free_layer, min_size=1, max_size=5))
+def test_tbo_equals_closed_form(layers):
+    """SimPy timeline == closedform.tbo_step_time for any mix of ScMoE, MoE (with shared
+    experts) and dense layers without tensor-parallel collectives."""
+    expected = closedform.tbo_step_time(layers)
+    assert _step([], "tbo", layers) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def _without_tp(layer: StageTimes) -> StageTimes:
+    keep = {k: v for k, v in layer.comm.items() if not k.endswith("_tp")}
+    return StageTimes(layer.kind, layer.compute, keep, {k: layer.comm_link[k] for k in keep})
+
+
+@settings(max_examples=60)
+@given(st.lists(st.one_of(scmoe_layers(), dense_layers()), min_size=1, max_size=4))
+def test_tbo_with_tp_collectives_is_bracketed(layers):
+    """With TP collectives on NVLink the closed form counts them as serial work beside the
+    experts: an upper bound; dropping them gives a lower bound."""
+    simulated = _step([], "tbo", layers)
+    upper = closedform.tbo_step_time(layers)
+    lower = closedform.tbo_step_time([_without_tp(layer) for layer in layers])
+    assert lower * (1 - 1e-12) <= simulated <= upper * (1 + 1e-12)
+
+
+def test_negative_control_tbo_without_link_order_misses():
+    """A closed form that forgets the dispatch queues behind the other micro-batch's combine
+    (max(d, u) in place of max(c + d, u)) disagrees with the simulation: the property above can
+    fail."""
+
+    def no_queue(layers):
+        total = 0.0
+        for half in layers:
+            t = closedform.tbo_stages(half)
+            total += 2 * (t.a + max(t.d, t.s) + t.m)
+        return total + closedform.tbo_stages(layers[-1]).c
+
+    found = find(
+        st.lists(tp_free_layer, min_size=1, max_size=3),
+        lambda layers: _step([], "tbo", layers) != pytest.approx(no_queue(layers), rel=1e-9),
     )
-
-
-def _tbo_periods(layer: StageTimes, n_layers: int) -> list[float]:
-    tasks = decode_tasks([layer] * n_layers, [layer] * n_layers, "tbo")
-    starts = [r.start for r in run_tasks(tasks) if r.name == "attn_qkv" and r.microbatch == 0]
-    return [b - a for a, b in itertools.pairwise(starts)]
+    assert _step([], "tbo", found) == pytest.approx(closedform.tbo_step_time(found))
 
 
 @pytest.mark.parametrize(
-    ("a", "d", "m", "c", "bound"),
+    ("a", "d", "m", "c", "per_layer"),
     [
-        (3.0, 1.0, 2.0, 1.0, "compute stream 2(a + m)"),
-        (1.0, 3.0, 0.5, 3.0, "communication stream 2(d + c)"),
-        (4.0, 1.0, 0.5, 3.0, "cross cycle a + d + 2c: S + max - min"),
+        (1.0, 2.0, 0.5, 4.0, "attention under the combine: 2 (d + m + c)"),
+        (5.0, 1.0, 0.5, 2.0, "attention-bound: 2 (a + d + m)"),
     ],
 )
-def test_tbo_steady_state_regimes(a, d, m, c, bound):
-    periods = _tbo_periods(_moe_layer(a, d, m, c), 30)
-    assert periods[-10:] == [tbo_steady_layer_time(a, d, m, c)] * 10, bound
+def test_tbo_steady_state(a, d, m, c, per_layer):
+    layer = _moe_layer(a, d, m, c)
+    tasks = decode_tasks([], [layer] * 20, "tbo")
+    starts = [r.start for r in run_tasks(tasks) if r.name == "attn_qkv" and r.microbatch == 0]
+    periods = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    expected = closedform.tbo_steady_layer_time(layer)
+    assert periods[-5:] == [expected] * 5, per_layer
+    assert expected == (2 * (d + m + c) if a <= c else 2 * (a + d + m))
 
 
-@settings(max_examples=40)
-@given(st.tuples(*[st.integers(0, 20)] * 4).filter(lambda t: sum(t) > 0))
-def test_tbo_converges_to_closed_form(times):
-    """Max-plus systems become periodic; the mean period over the last cycle is the closed form."""
-    a, d, m, c = (float(x) for x in times)
-    tail = _tbo_periods(_moe_layer(a, d, m, c), 120)[-36:]
-    period = next(
-        p for p in range(1, 7) if all(tail[i] == tail[i + p] for i in range(len(tail) - p))
-    )
-    assert sum(tail[-period:]) / period == pytest.approx(tbo_steady_layer_time(a, d, m, c))
+def test_tbo_paper_form_table7_qwen3():
+    """Qwen3-235B-A22B in Table 7 (arXiv 2509.01322): dispatch 157, MoE 29, combine 315 us for
+    the batch, attention 314 us (TP4) hidden, 94 layers, MTP divisor 1.8 -> 26.2 ms. Per
+    micro-batch every stage takes half; attention (157) fits under the combine (157.5)."""
+    half = _moe_layer(157e-6, 78.5e-6, 14.5e-6, 157.5e-6)
+    step = closedform.tbo_step_time([half] * 94)
+    assert closedform.tbo_steady_layer_time(half) == pytest.approx((157 + 29 + 315) * 1e-6)
+    assert step / 1.8 * 1e3 == pytest.approx(26.2, rel=0.01)
+    assert _step([], "tbo", [half] * 94) == pytest.approx(step, rel=1e-12)
 
 
-def test_tbo_closed_form_inputs():
-    layer = StageTimes(
-        "moe",
-        {"attn_qkv": 1.0, "attn_core": 2.0, "router": 0.5, "moe": 3.0},
-        {"dispatch": 4.0, "combine": 5.0},
-        {"dispatch": "rdma", "combine": "rdma"},
-    )
-    assert tbo_layer_stages(layer) == (3.5, 4.0, 3.0, 5.0)
-    with pytest.raises(ClusterInputError, match="shared"):
-        tbo_layer_stages(StageTimes("moe", {"shared": 1.0}))
+def test_tbo_needs_micro_batch_times():
+    with pytest.raises(ClusterInputError, match="micro_batches including 2"):
+        decode_tasks([_moe_layer(1, 1, 1, 1)], [], "tbo")
+    with pytest.raises(ClusterInputError, match="micro_batches including 1"):
+        decode_tasks([], [_moe_layer(1, 1, 1, 1)], "sbo")
 
 
 # ----------------------------------------------------------------------------- training layers

@@ -1,0 +1,153 @@
+"""``longcat-sim report``: one self-contained HTML page (and PNG figures) from the simulator and
+from other commands' run directories.
+
+Writes ``DIR/report.html`` (``--out``, default ``runs/report/CONFIG_HASH``), ``DIR/figures/*.png``
+when kaleido and a Chromium are present, and the simulations it ran under ``DIR/cache`` keyed
+by their inputs' hash, so a second report with the same settings simulates nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from longcat_sim import reporting
+from longcat_sim.artifacts import write_text_atomic
+from longcat_sim.errors import UserError
+from longcat_sim.experiments.base import CommandOutput
+from reports import tables
+from reports.inputs import ReportInputError
+from reports.page import build_report
+
+HELP = "HTML report: paper tables vs simulator, timelines, Pareto front, training results"
+REPORT_NAME = "report.html"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML file whose [report] table overrides the default settings",
+    )
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="same as --run-dir")
+    parser.add_argument(
+        "--train-run",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a longcat-sim train run directory to plot (repeatable)",
+    )
+    parser.add_argument(
+        "--determinism-run", type=Path, default=None, metavar="DIR", help="determinism result"
+    )
+    parser.add_argument(
+        "--sdc-run", type=Path, default=None, metavar="DIR", help="silent-data-corruption result"
+    )
+    parser.add_argument(
+        "--png",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write PNG figures through kaleido when Chromium is present (default on)",
+    )
+
+
+def _summary(data: dict) -> dict:
+    """The headline numbers: errors against the paper and the simulated shares."""
+    t7 = tables.table7_errors(data["table7"])
+    t6 = tables.table6_errors(data["table6"])
+    overlap = data["training_overlap"]["simulated"]
+    return {
+        "table7_relative_error": t7,
+        "table6_relative_error": [
+            {"label": row["label"], **err}
+            for row, err in zip(data["table6"]["rows"], t6, strict=True)
+        ],
+        "training_non_overlapped_comm_share": {
+            s: overlap[s]["non_overlapped_comm_share"] for s in ("baseline", "scmoe")
+        },
+        "timelines": {
+            name: {k: v for k, v in s.items() if k != "events"}
+            for name, s in data["timelines"]["schedules"].items()
+        },
+        "pareto": data["pareto"]["models"],
+    }
+
+
+def _text(summary: dict, run_dir: Path, seconds: float, gathered, pngs) -> str:
+    lines = [f"report {run_dir / REPORT_NAME}"]
+    worst7 = max(
+        abs(e) for model in summary["table7_relative_error"].values() for e in model.values()
+    )
+    worst6 = max(
+        abs(row[k]) for row in summary["table6_relative_error"] for k in ("tgs", "tps_per_user")
+    )
+    lines.append(f"  Table 7 rows       largest error {worst7 * 100:.1f} %")
+    lines.append(f"  Table 6 rows       largest error {worst6 * 100:.1f} %")
+    share = summary["training_non_overlapped_comm_share"]
+    lines.append(
+        f"  training overlap   exposed comm {share['baseline'] * 100:.1f} % without ScMoE, "
+        f"{share['scmoe'] * 100:.1f} % with (paper 25.3 % / 8.4 %)"
+    )
+    for name, s in sorted(summary["timelines"].items()):
+        lines.append(f"  {name:<18} {s['tpl_us']:.0f} us/layer, TPOT {s['tpot_ms']:.1f} ms")
+    reused = ", ".join(gathered.reused) or "none"
+    lines.append(f"  simulated now      {', '.join(gathered.computed) or 'none'}")
+    lines.append(f"  from the cache     {reused}")
+    if pngs is None:
+        lines.append("  PNG figures        not requested (--no-png)")
+    elif pngs.skipped:
+        lines.append(f"  PNG figures        skipped: {pngs.skipped}")
+    else:
+        lines.append(
+            f"  PNG figures        {len(pngs.written)} under {run_dir / reporting.PNG_DIR}"
+        )
+    lines.append(f"  built in           {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    start = time.perf_counter()
+    config = reporting.load_config(args.config)
+    resolved = reporting.resolve(config)
+    config_hash = reporting.config_hash(resolved)
+    if args.out is not None:
+        args.run_dir = args.out
+    if args.run_dir is None:
+        args.run_dir = Path("runs") / "report" / config_hash[:12]
+    run_dir = Path(args.run_dir)
+    gathered = reporting.gather(
+        resolved,
+        run_dir,
+        train_runs=args.train_run,
+        determinism_run=args.determinism_run,
+        sdc_run=args.sdc_run,
+    )
+    try:
+        report = build_report(gathered.data)
+    except ReportInputError as exc:
+        raise UserError(f"cannot build the report: {exc}") from None
+    write_text_atomic(run_dir / REPORT_NAME, report.html)
+    pngs = reporting.write_pngs(report.figures, run_dir) if args.png else None
+    summary = _summary(gathered.data)
+    seconds = time.perf_counter() - start
+    results = {
+        "report": REPORT_NAME,
+        "figures": [f.div_id for f in report.figures],
+        "png": list(pngs.written) if pngs else [],
+        "png_skipped": (pngs.skipped if pngs else "not requested (--no-png)"),
+        "simulated": list(gathered.computed),
+        "cached": list(gathered.reused),
+        "seconds": seconds,
+        **summary,
+    }
+    return CommandOutput(
+        results=results,
+        text=_text(summary, run_dir, seconds, gathered, pngs),
+        config=resolved.identity(),
+        config_hash=config_hash,
+        seeds={"seed": config.seed},
+    )

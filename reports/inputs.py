@@ -1,0 +1,308 @@
+"""The plain results a report is built from, and checks that name the first thing wrong.
+
+Everything is JSON: mappings with string keys, lists, numbers, strings, booleans and null.
+Times are in the unit their key names (``_us``, ``_ms``); shares are fractions in [0, 1].
+
+Report data (one mapping; ``longcat_sim.reporting`` assembles it)::
+
+    meta:      {"title": str, "config_hash": str, "config": {str: scalar | list}}
+    table7:    {"context": int, "rows": [ROW]}   ROW = {"model": str, "overlap": str,
+               "paper": {KEY: number}, "simulated": {KEY: number}} with KEY in attention_us,
+               dispatch_us, moe_us, combine_us, tpot_ms, cost_per_m_tokens
+    table6:    {"assumptions": str, "rows": [{"label": str, "model": str, "schedule": str,
+               "attention_dtype": str, "context": int, "batch_per_device": int,
+               "paper": {"tgs", "tps_per_user"}, "simulated": {"tgs", "tps_per_user",
+               "tpot_ms"}}]}
+    timelines: {"model": str, "batch_per_device": int, "layers": [int], "schedules":
+               {schedule: {"tpl_us": number, "tpot_ms": number, "exposed_comm_share": number,
+               "events": [EVENT]}}}  EVENT = {"name": str, "group": str, "stream": str,
+               "start_us": number, "end_us": number, "layer": int, "microbatch": int}
+    pareto:    {"models": {model: {"schedule": str, "points": [{"batch_per_device": int,
+               "tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms": number}]}}}
+    training_overlap: {"paper": {"baseline": share, "scmoe": share}, "simulated":
+               {"baseline": SUMMARY, "scmoe": SUMMARY}}  SUMMARY = {"non_overlapped_comm_share",
+               "step_ms", "comm_ms", "exposed_comm_ms": number}
+    training_runs: [TRAIN_RUN]   (may be empty)
+    determinism:   DETERMINISM | null
+    sdc:           SDC | null
+
+Results of other commands, read from their run directories:
+
+TRAIN_RUN (``longcat-sim train``: ``results.json`` and the records of ``metrics.jsonl``)::
+
+    {"name": str, "model": str, "target_ffn_experts": number,
+     "records": [{"step": int, "lm_loss": number, "ffn_experts_mean": [number per MoE layer],
+                  "val_loss": number (optional), ...other keys ignored}]}
+
+DETERMINISM (``results.json`` of a determinism run; the verdict is the only required key)::
+
+    {"verdict": "identical" | "diverged",
+     "runs": int,                      # optional: runs compared
+     "steps": int,                     # optional: steps per run
+     "first_divergence": null | {"step": int, "tensor": str, "max_abs_diff": number},
+     "fingerprints": [str],            # optional: final parameter hash of each run
+     ...}                              # other scalar keys are listed as they are
+
+SDC (``results.json`` of a silent-data-corruption campaign: one record per injected bit flip)::
+
+    {"trials": [{"site": str, "bit": int, "detected": {detector: bool}}],
+     "detectors": [str]}               # optional: panel order (default: sorted names seen)
+
+Each detector's heat map shows, per (site, bit), the share of trials it detected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TABLE7_KEYS = (
+    "attention_us",
+    "dispatch_us",
+    "moe_us",
+    "combine_us",
+    "tpot_ms",
+    "cost_per_m_tokens",
+)
+TABLE6_PAPER_KEYS = ("tgs", "tps_per_user")
+PARETO_KEYS = ("tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms")
+EVENT_KEYS = ("name", "group", "stream", "start_us", "end_us", "layer", "microbatch")
+OVERLAP_KEYS = ("non_overlapped_comm_share", "step_ms", "comm_ms", "exposed_comm_ms")
+VERDICTS = ("identical", "diverged")
+
+
+class ReportInputError(ValueError):
+    """A result does not have the documented shape; the message names where and what."""
+
+
+def _where(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+
+
+def mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ReportInputError(f"{path} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def items(value: Any, path: str, *, non_empty: bool = False) -> Sequence[Any]:
+    if not isinstance(value, list | tuple):
+        raise ReportInputError(f"{path} must be a JSON list, got {type(value).__name__}")
+    if non_empty and not value:
+        raise ReportInputError(f"{path} must not be empty")
+    return value
+
+
+def field(obj: Mapping[str, Any], key: str, path: str) -> Any:
+    if key not in obj:
+        raise ReportInputError(f"{path} lacks the key {key!r}")
+    return obj[key]
+
+
+def number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ReportInputError(f"{path} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def integer(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReportInputError(f"{path} must be an integer, got {value!r}")
+    return value
+
+
+def text(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ReportInputError(f"{path} must be a string, got {value!r}")
+    return value
+
+
+def numbers_at(obj: Mapping[str, Any], keys: Sequence[str], path: str) -> dict[str, float]:
+    return {k: number(field(obj, k, path), _where(path, k)) for k in keys}
+
+
+# -- checks of each section ----------------------------------------------------------------------
+
+
+def check_table7(section: Any, path: str = "table7") -> None:
+    section = mapping(section, path)
+    integer(field(section, "context", path), _where(path, "context"))
+    rows = items(field(section, "rows", path), _where(path, "rows"), non_empty=True)
+    for i, row in enumerate(rows):
+        where = _where(_where(path, "rows"), i)
+        row = mapping(row, where)
+        text(field(row, "model", where), _where(where, "model"))
+        text(field(row, "overlap", where), _where(where, "overlap"))
+        for side in ("paper", "simulated"):
+            numbers_at(mapping(field(row, side, where), _where(where, side)), TABLE7_KEYS, where)
+
+
+def check_table6(section: Any, path: str = "table6") -> None:
+    section = mapping(section, path)
+    text(field(section, "assumptions", path), _where(path, "assumptions"))
+    rows = items(field(section, "rows", path), _where(path, "rows"), non_empty=True)
+    for i, row in enumerate(rows):
+        where = _where(_where(path, "rows"), i)
+        row = mapping(row, where)
+        for key in ("label", "model", "schedule", "attention_dtype"):
+            text(field(row, key, where), _where(where, key))
+        for key in ("context", "batch_per_device"):
+            integer(field(row, key, where), _where(where, key))
+        paper = mapping(field(row, "paper", where), _where(where, "paper"))
+        numbers_at(paper, TABLE6_PAPER_KEYS, _where(where, "paper"))
+        simulated = mapping(field(row, "simulated", where), _where(where, "simulated"))
+        numbers_at(simulated, (*TABLE6_PAPER_KEYS, "tpot_ms"), _where(where, "simulated"))
+
+
+def check_event(event: Any, path: str) -> None:
+    event = mapping(event, path)
+    for key in ("name", "group", "stream"):
+        text(field(event, key, path), _where(path, key))
+    start = number(field(event, "start_us", path), _where(path, "start_us"))
+    end = number(field(event, "end_us", path), _where(path, "end_us"))
+    if end < start:
+        raise ReportInputError(f"{path} ends ({end}) before it starts ({start})")
+    for key in ("layer", "microbatch"):
+        integer(field(event, key, path), _where(path, key))
+
+
+def check_timelines(section: Any, path: str = "timelines") -> None:
+    section = mapping(section, path)
+    text(field(section, "model", path), _where(path, "model"))
+    integer(field(section, "batch_per_device", path), _where(path, "batch_per_device"))
+    for i, layer in enumerate(items(field(section, "layers", path), _where(path, "layers"))):
+        integer(layer, _where(_where(path, "layers"), i))
+    schedules = mapping(field(section, "schedules", path), _where(path, "schedules"))
+    if not schedules:
+        raise ReportInputError(f"{path}.schedules must name at least one schedule")
+    for name, schedule in schedules.items():
+        where = _where(_where(path, "schedules"), name)
+        schedule = mapping(schedule, where)
+        numbers_at(schedule, ("tpl_us", "tpot_ms", "exposed_comm_share"), where)
+        events = items(field(schedule, "events", where), _where(where, "events"), non_empty=True)
+        for j, event in enumerate(events):
+            check_event(event, _where(_where(where, "events"), j))
+
+
+def check_pareto(section: Any, path: str = "pareto") -> None:
+    section = mapping(section, path)
+    models = mapping(field(section, "models", path), _where(path, "models"))
+    if not models:
+        raise ReportInputError(f"{path}.models must name at least one model")
+    for name, model in models.items():
+        where = _where(_where(path, "models"), name)
+        model = mapping(model, where)
+        text(field(model, "schedule", where), _where(where, "schedule"))
+        points = items(field(model, "points", where), _where(where, "points"), non_empty=True)
+        for j, point in enumerate(points):
+            p = _where(_where(where, "points"), j)
+            point = mapping(point, p)
+            integer(field(point, "batch_per_device", p), _where(p, "batch_per_device"))
+            numbers_at(point, PARETO_KEYS, p)
+
+
+def check_training_overlap(section: Any, path: str = "training_overlap") -> None:
+    section = mapping(section, path)
+    paper = mapping(field(section, "paper", path), _where(path, "paper"))
+    numbers_at(paper, ("baseline", "scmoe"), _where(path, "paper"))
+    simulated = mapping(field(section, "simulated", path), _where(path, "simulated"))
+    for schedule in ("baseline", "scmoe"):
+        where = _where(_where(path, "simulated"), schedule)
+        numbers_at(mapping(field(simulated, schedule, where), where), OVERLAP_KEYS, where)
+
+
+def check_training_run(run: Any, path: str) -> None:
+    run = mapping(run, path)
+    text(field(run, "name", path), _where(path, "name"))
+    text(field(run, "model", path), _where(path, "model"))
+    number(field(run, "target_ffn_experts", path), _where(path, "target_ffn_experts"))
+    records = items(field(run, "records", path), _where(path, "records"), non_empty=True)
+    layers: int | None = None
+    for i, record in enumerate(records):
+        where = _where(_where(path, "records"), i)
+        record = mapping(record, where)
+        integer(field(record, "step", where), _where(where, "step"))
+        number(field(record, "lm_loss", where), _where(where, "lm_loss"))
+        if "val_loss" in record:
+            number(record["val_loss"], _where(where, "val_loss"))
+        means = items(field(record, "ffn_experts_mean", where), _where(where, "ffn_experts_mean"))
+        for j, value in enumerate(means):
+            number(value, _where(_where(where, "ffn_experts_mean"), j))
+        if layers is not None and len(means) != layers:
+            raise ReportInputError(
+                f"{where}.ffn_experts_mean has {len(means)} layers, earlier records {layers}"
+            )
+        layers = len(means)
+
+
+def check_determinism(result: Any, path: str = "determinism") -> None:
+    result = mapping(result, path)
+    verdict = text(field(result, "verdict", path), _where(path, "verdict"))
+    if verdict not in VERDICTS:
+        raise ReportInputError(
+            f"{path}.verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}"
+        )
+    for key in ("runs", "steps"):
+        if key in result:
+            integer(result[key], _where(path, key))
+    divergence = result.get("first_divergence")
+    if divergence is not None:
+        where = _where(path, "first_divergence")
+        divergence = mapping(divergence, where)
+        integer(field(divergence, "step", where), _where(where, "step"))
+        text(field(divergence, "tensor", where), _where(where, "tensor"))
+        if "max_abs_diff" in divergence:
+            number(divergence["max_abs_diff"], _where(where, "max_abs_diff"))
+    for i, fingerprint in enumerate(items(result.get("fingerprints", []), f"{path}.fingerprints")):
+        text(fingerprint, _where(_where(path, "fingerprints"), i))
+
+
+def check_sdc(result: Any, path: str = "sdc") -> None:
+    result = mapping(result, path)
+    trials = items(field(result, "trials", path), _where(path, "trials"), non_empty=True)
+    for i, trial in enumerate(trials):
+        where = _where(_where(path, "trials"), i)
+        trial = mapping(trial, where)
+        text(field(trial, "site", where), _where(where, "site"))
+        bit = integer(field(trial, "bit", where), _where(where, "bit"))
+        if bit < 0:
+            raise ReportInputError(f"{where}.bit must be >= 0, got {bit}")
+        detected = mapping(field(trial, "detected", where), _where(where, "detected"))
+        if not detected:
+            raise ReportInputError(f"{where}.detected must name at least one detector")
+        for name, hit in detected.items():
+            if not isinstance(hit, bool):
+                raise ReportInputError(
+                    f"{where}.detected.{name} must be true or false, got {hit!r}"
+                )
+    if "detectors" in result:
+        for i, name in enumerate(items(result["detectors"], f"{path}.detectors", non_empty=True)):
+            text(name, _where(_where(path, "detectors"), i))
+
+
+_SECTION_CHECKS = {
+    "table7": check_table7,
+    "table6": check_table6,
+    "timelines": check_timelines,
+    "pareto": check_pareto,
+    "training_overlap": check_training_overlap,
+}
+
+
+def check_report_data(data: Any) -> None:
+    """Raise ReportInputError naming the first value that breaks the documented shape."""
+    data = mapping(data, "report data")
+    meta = mapping(field(data, "meta", "report data"), "meta")
+    text(field(meta, "title", "meta"), "meta.title")
+    text(field(meta, "config_hash", "meta"), "meta.config_hash")
+    mapping(field(meta, "config", "meta"), "meta.config")
+    for key, check in _SECTION_CHECKS.items():
+        check(field(data, key, "report data"), key)
+    runs = items(field(data, "training_runs", "report data"), "training_runs")
+    for i, run in enumerate(runs):
+        check_training_run(run, f"training_runs[{i}]")
+    if field(data, "determinism", "report data") is not None:
+        check_determinism(data["determinism"])
+    if field(data, "sdc", "report data") is not None:
+        check_sdc(data["sdc"])

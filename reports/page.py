@@ -1,0 +1,194 @@
+"""The report: report data (``reports.inputs``) -> one HTML page and the figures drawn in it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from reports import figures, tables
+from reports.html import Figure, esc, figure_div, page, table_html
+from reports.inputs import check_report_data
+
+SECTIONS = (
+    ("table7", "Table 7: theoretical decode"),
+    ("table6", "Table 6: measured decode"),
+    ("timelines", "Per-layer timelines"),
+    ("pareto", "Throughput, interactivity and cost"),
+    ("training-overlap", "Training overlap"),
+    ("training-runs", "Training runs"),
+    ("determinism", "Determinism"),
+    ("sdc", "Silent data corruption"),
+    ("configuration", "Configuration"),
+)
+
+
+@dataclass(frozen=True)
+class Report:
+    html: str
+    figures: tuple[Figure, ...]
+
+
+def _section(anchor: str, title: str, *blocks: str) -> str:
+    return "\n".join([f'<section id="{anchor}">', f"<h2>{esc(title)}</h2>", *blocks, "</section>"])
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def _determinism_blocks(result: Mapping[str, Any] | None) -> list[str]:
+    if result is None:
+        return [_note("No determinism result given: pass --determinism-run DIR.")]
+    verdict = result["verdict"]
+    runs = f"{result['runs']} runs" if "runs" in result else "the runs"
+    if verdict == "identical":
+        headline = f"Bitwise identical: {runs} produced the same parameters and metrics."
+    else:
+        where = result.get("first_divergence")
+        headline = f"Diverged: {runs} differ"
+        if where:
+            headline += f", first at step {where['step']} in {where['tensor']}"
+            if "max_abs_diff" in where:
+                headline += f" (max |diff| {where['max_abs_diff']:.3g})"
+        headline += "."
+    blocks = [f'<div class="verdict {esc(verdict)}">{esc(headline)}</div>']
+    blocks.append(table_html(tables.key_value_table("Determinism result", result, ("verdict",))))
+    prints = result.get("fingerprints") or []
+    if prints:
+        items = "".join(f"<li><code>{esc(p)}</code></li>" for p in prints)
+        blocks.append(f"<p>Final parameter fingerprints:</p><ul>{items}</ul>")
+    return blocks
+
+
+def build_report(data: Mapping[str, Any]) -> Report:
+    """The whole report. Raises ``reports.inputs.ReportInputError`` on malformed data."""
+    check_report_data(data)
+    meta = data["meta"]
+    figs: list[Figure] = []
+
+    def figure(div_id: str, fig: Any) -> str:
+        figs.append(Figure(div_id, fig))
+        return figure_div(div_id)
+
+    nav = " ".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title in SECTIONS)
+    config = meta["config"]
+    parts = [
+        f"<h1>{esc(meta['title'])}</h1>",
+        f'<p class="subtitle">{esc(_subtitle(config))}; config hash '
+        f"<code>{esc(meta['config_hash'][:12])}</code></p>",
+        f"<nav>{nav}</nav>",
+    ]
+    overlap = data["training_overlap"]
+    parts += [
+        _section(
+            "table7",
+            SECTIONS[0][1],
+            table_html(tables.table7_table(data["table7"])),
+            _note(
+                "The paper's theoretical decode (arXiv 2509.01322, Table 7) rebuilt from the "
+                "models' op counts under the 'table7' assumption set (FlashMLA 660 TFLOPS, MoE at "
+                "the FP8 dense peak, DeepEP 40 GB/s, no overheads). TPOT and cost come from the "
+                "simulated schedule; the per-layer rows from the priced stages of one MoE layer. "
+                "Green within 5 %, amber within 15 %."
+            ),
+        ),
+        _section(
+            "table6",
+            SECTIONS[1][1],
+            table_html(tables.table6_table(data["table6"])),
+            _note(
+                "Measured throughput (paper Table 6 and the DeepSeek-V3 profile data) against the "
+                "simulator at the same batch per GPU, context and attention precision."
+            ),
+        ),
+        _section(
+            "timelines",
+            SECTIONS[2][1],
+            figure("fig-timelines", figures.timeline_figure(data["timelines"])),
+            _note(
+                "Each row is one GPU's compute stream and the link streams that carry the expert "
+                "dispatch and combine. Sequential execution waits for every transfer; TBO hides "
+                "one micro-batch's transfers behind the other's compute; SBO hides them behind the "
+                "shortcut branch of the same batch."
+            ),
+        ),
+        _section(
+            "pareto",
+            SECTIONS[3][1],
+            figure("fig-pareto", figures.pareto_figure(data["pareto"])),
+            _note(
+                "One point per batch size per GPU; filled markers lie on a model's Pareto front "
+                "(no other batch gives both more TPS per user and more tokens per GPU per second)."
+            ),
+        ),
+        _section(
+            "training-overlap",
+            SECTIONS[4][1],
+            figure("fig-training-overlap", figures.overlap_figure(overlap)),
+            table_html(tables.overlap_table(overlap)),
+            _note(
+                "Paper §5: EP 32, 200 Gb/s RDMA per GPU, context parallelism 8, the MoE split into "
+                "2 token chunks; 25.3 % of step time is exposed communication without ScMoE, "
+                "8.4 % with it."
+            ),
+        ),
+    ]
+    runs = data["training_runs"]
+    run_blocks = [
+        figure(f"fig-training-run-{i}", figures.training_figure(run))
+        for i, run in enumerate(runs, start=1)
+    ] or [_note("No training run given: pass --train-run DIR (a longcat-sim train run).")]
+    parts.append(_section("training-runs", SECTIONS[5][1], *run_blocks))
+    parts.append(_section("determinism", SECTIONS[6][1], *_determinism_blocks(data["determinism"])))
+    if data["sdc"] is None:
+        sdc_blocks = [_note("No silent-data-corruption result given: pass --sdc-run DIR.")]
+    else:
+        sdc_blocks = [
+            figure("fig-sdc", figures.sdc_figure(data["sdc"])),
+            _note("Share of injected bit flips each detector caught, per site and bit position."),
+        ]
+    parts.append(_section("sdc", SECTIONS[7][1], *sdc_blocks))
+    parts.append(
+        _section(
+            "configuration",
+            SECTIONS[8][1],
+            table_html(
+                tables.key_value_table(
+                    "Report configuration",
+                    {
+                        **{k: _scalar(v) for k, v in config.items()},
+                        "config_hash": meta["config_hash"],
+                    },
+                )
+            ),
+        )
+    )
+    return Report(html=page(meta["title"], "\n".join(parts), figs), figures=tuple(figs))
+
+
+def _subtitle(config: Mapping[str, Any]) -> str:
+    """The deployment in words, from the settings a report config usually has; the full
+    configuration is listed at the end of the page."""
+    parts = []
+    if "gpus" in config:
+        parts.append(f"EP{config['gpus']}")
+    if "timeline_batch" in config:
+        parts.append(f"{config['timeline_batch']} requests per GPU")
+    if "context" in config:
+        parts.append(f"{config['context']}-token contexts")
+    if "attention_dtype" in config:
+        parts.append(f"{str(config['attention_dtype']).upper()} attention")
+    if config.get("mtp_draft_tokens"):
+        accept = config.get("mtp_accept")
+        rate = f" accepted {accept:.0%}" if isinstance(accept, int | float) else ""
+        parts.append(f"MTP {config['mtp_draft_tokens']} draft token{rate}")
+    if "assumptions" in config:
+        parts.append(f"assumption set '{config['assumptions']}'")
+    if "seed" in config:
+        parts.append(f"seed {config['seed']}")
+    return ", ".join(parts) or "report"
+
+
+def _scalar(value: Any) -> Any:
+    return ", ".join(str(v) for v in value) if isinstance(value, list) else value

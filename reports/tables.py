@@ -1,0 +1,246 @@
+"""The paper's tables beside the simulator's numbers, with the error of each simulated value.
+
+Error is relative, ``simulated / paper - 1``, for times, rates and prices; for shares (training
+overlap) it is the difference in percentage points. Tables are plain cells; ``reports.html``
+renders them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from reports.inputs import TABLE7_KEYS, check_table6, check_table7, check_training_overlap
+
+# Error bands for colouring: within GOOD is a match, within FAIR is close, beyond is a miss.
+GOOD = 0.05
+FAIR = 0.15
+
+TABLE7_LABELS = {
+    "attention_us": "attention / layer (µs)",
+    "dispatch_us": "dispatch (µs)",
+    "moe_us": "MoE (µs)",
+    "combine_us": "combine (µs)",
+    "tpot_ms": "TPOT (ms)",
+    "cost_per_m_tokens": "$ / M output tokens",
+}
+_FORMATS = {
+    "attention_us": "{:.0f}",
+    "dispatch_us": "{:.0f}",
+    "moe_us": "{:.0f}",
+    "combine_us": "{:.0f}",
+    "tpot_ms": "{:.1f}",
+    "cost_per_m_tokens": "{:.3f}",
+    "tgs": "{:,.0f}",
+    "tps_per_user": "{:.1f}",
+}
+MODEL_LABELS = {
+    "longcat-flash": "LongCat-Flash",
+    "deepseek-v3": "DeepSeek-V3",
+    "qwen3-235b-a22b": "Qwen3-235B-A22B",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    kind: str = ""  # "num", "good", "fair", "miss" (an error), or "" for text
+
+
+@dataclass(frozen=True)
+class Table:
+    """``groups`` spans header cells over columns: (label, number of columns) pairs."""
+
+    caption: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    groups: tuple[tuple[str, int], ...] = ()
+
+
+def model_label(name: str) -> str:
+    return MODEL_LABELS.get(name, name)
+
+
+def relative_error(simulated: float, paper: float) -> float:
+    return simulated / paper - 1.0
+
+
+def error_kind(error: float) -> str:
+    size = abs(error)
+    return "good" if size <= GOOD else "fair" if size <= FAIR else "miss"
+
+
+def signed_percent(fraction: float, unit: str = "%") -> str:
+    """``+1.5 %``; a value that rounds to zero shows as ``+0.0``, never ``-0.0``."""
+    return f"{round(fraction * 100, 1) + 0.0:+.1f} {unit}"
+
+
+def error_cell(error: float) -> Cell:
+    return Cell(signed_percent(error), error_kind(error))
+
+
+def value_cell(key: str, value: float) -> Cell:
+    return Cell(_FORMATS.get(key, "{:.4g}").format(value), "num")
+
+
+# -- Table 7: theoretical decode ---------------------------------------------------------------
+
+
+def table7_errors(section: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Model -> metric -> relative error of the simulated value."""
+    check_table7(section)
+    return {
+        row["model"]: {
+            key: relative_error(row["simulated"][key], row["paper"][key]) for key in TABLE7_KEYS
+        }
+        for row in section["rows"]
+    }
+
+
+def table7_table(section: Mapping[str, Any]) -> Table:
+    """Metrics as rows and, per model, paper | simulated | error, as in the paper's Table 7."""
+    errors = table7_errors(section)
+    rows = section["rows"]
+    body = [
+        (
+            Cell("overlap"),
+            *(c for row in rows for c in (Cell(row["overlap"].upper()), Cell(""), Cell(""))),
+        )
+    ]
+    for key in TABLE7_KEYS:
+        cells = [Cell(TABLE7_LABELS[key])]
+        for row in rows:
+            cells += [
+                value_cell(key, row["paper"][key]),
+                value_cell(key, row["simulated"][key]),
+                error_cell(errors[row["model"]][key]),
+            ]
+        body.append(tuple(cells))
+    return Table(
+        caption=(
+            "Table 7 (theoretical decode, H800, EP128, batch 96 per GPU, MTP 1 draft at 80 % "
+            f"acceptance; attention at an assumed context of {section['context']} tokens): "
+            "paper vs simulator"
+        ),
+        columns=("", *(c for _ in rows for c in ("paper", "simulated", "error"))),
+        rows=tuple(body),
+        groups=(("", 1), *((model_label(row["model"]), 3) for row in rows)),
+    )
+
+
+# -- Table 6: measured decode --------------------------------------------------------------------
+
+
+def table6_errors(section: Mapping[str, Any]) -> list[dict[str, float]]:
+    """Per row: relative error of the simulated tokens/GPU/s and TPS/user."""
+    check_table6(section)
+    return [
+        {
+            key: relative_error(row["simulated"][key], row["paper"][key])
+            for key in ("tgs", "tps_per_user")
+        }
+        for row in section["rows"]
+    ]
+
+
+def table6_table(section: Mapping[str, Any]) -> Table:
+    errors = table6_errors(section)
+    body = []
+    for row, err in zip(section["rows"], errors, strict=True):
+        body.append(
+            (
+                Cell(row["label"]),
+                Cell(row["schedule"].upper()),
+                Cell(row["attention_dtype"]),
+                Cell(f"{row['context']:,d}", "num"),
+                Cell(f"{row['batch_per_device']:d}", "num"),
+                value_cell("tgs", row["paper"]["tgs"]),
+                value_cell("tgs", row["simulated"]["tgs"]),
+                error_cell(err["tgs"]),
+                value_cell("tps_per_user", row["paper"]["tps_per_user"]),
+                value_cell("tps_per_user", row["simulated"]["tps_per_user"]),
+                error_cell(err["tps_per_user"]),
+            )
+        )
+    return Table(
+        caption=(
+            "Table 6 (measured decode on 128 Hopper GPUs) vs the simulator with the "
+            f"{section['assumptions']!r} assumption set"
+        ),
+        columns=(
+            "deployment",
+            "overlap",
+            "attention",
+            "context",
+            "batch / GPU",
+            "paper",
+            "simulated",
+            "error",
+            "paper",
+            "simulated",
+            "error",
+        ),
+        rows=tuple(body),
+        groups=(("", 5), ("tokens / GPU / s", 3), ("TPS / user", 3)),
+    )
+
+
+# -- training overlap ------------------------------------------------------------------------
+
+
+SCHEDULE_LABELS = {"baseline": "without ScMoE", "scmoe": "with ScMoE"}
+
+
+def overlap_errors(section: Mapping[str, Any]) -> dict[str, float]:
+    """Schedule -> simulated minus paper share of non-overlapped communication (fraction)."""
+    check_training_overlap(section)
+    return {
+        s: section["simulated"][s]["non_overlapped_comm_share"] - section["paper"][s]
+        for s in ("baseline", "scmoe")
+    }
+
+
+def overlap_table(section: Mapping[str, Any]) -> Table:
+    errors = overlap_errors(section)
+    body = []
+    for schedule in ("baseline", "scmoe"):
+        sim = section["simulated"][schedule]
+        diff = errors[schedule]
+        body.append(
+            (
+                Cell(SCHEDULE_LABELS[schedule]),
+                Cell(f"{section['paper'][schedule] * 100:.1f} %", "num"),
+                Cell(f"{sim['non_overlapped_comm_share'] * 100:.1f} %", "num"),
+                Cell(signed_percent(diff, "pp"), error_kind(diff / section["paper"][schedule])),
+                Cell(f"{sim['step_ms']:.1f}", "num"),
+                Cell(f"{sim['comm_ms']:.1f}", "num"),
+                Cell(f"{sim['exposed_comm_ms']:.1f}", "num"),
+            )
+        )
+    return Table(
+        caption="Share of training step time in dispatch/combine not hidden by compute",
+        columns=(
+            "",
+            "paper §5",
+            "simulated",
+            "difference",
+            "step (ms)",
+            "communication (ms)",
+            "exposed (ms)",
+        ),
+        rows=tuple(body),
+    )
+
+
+def key_value_table(caption: str, values: Mapping[str, Any], order: Sequence[str] = ()) -> Table:
+    """Two columns, one row per scalar value (keys in ``order`` first, then sorted)."""
+    keys = [k for k in order if k in values] + sorted(k for k in values if k not in order)
+    rows = []
+    for key in keys:
+        value = values[key]
+        if isinstance(value, dict | list):
+            continue
+        shown = "null" if value is None else f"{value:.6g}" if isinstance(value, float) else value
+        rows.append((Cell(key), Cell(str(shown))))
+    return Table(caption=caption, columns=("", ""), rows=tuple(rows))

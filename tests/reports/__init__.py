@@ -1,0 +1,233 @@
+"""Report tests. ``sample_report_data`` builds small, hand-made report data in the documented
+shapes (``reports.inputs``), with every optional section present, so figure and page tests
+need no simulation."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def _events(schedule: str) -> list[dict[str, Any]]:
+    """Two layers of an ScMoE decode with made-up but consistent times (µs)."""
+    rows = []
+    for layer in (3, 4):
+        t = 1000.0 * (layer - 3) + (50.0 if schedule == "tbo" else 0.0)
+        for mb in (0, 1) if schedule == "tbo" else (0,):
+            rows += [
+                {
+                    "name": "attn0",
+                    "group": "attention",
+                    "stream": "compute",
+                    "start_us": t,
+                    "end_us": t + 200,
+                    "layer": layer,
+                    "microbatch": mb,
+                },
+                {
+                    "name": "dispatch",
+                    "group": "dispatch",
+                    "stream": "rdma",
+                    "start_us": t + 200,
+                    "end_us": t + 400,
+                    "layer": layer,
+                    "microbatch": mb,
+                },
+                {
+                    "name": "moe",
+                    "group": "moe",
+                    "stream": "compute",
+                    "start_us": t + 400,
+                    "end_us": t + 450,
+                    "layer": layer,
+                    "microbatch": mb,
+                },
+                {
+                    "name": "combine",
+                    "group": "combine",
+                    "stream": "rdma",
+                    "start_us": t + 450,
+                    "end_us": t + 850,
+                    "layer": layer,
+                    "microbatch": mb,
+                },
+            ]
+            t += 25.0
+    return rows
+
+
+_SAMPLE: dict[str, Any] = {
+    "meta": {
+        "title": "Sample report",
+        "config_hash": "0123456789abcdef" * 4,
+        "config": {"model": "longcat-flash", "gpus": 128, "batch_sizes": [8, 16]},
+    },
+    "table7": {
+        "context": 5000,
+        "rows": [
+            {
+                "model": "longcat-flash",
+                "overlap": "sbo",
+                "paper": {
+                    "attention_us": 264,
+                    "dispatch_us": 236,
+                    "moe_us": 60,
+                    "combine_us": 472,
+                    "tpot_ms": 16,
+                    "cost_per_m_tokens": 0.09,
+                },
+                "simulated": {
+                    "attention_us": 220.0,
+                    "dispatch_us": 236.0,
+                    "moe_us": 61.0,
+                    "combine_us": 472.0,
+                    "tpot_ms": 15.5,
+                    "cost_per_m_tokens": 0.089,
+                },
+            },
+            {
+                "model": "deepseek-v3",
+                "overlap": "tbo",
+                "paper": {
+                    "attention_us": 471,
+                    "dispatch_us": 275,
+                    "moe_us": 77,
+                    "combine_us": 551,
+                    "tpot_ms": 30,
+                    "cost_per_m_tokens": 0.17,
+                },
+                "simulated": {
+                    "attention_us": 441.0,
+                    "dispatch_us": 275.0,
+                    "moe_us": 77.0,
+                    "combine_us": 551.0,
+                    "tpot_ms": 30.3,
+                    "cost_per_m_tokens": 0.175,
+                },
+            },
+        ],
+    },
+    "table6": {
+        "assumptions": "default",
+        "rows": [
+            {
+                "label": "LongCat-Flash, row 1",
+                "model": "longcat-flash",
+                "schedule": "sbo",
+                "attention_dtype": "bf16",
+                "context": 5000,
+                "batch_per_device": 108,
+                "paper": {"tgs": 3785.0, "tps_per_user": 35.0},
+                "simulated": {"tgs": 4011.0, "tps_per_user": 37.1, "tpot_ms": 26.9},
+            },
+        ],
+    },
+    "timelines": {
+        "model": "longcat-flash",
+        "batch_per_device": 96,
+        "layers": [3, 4],
+        "schedules": {
+            s: {"tpl_us": 1000.0, "tpot_ms": 20.0, "exposed_comm_share": 0.25, "events": _events(s)}
+            for s in ("sequential", "sbo", "tbo")
+        },
+    },
+    "pareto": {
+        "models": {
+            "longcat-flash": {
+                "schedule": "sbo",
+                "points": [
+                    {
+                        "batch_per_device": 8,
+                        "tps_per_user": 90.0,
+                        "tgs": 700.0,
+                        "cost_per_m_tokens": 0.8,
+                        "tpot_ms": 11.1,
+                    },
+                    {
+                        "batch_per_device": 16,
+                        "tps_per_user": 80.0,
+                        "tgs": 1300.0,
+                        "cost_per_m_tokens": 0.43,
+                        "tpot_ms": 12.5,
+                    },
+                    {
+                        "batch_per_device": 32,
+                        "tps_per_user": 70.0,
+                        "tgs": 1200.0,
+                        "cost_per_m_tokens": 0.46,
+                        "tpot_ms": 14.3,
+                    },
+                ],
+            },
+            "deepseek-v3": {
+                "schedule": "tbo",
+                "points": [
+                    {
+                        "batch_per_device": 8,
+                        "tps_per_user": 40.0,
+                        "tgs": 320.0,
+                        "cost_per_m_tokens": 1.7,
+                        "tpot_ms": 25.0,
+                    },
+                    {
+                        "batch_per_device": 16,
+                        "tps_per_user": 35.0,
+                        "tgs": 560.0,
+                        "cost_per_m_tokens": 1.0,
+                        "tpot_ms": 28.6,
+                    },
+                ],
+            },
+        }
+    },
+    "training_overlap": {
+        "paper": {"baseline": 0.253, "scmoe": 0.084},
+        "simulated": {
+            "baseline": {
+                "non_overlapped_comm_share": 0.3,
+                "step_ms": 100.0,
+                "comm_ms": 40.0,
+                "exposed_comm_ms": 30.0,
+            },
+            "scmoe": {
+                "non_overlapped_comm_share": 0.1,
+                "step_ms": 80.0,
+                "comm_ms": 40.0,
+                "exposed_comm_ms": 8.0,
+            },
+        },
+    },
+    "training_runs": [
+        {
+            "name": "tiny-run",
+            "model": "tiny",
+            "target_ffn_experts": 2.0,
+            "records": [
+                {"step": s, "lm_loss": 6.0 - 0.1 * s, "ffn_experts_mean": [2.5 - 0.05 * s, 1.8]}
+                | ({"val_loss": 6.1 - 0.1 * s} if s % 5 == 4 else {})
+                for s in range(10)
+            ],
+        }
+    ],
+    "determinism": {
+        "verdict": "identical",
+        "runs": 2,
+        "steps": 10,
+        "first_divergence": None,
+        "fingerprints": ["ab" * 32, "ab" * 32],
+    },
+    "sdc": {
+        "trials": [
+            {"site": site, "bit": bit, "detected": {"checksum": bit >= 20, "replay": True}}
+            for site in ("layers.0.attn", "layers.0.moe")
+            for bit in (0, 10, 20, 30)
+        ],
+    },
+}
+
+
+def sample_report_data(**changes: Any) -> dict[str, Any]:
+    """A deep copy of the sample, with top-level sections replaced by ``changes``."""
+    data = copy.deepcopy(_SAMPLE)
+    data.update(copy.deepcopy(changes))
+    return data

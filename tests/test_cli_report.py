@@ -1,0 +1,310 @@
+"""``longcat-sim report``: the default from a fresh directory, the cache, results of other
+commands, PNG export and its clean skip, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from longcat_sim import reporting
+from longcat_sim.cli import main
+from tests.reports.test_browser import CHROMIUM, assert_every_figure_drew, probe_page
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ["table7", "table6", "timelines", "pareto", "training_overlap"]
+FIGURES = ["fig-timelines", "fig-pareto", "fig-training-overlap"]
+BUILD_SECONDS = 60.0  # the default report, PNGs included, on two shared CPU cores
+
+
+def _png_expected() -> bool:
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return reporting.find_browser() is not None
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> dict:
+    """``longcat-sim report`` with no arguments in an empty directory, as after a fresh clone."""
+    cwd = tmp_path_factory.mktemp("fresh")
+    start = time.perf_counter()
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "longcat_sim", "report"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (cwd / "runs" / "report").iterdir()
+    return {"cwd": cwd, "dir": run_dir, "seconds": seconds, "stdout": done.stdout}
+
+
+def _copy(default_run: dict, tmp_path: Path) -> Path:
+    """The default run directory, cache included, to run a variant against."""
+    out = tmp_path / "run"
+    shutil.copytree(default_run["dir"], out)
+    return out
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_default_report_from_a_fresh_directory(default_run: dict) -> None:
+    run_dir = default_run["dir"]
+    results = json.loads((run_dir / "results.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert run_dir.name == manifest["config_hash"][:12]
+    assert manifest["command"] == "report" and manifest["seeds"] == {"seed": 0}
+    assert manifest["config"]["settings"]["model"] == "longcat-flash"
+    assert manifest["config"]["settings"]["gpus"] == 128
+    assert manifest["config"]["hardware"]["name"] == "H800"
+    assert results["figures"] == FIGURES
+    assert results["simulated"] == SECTIONS and results["cached"] == []
+    html = (run_dir / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "LongCat-Flash on 128 H800 GPUs" in html
+    assert f"report runs/report/{run_dir.name}/report.html" in default_run["stdout"]
+    if _png_expected():
+        assert results["png"] == [f"figures/{f}.png" for f in FIGURES]
+        assert results["png_skipped"] is None
+        for name in results["png"]:
+            data = (run_dir / name).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    else:
+        assert results["png"] == [] and results["png_skipped"]
+        assert "PNG figures        skipped:" in default_run["stdout"]
+    assert default_run["seconds"] < BUILD_SECONDS
+
+
+def test_the_default_reproduces_the_paper_within_its_tolerances(default_run: dict) -> None:
+    """Loose sanity bounds on the headline numbers; the tight checks live with the simulator."""
+    results = json.loads((default_run["dir"] / "results.json").read_text())
+    for model, errors in results["table7_relative_error"].items():
+        for key in ("dispatch_us", "moe_us", "combine_us"):
+            assert abs(errors[key]) < 0.05, (model, key)
+    for row in results["table6_relative_error"]:
+        assert abs(row["tps_per_user"]) < 0.25, row
+    share = results["training_non_overlapped_comm_share"]
+    assert share["scmoe"] < 0.5 * share["baseline"]
+    timelines = results["timelines"]
+    assert timelines["sbo"]["tpot_ms"] < timelines["sequential"]["tpot_ms"]
+    assert timelines["tbo"]["tpot_ms"] < timelines["sequential"]["tpot_ms"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+def test_default_report_renders_in_chromium_and_is_not_blank(
+    default_run: dict, tmp_path: Path
+) -> None:
+    results = json.loads((default_run["dir"] / "results.json").read_text())
+    probe, pixels = probe_page((default_run["dir"] / "report.html").read_text(), tmp_path)
+    assert_every_figure_drew(probe, results["figures"])
+    assert pixels.shape == (1000, 1280, 3)
+    assert pixels.std() > 20.0  # text, tables and charts on a white page
+
+
+def test_the_default_deployment_matches_longcat_sim_simulate(
+    default_run: dict, tmp_path: Path, capsys
+) -> None:
+    """The report's LongCat-Flash point at batch 96 is what ``longcat-sim simulate`` prints for
+    its (identical) default deployment."""
+    code, stdout, err = _run(["simulate", "--json", "--run-dir", str(tmp_path / "sim")], capsys)
+    assert code == 0, err
+    simulated = json.loads(stdout)
+    results = json.loads((default_run["dir"] / "results.json").read_text())
+    sbo = results["timelines"]["sbo"]
+    (point,) = [
+        p for p in results["pareto"]["longcat-flash"]["points"] if p["batch_per_device"] == 96
+    ]
+    for key in ("tpot_ms", "tgs"):
+        assert sbo[key] == simulated[key] == point[key]
+    assert sbo["tpl_us"] == simulated["tpl_us"]
+
+
+def test_second_run_reads_the_cache_and_writes_the_same_bytes(
+    default_run: dict, tmp_path: Path, capsys
+) -> None:
+    out = _copy(default_run, tmp_path)
+    before = (out / "report.html").read_bytes()
+    (out / "report.html").unlink()
+    code, stdout, err = _run(["report", "--out", str(out), "--no-png", "--json"], capsys)
+    assert code == 0, err
+    results = json.loads(stdout)
+    assert results["cached"] == SECTIONS and results["simulated"] == []
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "report.html").read_bytes() == before
+
+
+def test_a_corrupt_cache_entry_is_recomputed(default_run: dict, tmp_path: Path, capsys) -> None:
+    out = _copy(default_run, tmp_path)
+    (entry,) = (out / "cache").glob("table7-*.json")
+    entry.write_text("{not json")
+    code, stdout, _ = _run(["report", "--out", str(out), "--no-png", "--json"], capsys)
+    assert code == 0
+    assert json.loads(stdout)["simulated"] == ["table7"]
+    assert (out / "report.html").read_bytes() == (default_run["dir"] / "report.html").read_bytes()
+
+
+def test_sections_are_cached_by_what_they_read(default_run: dict, tmp_path: Path, capsys) -> None:
+    out = _copy(default_run, tmp_path)
+    config = tmp_path / "report.toml"
+    config.write_text('[report]\nbatch_sizes = [16, 8]\ncompare_models = ["longcat-flash"]\n')
+    code, stdout, err = _run(
+        ["report", "--config", str(config), "--out", str(out), "--no-png", "--json"], capsys
+    )
+    assert code == 0, err
+    results = json.loads(stdout)
+    assert results["simulated"] == ["pareto"]
+    assert results["cached"] == [s for s in SECTIONS if s != "pareto"]
+    (points,) = [m["points"] for m in results["pareto"].values()]
+    assert [p["batch_per_device"] for p in points] == [8, 16]
+    default = json.loads((default_run["dir"] / "results.json").read_text())
+    same_batch = [
+        p for p in default["pareto"]["longcat-flash"]["points"] if p["batch_per_device"] in (8, 16)
+    ]
+    assert points == same_batch  # a point's numbers do not depend on the other points
+
+
+def _write_train_run(path: Path, steps: int = 6) -> None:
+    """A run directory in the format ``longcat-sim train`` writes (extra keys included)."""
+    path.mkdir()
+    lines = []
+    for step in range(steps):
+        record = {
+            "step": step,
+            "loss": 6.0 - 0.1 * step,
+            "lm_loss": 5.9 - 0.1 * step,
+            "ffn_experts_mean": [2.4 - 0.05 * step, 1.7 + 0.05 * step],
+            "step_seconds": 0.1 * (step + 1),  # varies run to run: must not reach the page
+            "tokens": 512,
+        }
+        if step % 3 == 2:
+            record["val_loss"] = 6.0 - 0.1 * step
+        lines.append(json.dumps(record, sort_keys=True))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (path / "results.json").write_text(json.dumps({"model": "tiny", "target_ffn_experts": 2.0}))
+
+
+def test_results_of_other_commands_get_their_sections(
+    default_run: dict, tmp_path: Path, capsys
+) -> None:
+    out = _copy(default_run, tmp_path)
+    train = tmp_path / "train-a"
+    _write_train_run(train)
+    determinism = tmp_path / "det"
+    determinism.mkdir()
+    (determinism / "results.json").write_text(
+        json.dumps({"verdict": "diverged", "runs": 2, "first_divergence": None})
+    )
+    sdc = tmp_path / "sdc.json"
+    trials = [
+        {"site": f"layers.{i}.moe", "bit": b, "detected": {"replay": True, "checksum": b > 10}}
+        for i in range(2)
+        for b in (1, 15, 31)
+    ]
+    sdc.write_text(json.dumps({"trials": trials}))
+    argv = ["report", "--out", str(out), "--no-png", "--json", "--train-run", str(train)]
+    argv += ["--determinism-run", str(determinism), "--sdc-run", str(sdc)]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["figures"] == [*FIGURES, "fig-training-run-1", "fig-sdc"]
+    html = (out / "report.html").read_text()
+    assert "train-a: tiny" in html and 'class="verdict diverged"' in html
+    assert "step_seconds" not in html
+    first = html
+    # the step time of a rerun differs; the page does not
+    shutil.rmtree(train)
+    _write_train_run(train)
+    metrics = (
+        (train / "metrics.jsonl").read_text().replace('"step_seconds": 0.1', '"step_seconds": 9.9')
+    )
+    (train / "metrics.jsonl").write_text(metrics)
+    assert _run(argv, capsys)[0] == 0
+    assert (out / "report.html").read_text() == first
+
+
+def test_png_export_is_skipped_cleanly_without_chromium(
+    default_run: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(reporting, "find_browser", lambda: None)
+    out = _copy(default_run, tmp_path)
+    shutil.rmtree(out / "figures", ignore_errors=True)
+    code, stdout, err = _run(["report", "--out", str(out)], capsys)
+    assert code == 0 and err == ""
+    assert "PNG figures        skipped: no Chromium on PATH" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["png"] == [] and "no Chromium" in results["png_skipped"]
+    assert not (out / "figures").exists()
+    assert (out / "report.html").is_file()
+
+
+def test_png_export_is_skipped_cleanly_without_kaleido(
+    default_run: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido raises ImportError
+    out = _copy(default_run, tmp_path)
+    code, stdout, _ = _run(["report", "--out", str(out), "--json"], capsys)
+    assert code == 0
+    assert "kaleido is not installed" in json.loads(stdout)["png_skipped"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "needle"),
+    [
+        (lambda d: (d / "c.toml").write_text("[report]\ngpu = 8\n"), ["--config", "c.toml"],
+         "unknown report setting 'gpu'; valid:"),
+        (lambda d: (d / "c.toml").write_text("[report\n"), ["--config", "c.toml"],
+         "is not valid TOML"),
+        (lambda d: (d / "c.toml").write_text("gpus = 8\n"), ["--config", "c.toml"],
+         "put settings under [report]"),
+        (lambda d: (d / "c.toml").write_text("[report]\nbatch_sizes = [0]\n"),
+         ["--config", "c.toml"], "'batch_sizes' must be a positive integer"),
+        (lambda d: (d / "c.toml").write_text('[report]\nmodel = "nope"\n'),
+         ["--config", "c.toml"], "unknown model 'nope'"),
+        (lambda d: None, ["--config", "missing.toml"], "does not exist"),
+        (lambda d: None, ["--train-run", "missing"], "holds no metrics.jsonl"),
+        (lambda d: (d / "r.json").write_text('{"verdict": "same"}'),
+         ["--determinism-run", "r.json"], "verdict must be one of identical, diverged"),
+        (lambda d: (d / "s.json").write_text('{"trials": []}'),
+         ["--sdc-run", "s.json"], "trials must not be empty"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys, monkeypatch, setup, args: list[str], needle: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    setup(tmp_path)
+    code, out, err = _run(["report", "--out", "out", "--no-png", *args], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_a_real_training_run_is_plotted(default_run: dict, tmp_path: Path, capsys) -> None:
+    """The format ``longcat-sim train`` really writes, end to end."""
+    train = tmp_path / "train"
+    argv = ["train", "--steps", "4", "--set", "warmup_steps=1", "--eval-every", "2"]
+    assert main([*argv, "--out", str(train)]) == 0
+    capsys.readouterr()
+    out = _copy(default_run, tmp_path)
+    code, stdout, err = _run(
+        ["report", "--out", str(out), "--no-png", "--json", "--train-run", str(train)], capsys
+    )
+    assert code == 0, err
+    assert "fig-training-run-1" in json.loads(stdout)["figures"]
+    html = (out / "report.html").read_text()
+    assert '"name":"target 2"' in html  # the tiny preset's target of FFN experts per token

@@ -1,0 +1,134 @@
+"""``longcat-sim sweep``: grid order, worker-independent results, the Pareto front, grid files
+and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from longcat_sim.cli import main
+from longcat_sim.experiments.sweep import pareto_front
+
+GRID = ["--batch-per-device", "8,64", "--schedules", "sbo,tbo", "--no-progress"]
+
+
+def sweep(tmp_path: Path, capsys, *argv: str) -> dict:
+    code = main(["sweep", *argv, "--json", "--run-dir", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_points_in_grid_order_and_same_as_simulate(tmp_path, capsys) -> None:
+    r = sweep(tmp_path, capsys, *GRID, "--workers", "2")
+    points = r["points"]
+    assert r["n_points"] == len(points) == 4
+    assert [(p["schedule"], p["batch_per_device"]) for p in points] == [
+        ("sbo", 8),
+        ("sbo", 64),
+        ("tbo", 8),
+        ("tbo", 64),
+    ]
+    assert all(isinstance(v, int | float | str) for p in points for v in p.values())  # flat
+    assert {"attention_us", "dispatch_us", "moe_us", "combine_us"} <= set(points[0])
+    code = main(
+        ["simulate", "--schedule", "tbo", "--batch-per-device", "64", "--json", "--run-dir",
+         str(tmp_path / "one")]
+    )  # fmt: skip
+    single = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert points[3]["tpot_ms"] == single["tpot_ms"]
+    assert points[3]["dispatch_us"] == single["per_layer_us"]["dispatch"]
+
+
+def test_results_do_not_depend_on_the_worker_count(tmp_path, capsys) -> None:
+    one = sweep(tmp_path, capsys, *GRID, "--workers", "1")
+    two = sweep(tmp_path, capsys, *GRID, "--workers", "2")
+    assert one == two
+
+
+def test_pareto_front_against_brute_force(tmp_path, capsys) -> None:
+    r = sweep(
+        tmp_path, capsys, "--models", "longcat-flash,qwen3-235b-a22b",
+        "--batch-per-device", "4,16,48,96,160", "--schedules", "sbo,tbo", "--no-progress",
+    )  # fmt: skip
+    points, front = r["points"], r["pareto"]
+
+    def dominated(p: dict) -> bool:
+        return any(
+            q["model"] == p["model"]
+            and q["tps_per_user"] >= p["tps_per_user"]
+            and q["tgs"] >= p["tgs"]
+            and (q["tps_per_user"], q["tgs"]) != (p["tps_per_user"], p["tgs"])
+            for q in points
+        )
+
+    expected = [p for p in points if not dominated(p)]
+    key = lambda p: (p["model"], p["tps_per_user"])  # noqa: E731
+    assert sorted(expected, key=key) == front
+    assert {p["model"] for p in front} == {"longcat-flash", "qwen3-235b-a22b"}
+    assert all("cost_per_m_tokens" in p for p in front)
+
+
+def test_pareto_front_hand_example() -> None:
+    """(TPS/user, TGS): (10, 100) and (30, 50) trade off; (20, 40) loses to (30, 50)."""
+    points = [
+        {"model": "m", "tps_per_user": 10.0, "tgs": 100.0},
+        {"model": "m", "tps_per_user": 20.0, "tgs": 40.0},
+        {"model": "m", "tps_per_user": 30.0, "tgs": 50.0},
+    ]
+    assert pareto_front(points) == [points[0], points[2]]
+
+
+def test_grid_file_and_command_line_override(tmp_path, capsys) -> None:
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        "[grid]\n"
+        'models = ["deepseek-v3"]\n'
+        "batch_per_device = [16, 32, 64]\n"
+        'schedules = ["tbo"]\n'
+        "mtp_draft_tokens = 0\n"
+        'assume = { routing = "balanced", context_cv = 0 }\n'
+    )
+    r = sweep(tmp_path, capsys, "--grid", str(grid), "--batch-per-device", "128", "--no-progress")
+    (point,) = r["points"]
+    assert (point["model"], point["batch_per_device"], point["schedule"]) == (
+        "deepseek-v3",
+        128,
+        "tbo",
+    )
+    assert point["assumptions"] == "default+routing=balanced,context_cv=0.0"
+    assert point["mtp_draft_tokens"] == 0
+
+
+def test_text_has_table_and_front(tmp_path, capsys) -> None:
+    code = main(["sweep", *GRID, "--run-dir", str(tmp_path / "run")])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert "4 points" in out and "Pareto front" in out and "TPS/user" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--schedules", "sbo,dbo"], "unknown schedule 'dbo'"),
+        (["--batch-per-device", "8,0"], "--batch-per-device must be an integer >= 1"),
+        (["--ep", "96", "--gpus", "96"], "--ep 96 does not divide"),
+        (["--hardware", "H800,TPU9"], "unknown hardware 'TPU9'"),
+        (["--contexts", "5000,lots"], "--contexts takes float values"),
+        (["--grid", "GRID"], "unknown key 'colour'"),
+        (["--workers", "0"], "--workers must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_stderr_line_and_exit_2(argv, needle, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[grid]\ncolour = "blue"\n')
+    argv = [str(bad) if a == "GRID" else a for a in argv]
+    code = main(["sweep", *argv, "--no-progress", "--json", "--run-dir", str(tmp_path / "r")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longcat-sim: error:")
+    assert needle in lines[0] and "Traceback" not in err
