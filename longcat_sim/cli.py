@@ -16,6 +16,7 @@ from model.config import ConfigError
 # command name -> module in longcat_sim.experiments exposing HELP, add_arguments(parser), run(args)
 COMMANDS: dict[str, str] = {
     "params": "longcat_sim.experiments.params",
+    "train": "longcat_sim.experiments.train",
     "report": "longcat_sim.experiments.report",
     "simulate": "longcat_sim.experiments.simulate",
     "sweep": "longcat_sim.experiments.sweep",

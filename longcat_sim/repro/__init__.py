@@ -1,0 +1,1 @@
+"""Reproducibility harness: fingerprints of tensors, parameters and runs."""
