@@ -32,13 +32,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``selected``, only that command's module is imported, so a
+    command never pays for (or breaks on) another command's dependencies."""
     parser = _Parser(
         prog=PROG, description="Simulation and reproducibility testbed for MoE systems."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, module_name in COMMANDS.items():
+        if selected is not None and name != selected:
+            sub.add_parser(name)
+            continue
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         cmd.add_argument("--json", action="store_true", help="print machine-readable JSON only")
@@ -59,7 +64,9 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(selected).parse_args(argv)
     try:
         output = args._module.run(args)
     except (UserError, ConfigError, ClusterInputError) as exc:
