@@ -1,6 +1,14 @@
-"""Routed SwiGLU experts stored stacked, applied to rows already grouped by expert."""
+"""Routed SwiGLU experts stored stacked, applied to rows already grouped by expert.
+
+Forward and backward run one GEMM per non-empty expert and write straight into preallocated
+outputs: weight gradients land in stacked [N, ...] tensors without a per-expert stack/copy,
+and an expert that received no rows costs one zero-fill of its gradient. The per-expert
+kernels below are shared with ``model/moe.py``, which runs them inside its own autograd node.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +16,133 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.router import default_generator
+
+# gate [N, I, H], up [N, I, H], down [N, H, I]
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def expert_forward(
+    x_rD: torch.Tensor,
+    w_gate_DI: torch.Tensor,
+    w_up_DI: torch.Tensor,
+    w_down_ID: torch.Tensor,
+    pre_gate_rI: torch.Tensor,
+    pre_up_rI: torch.Tensor,
+    y_rD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` for one expert's rows, given the *transposed* weights
+    (views from ``transposed_experts``). Writes the two pre-activations (kept for backward)
+    and returns y (written into ``y_rD`` when given). No autograd."""
+    torch.mm(x_rD, w_gate_DI, out=pre_gate_rI)
+    torch.mm(x_rD, w_up_DI, out=pre_up_rI)
+    hidden_rI = F.silu(pre_gate_rI).mul_(pre_up_rI)
+    if y_rD is None:
+        return torch.mm(hidden_rI, w_down_ID)
+    return torch.mm(hidden_rI, w_down_ID, out=y_rD)
+
+
+def per_expert(weights: Weights | tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """Per-expert views of stacked tensors: one ``unbind`` each, no per-expert indexing."""
+    return [w.unbind(0) for w in weights]
+
+
+def transposed_experts(weights: Weights) -> list[tuple[torch.Tensor, ...]]:
+    """Per-expert transposed views (``w[e].t()``) of stacked weights, for the forward GEMMs."""
+    return [w.transpose(1, 2).unbind(0) for w in weights]
+
+
+def expert_backward_from_hidden(
+    x_rD: torch.Tensor,
+    grad_hidden_rI: torch.Tensor,
+    pre_gate_rI: torch.Tensor,
+    pre_up_rI: torch.Tensor,
+    silu_rI: torch.Tensor,
+    w_gate_ID: torch.Tensor,
+    w_up_ID: torch.Tensor,
+    grad_gate_ID: torch.Tensor,
+    grad_up_ID: torch.Tensor,
+    grad_x_rD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Given d loss / d hidden (hidden = silu(pre_gate) * pre_up), write the gate and up weight
+    gradients and return d loss / d x (into ``grad_x_rD`` when given). Overwrites
+    ``grad_hidden_rI``."""
+    grad_pre_up_rI = grad_hidden_rI * silu_rI
+    grad_pre_gate_rI = torch.ops.aten.silu_backward(grad_hidden_rI.mul_(pre_up_rI), pre_gate_rI)
+    torch.mm(grad_pre_gate_rI.t(), x_rD, out=grad_gate_ID)
+    torch.mm(grad_pre_up_rI.t(), x_rD, out=grad_up_ID)
+    if grad_x_rD is None:
+        grad_x_rD = torch.mm(grad_pre_gate_rI, w_gate_ID)
+    else:
+        torch.mm(grad_pre_gate_rI, w_gate_ID, out=grad_x_rD)
+    return grad_x_rD.addmm_(grad_pre_up_rI, w_up_ID)
+
+
+def new_weight_grads(weights: Weights, counts: list[int]) -> tuple[torch.Tensor, ...]:
+    """Gradient buffers for the stacked weights, zeroed only for experts without rows."""
+    grads = tuple(torch.empty_like(w) for w in weights)
+    unused = [e for e, count in enumerate(counts) if not count]
+    if unused:
+        unused_rows = torch.tensor(unused)
+        for g in grads:
+            g.index_fill_(0, unused_rows, 0.0)
+    return grads
+
+
+def used_experts(counts: list[int], *stacked: torch.Tensor | list) -> Iterator[tuple]:
+    """(expert, its piece of every ``stacked`` argument) for experts with rows, ascending.
+
+    A tensor argument is split along dim 0 into per-expert row blocks of ``counts``; a list
+    argument is indexed by expert (e.g. the ``unbind(0)`` of a stacked weight)."""
+    pieces = [s if isinstance(s, list | tuple) else s.split(counts) for s in stacked]
+    for e, count in enumerate(counts):
+        if count:
+            yield e, *(p[e] for p in pieces)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Rows sorted by expert -> SwiGLU outputs, one GEMM per non-empty expert."""
+
+    @staticmethod
+    def forward(ctx, x_SD, w_gate, w_up, w_down, counts):  # type: ignore[override]
+        pre_gate_SI = x_SD.new_empty(x_SD.shape[0], w_gate.shape[1])
+        pre_up_SI = torch.empty_like(pre_gate_SI)
+        y_SD = torch.empty_like(x_SD)
+        for _, x_rD, a_rI, b_rI, y_rD, w_g, w_u, w_d in used_experts(
+            counts, x_SD, pre_gate_SI, pre_up_SI, y_SD, *transposed_experts((w_gate, w_up, w_down))
+        ):
+            expert_forward(x_rD, w_g, w_u, w_d, a_rI, b_rI, y_rD)
+        ctx.counts = counts
+        ctx.save_for_backward(x_SD, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI)
+        return y_SD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y_SD):  # type: ignore[override]
+        x_SD, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI = ctx.saved_tensors
+        grad_y_SD = grad_y_SD.contiguous()
+        grad_x_SD = torch.empty_like(x_SD)
+        grads = new_weight_grads((w_gate, w_up, w_down), ctx.counts)
+        experts = used_experts(
+            ctx.counts,
+            x_SD,
+            grad_y_SD,
+            pre_gate_SI,
+            pre_up_SI,
+            grad_x_SD,
+            *per_expert((w_gate, w_up, w_down)),
+            *per_expert(grads),
+        )
+        # reverse order: the experts the forward touched last are likeliest still cached
+        for _, x_rD, dy_rD, a_rI, b_rI, dx_rD, w_g, w_u, w_d, g_g, g_u, g_d in reversed(
+            list(experts)
+        ):
+            silu_rI = F.silu(a_rI)
+            torch.mm(dy_rD.t(), silu_rI * b_rI, out=g_d)
+            grad_hidden_rI = torch.mm(dy_rD, w_d)
+            expert_backward_from_hidden(
+                x_rD, grad_hidden_rI, a_rI, b_rI, silu_rI, w_g, w_u, g_g, g_u, dx_rD
+            )
+        return grad_x_SD, *grads, None
 
 
 class GroupedExperts(nn.Module):
@@ -34,25 +169,20 @@ class GroupedExperts(nn.Module):
         for weight in (self.gate_proj, self.up_proj, self.down_proj):
             weight.normal_(0.0, self.initializer_range, generator=gen)
 
+    def weights(self, dtype: torch.dtype) -> Weights:
+        """(gate, up, down) in ``dtype`` (differentiable casts; no copy when already there)."""
+        return self.gate_proj.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
+
     def forward(self, x_SD: torch.Tensor, counts_N: torch.Tensor | list[int]) -> torch.Tensor:
         """``x_SD``: rows sorted by expert, ``counts_N[e]`` of them for expert e; returns ``y_SD``."""
         counts = counts_N.tolist() if isinstance(counts_N, torch.Tensor) else list(counts_N)
-        if len(counts) != self.n_experts or sum(counts) != x_SD.shape[0]:
+        if len(counts) != self.n_experts or sum(counts) != x_SD.shape[0] or min(counts) < 0:
             raise ValueError(
-                f"counts_N must give {self.n_experts} per-expert row counts summing to the "
-                f"{x_SD.shape[0]} rows of x_SD; got {len(counts)} counts summing to {sum(counts)}"
+                f"counts_N must give {self.n_experts} non-negative per-expert row counts summing "
+                f"to the {x_SD.shape[0]} rows of x_SD; got {counts}"
             )
-        dtype = x_SD.dtype
-        # unbind (not indexing) so backward stacks the per-expert weight grads in one copy
-        gate_N = self.gate_proj.to(dtype).unbind(0)
-        up_N = self.up_proj.to(dtype).unbind(0)
-        down_N = self.down_proj.to(dtype).unbind(0)
-        y_parts = []
-        for e, x_rD in enumerate(x_SD.split(counts)):
-            if counts[e] == 0:
-                continue
-            h_rI = F.silu(F.linear(x_rD, gate_N[e])) * F.linear(x_rD, up_N[e])
-            y_parts.append(F.linear(h_rI, down_N[e]))
-        if not y_parts:
-            return x_SD.new_zeros(0, self.down_proj.shape[1])
-        return torch.cat(y_parts) if len(y_parts) > 1 else y_parts[0]
+        if x_SD.dim() != 2 or x_SD.shape[1] != self.gate_proj.shape[2]:
+            raise ValueError(
+                f"x_SD must be [rows, {self.gate_proj.shape[2]}], got {tuple(x_SD.shape)}"
+            )
+        return _GroupedSwiGLU.apply(x_SD.contiguous(), *self.weights(x_SD.dtype), counts)

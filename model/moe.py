@@ -1,13 +1,14 @@
 """Mixture of FFN experts and zero-computation (identity) experts, grouped by expert.
 
 Only slots routed to FFN experts are gathered, sorted by expert and sent through the expert
-GEMMs; a slot routed to a zero expert contributes ``gate * x`` locally and costs nothing more.
-Every step that sums several contributions into one row does so in a fixed order and never
-with duplicate indices, so forward and backward are bitwise reproducible:
+GEMMs; a slot routed to a zero expert contributes ``gate * x`` locally and costs nothing more:
 
-    out_t = x_t * (sum of t's zero-expert gates) + sum over k = 0..K-1 of gate_tk * FFN_tk(x_t)
+    out_t = x_t * (sum of t's zero-expert gates) + sum over t's FFN slots of gate * FFN_e(x_t)
 
-accumulated in float32 in that order (identity term first, then FFN slots by slot index).
+Every sum of several contributions into one row runs in float32, in a fixed order (identity
+term first, then the FFN slots by ascending expert id) and never with duplicate indices in one
+call, so forward and backward are bitwise reproducible. Dispatch, experts and combine form one
+autograd node; nothing of size T x K x H is ever materialised.
 """
 
 from __future__ import annotations
@@ -15,29 +16,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.experts import GroupedExperts
+from model.experts import (
+    GroupedExperts,
+    expert_backward_from_hidden,
+    expert_forward,
+    new_weight_grads,
+    per_expert,
+    transposed_experts,
+    used_experts,
+)
 from model.router import RouterOutput, TopkRouter, default_generator
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Where each FFN slot goes. S = number of slots routed to FFN experts.
+    """Where the S slots routed to FFN experts go.
 
     ``slot_S``/``token_S``: flat slot id (t*K + k) and token of each FFN slot, sorted by expert
-    (stable, so within an expert by slot id). ``by_slot_S``: positions into the S rows ordered
-    by slot index k, then token, split into ``rows_per_slot`` chunks; within one chunk every
-    token appears at most once.
+    and, within an expert, by token; ``counts_N[e]`` rows belong to expert e. A token picks an
+    expert at most once, so the tokens inside one expert's rows are distinct.
     """
 
     slot_S: torch.Tensor
     token_S: torch.Tensor
     counts_N: list[int]
-    by_slot_S: torch.Tensor
-    rows_per_slot: list[int]
-    num_tokens: int
 
     @property
     def num_rows(self) -> int:
@@ -46,41 +52,95 @@ class DispatchPlan:
 
 def plan_dispatch(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, n_routed: int) -> DispatchPlan:
     """Sort the FFN slots by expert; zero-expert slots (ids >= n_routed) are left out."""
-    num_tokens, k = topk_idx_TK.shape
-    order = torch.argsort(topk_idx_TK.reshape(-1), stable=True)
-    counts_N = counts_E[:n_routed].tolist()
-    slot_S = order[: sum(counts_N)]
+    k = topk_idx_TK.shape[1]
+    flat = topk_idx_TK.reshape(-1)
+    ffn_slots = torch.nonzero(flat < n_routed).squeeze(1)
+    slot_S = ffn_slots[torch.argsort(flat[ffn_slots], stable=True)]
     token_S = torch.div(slot_S, k, rounding_mode="floor")
-    k_S = slot_S - token_S * k
-    by_slot_S = torch.argsort(k_S * num_tokens + token_S)
-    rows_per_slot = torch.bincount(k_S, minlength=k).tolist()
-    return DispatchPlan(slot_S, token_S, counts_N, by_slot_S, rows_per_slot, num_tokens)
+    return DispatchPlan(slot_S, token_S, counts_E[:n_routed].tolist())
 
 
-def _accumulate_rows(out_TD: torch.Tensor, rows_SD: torch.Tensor, plan: DispatchPlan) -> None:
-    """``out[token_S[s]] += rows[s]`` in place, slot index by slot index (unique rows per call)."""
-    rows_by_slot = rows_SD.index_select(0, plan.by_slot_S).split(plan.rows_per_slot)
-    tokens_by_slot = plan.token_S.index_select(0, plan.by_slot_S).split(plan.rows_per_slot)
-    for tokens, rows in zip(tokens_by_slot, rows_by_slot, strict=True):
-        if tokens.numel():
-            out_TD.index_add_(0, tokens, rows)
+class _MoECore(torch.autograd.Function):
+    """``out = x * zero_gate + sum over FFN slots of gate_S * expert(x[token_S])`` in float32.
 
-
-class _GatherTokenRows(torch.autograd.Function):
-    """``x_TD[token_S]``, whose backward sums each token's slot gradients in slot order."""
+    Expert by expert: gather the expert's tokens, run its GEMMs, add ``gate * y`` into their
+    output rows. Temporaries are one expert's rows (they stay in cache); only the two
+    pre-activations are kept for backward. Backward gets d loss / d gate from
+    ``<g W_down, hidden>``, which equals ``<g, y>``, so y itself is never stored.
+    """
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, plan):  # type: ignore[override]
+        out_TD = x_TD.float() * zero_gate_T.unsqueeze(-1)
+        pre_gate_SI = x_TD.new_empty(plan.num_rows, w_gate.shape[1])
+        pre_up_SI = torch.empty_like(pre_gate_SI)
+        for _, tokens, gate_r1, a_rI, b_rI, w_g, w_u, w_d in used_experts(
+            plan.counts_N,
+            plan.token_S,
+            gate_S.unsqueeze(-1),
+            pre_gate_SI,
+            pre_up_SI,
+            *transposed_experts((w_gate, w_up, w_down)),
+        ):
+            y_rD = expert_forward(x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI)
+            out_TD.index_add_(0, tokens, _as_float(y_rD).mul_(gate_r1))
         ctx.plan = plan
-        ctx.x_shape, ctx.x_dtype = x_TD.shape, x_TD.dtype
-        return x_TD.index_select(0, plan.token_S)
+        ctx.save_for_backward(
+            x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI
+        )
+        return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_SD: torch.Tensor):  # type: ignore[override]
-        grad_TD = grad_SD.new_zeros(ctx.x_shape, dtype=torch.float32)
-        _accumulate_rows(grad_TD, grad_SD.float(), ctx.plan)
-        return grad_TD.to(ctx.x_dtype), None
+    def backward(ctx, grad_TD):  # type: ignore[override]
+        x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI = ctx.saved_tensors
+        plan, dtype = ctx.plan, x_TD.dtype
+        grad_TD = grad_TD.float().contiguous()
+        grad_x_TD = grad_TD * zero_gate_T.unsqueeze(-1)
+        grad_zero_gate_T = torch.linalg.vecdot(grad_TD, x_TD.float())
+        grad_gate_S = torch.empty_like(gate_S)
+        grads = new_weight_grads((w_gate, w_up, w_down), plan.counts_N)
+        experts = used_experts(
+            plan.counts_N,
+            plan.token_S,
+            gate_S.unsqueeze(-1),
+            grad_gate_S,
+            pre_gate_SI,
+            pre_up_SI,
+            *per_expert((w_gate, w_up, w_down)),
+            *per_expert(grads),
+        )
+        # reverse order: the experts the forward touched last are likeliest still cached
+        for _, tokens, gate_r1, grad_gate_r, a_rI, b_rI, w_g, w_u, w_d, g_g, g_u, g_d in reversed(
+            list(experts)
+        ):
+            grad_out_rD = grad_TD.index_select(0, tokens)
+            silu_rI = F.silu(a_rI)
+            hidden_rI = silu_rI * b_rI
+            grad_hidden_rI = torch.mm(_as(grad_out_rD, dtype), w_d)  # gate not applied yet
+            torch.linalg.vecdot(_as_float(grad_hidden_rI), _as_float(hidden_rI), out=grad_gate_r)
+            torch.mm(_as(grad_out_rD.mul_(gate_r1), dtype).t(), hidden_rI, out=g_d)
+            grad_x_rD = expert_backward_from_hidden(
+                x_TD.index_select(0, tokens),
+                grad_hidden_rI.mul_(gate_r1),
+                a_rI,
+                b_rI,
+                silu_rI,
+                w_g,
+                w_u,
+                g_g,
+                g_u,
+            )
+            grad_x_TD.index_add_(0, tokens, _as_float(grad_x_rD))
+        return grad_x_TD.to(dtype), grad_zero_gate_T, grad_gate_S, *grads, None
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return _as(t, torch.float32)
 
 
 class MoE(nn.Module):
@@ -105,12 +165,9 @@ class MoE(nn.Module):
         gate_TK = routing.topk_gate_TK
         is_zero_TK = routing.topk_idx_TK >= self.n_routed_experts
         zero_gate_T = torch.where(is_zero_TK, gate_TK, torch.zeros_like(gate_TK)).sum(dim=-1)
-        out_TD = x_TD.float() * zero_gate_T.unsqueeze(-1)
-
         plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts)
-        if plan.num_rows:
-            x_SD = _GatherTokenRows.apply(x_TD, plan)
-            y_SD = self.experts(x_SD, plan.counts_N)
-            gate_S = gate_TK.reshape(-1).index_select(0, plan.slot_S)
-            _accumulate_rows(out_TD, y_SD.float() * gate_S.unsqueeze(-1), plan)
+        gate_S = gate_TK.reshape(-1).index_select(0, plan.slot_S)
+        out_TD = _MoECore.apply(
+            x_TD.contiguous(), zero_gate_T, gate_S, *self.experts.weights(x_TD.dtype), plan
+        )
         return out_TD.to(x.dtype).reshape(x.shape), routing

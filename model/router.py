@@ -44,8 +44,9 @@ class TopkRouter(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.scale_zero_expert_gates = cfg.scale_zero_expert_gates
         self.initializer_range = cfg.initializer_range
-        self.classifier = nn.Linear(
-            cfg.hidden_size, cfg.num_experts_total, bias=False, dtype=torch.float32
+        # skip_init: nn.Linear's own init would draw from the global RNG
+        self.classifier = nn.utils.skip_init(
+            nn.Linear, cfg.hidden_size, cfg.num_experts_total, bias=False, dtype=torch.float32
         )
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(cfg.num_experts_total, dtype=torch.float32)
@@ -59,17 +60,22 @@ class TopkRouter(nn.Module):
         self.e_score_correction_bias.zero_()
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        """Module-wide casts (``.to(torch.bfloat16)``, ``.half()``) leave the router float32."""
+        """Module-wide casts (``.to(torch.bfloat16)``, ``.half()``) leave the router float32,
+        with its exact values: a cast is undone from a copy taken before it."""
+        weight = self.classifier.weight.detach().clone()
+        bias = self.e_score_correction_bias.clone()
         super()._apply(fn, recurse)
         if self.classifier.weight.dtype != torch.float32:
-            self.classifier.weight.data = self.classifier.weight.data.float()
+            self.classifier.weight.data = weight.to(self.classifier.weight.device)
         if self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = self.e_score_correction_bias.float()
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
         return self
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         if x_TD.dim() != 2:
-            raise ValueError(f"router expects tokens flattened to [T, D], got shape {tuple(x_TD.shape)}")
+            raise ValueError(
+                f"router expects tokens flattened to [T, D], got shape {tuple(x_TD.shape)}"
+            )
         logits_TE = F.linear(x_TD.float(), self.classifier.weight.float())
         scores_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():
