@@ -59,8 +59,11 @@ class Assumptions:
     ep_call_latency_s: float
     ep_link_latency: bool  # add the hardware's one-way link latency to each call
     ep_locality: bool  # copies bound for this GPU stay put; same-node copies use NVLink
-    # tensor-parallel collectives (ring): achieved fraction of the link
+    # tensor- and context-parallel collectives (ring): achieved fraction of the link
     tp_link_fraction: float
+    # training dispatch/combine run as large all-gather / reduce-scatter collectives over the
+    # EP group: achieved fraction of the link
+    ep_collective_fraction: float
     # per decode step outside the layers (scheduling, sampling, host work not hidden)
     step_overhead_s: float
     routing: Routing
@@ -100,6 +103,7 @@ class Assumptions:
             "ep_nvlink_fraction",
             "ep_rdma_fraction",
             "tp_link_fraction",
+            "ep_collective_fraction",
         ):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
@@ -148,6 +152,7 @@ TABLE7 = Assumptions(
     ep_link_latency=False,
     ep_locality=False,
     tp_link_fraction=1.0,
+    ep_collective_fraction=1.0,
     step_overhead_s=0.0,
     routing="balanced",
     expert_popularity_sigma=0.0,
@@ -195,6 +200,7 @@ DEFAULT = Assumptions(
     ep_link_latency=True,
     ep_locality=True,
     tp_link_fraction=0.75,
+    ep_collective_fraction=0.75,
     # scheduler, sampling and draft verification not hidden behind the GPU
     step_overhead_s=1e-3,
     routing="multinomial",
@@ -219,12 +225,13 @@ DEFAULT = Assumptions(
 # one published number: the 25.3 % non-overlapped communication share without ScMoE (arXiv
 # 2509.01322 sec. 5.3) on the setup of tests/cluster/test_training_overlap.py; the 8.4 % with
 # ScMoE is then a prediction. Large-message collectives reach a higher fraction than decode's
-# small tensor-parallel ones (``tp_link_fraction`` 0.75 in ``default``).
+# small tensor-parallel ones (``tp_link_fraction`` 0.75 in ``default``, which ``train`` keeps for
+# its context-parallel all-gathers).
 FITTED_TRAIN_LINK_FRACTION = 0.88
 
 TRAIN = DEFAULT.replace(
     name="train",
-    tp_link_fraction=FITTED_TRAIN_LINK_FRACTION,
+    ep_collective_fraction=FITTED_TRAIN_LINK_FRACTION,
     linear_precision="bf16",
     expert_precision="bf16",
     description=(

@@ -162,9 +162,13 @@ def collective_time(op: CommOp, hw: Hardware, a: Assumptions) -> float:
     nvlink_bytes = op.bytes - rdma_bytes
     passes = 2 if op.pattern == "all_reduce" else 1
     latency = passes * ((node - 1) * hw.nvlink_latency_s + (nodes - 1) * hw.rdma_latency_s)
+    # training dispatch/combine (stages of the same names) have their own achieved fraction
+    fraction = (
+        a.ep_collective_fraction if op.stage in ("dispatch", "combine") else a.tp_link_fraction
+    )
     transfer = max(
-        nvlink_bytes / (hw.nvlink_bytes_per_s * a.tp_link_fraction),
-        rdma_bytes / (hw.rdma_bytes_per_s * a.tp_link_fraction),
+        nvlink_bytes / (hw.nvlink_bytes_per_s * fraction),
+        rdma_bytes / (hw.rdma_bytes_per_s * fraction),
     )
     return a.kernel_overhead_s + latency + transfer
 

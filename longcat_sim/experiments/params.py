@@ -31,11 +31,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "expected_ffn_experts": cfg.expected_ffn_experts,
         "kv_cache_bytes_per_token": costs.kv_cache_bytes_per_token(cfg, dtype_bytes=2),
     }
+    activated = [(k_lo, results["activated_params_min"])]
+    if k_hi != k_lo:
+        activated.append((k_hi, results["activated_params_max"]))
     rows = [
         ("total parameters", f"{results['total_params'] / 1e9:.3f} B"),
         ("MTP module (not in total)", f"{results['mtp_params'] / 1e9:.3f} B"),
-        (f"activated, {k_lo} FFN experts", f"{results['activated_params_min'] / 1e9:.3f} B"),
-        (f"activated, {k_hi} FFN experts", f"{results['activated_params_max'] / 1e9:.3f} B"),
+        *((f"activated, {k} FFN experts", f"{n / 1e9:.3f} B") for k, n in activated),
         (
             f"activated, K_e = {cfg.expected_ffn_experts:g}",
             f"{results['activated_params_expected'] / 1e9:.3f} B",

@@ -144,9 +144,10 @@ def test_train_set_is_default_plus_one_fitted_term() -> None:
         "description",
         "linear_precision",
         "expert_precision",
-        "tp_link_fraction",
+        "ep_collective_fraction",
     }
-    assert train.tp_link_fraction == FITTED_TRAIN_LINK_FRACTION
+    assert train.ep_collective_fraction == FITTED_TRAIN_LINK_FRACTION
+    assert train.tp_link_fraction == DEFAULT.tp_link_fraction
     assert train.linear_precision == train.expert_precision == "bf16"
 
 

@@ -172,7 +172,7 @@ def test_v3_fitted_term_reproduces_the_baseline_only():
     from cluster.assumptions import FITTED_TRAIN_LINK_FRACTION, TRAIN
 
     def baseline(fraction: float) -> float:
-        return _v3_shares(TRAIN.replace(tp_link_fraction=fraction))[0]
+        return _v3_shares(TRAIN.replace(ep_collective_fraction=fraction))[0]
 
     lo, hi = 0.6, 1.0  # the share falls as the links get faster
     for _ in range(8):
@@ -195,5 +195,5 @@ def test_v3_negative_control_unfitted_links_miss():
     25.3 % by more than the tolerance: the check can fail, and the fit is what moves it."""
     from cluster.assumptions import TRAIN
 
-    baseline, _ = _v3_shares(TRAIN.replace(tp_link_fraction=0.75))
+    baseline, _ = _v3_shares(TRAIN.replace(ep_collective_fraction=0.75))
     assert abs(baseline - NON_OVERLAPPED_COMM_WITHOUT_SCMOE) > TOLERANCE
