@@ -223,10 +223,12 @@ DEFAULT = Assumptions(
 # Achieved fraction of NVLink and RDMA line rate of LongCat-Flash's training dispatch/combine
 # (pipelined, deterministic all-gather / reduce-scatter of ~25 MB shards over EP 32), fitted on
 # one published number: the 25.3 % non-overlapped communication share without ScMoE (arXiv
-# 2509.01322 sec. 5.3) on the setup of tests/cluster/test_training_overlap.py; the 8.4 % with
-# ScMoE is then a prediction. Large-message collectives reach a higher fraction than decode's
-# small tensor-parallel ones (``tp_link_fraction`` 0.75 in ``default``, which ``train`` keeps for
-# its context-parallel all-gathers).
+# 2509.01322 sec. 5.3) on the setup of tests/cluster/test_training_overlap.py, "without ScMoE"
+# being the ``baseline`` training schedule (the MoE in series after the first attention, no
+# overlap with dense compute); the 8.4 % with ScMoE is then a prediction. Large-message
+# collectives reach a higher fraction than decode's small tensor-parallel ones
+# (``tp_link_fraction`` 0.75 in ``default``, which ``train`` keeps for its context-parallel
+# all-gathers).
 FITTED_TRAIN_LINK_FRACTION = 0.88
 
 TRAIN = DEFAULT.replace(
@@ -238,7 +240,7 @@ TRAIN = DEFAULT.replace(
         "LongCat-Flash training: the default compute and memory terms with BF16 weights and "
         "activations, and dispatch/combine as pipelined all-gather / reduce-scatter reaching "
         "88 % of NVLink and RDMA line rate (fitted on the paper's 25.3 % non-overlapped "
-        "communication share without ScMoE)"
+        "communication share without ScMoE, the MoE in series)"
     ),
 )
 

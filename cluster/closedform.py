@@ -11,6 +11,9 @@ beyond what the formulas account for; the tests check that it does. Per layer:
   MoE + combine of the whole batch, the paper's Table 7 estimate.
 - ``sequential``: every stage in turn.
 
+One training-layer form too: :func:`conventional_layer_time`, the forward of the
+``conventional`` training schedule (``model/block.py`` ``topology="conventional"``) with the MoE in one chunk.
+
 TPOT = step / (1 + accept x draft tokens); tokens/GPU/s = batch / TPOT.
 """
 
@@ -65,6 +68,32 @@ def sbo_layer_time(st: StageTimes) -> float:
             + g("combine")
         )
     return sequential_layer_time(st)
+
+
+def conventional_layer_time(st: StageTimes) -> float:
+    """One ScMoE layer in the conventional topology (the MoE reads the second attention's
+    output, like FFN_1), as the ``conventional`` training schedule runs it with one token chunk:
+
+        attn0 + ffn0 + ffn0_tp + attn1_qkv + attn1_core + router
+        + max(ffn1 + ffn1_tp, max(ffn1, dispatch) + moe + combine)
+
+    FFN_1 runs beside the dispatch; the MoE GEMM is issued after it. Exact when the
+    tensor-parallel collectives use another link than dispatch and combine."""
+    if st.kind != "scmoe":
+        raise ClusterInputError(f"the conventional topology is of scmoe layers, got {st.kind!r}")
+    g = st.get
+    return (
+        g("attn0")
+        + g("ffn0")
+        + g("ffn0_tp")
+        + g("attn1_qkv")
+        + g("attn1_core")
+        + g("router")
+        + max(
+            g("ffn1") + g("ffn1_tp"),
+            max(g("ffn1"), g("dispatch")) + g("moe") + g("combine"),
+        )
+    )
 
 
 @dataclass(frozen=True)

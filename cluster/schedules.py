@@ -3,7 +3,9 @@ simulator must reproduce (the decode closed forms live in ``cluster.closedform``
 
 A layer is a dataflow graph of stages (``DATAFLOW``: each stage lists the stages whose output it
 reads; ``IN`` is the layer input, ``OUT`` the layer output). A schedule fixes the issue order of
-those stages on the streams (``cluster.streams``: every stream runs in issue order):
+those stages on the streams (``cluster.streams``: every stream runs in issue order). Decode
+schedules run ScMoE layers in the shortcut topology (``DATAFLOW["scmoe"]``, ``model/block.py``
+with ``topology="shortcut"``):
 
 - ``sequential``: every stage in forward order, each waiting for the one before it (communication
   blocks compute).
@@ -21,11 +23,31 @@ those stages on the streams (``cluster.streams``: every stream runs in issue ord
   fits under the combine a layer takes dispatch + MoE + combine of the whole batch, the
   paper's Table 7 TBO estimate; ``cluster.closedform.tbo_step_time`` is the exact form.
 
-Training layers split the MoE into C token chunks: ``scmoe`` issues the chunks' MoE GEMMs between
-the dense blocks of the shortcut branch, so their dispatch/combine overlap dense compute and each
-other; ``baseline`` makes the dense branch wait for the MoE output (no shortcut), so the chunks
-only overlap each other. Standard MoE and dense layers have no shortcut: both schedules treat them
-alike. Training stage times are per token chunk; whole-micro-batch stages take chunks x that.
+Training layers split the MoE path (router, dispatch, MoE GEMMs, combine) into C token chunks;
+every other stage runs on the whole micro-batch. Three training schedules (``TRAIN_SCHEDULES``)
+differ in what the MoE reads and what waits for it on ScMoE layers:
+
+- ``scmoe`` (``model/block.py`` ``topology="shortcut"``, LongCat-Flash): the MoE reads
+  ``u = norm(a)`` after the first attention (``DATAFLOW["scmoe"]``), so its chunks'
+  dispatch/combine overlap the whole dense branch ffn0 -> attn1 -> ffn1 and each other.
+- ``conventional`` (``model/block.py`` ``topology="conventional"``): the MoE reads
+  ``n = norm(c)`` after the second attention, the tensor FFN_1 reads (``CONVENTIONAL_FLOW``):
+  attn0, ffn0 and attn1 run first, then the chunks' dispatch/MoE/combine overlap FFN_1 and each
+  other; the layer ends when both FFN_1 and the last combine are done
+  (``cluster.closedform.conventional_layer_time`` with one chunk).
+- ``baseline`` (no overlap, the paper's "without ScMoE" reference of sec. 5.3): the MoE reads the
+  first attention's output and every later dense stage waits for the combine (``SERIAL_FLOW``),
+  so the MoE sits in series after attn0 and its chunks overlap only each other; ffn0 -> attn1
+  -> ffn1 are issued after the last combine. With one chunk it is the ``sequential`` layer.
+
+The overlapping schedules place the chunks by one rule: every chunk's router and dispatch are
+issued as soon as the router's input exists, and the chunks' MoE GEMMs (each followed by its
+combine) are spread evenly over the dense blocks that do not depend on the MoE, never before the
+first of them (``_moe_positions``), so the first dispatch always has dense work to hide behind;
+with no such block (``baseline``) they follow the dispatches directly. A standard MoE layer's
+shared experts are such a block (the conventional topology with the shared experts in FFN_1's
+place), so standard MoE and dense layers are scheduled alike under all three schedules.
+Training stage times are per token chunk; whole-micro-batch stages take chunks x that.
 Backward reverses the dataflow; weight-gradient (W) tasks follow their input-gradient task, or
 form a separate block for zero-bubble pipelines.
 
@@ -58,7 +80,7 @@ DATAFLOW: dict[str, dict[str, tuple[str, ...]]] = {
         "ffn0_tp": ("ffn0",),
         "attn1_qkv": ("ffn0_tp",),  # c = b + MLA_1(b)
         "attn1_core": ("attn1_qkv",),
-        "ffn1": ("attn1_core",),  # y = c + FFN_1(c) + m
+        "ffn1": ("attn1_core",),  # y = c + FFN_1(n) + m, n = norm(c)
         "ffn1_tp": ("ffn1",),
         OUT: ("ffn1_tp", "combine"),
     },
@@ -79,6 +101,21 @@ DATAFLOW: dict[str, dict[str, tuple[str, ...]]] = {
         "ffn_tp": ("ffn",),
         OUT: ("ffn_tp",),
     },
+}
+
+# ``model/block.py`` with ``topology="conventional"``: the MoE reads n = norm(c), after the second
+# attention, like FFN_1; everything else as in the shortcut topology.
+CONVENTIONAL_FLOW: dict[str, tuple[str, ...]] = {
+    **DATAFLOW["scmoe"],
+    "router": ("attn1_core",),  # routes n = norm(c): the input of FFN_1
+}
+
+# The serial layer without overlap: the MoE reads the first attention's output (as in the
+# shortcut topology) but FFN_0 also reads the MoE output, so every dense stage after attn0 waits
+# for the last combine.
+SERIAL_FLOW: dict[str, tuple[str, ...]] = {
+    **DATAFLOW["scmoe"],
+    "ffn0": ("attn0", "combine"),
 }
 
 SBO_ORDER: dict[str, tuple[str, ...]] = {
@@ -120,7 +157,7 @@ TBO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 DECODE_SCHEDULES = ("sbo", "sequential", "tbo")
-TRAIN_SCHEDULES = ("baseline", "scmoe")
+TRAIN_SCHEDULES = ("baseline", "conventional", "scmoe")
 PIPELINES = ("1f1b", "none", "zb")
 MOE_PATH = ("router", "dispatch", "moe", "combine")  # the stages split into token chunks
 
@@ -334,20 +371,59 @@ def decode_tasks(
 
 
 def _moe_positions(chunks: int, blocks: int) -> list[int]:
-    """After which dense block (1-based; 0 = before the first) each MoE chunk is issued: spread
-    evenly, so one chunk lands after ffn0 + attn1_qkv, like SBO."""
-    return [((c + 1) * blocks + (chunks + 1) // 2) // (chunks + 1) for c in range(chunks)]
+    """After which dense block (1-based) each MoE chunk's GEMM is issued: spread evenly over the
+    ``blocks`` dense blocks beside the MoE, never before the first (so one of two chunks lands
+    after ffn0 + attn1_qkv on a shortcut layer, like SBO, and after FFN_1 or the shared experts
+    on a conventional one)."""
+    return [max(1, ((c + 1) * blocks + (chunks + 1) // 2) // (chunks + 1)) for c in range(chunks)]
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """Issue order of one training layer: ``lead`` before the chunks' routers (the router's
+    input and what it depends on), ``beside`` the dense blocks the chunks' MoE GEMMs are spread
+    over, ``tail`` the stages issued after every chunk."""
+
+    lead: tuple[str, ...]
+    beside: tuple[tuple[str, ...], ...]
+    tail: tuple[str, ...] = ()
+
+
+_MOE_LAYOUT = TrainLayout(("attn_qkv", "attn_core"), (("shared",),))
+
+# Per layer kind and training schedule (dense layers have no MoE path).
+_TRAIN_LAYOUT: dict[tuple[str, str], TrainLayout] = {
+    ("scmoe", "scmoe"): TrainLayout(
+        ("attn0",),
+        (("ffn0", "ffn0_tp"), ("attn1_qkv",), ("attn1_core",), ("ffn1", "ffn1_tp")),
+    ),
+    ("scmoe", "conventional"): TrainLayout(
+        ("attn0", "ffn0", "ffn0_tp", "attn1_qkv", "attn1_core"),
+        (("ffn1", "ffn1_tp"),),
+    ),
+    ("scmoe", "baseline"): TrainLayout(
+        ("attn0",),
+        (),
+        ("ffn0", "ffn0_tp", "attn1_qkv", "attn1_core", "ffn1", "ffn1_tp"),
+    ),
+    **{("moe", schedule): _MOE_LAYOUT for schedule in TRAIN_SCHEDULES},
+}
+
+_TRAIN_FLOW: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    ("scmoe", "conventional"): CONVENTIONAL_FLOW,
+    ("scmoe", "baseline"): SERIAL_FLOW,
+}
 
 
 def train_forward_program(kind: str, schedule: str, chunks: int) -> LayerProgram:
-    """Forward program of one training layer with the MoE path split into ``chunks``."""
+    """Forward program of one training layer with the MoE path split into ``chunks``:
+    ``scmoe`` the shortcut topology, ``conventional`` the conventional one, ``baseline`` the
+    serial layer without overlap (module docstring)."""
     if schedule not in TRAIN_SCHEDULES:
         raise ClusterInputError(
             f"unknown training schedule {schedule!r}; choose one of {', '.join(TRAIN_SCHEDULES)}"
         )
-    flow = DATAFLOW[kind]
-    if kind == "scmoe" and schedule == "baseline":
-        flow = {**flow, "ffn0": ("attn0", "combine")}  # no shortcut: the MoE output feeds ffn0
+    flow = _TRAIN_FLOW.get((kind, schedule), DATAFLOW[kind])
 
     def op(stage: str, chunk: int) -> Op:
         deps = []
@@ -360,34 +436,25 @@ def train_forward_program(kind: str, schedule: str, chunks: int) -> LayerProgram
                 deps.append((src, chunk if src in MOE_PATH else -1))
         return Op(stage, chunk, tuple(deps), IN in flow[stage])
 
-    def chunk_ops(stages: Sequence[str], c: int) -> list[Op]:
-        return [op(s, c) for s in stages]
+    def experts(c: int) -> list[Op]:
+        return [op(s, c) for s in ("moe", "combine")]
 
     if kind == "dense":
         ops = [op(s, -1) for s in ("attn_qkv", "attn_core", "ffn", "ffn_tp")]
         return LayerProgram(tuple(ops), (("ffn_tp", -1),))
-    routing = [o for c in range(chunks) for o in chunk_ops(("router", "dispatch"), c)]
-    experts = [[*chunk_ops(("moe", "combine"), c)] for c in range(chunks)]
-    if kind == "scmoe" and schedule == "scmoe":
-        blocks = [["ffn0", "ffn0_tp"], ["attn1_qkv"], ["attn1_core"], ["ffn1", "ffn1_tp"]]
-        positions = _moe_positions(chunks, len(blocks))
-        ops = [op("attn0", -1), *routing]
-        for c in range(chunks):
-            if positions[c] == 0:
-                ops.extend(experts[c])
-        for b, block in enumerate(blocks, start=1):
+    layout = _TRAIN_LAYOUT[(kind, schedule)]
+    ops = [op(s, -1) for s in layout.lead]
+    ops += [op(s, c) for c in range(chunks) for s in ("router", "dispatch")]
+    if layout.beside:
+        positions = _moe_positions(chunks, len(layout.beside))
+        for b, block in enumerate(layout.beside, start=1):
             ops.extend(op(s, -1) for s in block)
             for c in range(chunks):
                 if positions[c] == b:
-                    ops.extend(experts[c])
-    elif kind == "scmoe":
-        ops = [op("attn0", -1), *routing, *(o for e in experts for o in e)]
-        ops += [
-            op(s, -1) for s in ("ffn0", "ffn0_tp", "attn1_qkv", "attn1_core", "ffn1", "ffn1_tp")
-        ]
+                    ops.extend(experts(c))
     else:
-        ops = [op("attn_qkv", -1), op("attn_core", -1), *routing, op("shared", -1)]
-        ops += [o for e in experts for o in e]
+        ops.extend(o for c in range(chunks) for o in experts(c))
+    ops.extend(op(s, -1) for s in layout.tail)
     out = [(src, c) for src in flow[OUT] for c in (range(chunks) if src in MOE_PATH else (-1,))]
     return LayerProgram(tuple(ops), tuple(out))
 

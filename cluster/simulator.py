@@ -141,8 +141,11 @@ def simulate_decode(
 
 
 def simulate_train(workload: TrainWorkload, schedule: str, pipeline: str = "none") -> TrainResult:
-    """Simulate one training step: ``schedule`` ``scmoe`` (shortcut overlap) or ``baseline``,
-    ``pipeline`` ``none`` (micro-batches back to back), ``1f1b`` or ``zb`` (ZB1P)."""
+    """Simulate one training step: ``schedule`` ``scmoe`` (model/block.py's shortcut topology:
+    the MoE beside the whole dense branch), ``conventional`` (its conventional topology: the
+    MoE after the second attention, beside FFN_1) or ``baseline`` (the serial layer: the MoE
+    after the first attention, every later dense stage waiting for it), ``pipeline`` ``none``
+    (micro-batches back to back), ``1f1b`` or ``zb`` (ZB1P)."""
     if schedule not in TRAIN_SCHEDULES:
         raise ClusterInputError(
             f"unknown training schedule {schedule!r}; choose one of {', '.join(TRAIN_SCHEDULES)}"

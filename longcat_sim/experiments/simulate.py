@@ -12,6 +12,10 @@ Defaults are the embedded deployments:
   sequences of 8192 tokens, 4096 tokens per GPU per micro-batch split into 2 MoE chunks,
   dispatch/combine as pipelined all-gather / reduce-scatter, ScMoE schedule, 8 micro-batches
   without pipeline parallelism (V-ZB leaves zero theoretical bubbles), assumption set ``train``.
+  ``--schedule scmoe`` is model/block.py's shortcut topology, ``conventional`` its conventional
+  one (the MoE reads the second attention's output, beside FFN_1), ``baseline`` the serial layer
+  without overlap (the MoE after the first attention, every later dense stage waiting for it),
+  the paper's "without ScMoE" reference.
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cluster import closedform
+from cluster import closedform, metrics
 from cluster.assumptions import Assumptions, assumption_names, get_assumptions
 from cluster.hardware import Hardware, get_hardware, hardware_names
 from cluster.schedules import DECODE_SCHEDULES, PIPELINES, TRAIN_SCHEDULES
 from cluster.simulator import DecodeResult, TrainResult, simulate_decode, simulate_train
+from cluster.streams import EventRecord
 from cluster.trace import chrome_trace_json
 from longcat_sim import bridge
 from longcat_sim.artifacts import write_text_atomic
@@ -114,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--schedule",
         help=f"decode: {', '.join(DECODE_SCHEDULES)} (default sbo); "
-        f"train: {', '.join(TRAIN_SCHEDULES)} (default scmoe)",
+        f"train: {', '.join(TRAIN_SCHEDULES)} (default scmoe; conventional: the MoE after "
+        "the second attention, beside FFN_1; baseline: the MoE in series, no overlap)",
     )
     parser.add_argument(
         "--redundant-experts", type=int, help="expert replicas per layer (default 0)"
@@ -334,12 +341,45 @@ def run_decode(setup: DecodeSetup) -> tuple[DecodeResult, float]:
     return result, closedform.step_time(workload, setup.schedule)
 
 
+def exposed_attention_us(records: Sequence[EventRecord]) -> float:
+    """Microseconds per layer of attention compute during which no communication stream of its
+    GPU is busy, averaged over the layers that run attention (as ``per_layer_us``).
+
+    Under SBO that is MLA_0 (``attn0``) whenever the dispatch covers FFN_0 + MLA_1's QKV and the
+    combine covers MLA_1's core, the regime of the paper's Table 7, whose LongCat-Flash
+    "attention per layer" row is this exposed MLA_0; a standard MoE layer's attention is all
+    exposed (the router waits for it). Under ``sequential`` it is all attention. Under TBO it is
+    the attention the other micro-batch's dispatch/combine does not hide (Table 7's TBO rows
+    list the whole attention, hidden)."""
+    exposed = 0.0
+    layers: set[tuple[int, int]] = set()
+    for gpu in {r.gpu for r in records}:
+        rows = [r for r in records if r.gpu == gpu]
+        comm = metrics.union((r.start, r.end) for r in rows if r.is_comm)
+        for r in rows:
+            if metrics.STAGE_GROUPS.get(r.name) == "attention":
+                hidden = metrics.intersection_measure([(r.start, r.end)], comm)
+                exposed += r.duration - hidden
+                layers.add((gpu, r.layer))
+    return exposed / len(layers) * 1e6 if layers else 0.0
+
+
 def decode_results(setup: DecodeSetup, result: DecodeResult, closed_step_s: float) -> dict:
-    """The JSON of one decode simulation: inputs, then the numbers it is judged by."""
+    """The JSON of one decode simulation: inputs, then the numbers it is judged by.
+
+    ``per_layer_us["attention"]`` is all attention compute of a layer (both MLA blocks of a
+    LongCat-Flash layer); ``per_layer_us["attention_exposed"]`` is the part no communication
+    hides (:func:`exposed_attention_us`)."""
     out = setup.config()
     out["mode"] = "decode"
     out["assumptions_description"] = setup.assumptions.description
     out.update(result.summary())
+    per_layer = {}
+    for key, value in out["per_layer_us"].items():
+        per_layer[key] = value
+        if key == "attention":
+            per_layer["attention_exposed"] = exposed_attention_us(result.records)
+    out["per_layer_us"] = per_layer
     out["closed_form_step_ms"] = closed_step_s * 1e3
     out["total_tokens_per_s"] = result.tgs * setup.gpus
     out["events"] = len(result.records)
@@ -475,6 +515,23 @@ def _values(
     return values
 
 
+def _check_trace_path(path: Path | None) -> None:
+    """Refuse, before simulating, a trace path whose folder is missing or that is a folder."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise UserError(
+            f"--trace {str(path)!r}: folder {str(path.parent)!r} does not exist; create it or "
+            "choose a path in an existing folder"
+        )
+    if path.is_dir():
+        raise UserError(f"--trace {str(path)!r} is a folder; give a file path such as trace.json")
+
+
+def _with_trace_line(text: str, path: Path | None) -> str:
+    return text if path is None else f"{text}\ntrace written to {path}"
+
+
 def _write_trace(
     path: Path, records, metadata: dict[str, Any], gpu_names: dict[int, str] | None = None
 ) -> None:
@@ -486,6 +543,7 @@ def _write_trace(
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
+    _check_trace_path(args.trace)
     if args.mode == "train":
         return _run_train(args)
     v = _values(args, DECODE_DEFAULTS, TRAIN_ONLY)
@@ -518,7 +576,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         _write_trace(args.trace, result.records, {k: results[k] for k in ("model", "schedule")})
     return CommandOutput(
         results=results,
-        text=_decode_text(results),
+        text=_with_trace_line(_decode_text(results), args.trace),
         config=config,
         config_hash=_config_hash(config),
         seeds={"routing": setup.seed},
@@ -540,7 +598,7 @@ def _run_train(args: argparse.Namespace) -> CommandOutput:
     full_config = config | {"hardware_spec": asdict(hw), "model_config": cfg.to_dict()}
     return CommandOutput(
         results=results,
-        text=_train_text(results),
+        text=_with_trace_line(_train_text(results), args.trace),
         config=full_config,
         config_hash=_config_hash(full_config),
         seeds={"routing": v["seed"]},

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from cluster import closedform
 from cluster.errors import ClusterInputError
 from cluster.schedules import (
+    _moe_positions,
     bubble_1f1b,
     bubble_dualpipe,
     bubble_zb1p,
     decode_tasks,
     pipeline_tasks,
+    train_forward_program,
     train_layer_tasks,
 )
 from cluster.streams import STREAM_NAMES, Task, earliest_start_times, run_tasks
@@ -337,11 +339,70 @@ def test_one_chunk_scmoe_forward_is_sbo(layer):
 
 
 @settings(max_examples=40)
-@given(scmoe_layers(tp=False, drop=False))
+@given(scmoe_layers())
 def test_one_chunk_baseline_forward_is_sequential(layer):
+    """With one token chunk the serial baseline runs every stage in turn."""
     fwd, _, _ = train_layer_tasks([_train_layer(layer)], "baseline", 1, defer_weight_grad=False)
     expected = closedform.sequential_layer_time(layer)
     assert _makespan(run_tasks(fwd)) == pytest.approx(expected, rel=1e-12)
+
+
+@settings(max_examples=40)
+@given(scmoe_layers(tp=False, drop=False))
+def test_one_chunk_baseline_backward_is_sequential(layer):
+    """The serial dataflow reversed is serial too: backward takes the sum of its stage times."""
+    lt = _train_layer(layer)
+    _, bwd, _ = train_layer_tasks([lt], "baseline", 1, defer_weight_grad=False)
+    expected = sum(lt.backward.compute.values()) + sum(lt.backward.comm.values())
+    assert _makespan(run_tasks(bwd)) == pytest.approx(expected, rel=1e-12)
+
+
+@settings(max_examples=40)
+@given(scmoe_layers())
+def test_one_chunk_conventional_forward_matches_closed_form(layer):
+    """With one token chunk the conventional topology (model/block.py
+    ``topology="conventional"``) runs attn0, ffn0 and attn1 in turn, then FFN_1 beside
+    dispatch -> MoE -> combine."""
+    fwd, _, _ = train_layer_tasks([_train_layer(layer)], "conventional", 1, defer_weight_grad=False)
+    expected = closedform.conventional_layer_time(layer)
+    assert _makespan(run_tasks(fwd)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_conventional_closed_form_is_not_sequential():
+    """Negative control: FFN_1 beside the dispatch makes the conventional topology differ from
+    the serial baseline, so the two checks above can tell them apart."""
+    layer = find(
+        scmoe_layers(tp=False, drop=False),
+        lambda s: closedform.conventional_layer_time(s) < closedform.sequential_layer_time(s),
+    )
+    lt = _train_layer(layer)
+    conventional, _, _ = train_layer_tasks([lt], "conventional", 1, defer_weight_grad=False)
+    baseline, _, _ = train_layer_tasks([lt], "baseline", 1, defer_weight_grad=False)
+    assert _makespan(run_tasks(conventional)) < closedform.sequential_layer_time(layer)
+    assert _makespan(run_tasks(baseline)) == pytest.approx(
+        closedform.sequential_layer_time(layer), rel=1e-12
+    )
+
+
+@settings(max_examples=40)
+@given(scmoe_layers(tp=False, drop=False))
+def test_one_chunk_conventional_backward_reverses_its_dataflow(layer):
+    """Backward issues the forward in reverse: combine, MoE, then FFN_1 beside the dispatch's
+    gradient, then the router, attn1, ffn0 and attn0 in turn (backward stage times)."""
+    lt = _train_layer(layer)
+    _, bwd, _ = train_layer_tasks([lt], "conventional", 1, defer_weight_grad=False)
+    g = lt.backward.get
+    expected = (
+        g("combine")
+        + g("moe")
+        + max(g("ffn1"), g("dispatch"))
+        + g("router")
+        + g("attn1_core")
+        + g("attn1_qkv")
+        + g("ffn0")
+        + g("attn0")
+    )
+    assert _makespan(run_tasks(bwd)) == pytest.approx(expected, rel=1e-12)
 
 
 @settings(max_examples=40)
@@ -384,6 +445,98 @@ def test_chunked_baseline_forward_hand_computed():
     assert spans[("ffn0", 0)] == (14.0, 16.0)
 
 
+def test_baseline_is_the_serial_dataflow():
+    """The serial baseline, written out by hand for three chunks: attn0, every chunk's router
+    and dispatch, every chunk's MoE and combine, then the dense branch, FFN_0 reading attn0 and
+    every combine; the MoE reads the first attention's output."""
+    program = train_forward_program("scmoe", "baseline", 3)
+    combines = tuple(("combine", c) for c in range(3))
+    expected = [
+        ("attn0", -1, (), True),
+        *(op for c in range(3) for op in (
+            ("router", c, (("attn0", -1),), False),
+            ("dispatch", c, (("router", c),), False),
+        )),
+        *(op for c in range(3) for op in (
+            ("moe", c, (("dispatch", c),), False),
+            ("combine", c, (("moe", c),), False),
+        )),
+        ("ffn0", -1, (("attn0", -1), *combines), False),
+        ("ffn0_tp", -1, (("ffn0", -1),), False),
+        ("attn1_qkv", -1, (("ffn0_tp", -1),), False),
+        ("attn1_core", -1, (("attn1_qkv", -1),), False),
+        ("ffn1", -1, (("attn1_core", -1),), False),
+        ("ffn1_tp", -1, (("ffn1", -1),), False),
+    ]  # fmt: skip
+    assert [(o.stage, o.chunk, o.deps, o.reads_input) for o in program.ops] == expected
+    assert program.out == (("ffn1_tp", -1), *combines)
+
+
+@pytest.mark.parametrize("schedule", ["baseline", "conventional", "scmoe"])
+def test_standard_moe_layers_alike_under_every_schedule(schedule):
+    """Standard MoE layers have no shortcut: every schedule issues the shared experts, then the
+    chunks' MoE GEMMs and combines."""
+    assert train_forward_program("moe", schedule, 2) == train_forward_program("moe", "scmoe", 2)
+    stages = [(o.stage, o.chunk) for o in train_forward_program("moe", schedule, 2).ops]
+    assert stages.index(("shared", -1)) < stages.index(("moe", 0))
+
+
+def test_chunked_conventional_forward_hand_computed():
+    """Two chunks, conventional topology, two layers. Whole-batch stages take 2 x the per-chunk
+    time: attn0 [0, 2], ffn0 [2, 4], attn1 [4, 6]; then both routers (0 s) and the dispatches
+    d0 [6, 9], d1 [9, 12] beside FFN_1 [6, 9]; m0 [9, 10], m1 [12, 13]; the combines queue on
+    the link: c0 [12, 15], c1 [15, 18]. The next layer waits for FFN_1 and both combines."""
+    layer = StageTimes(
+        "scmoe",
+        {"attn0": 1.0, "router": 0.0, "ffn0": 1.0, "attn1_qkv": 0.5, "attn1_core": 0.5,
+         "ffn1": 1.5, "moe": 1.0},
+        {"dispatch": 3.0, "combine": 3.0},
+        {"dispatch": "rdma", "combine": "rdma"},
+    )  # fmt: skip
+    lt = _train_layer(layer)
+    fwd, _, _ = train_layer_tasks([lt, lt], "conventional", 2, defer_weight_grad=False)
+    spans = {(r.layer, r.name, r.chunk): (r.start, r.end) for r in run_tasks(fwd)}
+    expected = {
+        "attn0": (0.0, 2.0),
+        "ffn0": (2.0, 4.0),
+        "attn1_qkv": (4.0, 5.0),
+        "attn1_core": (5.0, 6.0),
+        "ffn1": (6.0, 9.0),
+    }
+    for stage, span in expected.items():
+        assert spans[(0, stage, 0)] == span
+    assert spans[(0, "router", 0)] == spans[(0, "router", 1)] == (6.0, 6.0)
+    assert spans[(0, "dispatch", 0)] == (6.0, 9.0)
+    assert spans[(0, "dispatch", 1)] == (9.0, 12.0)
+    assert spans[(0, "moe", 0)] == (9.0, 10.0)
+    assert spans[(0, "moe", 1)] == (12.0, 13.0)
+    assert spans[(0, "combine", 0)] == (12.0, 15.0)
+    assert spans[(0, "combine", 1)] == (15.0, 18.0)
+    assert spans[(1, "attn0", 0)] == (18.0, 20.0)
+
+
+def test_conventional_is_the_models_conventional_dataflow():
+    """The conventional program reads what model/block.py's conventional layer reads: the router
+    after attn1 (n = norm(c)), FFN_1 independent of the MoE, the layer output from both."""
+    program = train_forward_program("scmoe", "conventional", 2)
+    deps = {op.key: set(op.deps) for op in program.ops}
+    assert deps[("router", 0)] == deps[("router", 1)] == {("attn1_core", -1)}
+    assert deps[("ffn1", -1)] == {("attn1_core", -1)}
+    assert deps[("ffn0", -1)] == {("attn0", -1)}
+    assert set(program.out) == {("ffn1_tp", -1), ("combine", 0), ("combine", 1)}
+    shortcut = train_forward_program("scmoe", "scmoe", 2)
+    assert {op.key: set(op.deps) for op in shortcut.ops}[("router", 0)] == {("attn0", -1)}
+
+
+@pytest.mark.parametrize(("chunks", "blocks", "expected"), [
+    (1, 4, [2]), (2, 4, [1, 3]), (4, 4, [1, 2, 2, 3]), (8, 4, [1, 1, 1, 2, 2, 3, 3, 4]),
+    (1, 1, [1]), (2, 1, [1, 1]),
+])  # fmt: skip
+def test_moe_chunk_positions(chunks, blocks, expected):
+    """Chunks spread evenly over the dense blocks beside the MoE, never before the first."""
+    assert _moe_positions(chunks, blocks) == expected
+
+
 def test_weight_gradients_inline_or_deferred():
     layer = StageTimes("dense", {"attn_qkv": 1.0, "ffn": 2.0})
     lt = TrainLayerTimes(layer, layer, weight_grad={"ffn": 0.75})
@@ -402,7 +555,7 @@ def test_unknown_stage_and_schedule_rejected():
     good = StageTimes("dense", {"ffn": 1.0})
     with pytest.raises(ClusterInputError, match="sbo, sequential, tbo"):
         decode_tasks([good], [good], "dbo")
-    with pytest.raises(ClusterInputError, match="baseline, scmoe"):
+    with pytest.raises(ClusterInputError, match="baseline, conventional, scmoe"):
         train_layer_tasks([_train_layer(good)], "shortcut", 1, defer_weight_grad=False)
 
 

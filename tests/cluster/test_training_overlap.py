@@ -10,6 +10,13 @@ ScMoE share it then predicts.
 
 The V3 tests at the end price the same comparison from the model's op counts (longcat_sim.bridge)
 on the documented setup of ``longcat-sim simulate --mode train``.
+
+"Without ScMoE" is the ``baseline`` training schedule: the MoE in series after the first
+attention, every later dense stage waiting for its combine, the chunks overlapping only each
+other. The ``conventional`` schedule (model/block.py's conventional topology, the MoE after the
+second attention and beside FFN_1) hides part of the traffic behind FFN_1; it is no published
+reference, so its share is only checked to lie between the two (fitting the link fraction on it
+instead lands at 0.73 and predicts 12.0 % with ScMoE, outside the tolerance).
 """
 
 from __future__ import annotations
@@ -114,7 +121,7 @@ def test_v3_calibrated_baseline_predicts_scmoe_share():
     baseline, scmoe = shares(rate)
     assert baseline == pytest.approx(0.253, abs=1e-6)
     assert 0.1 * 989e12 < rate < 989e12
-    assert scmoe < 0.084
+    assert scmoe < NON_OVERLAPPED_COMM_WITH_SCMOE
 
 
 def test_chunking_helps_the_baseline_overlap():
@@ -124,7 +131,9 @@ def test_chunking_helps_the_baseline_overlap():
     assert one > two >= four
 
 
-def _v3_shares(assumptions=None, **changes) -> tuple[float, float]:
+def _v3_shares(
+    assumptions=None, schedules: tuple[str, ...] = ("baseline", "scmoe"), **changes
+) -> tuple[float, ...]:
     """Non-overlapped communication share (baseline, ScMoE) on the documented V3 setup: the
     defaults of ``longcat-sim simulate --mode train`` (LongCat-Flash on H800 with 200 Gb/s RDMA
     per GPU, EP 32, CP 8, sequences of 8192, 4096 tokens per GPU per micro-batch in 2 MoE
@@ -155,7 +164,7 @@ def _v3_shares(assumptions=None, **changes) -> tuple[float, float]:
     )
     return tuple(
         simulate_train(w, schedule, setup["pipeline"]).non_overlapped_comm_share
-        for schedule in ("baseline", "scmoe")
+        for schedule in schedules
     )
 
 
@@ -167,18 +176,32 @@ def test_v3_documented_setup():
     assert scmoe == pytest.approx(NON_OVERLAPPED_COMM_WITH_SCMOE, abs=TOLERANCE)
 
 
+@pytest.mark.parametrize("tokens", [None, 2048, 8192])
+def test_v3_conventional_topology_lies_between(tokens: int | None):
+    """The conventional topology hides the traffic behind FFN_1 only: it exposes less than the
+    serial baseline and more than the shortcut, on the documented setup and across micro-batch
+    sizes (no published number to compare with)."""
+    changes = {} if tokens is None else {"tokens_per_microbatch": tokens}
+    baseline, conventional, scmoe = _v3_shares(
+        schedules=("baseline", "conventional", "scmoe"), **changes
+    )
+    assert scmoe < conventional < baseline
+
+
 def test_v3_fitted_term_reproduces_the_baseline_only():
-    """Re-fit the one fitted term on the baseline share alone: it lands on the stated value."""
+    """Re-fit the one fitted term on the (serial) baseline share alone: it lands on the stated
+    value, a physical fraction of line rate."""
     from cluster.assumptions import FITTED_TRAIN_LINK_FRACTION, TRAIN
 
     def baseline(fraction: float) -> float:
         return _v3_shares(TRAIN.replace(ep_collective_fraction=fraction))[0]
 
-    lo, hi = 0.6, 1.0  # the share falls as the links get faster
+    lo, hi = 0.5, 1.0  # the share falls as the links get faster
     for _ in range(8):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if baseline(mid) > NON_OVERLAPPED_COMM_WITHOUT_SCMOE else (lo, mid)
     assert (lo + hi) / 2 == pytest.approx(FITTED_TRAIN_LINK_FRACTION, abs=0.01)
+    assert 0.0 < FITTED_TRAIN_LINK_FRACTION <= 1.0
 
 
 @pytest.mark.parametrize("tokens", [2048, 8192])
@@ -191,9 +214,9 @@ def test_v3_holds_across_micro_batch_sizes(tokens: int):
 
 
 def test_v3_negative_control_unfitted_links_miss():
-    """With the decode set's link fraction (0.75) in place of the fitted one the baseline misses
-    25.3 % by more than the tolerance: the check can fail, and the fit is what moves it."""
+    """With the links at line rate (fraction 1, nothing fitted) the baseline misses 25.3 % by
+    more than the tolerance: the check can fail, and the fit is what moves it."""
     from cluster.assumptions import TRAIN
 
-    baseline, _ = _v3_shares(TRAIN.replace(ep_collective_fraction=0.75))
+    baseline, _ = _v3_shares(TRAIN.replace(ep_collective_fraction=1.0))
     assert abs(baseline - NON_OVERLAPPED_COMM_WITHOUT_SCMOE) > TOLERANCE
