@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "report": "longcat_sim.experiments.report",
     "simulate": "longcat_sim.experiments.simulate",
     "sweep": "longcat_sim.experiments.sweep",
+    "determinism": "longcat_sim.experiments.determinism",
+    "sdc": "longcat_sim.experiments.sdc",
+    "calibrate": "longcat_sim.experiments.calibrate",
 }
 
 PROG = "longcat-sim"

@@ -45,6 +45,7 @@ from longcat_sim.data import (
     unigram_entropy,
 )
 from longcat_sim.errors import UserError
+from longcat_sim.repro.determinism import clip_grad_norm_fixed_order, deterministic_config
 from longcat_sim.repro.hashing import parameter_hash
 from model import costs
 from model.balance import (
@@ -125,6 +126,8 @@ class TrainConfig:
     byte_budget: int = DEFAULT_BYTE_BUDGET
     val_fraction: float = 0.05
     split_seed: int = 0
+    # reproducibility: batch-invariant kernels and a fixed-order gradient norm
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _validate_train_config(self)
@@ -414,6 +417,8 @@ class Trainer:
         data_cache: str | Path | None = None,
         progress: bool | None = False,
     ) -> None:
+        if train_cfg.deterministic:
+            model_cfg = deterministic_config(model_cfg)
         self.model_cfg = model_cfg
         self.tc = train_cfg
         self.run_dir = Path(run_dir)
@@ -601,7 +606,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        clip = clip_grad_norm_fixed_order if tc.deterministic else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(self.model.parameters(), max_norm)
         self.optimizer.step()
         if tc.bias_rate > 0:
             self.controller.update(self.routers, stack_counts(out.router), step)

@@ -36,7 +36,9 @@ class LongcatDecoderLayer(nn.Module):
         self.input_layernorm = nn.ModuleList(RMSNorm(hidden, eps) for _ in range(2))
         self.post_attention_layernorm = nn.ModuleList(RMSNorm(hidden, eps) for _ in range(2))
         self.self_attn = nn.ModuleList(MLA(cfg, block_idx=blocks * layer_idx + i) for i in range(2))
-        self.mlps = nn.ModuleList(DenseMLP(hidden, cfg.ffn_hidden_size) for _ in range(2))
+        self.mlps = nn.ModuleList(
+            DenseMLP(hidden, cfg.ffn_hidden_size, deterministic=cfg.deterministic) for _ in range(2)
+        )
         self.mlp = MoE(cfg)
 
     def _moe(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:

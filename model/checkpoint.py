@@ -48,6 +48,7 @@ _EXTRA_FIELDS = (
     "expected_ffn_experts",
     "latent_norm_eps",
     "mtp_layers",
+    "deterministic",
 )
 
 

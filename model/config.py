@@ -34,6 +34,11 @@ class ModelConfig:
     the MoE reads its input: ``"shortcut"`` (the normalised first-attention residual, as
     LongCat-Flash) or ``"conventional"`` (the normalised second-attention residual, so the MoE
     sits after the attention it follows and nothing overlaps it).
+
+    ``deterministic`` changes no parameter, only how the same arithmetic runs: the linear
+    layers, attention, expert GEMMs and MoE sums take batch-invariant, fixed-order kernels
+    (``model/kernels/batch_invariant.py``), so a token's result depends neither on the batch
+    it travels in nor on the thread count.
     """
 
     name: str = "custom"
@@ -73,6 +78,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     mtp_layers: int = 0
     initializer_range: float = 0.02
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.kernels.batch_invariant import mm_rows, mm_t_rows, silu, silu_grad
 from model.router import default_generator
 
 # gate [N, I, H], up [N, I, H], down [N, H, I]
@@ -29,10 +30,18 @@ def expert_forward(
     pre_gate_rI: torch.Tensor,
     pre_up_rI: torch.Tensor,
     y_rD: torch.Tensor | None = None,
+    *,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for one expert's rows, given the *transposed* weights
     (views from ``transposed_experts``). Writes the two pre-activations (kept for backward)
-    and returns y (written into ``y_rD`` when given). No autograd."""
+    and returns y (written into ``y_rD`` when given). No autograd. ``deterministic``:
+    batch-invariant GEMMs (``batch_invariant.mm_rows``) and SiLU, so a row's result does not
+    depend on the expert's other rows."""
+    if deterministic:
+        mm_rows(x_rD, w_gate_DI, out=pre_gate_rI)
+        mm_rows(x_rD, w_up_DI, out=pre_up_rI)
+        return mm_rows(silu(pre_gate_rI).mul_(pre_up_rI), w_down_ID, out=y_rD)
     torch.mm(x_rD, w_gate_DI, out=pre_gate_rI)
     torch.mm(x_rD, w_up_DI, out=pre_up_rI)
     hidden_rI = F.silu(pre_gate_rI).mul_(pre_up_rI)
@@ -62,11 +71,20 @@ def expert_backward_from_hidden(
     grad_gate_ID: torch.Tensor,
     grad_up_ID: torch.Tensor,
     grad_x_rD: torch.Tensor | None = None,
+    *,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Given d loss / d hidden (hidden = silu(pre_gate) * pre_up), write the gate and up weight
     gradients and return d loss / d x (into ``grad_x_rD`` when given). Overwrites
-    ``grad_hidden_rI``."""
+    ``grad_hidden_rI``. ``deterministic``: batch-invariant GEMMs and SiLU derivative, weight
+    gradients with a fixed summation order (thread-count invariant)."""
     grad_pre_up_rI = grad_hidden_rI * silu_rI
+    if deterministic:
+        grad_pre_gate_rI = silu_grad(grad_hidden_rI.mul_(pre_up_rI), pre_gate_rI)
+        mm_t_rows(grad_pre_gate_rI, x_rD, out=grad_gate_ID)
+        mm_t_rows(grad_pre_up_rI, x_rD, out=grad_up_ID)
+        dx = mm_rows(grad_pre_gate_rI, w_gate_ID, out=grad_x_rD)
+        return mm_rows(grad_pre_up_rI, w_up_ID, out=dx, accumulate=True)
     grad_pre_gate_rI = torch.ops.aten.silu_backward(grad_hidden_rI.mul_(pre_up_rI), pre_gate_rI)
     torch.mm(grad_pre_gate_rI.t(), x_rD, out=grad_gate_ID)
     torch.mm(grad_pre_up_rI.t(), x_rD, out=grad_up_ID)

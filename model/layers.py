@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.kernels import batch_invariant
+from model.kernels.batch_invariant import linear_class
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm ``weight * x / sqrt(mean(x^2) + eps)``, reduced in float32 or wider."""
@@ -68,13 +71,16 @@ class RotaryEmbedding(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``, no biases."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``, no biases (batch-invariant
+    linear layers when ``deterministic``)."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, *, deterministic: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        linear = linear_class(deterministic)
+        self.act = batch_invariant.silu if deterministic else F.silu
+        self.gate_proj = linear(hidden, intermediate, bias=False)
+        self.up_proj = linear(hidden, intermediate, bias=False)
+        self.down_proj = linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

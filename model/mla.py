@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.kernels import batch_invariant
 from model.kv_cache import LatentKVCache
 from model.layers import RMSNorm, apply_rope_interleaved
 
@@ -42,20 +43,22 @@ class MLA(nn.Module):
         self.v_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         qk_head_dim = cfg.qk_head_dim
+        self.deterministic = cfg.deterministic
+        linear = batch_invariant.linear_class(cfg.deterministic)
         if cfg.q_lora_rank > 0:
-            self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = linear(hidden, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+            self.q_b_proj = linear(cfg.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
             self.q_scale = math.sqrt(hidden / cfg.q_lora_rank) if cfg.mla_scale_q_lora else 1.0
         else:
-            self.q_proj = nn.Linear(hidden, self.num_heads * qk_head_dim, bias=False)
+            self.q_proj = linear(hidden, self.num_heads * qk_head_dim, bias=False)
             self.q_scale = 1.0
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_proj_with_mqa = linear(hidden, cfg.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = linear(
             cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
+        self.o_proj = linear(self.num_heads * self.v_dim, hidden, bias=False)
         self.kv_scale = math.sqrt(hidden / cfg.kv_lora_rank) if cfg.mla_scale_kv_lora else 1.0
         self.softmax_scale = qk_head_dim**-0.5
 
@@ -115,9 +118,14 @@ class MLA(nn.Module):
         k_rope = k_rope_BTP[:, :, None, :].expand(-1, -1, self.num_heads, -1)
         q_BhTd = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k_BhTd = torch.cat((k_nope, k_rope), dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q_BhTd, k_BhTd, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )
+        if self.deterministic:
+            out = batch_invariant.causal_attention(
+                q_BhTd, k_BhTd, v.transpose(1, 2), self.softmax_scale
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q_BhTd, k_BhTd, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            )
         return out.transpose(1, 2)
 
     # -- absorbed form -----------------------------------------------------------------------

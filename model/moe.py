@@ -8,7 +8,10 @@ GEMMs; a slot routed to a zero expert contributes ``gate * x`` locally and costs
 Every sum of several contributions into one row runs in float32, in a fixed order (identity
 term first, then the FFN slots by ascending expert id) and never with duplicate indices in one
 call, so forward and backward are bitwise reproducible. Dispatch, experts and combine form one
-autograd node; nothing of size T x K x H is ever materialised.
+autograd node; nothing of size T x K x H is ever materialised. With ``cfg.deterministic`` the
+expert GEMMs and SiLU are batch-invariant (``model/kernels/batch_invariant.py``: a token's
+result does not depend on the other tokens of its expert) and weight gradients are summed in
+a fixed order whatever the thread count.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from model.experts import (
     transposed_experts,
     used_experts,
 )
+from model.kernels.batch_invariant import mm_rows, mm_t_rows, silu, slot_sum
 from model.router import RouterOutput, TopkRouter, default_generator
 
 
@@ -70,7 +74,7 @@ class _MoECore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, plan):  # type: ignore[override]
+    def forward(ctx, x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, plan, deterministic):  # type: ignore[override]
         out_TD = x_TD.float() * zero_gate_T.unsqueeze(-1)
         pre_gate_SI = x_TD.new_empty(plan.num_rows, w_gate.shape[1])
         pre_up_SI = torch.empty_like(pre_gate_SI)
@@ -82,9 +86,11 @@ class _MoECore(torch.autograd.Function):
             pre_up_SI,
             *transposed_experts((w_gate, w_up, w_down)),
         ):
-            y_rD = expert_forward(x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI)
+            y_rD = expert_forward(
+                x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI, deterministic=deterministic
+            )
             out_TD.index_add_(0, tokens, _as_float(y_rD).mul_(gate_r1))
-        ctx.plan = plan
+        ctx.plan, ctx.deterministic = plan, deterministic
         ctx.save_for_backward(
             x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI
         )
@@ -94,7 +100,7 @@ class _MoECore(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD):  # type: ignore[override]
         x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI = ctx.saved_tensors
-        plan, dtype = ctx.plan, x_TD.dtype
+        plan, dtype, det = ctx.plan, x_TD.dtype, ctx.deterministic
         grad_TD = grad_TD.float().contiguous()
         grad_x_TD = grad_TD * zero_gate_T.unsqueeze(-1)
         grad_zero_gate_T = torch.linalg.vecdot(grad_TD, x_TD.float())
@@ -115,11 +121,11 @@ class _MoECore(torch.autograd.Function):
             list(experts)
         ):
             grad_out_rD = grad_TD.index_select(0, tokens)
-            silu_rI = F.silu(a_rI)
+            silu_rI = silu(a_rI) if det else F.silu(a_rI)
             hidden_rI = silu_rI * b_rI
-            grad_hidden_rI = torch.mm(_as(grad_out_rD, dtype), w_d)  # gate not applied yet
+            grad_hidden_rI = _mm(_as(grad_out_rD, dtype), w_d, det)  # gate not applied yet
             torch.linalg.vecdot(_as_float(grad_hidden_rI), _as_float(hidden_rI), out=grad_gate_r)
-            torch.mm(_as(grad_out_rD.mul_(gate_r1), dtype).t(), hidden_rI, out=g_d)
+            _mm_t_into(g_d, _as(grad_out_rD.mul_(gate_r1), dtype), hidden_rI, det)
             grad_x_rD = expert_backward_from_hidden(
                 x_TD.index_select(0, tokens),
                 grad_hidden_rI.mul_(gate_r1),
@@ -130,9 +136,22 @@ class _MoECore(torch.autograd.Function):
                 w_u,
                 g_g,
                 g_u,
+                deterministic=det,
             )
             grad_x_TD.index_add_(0, tokens, _as_float(grad_x_rD))
-        return grad_x_TD.to(dtype), grad_zero_gate_T, grad_gate_S, *grads, None
+        return grad_x_TD.to(dtype), grad_zero_gate_T, grad_gate_S, *grads, None, None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    return mm_rows(a, b) if deterministic else torch.mm(a, b)
+
+
+def _mm_t_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> None:
+    """``out = a^T b`` (a sum over rows; in a thread-invariant fixed order when deterministic)."""
+    if deterministic:
+        mm_t_rows(a, b, out=out)
+    else:
+        torch.mm(a.t(), b, out=out)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,6 +169,7 @@ class MoE(nn.Module):
         super().__init__()
         gen = generator if generator is not None else default_generator()
         self.n_routed_experts = cfg.n_routed_experts
+        self.deterministic = cfg.deterministic
         self.router = TopkRouter(cfg, generator=gen)
         self.experts = GroupedExperts(cfg, generator=gen)
 
@@ -164,10 +184,15 @@ class MoE(nn.Module):
         routing = self.router(x_TD)
         gate_TK = routing.topk_gate_TK
         is_zero_TK = routing.topk_idx_TK >= self.n_routed_experts
-        zero_gate_T = torch.where(is_zero_TK, gate_TK, torch.zeros_like(gate_TK)).sum(dim=-1)
+        zero_gate_T = slot_sum(torch.where(is_zero_TK, gate_TK, torch.zeros_like(gate_TK)))
         plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts)
         gate_S = gate_TK.reshape(-1).index_select(0, plan.slot_S)
         out_TD = _MoECore.apply(
-            x_TD.contiguous(), zero_gate_T, gate_S, *self.experts.weights(x_TD.dtype), plan
+            x_TD.contiguous(),
+            zero_gate_T,
+            gate_S,
+            *self.experts.weights(x_TD.dtype),
+            plan,
+            self.deterministic,
         )
         return out_TD.to(x.dtype).reshape(x.shape), routing

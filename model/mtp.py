@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.kernels.batch_invariant import linear_class
 from model.layers import DenseMLP, RMSNorm
 from model.mla import MLA
 
@@ -19,7 +20,7 @@ class DenseDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
-        self.mlp = DenseMLP(hidden, cfg.ffn_hidden_size)
+        self.mlp = DenseMLP(hidden, cfg.ffn_hidden_size, deterministic=cfg.deterministic)
 
     def forward(
         self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
@@ -40,7 +41,7 @@ class MultiTokenPredictor(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden)
         self.enorm = RMSNorm(hidden, eps)
         self.hnorm = RMSNorm(hidden, eps)
-        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.eh_proj = linear_class(cfg.deterministic)(2 * hidden, hidden, bias=False)
         self.layers = nn.ModuleList([DenseDecoderLayer(cfg)])
         self.norm = RMSNorm(hidden, eps)
 

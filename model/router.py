@@ -4,7 +4,8 @@ Scores are a float32 softmax over all N + Z logits. The expert bias
 (``e_score_correction_bias``) only decides *which* experts are selected; the gates are the
 unbiased probabilities of the selected experts, not renormalised, times
 ``routed_scaling_factor``. With ``cfg.scale_zero_expert_gates`` False the gates of zero
-(identity) experts stay unscaled.
+(identity) experts stay unscaled. With ``cfg.deterministic`` the classifier is batch-invariant
+and selection is a stable sort, so exactly equal biased scores go to the lower expert id.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.kernels import batch_invariant
 
 
 @dataclass
@@ -43,6 +45,7 @@ class TopkRouter(nn.Module):
         self.topk = cfg.moe_topk
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.scale_zero_expert_gates = cfg.scale_zero_expert_gates
+        self.deterministic = cfg.deterministic
         self.initializer_range = cfg.initializer_range
         # skip_init: nn.Linear's own init would draw from the global RNG
         self.classifier = nn.utils.skip_init(
@@ -76,11 +79,19 @@ class TopkRouter(nn.Module):
             raise ValueError(
                 f"router expects tokens flattened to [T, D], got shape {tuple(x_TD.shape)}"
             )
-        logits_TE = F.linear(x_TD.float(), self.classifier.weight.float())
-        scores_TE = logits_TE.softmax(dim=-1)
+        if self.deterministic:
+            logits_TE = batch_invariant.linear(x_TD.float(), self.classifier.weight.float())
+            scores_TE = batch_invariant.softmax(logits_TE)
+        else:
+            logits_TE = F.linear(x_TD.float(), self.classifier.weight.float())
+            scores_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():
             biased_TE = scores_TE + self.e_score_correction_bias
-            topk_idx_TK = torch.topk(biased_TE, self.topk, dim=-1, sorted=True).indices
+            if self.deterministic:  # stable sort: exact ties go to the lower expert id
+                order_TE = torch.sort(biased_TE, dim=-1, descending=True, stable=True).indices
+                topk_idx_TK = order_TE[:, : self.topk]
+            else:
+                topk_idx_TK = torch.topk(biased_TE, self.topk, dim=-1, sorted=True).indices
         probs_TK = scores_TE.gather(1, topk_idx_TK)
         topk_gate_TK = probs_TK * self.routed_scaling_factor
         if not self.scale_zero_expert_gates:

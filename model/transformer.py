@@ -9,6 +9,7 @@ from torch import nn
 
 from model.block import LongcatDecoderLayer
 from model.config import ConfigError, ModelConfig
+from model.kernels.batch_invariant import linear_class
 from model.kv_cache import LatentKVCache
 from model.layers import RMSNorm, RotaryEmbedding
 from model.mtp import MultiTokenPredictor
@@ -69,7 +70,9 @@ class LongcatFlashForCausalLM(nn.Module):
         self.config = cfg
         with torch.device("meta"):
             self.model = LongcatFlashModel(cfg)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = linear_class(cfg.deterministic)(
+                cfg.hidden_size, cfg.vocab_size, bias=False
+            )
         self.to_empty(device="cpu")
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -3,12 +3,14 @@
 The run directory (``--out``) receives ``metrics.jsonl`` (one JSON object per step), atomic
 checkpoints under ``checkpoints/`` and the usual ``manifest.json``/``results.json``. Torch runs
 on ``--threads`` threads (default 1): results are bitwise reproducible for a fixed thread count,
-and a different count may change the last bits of reductions.
+and a different count may change the last bits of reductions (with ``--deterministic`` it does
+not: batch-invariant kernels and fixed-order sums).
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from longcat_sim import training
 from longcat_sim.errors import UserError
 from longcat_sim.experiments.base import CommandOutput
+from longcat_sim.repro.determinism import DeterministicMode
 from model.config import ModelConfig, load_model_config
 
 HELP = "train a model with the expert-bias controller; metrics, checkpoints and --resume"
@@ -31,6 +34,7 @@ _FLAG_SETTINGS = {
     "bias_rate": "bias_rate",
     "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every",
+    "deterministic": "deterministic",
 }
 
 
@@ -87,6 +91,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1, reproducible)"
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic mode: batch-invariant kernels, results equal for any --threads",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="expert-parallel training over N processes (gloo on CPU): dense parameters data "
+        "parallel, FFN experts sharded; no checkpoints; with --deterministic the parameters "
+        "are bitwise equal for any N",
     )
     parser.add_argument(
         "--data-cache",
@@ -180,17 +198,21 @@ def run(args: argparse.Namespace) -> CommandOutput:
             f"{str(run_dir)!r} already holds checkpoints; pass --resume to continue it or choose "
             "another --out"
         )
+    if args.nproc is not None:
+        return _run_expert_parallel(args, model_cfg, train_cfg, config_hash)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    mode = DeterministicMode(threads=args.threads) if train_cfg.deterministic else nullcontext()
     try:
-        trainer = training.Trainer(
-            model_cfg, train_cfg, run_dir, data_cache=args.data_cache, progress=args.progress
-        )
-        if checkpoint is not None:
-            trainer.load_checkpoint(checkpoint)
-        elif args.grow_from is not None:
-            trainer.grow_from(args.grow_from)
-        summary = trainer.train(stop_after=args.stop_after)
+        with mode:
+            trainer = training.Trainer(
+                model_cfg, train_cfg, run_dir, data_cache=args.data_cache, progress=args.progress
+            )
+            if checkpoint is not None:
+                trainer.load_checkpoint(checkpoint)
+            elif args.grow_from is not None:
+                trainer.grow_from(args.grow_from)
+            summary = trainer.train(stop_after=args.stop_after)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -212,6 +234,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "checkpoint": summary.checkpoint,
         "grown_from": summary.grown_from,
         "threads": args.threads,
+        "deterministic": train_cfg.deterministic,
         "data": summary.data,
     }
     avg = ", ".join(f"{x:.3f}" for x in summary.avg_ffn_experts_per_token)
@@ -233,6 +256,58 @@ def run(args: argparse.Namespace) -> CommandOutput:
         results=results,
         text=text,
         config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
+        config_hash=config_hash,
+        seeds={"seed": train_cfg.seed, **training.derive_seeds(train_cfg.seed)},
+    )
+
+
+def _run_expert_parallel(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    train_cfg: training.TrainConfig,
+    config_hash: str,
+) -> CommandOutput:
+    """``--nproc N``: :func:`longcat_sim.distributed.ep_train` on N spawned processes."""
+    from longcat_sim import distributed
+
+    if args.resume or args.grow_from is not None or args.stop_after is not None:
+        raise UserError("--nproc trains from scratch: drop --resume, --grow-from and --stop-after")
+    distributed.check_nproc(args.nproc, model_cfg, train_cfg.batch_size)
+    training.Trainer(model_cfg, train_cfg, args.run_dir, data_cache=args.data_cache)  # data cache
+    cache = None if args.data_cache is None else str(args.data_cache)
+    ranks = distributed.launch(
+        distributed.ep_train, args.nproc, model_cfg, train_cfg, cache, threads=args.threads
+    )
+    hashes = {r["param_hash"] for r in ranks}
+    if len(hashes) != 1:
+        raise UserError(f"ranks ended with different parameters ({len(hashes)} hashes)")
+    first = ranks[0]
+    step_s = [max(r["step_seconds"][i] for r in ranks) for i in range(train_cfg.steps)]
+    results = {
+        "model": model_cfg.name,
+        "steps": train_cfg.steps,
+        "nproc": args.nproc,
+        "deterministic": train_cfg.deterministic,
+        "final_loss": first["losses"][-1],
+        "losses": first["losses"],
+        "step_seconds": step_s,
+        "param_hash": first["param_hash"],
+        "state_hash": first["state_hash"],
+        "threads": args.threads,
+    }
+    text = "\n".join(
+        [
+            f"trained {model_cfg.name} for {train_cfg.steps} steps on {args.nproc} process(es), "
+            "experts sharded",
+            f"  final train loss   {first['losses'][-1]:.4f} nats/token (LM, batch mean)",
+            f"  step time          {sorted(step_s)[len(step_s) // 2]:.3f} s (median)",
+            f"  parameters sha256  {first['param_hash']}",
+        ]
+    )
+    return CommandOutput(
+        results=results,
+        text=text,
+        config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "nproc": args.nproc},
         config_hash=config_hash,
         seeds={"seed": train_cfg.seed, **training.derive_seeds(train_cfg.seed)},
     )

@@ -1,0 +1,182 @@
+"""``longcat-sim determinism``: rerun a short training in separate processes, compare bitwise.
+
+Every run trains ``--steps`` steps of ``--model`` in deterministic mode in a fresh Python
+process, cycling through ``--threads``, and fingerprints every step (activations, loss,
+gradients, parameters, optimizer state). Runs are compared with run 0; on a mismatch the first
+divergent (step, module, tensor) is reported with its largest absolute and ULP difference.
+``--inject SITE:BIT[:STEP[:TARGET]]`` plants one bit flip in the last run: a negative control
+that must be found and localised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from longcat_sim.errors import UserError
+from longcat_sim.experiments.base import CommandOutput
+from longcat_sim.repro.fingerprint import RunSpec
+from longcat_sim.repro.harness import check_determinism
+from longcat_sim.repro.inject import SITES, Fault
+from model.config import ConfigError, load_model_config
+from model.transformer import require_runnable
+
+HELP = "rerun training in separate processes in deterministic mode and compare bit for bit"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="preset name or TOML file (default tiny)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per run")
+    parser.add_argument("--runs", type=int, default=20, help="independent runs to compare")
+    parser.add_argument(
+        "--threads",
+        default="1",
+        help="comma-separated thread counts the runs cycle through (e.g. 1,2)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="runs executed at the same time")
+    parser.add_argument("--seed", type=int, default=0, help="root seed of the runs")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
+    parser.add_argument(
+        "--byte-budget", type=int, default=2**19, help="corpus bytes (smaller trains faster)"
+    )
+    parser.add_argument(
+        "--data-cache", type=Path, default=None, help="tokenizer/token cache folder"
+    )
+    parser.add_argument(
+        "--inject",
+        default=None,
+        metavar="SITE:BIT[:STEP[:TARGET]]",
+        help=f"plant a bit flip in the last run (negative control); sites: {', '.join(SITES)}",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
+def parse_threads(text: str) -> list[int]:
+    try:
+        threads = [int(item) for item in str(text).split(",") if item.strip()]
+    except ValueError:
+        raise UserError(f"--threads expects comma-separated integers, got {text!r}") from None
+    if not threads or min(threads) < 1:
+        raise UserError(f"--threads needs positive thread counts, got {text!r}")
+    return threads
+
+
+def parse_fault(text: str) -> Fault:
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise UserError(f"--inject expects SITE:BIT[:STEP[:TARGET]], got {text!r}")
+    try:
+        site, bit = parts[0], int(parts[1])
+        step = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+        target = parts[3] if len(parts) > 3 else ""
+        return Fault(site=site, bit=bit, step=step, target=target)
+    except ValueError as exc:
+        raise UserError(f"--inject {text!r}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    if args.runs < 2:
+        raise UserError(f"--runs must be at least 2 to compare anything, got {args.runs}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be positive, got {args.steps}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be positive, got {args.workers}")
+    threads = parse_threads(args.threads)
+    try:
+        cfg = load_model_config(args.model)
+        require_runnable(cfg)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    train = {}
+    if args.batch_size is not None:
+        train["batch_size"] = args.batch_size
+    if args.seq_len is not None:
+        train["seq_len"] = args.seq_len
+    fault = parse_fault(args.inject) if args.inject else None
+    if fault is not None and fault.step >= args.steps:
+        raise UserError(f"--inject step {fault.step} is past the last step {args.steps - 1}")
+    spec = RunSpec(
+        model=args.model,
+        steps=args.steps,
+        deterministic=True,
+        seed=args.seed,
+        train=train,
+        byte_budget=args.byte_budget,
+        data_cache=None if args.data_cache is None else str(args.data_cache),
+    )
+    _warm_data_cache(spec)
+    bar = tqdm(
+        total=args.runs,
+        desc="determinism",
+        unit="run",
+        file=sys.stderr,
+        disable=None if args.progress is None else not args.progress,
+    )
+    try:
+        with bar:
+            report = check_determinism(
+                spec,
+                args.runs,
+                threads,
+                workers=args.workers,
+                fault_in_run=(args.runs - 1, fault.to_dict()) if fault else None,
+                on_done=lambda: bar.update(1),
+            )
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    results = report.to_json()
+    results["model"] = cfg.name
+    results["injected"] = None if fault is None else fault.to_dict()
+    div = report.first_divergence
+    lines = [
+        f"{report.identical}/{report.runs} runs bitwise identical to run 0 "
+        f"({cfg.name}, {report.steps} steps, deterministic, threads {threads})",
+        f"  final step digest  {results['final_step_digest']}",
+        f"  run threads        {report.run_threads}",
+        f"  wall time          {report.seconds:.1f} s",
+    ]
+    if div is not None:
+        lines.append(f"  first divergence   run {report.divergent_run}: {div.describe()}")
+    config = {
+        "model": cfg.to_dict(),
+        "spec": spec.to_dict(),
+        "runs": args.runs,
+        "threads": threads,
+        "inject": results["injected"],
+    }
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return CommandOutput(
+        results=results,
+        text="\n".join(lines),
+        config=config,
+        config_hash=hashlib.sha256(blob.encode()).hexdigest(),
+        seeds={"seed": args.seed},
+    )
+
+
+def _warm_data_cache(spec: RunSpec) -> None:
+    """Build the tokenizer cache once, before parallel workers would each train it."""
+    from longcat_sim import training
+    from longcat_sim.data import build_corpus_data
+
+    cfg = load_model_config(spec.model)
+    tc = training.default_train_config(cfg).replace(**spec.train)
+    if tc.seq_len > cfg.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
+        )
+    build_corpus_data(
+        cfg.vocab_size, tc.seq_len, byte_budget=spec.byte_budget, cache_dir=spec.data_cache
+    )

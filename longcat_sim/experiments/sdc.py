@@ -1,0 +1,213 @@
+"""``longcat-sim sdc``: a bit-flip campaign on one MoE layer's training step.
+
+For every site and bit, ``--trials`` faults are injected and the replay, recompute and ABFT
+detectors are scored (detected / masked / missed); ``--clean-runs`` fault-free steps give the
+false positives and each detector's overhead; ``--attribution-events`` synthetic events per
+class (transient, persistent, genuine) score the rerun attribution. Deterministic mode is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+
+from tqdm import tqdm
+
+from longcat_sim.errors import UserError
+from longcat_sim.experiments.base import CommandOutput
+from longcat_sim.repro.campaign import (
+    ABFT_SITES,
+    DETECTORS,
+    CampaignConfig,
+    run_campaign,
+    total_units,
+)
+from longcat_sim.repro.determinism import DeterministicMode
+from longcat_sim.repro.inject import SITES
+from longcat_sim.repro.moe_step import MoEStepConfig
+from model.config import ConfigError, load_model_config
+
+HELP = "bit-flip SDC campaign on an MoE-layer step: detection per site, bit and detector"
+
+# one MoE layer's parameters, gradients and two moments must stay small
+MAX_LAYER_BYTES = 2 * 2**30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="preset name or TOML file (default tiny)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens in the MoE step")
+    parser.add_argument(
+        "--sites", default="all", help=f"comma-separated sites or 'all' ({', '.join(SITES)})"
+    )
+    parser.add_argument(
+        "--bits",
+        default="all",
+        help="bits to flip: 'all' (every bit of each site), or a list/ranges like 0-22,31",
+    )
+    parser.add_argument("--trials", type=int, default=4, help="faults per (site, bit)")
+    parser.add_argument(
+        "--clean-runs", type=int, default=1000, help="fault-free steps (false positives)"
+    )
+    parser.add_argument(
+        "--attribution-events", type=int, default=100, help="synthetic events per class"
+    )
+    parser.add_argument(
+        "--recompute-experts", type=int, default=1, help="experts recomputed per step"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="root seed of the campaign")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
+def parse_sites(text: str) -> tuple[str, ...]:
+    if text.strip() == "all":
+        return SITES
+    sites = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or not sites:
+        raise UserError(f"unknown --sites {unknown or text!r}; choose from all, {', '.join(SITES)}")
+    return sites
+
+
+def parse_bits(text: str) -> tuple[int, ...] | None:
+    if text.strip() == "all":
+        return None
+    bits: list[int] = []
+    try:
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            lo, sep, hi = item.partition("-")
+            bits.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise UserError(
+            f"--bits expects 'all' or integers and ranges like 0-22,31; got {text!r}"
+        ) from None
+    if not bits or min(bits) < 0 or max(bits) > 63:
+        raise UserError(f"--bits must lie in 0..63, got {text!r}")
+    return tuple(sorted(set(bits)))
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag in ("tokens", "trials", "threads", "recompute_experts"):
+        if getattr(args, flag) < 1:
+            raise UserError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
+    for flag in ("clean_runs", "attribution_events"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    _check_counts(args)
+    try:
+        cfg = load_model_config(args.model)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    layer_params = cfg.num_experts_total * cfg.hidden_size + 3 * (
+        cfg.n_routed_experts * cfg.hidden_size * cfg.expert_ffn_hidden_size
+    )
+    if 16 * layer_params > MAX_LAYER_BYTES:
+        raise UserError(
+            f"one MoE layer of {cfg.name!r} needs {16 * layer_params / 2**30:.1f} GiB for weights, "
+            "gradients and moments; run the campaign on tiny or small"
+        )
+    sites, bits = parse_sites(args.sites), parse_bits(args.bits)
+    cc = CampaignConfig(
+        sites=sites,
+        bits=bits,
+        trials=args.trials,
+        clean_runs=args.clean_runs,
+        attribution_events=args.attribution_events,
+        seed=args.seed,
+        recompute_experts=args.recompute_experts,
+    )
+    if not any(cc.bits_for(s) for s in sites):
+        raise UserError(f"--bits {args.bits!r} selects no bit of the chosen sites")
+    sc = MoEStepConfig(cfg.replace(deterministic=True), tokens=args.tokens)
+    bar = tqdm(
+        total=total_units(cc),
+        desc="sdc",
+        unit="run",
+        file=sys.stderr,
+        disable=None if args.progress is None else not args.progress,
+    )
+    with bar, DeterministicMode(threads=args.threads):
+        result = run_campaign(sc, cc, progress=bar.update)
+    results = result.to_json()
+    results["model"] = cfg.name
+    config = {"model": cfg.to_dict(), "tokens": args.tokens, "campaign": _plain(cc)}
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return CommandOutput(
+        results=results,
+        text=_text(results, cfg.name, args),
+        config=config,
+        config_hash=hashlib.sha256(blob.encode()).hexdigest(),
+        seeds={"seed": args.seed},
+    )
+
+
+def _plain(cc: CampaignConfig) -> dict:
+    return {
+        "sites": list(cc.sites),
+        "bits": None if cc.bits is None else list(cc.bits),
+        "trials": cc.trials,
+        "clean_runs": cc.clean_runs,
+        "attribution_events": cc.attribution_events,
+        "states": cc.states,
+        "chain": cc.chain,
+        "seed": cc.seed,
+        "recompute_experts": cc.recompute_experts,
+    }
+
+
+def _pct(x: float) -> str:
+    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+
+
+def _text(results: dict, model: str, args: argparse.Namespace) -> str:
+    summary = results["summary"]
+    rates = summary["detection_rate"]
+    sites = list(next(iter(rates.values())).keys())
+    width = max(len(s) for s in sites)
+    trials = sum(r["detected"] + r["masked"] + r["missed"] for r in results["results"]) // len(
+        DETECTORS
+    )
+    lines = [
+        f"SDC campaign on one MoE layer of {model}: {trials} faults "
+        f"({args.trials} per site and bit), detection over non-masked faults",
+        f"  {'site':<{width}}  " + "  ".join(f"{d:>9}" for d in DETECTORS),
+    ]
+    for site in sites:
+        lines.append(
+            f"  {site:<{width}}  " + "  ".join(f"{_pct(rates[d][site]):>9}" for d in DETECTORS)
+        )
+    fp = results["false_positives"]
+    lines += [
+        f"  false positives over {results['clean_runs']} clean steps: "
+        + ", ".join(f"{d} {fp[d]}" for d in DETECTORS)
+        + f" (ABFT per-check rate {results['abft_false_alarm_rate']:.2g} over "
+        f"{results['abft_checks']} checks)",
+        "  overhead vs the unprotected step: "
+        + ", ".join(f"{d} {v:.3f}" for d, v in results["overhead"].items()),
+        f"  ABFT on {', '.join(ABFT_SITES)}: exponent+sign flips detected "
+        f"{_pct(summary['abft_exponent_sign_detection'])}; blind bits {summary['abft_blind_bits']}",
+    ]
+    attribution = results["attribution"]
+    if attribution["events_per_class"]:
+        lines.append(
+            f"  attribution ({attribution['events_per_class']} events per class): "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in attribution["accuracy"].items())
+        )
+    lines.append(f"  wall time {results['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Silent-data-corruption detectors for the MoE-layer step, and rerun attribution.
+
+(a) :func:`replay_detects`: bitwise replay. The step is executed again from the snapshot of its
+    inputs (taken when they were last written) on another, healthy simulated device and every
+    compared value is checked bit for bit. Deterministic kernels make a clean replay equal, so
+    any difference is corruption, whatever the site or bit; a replay on the same device would
+    miss a persistent fault, hence the other device.
+
+(b) :class:`RecomputeMonitor`: in-place recompute of a sampled operator. The paper recomputes
+    FlashAttention's backward, the operator it found most exposed. Ours is the **expert FFN of
+    one sampled expert** (gate and up GEMMs, SwiGLU, down GEMM), recomputed right after it ran
+    from the same inputs and compared bitwise. Why this operator: the expert GEMMs carry most of
+    an MoE layer's FLOPs (the largest silicon area and time exposed to a fault), it mixes GEMMs
+    with vector math like FAG does, and a corrupted expert output is invisible to everything
+    downstream (routing and loss stay plausible). Sampling one of the step's active experts
+    costs about 1/(active experts) of the expert compute; ``experts_per_step`` trades coverage
+    for cost, like the paper's adjustable interval. It cannot see a fault in its own inputs
+    (a weight corrupted at rest is read identically twice).
+
+(c) :class:`AbftMonitor`: algorithm-based fault tolerance. For each expert GEMM ``C = A W^T``
+    the row checksum ``sum_y C[r, y]`` must equal ``A[r] . s_e`` with ``s_e = sum_y W_e[y, :]``
+    encoded when the weights were written (so weights at rest are covered too); the combine
+    must satisfy ``sum_h out[t, h] = sum_k g[t, k] sum_h y[t, k, h]``. The check runs in the
+    GEMM's own dtype (one pass over each operand), so the tolerance covers the rounding of the
+    GEMM and of the check. By the probabilistic rounding-error bound (Higham & Mary 2019) a
+    length-n dot product is within ``lambda sqrt(n) u sum |a||b|`` (u = unit roundoff of the
+    dtype) except with probability ``2 n exp(-lambda^2 / 2)``. Summed over a row of C, plus the
+    checksum's own roundings, that gives
+    ``tol = lambda u 2 (sqrt(X + 1) + sqrt(Y)) ||A[r]||_2 sum_y ||W_e[y]||_2``, which bounds
+    ``sum_x |A[r, x]| sum_y |W_e[y, x]|`` by Cauchy-Schwarz; lambda is chosen for a false-alarm
+    probability of :data:`ABFT_ALARM_PROBABILITY` per checked row (a union bound over the
+    row's roundings). This is the ``c K eps sum|a||b|`` bound with the worst-case K replaced by
+    the probabilistic sqrt(K), which is what makes sign and exponent flips of small values
+    visible. A flip smaller than that (the low
+    mantissa bits) is the blind spot.
+
+(d) :class:`RerunStateMachine`: attribution of a suspicious step in the manner of Megatron-LM's
+    rerun state machine: rerun on the same device; a different result means a transient fault.
+    An equal result is rerun on another device; a different result there means the first
+    device is persistently faulty, an equal one that the result is genuine (data-driven).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from longcat_sim.repro.moe_step import ExpertRows, grouped_gemm
+
+ABFT_ALARM_PROBABILITY = 1e-7
+
+TRANSIENT, PERSISTENT, GENUINE = "transient", "persistent", "genuine"
+ATTRIBUTIONS = (TRANSIENT, PERSISTENT, GENUINE)
+
+
+def abft_lambda(roundings: int, alarm_probability: float = ABFT_ALARM_PROBABILITY) -> float:
+    """The lambda with ``2 roundings exp(-lambda^2/2) = alarm_probability``: every one of the
+    ``roundings`` rounding errors behind a checked row then stays within its bound except with
+    that probability (a union bound)."""
+    return math.sqrt(2.0 * math.log(2.0 * roundings / alarm_probability))
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+@dataclass
+class AbftMonitor:
+    """Row-checksum ABFT on the expert GEMMs and the combine (see the module docstring).
+
+    All check arithmetic runs in the GEMMs' dtype, one pass over each operand: row norms of
+    the GEMM input, one matrix-vector product per expert for the reference checksums, row
+    sums of the output. The tolerance covers the rounding of the GEMM and of the check itself.
+    """
+
+    alarm_probability: float = ABFT_ALARM_PROBABILITY
+    alarms: int = 0
+    checks: int = 0
+    worst_ratio: float = 0.0  # largest |checksum difference| / tolerance seen
+    alarm_sites: list[str] = field(default_factory=list)
+    _norms: tuple[int, tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
+
+    def _verify(self, name: str, diff: torch.Tensor, tol: torch.Tensor) -> None:
+        self.checks += diff.numel()
+        if not diff.numel():
+            return
+        ratio = diff / tol.clamp_min(torch.finfo(tol.dtype).tiny)
+        bad = ~(diff <= tol)  # NaN counts as an alarm
+        finite = ratio[torch.isfinite(ratio)]
+        if finite.numel():
+            self.worst_ratio = max(self.worst_ratio, float(finite.max()))
+        count = int(bad.sum())
+        if count:
+            self.alarms += count
+            self.alarm_sites.append(name)
+
+    def _row_norms(self, a_SX: torch.Tensor) -> torch.Tensor:
+        """L2 norm of every row (the gate and up GEMMs share their input: computed once)."""
+        key = (a_SX.data_ptr(), tuple(a_SX.shape))
+        if self._norms is None or self._norms[:2] != key:
+            self._norms = (*key, torch.linalg.vector_norm(a_SX, dim=1))
+        return self._norms[2]
+
+    def on_expert_gemm(
+        self,
+        name: str,
+        a_SX: torch.Tensor,
+        c_SY: torch.Tensor,
+        rows: ExpertRows,
+        checksums: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        sum_NX, scale_N = checksums
+        width, out_width = a_SX.shape[1], c_SY.shape[1]
+        reference = torch.zeros(c_SY.shape[0], dtype=c_SY.dtype)
+        scale = torch.zeros_like(reference)
+        for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)):
+            if t > s:
+                torch.mv(a_SX[s:t], sum_NX[e], out=reference[s:t])
+                scale[s:t] = scale_N[e]
+        used = rows.expert_of_row >= 0
+        # rounding of C (dot length X + 1), of C's row sum (Y), of a . s (X + 1) and of s (Y)
+        lam = abft_lambda(2 * (width + 2) * out_width, self.alarm_probability)
+        factor = lam * unit_roundoff(c_SY.dtype) * 2 * (math.sqrt(width + 1) + math.sqrt(out_width))
+        tol = factor * self._row_norms(a_SX) * scale
+        diff = (c_SY.sum(dim=1) - reference).abs()
+        self._verify(f"expert_gemm.{name}", diff[used], tol[used])
+
+    def on_expert_ffn(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def on_combine(self, out_TD: torch.Tensor, gate_TK: torch.Tensor, y_TKD: torch.Tensor) -> None:
+        k, width = gate_TK.shape[1], out_TD.shape[1]
+        reference = (gate_TK * y_TKD.sum(dim=2)).sum(dim=1)
+        magnitude = (gate_TK.abs() * torch.linalg.vector_norm(y_TKD, ord=1, dim=2)).sum(dim=1)
+        # rounding of the K products and sums per element, of both row sums (H) and of the
+        # K-term reference sum
+        lam = abft_lambda(2 * (k + 1) * width, self.alarm_probability)
+        factor = lam * unit_roundoff(out_TD.dtype) * (2 * math.sqrt(k + 1) + 2 * math.sqrt(width))
+        diff = (out_TD.sum(dim=1) - reference).abs()
+        self._verify("combine", diff, factor * magnitude)
+
+
+@dataclass
+class RecomputeMonitor:
+    """Bitwise in-place recompute of the expert FFN of sampled experts (module docstring)."""
+
+    seed: int = 0
+    experts_per_step: int = 1
+    alarms: int = 0
+    checks: int = 0
+    sampled: list[int] = field(default_factory=list)
+
+    def on_expert_gemm(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def on_combine(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    @torch.no_grad()
+    def on_expert_ffn(
+        self,
+        x_SD: torch.Tensor,
+        weights: dict[str, torch.Tensor],
+        stages: dict[str, torch.Tensor],
+        rows: ExpertRows,
+        step: int,
+    ) -> None:
+        active = [e for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)) if t > s]
+        if not active:
+            return
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        picks = torch.randperm(len(active), generator=gen)[: self.experts_per_step].tolist()
+        for pick in sorted(picks):
+            e = active[pick]
+            self.sampled.append(e)
+            s, t = rows.starts[e], rows.ends[e]
+            one = ExpertRows([0], [t - s], torch.zeros(t - s, dtype=torch.int64))
+            w = {name: weights[name].detach()[e : e + 1] for name in ("gate", "up", "down")}
+            gate = grouped_gemm(x_SD[s:t], w["gate"], one)
+            up = grouped_gemm(x_SD[s:t], w["up"], one)
+            hidden = torch.nn.functional.silu(gate) * up
+            down = grouped_gemm(hidden, w["down"], one)
+            self.checks += 1
+            again = {"gate": gate, "up": up, "hidden": hidden, "down": down}
+            if any(not torch.equal(again[k], stages[k].detach()[s:t]) for k in again):
+                self.alarms += 1
+
+
+def replay_detects(original_digest: str, replay: Callable[[], str]) -> bool:
+    """Bitwise replay: True when the replayed step's digest differs from the original's."""
+    return replay() != original_digest
+
+
+@dataclass
+class RerunStateMachine:
+    """Attribute a suspicious step: transient fault, persistent (device) fault or genuine.
+
+    ``run_on(device)`` re-executes the step from its snapshot on a simulated device and returns
+    the result digest; the original ran on ``device`` and produced ``original``.
+    """
+
+    run_on: Callable[[int], str]
+    reruns: int = 0
+
+    def attribute(self, original: str, device: int, other_device: int) -> str:
+        if other_device == device:
+            raise ValueError("the second rerun needs a different device")
+        self.reruns += 1
+        if self.run_on(device) != original:
+            return TRANSIENT
+        self.reruns += 1
+        if self.run_on(other_device) != original:
+            return PERSISTENT
+        return GENUINE
+
+
+@dataclass
+class SpikeValidator:
+    """The trigger: a loss that is not finite or exceeds ``factor`` times the median of the
+    recent clean losses is suspicious (what sends a step to :class:`RerunStateMachine`)."""
+
+    factor: float = 10.0
+    history: list[float] = field(default_factory=list)
+    window: int = 32
+
+    def suspicious(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if not self.history:
+            return False
+        recent = sorted(abs(v) for v in self.history[-self.window :])
+        median = recent[len(recent) // 2]
+        return abs(loss) > self.factor * max(median, 1e-30)
+
+    def observe(self, loss: float) -> None:
+        self.history.append(loss)

@@ -1,0 +1,336 @@
+"""One training step of one MoE layer, written stage by stage so faults and checks can sit
+between the stages. It is the unit the SDC campaign corrupts, checks and replays.
+
+Stages (LongCat-Flash's MoE, spec §1.3): router logits -> softmax -> stable top-k over FFN and
+zero experts -> tokens-per-expert counts -> dispatch (FFN slots sorted by expert; expert ``e``
+owns rows ``[start_e, end_e)`` computed from the counts, as a grouped GEMM's offsets are) ->
+expert GEMMs (gate, up; SwiGLU; down) -> combine (each token's K slots summed in slot order in
+float32, zero experts contributing ``gate * x``) -> loss ``<out, grad_out>`` -> backward ->
+AdamW. After the update the step re-encodes the ABFT checksum vectors of the expert weights
+(row sums of each expert's weight, float64) so that weights are covered while at rest.
+
+The step reads a :class:`StepState` and never modifies it: a copy is the snapshot a replay
+starts from. Everything runs on fixed shapes with deterministic kernels, so two executions of
+the same state are bitwise equal; :meth:`StepResult.digest` hashes every compared value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from longcat_sim.repro.hashing import hash_named_tensors
+from longcat_sim.repro.inject import StepInjector
+from model.config import ModelConfig
+
+PARAMS = ("router", "gate", "up", "down")
+EXPERT_WEIGHTS = ("gate", "up", "down")
+
+
+class StepCrash(RuntimeError):
+    """The step could not run (e.g. a corrupted expert id points outside the expert table)."""
+
+
+@dataclass(frozen=True)
+class MoEStepConfig:
+    """Shapes and optimizer settings of the step (the MoE of ``model``)."""
+
+    model: ModelConfig
+    tokens: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+def encode_checksums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ABFT encoding of stacked expert weights ``[N, out, in]``: the checksum vectors (sums over
+    the output dimension, ``[N, in]``) and each expert's sum of output-row L2 norms (``[N]``,
+    the scale of its rounding errors). Two passes over the weights, in their dtype."""
+    w = w.detach()
+    return w.sum(dim=1), torch.linalg.vector_norm(w, dim=2).sum(dim=1)
+
+
+@dataclass
+class StepState:
+    """Everything a step reads: parameters, router bias, AdamW moments, checksums, the data."""
+
+    params: dict[str, torch.Tensor]
+    bias: torch.Tensor
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    checksums: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    step: int
+    x_TD: torch.Tensor
+    grad_out_TD: torch.Tensor
+
+    def clone(self) -> StepState:
+        def c(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.clone() for k, v in d.items()}
+
+        return StepState(
+            c(self.params),
+            self.bias.clone(),
+            c(self.exp_avg),
+            c(self.exp_avg_sq),
+            {k: (a.clone(), b.clone()) for k, (a, b) in self.checksums.items()},
+            self.step,
+            self.x_TD.clone(),
+            self.grad_out_TD.clone(),
+        )
+
+
+def initial_state(sc: MoEStepConfig, seed: int, *, outlier: float = 0.0) -> StepState:
+    """A random state drawn from ``seed``: weights ~ N(0, 1/fan_in), inputs ~ N(0, 1).
+
+    ``outlier > 0`` scales the first token by that factor: a genuine, data-driven loss spike.
+    """
+    cfg = sc.model
+    gen = torch.Generator().manual_seed(seed)
+    h, n, i, e = (
+        cfg.hidden_size,
+        cfg.n_routed_experts,
+        cfg.expert_ffn_hidden_size,
+        cfg.num_experts_total,
+    )
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    params = {
+        "router": normal(e, h, std=h**-0.5),
+        "gate": normal(n, i, h, std=h**-0.5),
+        "up": normal(n, i, h, std=h**-0.5),
+        "down": normal(n, h, i, std=i**-0.5),
+    }
+    x_TD = normal(sc.tokens, h, std=1.0)
+    if outlier:
+        x_TD[0] *= outlier
+    return StepState(
+        params=params,
+        bias=torch.zeros(e),
+        exp_avg={k: torch.zeros_like(v) for k, v in params.items()},
+        exp_avg_sq={k: torch.zeros_like(v) for k, v in params.items()},
+        checksums={k: encode_checksums(params[k]) for k in EXPERT_WEIGHTS},
+        step=0,
+        x_TD=x_TD,
+        grad_out_TD=normal(sc.tokens, h, std=(sc.tokens * h) ** -0.5),
+    )
+
+
+@dataclass
+class StepResult:
+    """The values a step produces (all compared bitwise) and the state it leaves."""
+
+    tensors: dict[str, torch.Tensor]
+    loss: float
+    next_state: StepState
+    _digest: str | None = field(default=None, repr=False)
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = hash_named_tensors(self.tensors)
+        return self._digest
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """Expert e owns dispatch rows ``[starts[e], ends[e])``; ``expert_of_row`` (-1: none)."""
+
+    starts: list[int]
+    ends: list[int]
+    expert_of_row: torch.Tensor
+
+
+class StepMonitor(Protocol):
+    """A check riding along a step (ABFT, in-place recompute)."""
+
+    def on_expert_gemm(
+        self,
+        name: str,
+        a_SX: torch.Tensor,
+        c_SY: torch.Tensor,
+        rows: ExpertRows,
+        checksums: tuple[torch.Tensor, torch.Tensor],
+    ) -> None: ...
+
+    def on_expert_ffn(
+        self,
+        x_SD: torch.Tensor,
+        weights: dict[str, torch.Tensor],
+        stages: dict[str, torch.Tensor],
+        rows: ExpertRows,
+        step: int,
+    ) -> None: ...
+
+    def on_combine(
+        self, out_TD: torch.Tensor, gate_TK: torch.Tensor, y_TKD: torch.Tensor
+    ) -> None: ...
+
+
+def stable_topk(values_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row; exact ties go to the lower index."""
+    return torch.sort(values_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def expert_rows(counts_N: torch.Tensor, rows: int) -> ExpertRows:
+    """Row ranges from per-expert counts (prefix sums clamped to the rows that exist)."""
+    ends_t = counts_N.cumsum(0).clamp(0, rows)
+    starts_t = torch.cat((ends_t.new_zeros(1), ends_t[:-1]))
+    starts, ends = starts_t.tolist(), ends_t.tolist()
+    owner = torch.full((rows,), -1, dtype=torch.int64)
+    for e, (s, t) in enumerate(zip(starts, ends, strict=True)):
+        if t > s:
+            owner[s:t] = e
+    return ExpertRows(starts, ends, owner)
+
+
+def grouped_gemm(a_SX: torch.Tensor, w_NYX: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+    """``c[r] = a[r] @ w[e]^T`` for the rows r of each expert e; rows of no expert stay zero."""
+    c_SY = a_SX.new_zeros(a_SX.shape[0], w_NYX.shape[1])
+    for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)):
+        if t > s:
+            c_SY[s:t] = a_SX[s:t] @ w_NYX[e].t()
+    return c_SY
+
+
+def swiglu_ffn(
+    x_SD: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    rows: ExpertRows,
+    injector: StepInjector | None = None,
+    monitors: tuple[StepMonitor, ...] = (),
+    checksums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The expert FFN stages over dispatched rows: pre_gate, pre_up, hidden, y."""
+    stages: dict[str, torch.Tensor] = {}
+    for name, source in (("gate", x_SD), ("up", x_SD)):
+        c = grouped_gemm(source, weights[name], rows)
+        if injector is not None:
+            c = injector.at("expert_gemm", c, target=name)
+        for m in monitors:
+            m.on_expert_gemm(name, source.detach(), c.detach(), rows, checksums[name])
+        stages[name] = c
+    hidden = F.silu(stages["gate"]) * stages["up"]
+    if injector is not None:
+        hidden = injector.at("activation", hidden)
+    stages["hidden"] = hidden
+    y = grouped_gemm(hidden, weights["down"], rows)
+    if injector is not None:
+        y = injector.at("expert_gemm", y, target="down")
+    for m in monitors:
+        m.on_expert_gemm("down", hidden.detach(), y.detach(), rows, checksums["down"])
+    stages["down"] = y
+    return stages
+
+
+def moe_step(
+    state: StepState,
+    sc: MoEStepConfig,
+    *,
+    injector: StepInjector | None = None,
+    monitors: tuple[StepMonitor, ...] = (),
+) -> StepResult:
+    """Run one step from ``state`` (left untouched); faults from ``injector``, checks from
+    ``monitors``. Raises :class:`StepCrash` where a real kernel would fault."""
+    cfg = sc.model
+    n, k, e_total = cfg.n_routed_experts, cfg.moe_topk, cfg.num_experts_total
+    work = state.clone()
+    if injector is not None:
+        for name in PARAMS:
+            injector.at_("weight", work.params[name], target=name)
+    params = {name: p.requires_grad_() for name, p in work.params.items()}
+    x_TD = work.x_TD
+    tokens = x_TD.shape[0]
+
+    # router
+    logits_TE = x_TD @ params["router"].t()
+    scores_TE = logits_TE.softmax(dim=-1)
+    idx_TK = stable_topk(scores_TE.detach() + work.bias, k)
+    if injector is not None:
+        idx_TK = injector.at("routing_indices", idx_TK)
+    if int(idx_TK.min()) < 0 or int(idx_TK.max()) >= e_total:
+        raise StepCrash("routing index outside the expert table")
+    gate_TK = scores_TE.gather(1, idx_TK) * cfg.routed_scaling_factor
+    if not cfg.scale_zero_expert_gates:
+        gate_TK = torch.where(idx_TK >= n, gate_TK / cfg.routed_scaling_factor, gate_TK)
+    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=e_total)
+    if injector is not None:
+        counts_E = injector.at("routing_counts", counts_E)
+
+    # dispatch: FFN slots sorted by expert, stable (token order inside an expert)
+    flat_S = idx_TK.reshape(-1)
+    ffn_slots = torch.nonzero(flat_S < n).squeeze(1)
+    slot_S = ffn_slots[torch.argsort(flat_S[ffn_slots], stable=True)]
+    token_S = torch.div(slot_S, k, rounding_mode="floor")
+    rows = expert_rows(counts_E[:n], slot_S.shape[0])
+    x_SD = x_TD.index_select(0, token_S)
+    weights = {name: params[name] for name in EXPERT_WEIGHTS}
+    stages = swiglu_ffn(x_SD, weights, rows, injector, monitors, work.checksums)
+    for m in monitors:
+        m.on_expert_ffn(x_SD.detach(), weights, stages, rows, work.step)
+
+    # combine: slot layout, zero experts are the identity; K slots summed in slot order
+    y_slots = x_TD.new_zeros(tokens * k, x_TD.shape[1])
+    y_slots = y_slots.index_copy(0, slot_S, stages["down"])
+    is_zero_S = (flat_S >= n).unsqueeze(-1)
+    token_of_slot = torch.arange(tokens * k) // k
+    y_TKD = torch.where(is_zero_S, x_TD.index_select(0, token_of_slot), y_slots).view(tokens, k, -1)
+    out_TD = gate_TK[:, 0:1] * y_TKD[:, 0]
+    for slot in range(1, k):
+        out_TD = out_TD + gate_TK[:, slot : slot + 1] * y_TKD[:, slot]
+    if injector is not None:
+        out_TD = injector.at("combine", out_TD)
+    for m in monitors:
+        m.on_combine(out_TD.detach(), gate_TK.detach(), y_TKD.detach())
+
+    # loss and backward
+    loss = (out_TD.double() * work.grad_out_TD.double()).sum()
+    out_TD.backward(work.grad_out_TD)
+    grads = {name: p.grad for name, p in params.items()}
+    if injector is not None:
+        for name in PARAMS:
+            injector.at_("gradient", grads[name], target=name)
+
+    # AdamW
+    step = work.step + 1
+    b1, b2 = sc.betas
+    new_params, new_m, new_v = {}, {}, {}
+    with torch.no_grad():
+        for name in PARAMS:
+            g, p = grads[name], params[name].detach()
+            m = work.exp_avg[name] * b1 + g * (1 - b1)
+            v = work.exp_avg_sq[name] * b2 + g * g * (1 - b2)
+            update = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + sc.eps)
+            new_params[name] = p * (1 - sc.lr * sc.weight_decay) - sc.lr * update
+            new_m[name], new_v[name] = m, v
+    if injector is not None:
+        for name in PARAMS:
+            injector.at_("optimizer_state", new_m[name], target=f"{name}:exp_avg")
+            injector.at_("optimizer_state", new_v[name], target=f"{name}:exp_avg_sq")
+    checksums = {name: encode_checksums(new_params[name]) for name in EXPERT_WEIGHTS}
+
+    tensors: dict[str, torch.Tensor] = {
+        "routing.idx": idx_TK,
+        "routing.counts": counts_E,
+        "out": out_TD.detach(),
+        "loss": loss.detach(),
+    }
+    for name in PARAMS:
+        tensors[f"grad.{name}"] = grads[name]
+        tensors[f"param.{name}"] = new_params[name]
+        tensors[f"exp_avg.{name}"] = new_m[name]
+        tensors[f"exp_avg_sq.{name}"] = new_v[name]
+    next_state = dataclasses.replace(
+        work,
+        params=new_params,
+        exp_avg=new_m,
+        exp_avg_sq=new_v,
+        checksums=checksums,
+        step=step,
+    )
+    return StepResult(tensors, float(loss.detach()), next_state)

@@ -1,0 +1,1 @@
+"""Reproducibility harness: determinism, batch invariance, fingerprints, SDC detection."""

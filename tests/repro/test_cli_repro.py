@@ -1,0 +1,83 @@
+"""``longcat-sim determinism`` and ``longcat-sim sdc`` through the command line, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longcat_sim.cli import main
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_determinism_three_runs_on_one_and_two_threads_and_a_planted_flip(
+    tmp_path, capsys, data_cache
+) -> None:
+    """Runs 0 (1 thread) and 1 (2 threads) agree bit for bit; run 2 carries a flipped lowest
+    mantissa bit in a dense FFN's output at step 1, found there, 1 ULP wide."""
+    argv = ["determinism", "--model", "tiny", "--steps", "3", "--runs", "3"]
+    argv += ["--threads", "1,2", "--batch-size", "4", "--seq-len", "32"]
+    argv += ["--byte-budget", str(2**18), "--data-cache", data_cache, "--workers", "2"]
+    argv += ["--inject", "activation:0:1:model.layers.0.mlps.1", "--json"]
+    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["runs"] == 3 and results["run_threads"] == [1, 2, 1]
+    assert results["identical"] is False and results["identical_runs"] == 2
+    div = results["first_divergence"]
+    assert (div["step"], div["module"], div["tensor"]) == (1, "model.layers.0.mlps.1", "output")
+    assert div["max_ulp"] == 1 and div["run"] == 2
+    assert (tmp_path / "run" / "manifest.json").is_file()
+
+
+def test_sdc_json_has_the_promised_keys_and_replay_misses_nothing(tmp_path, capsys) -> None:
+    argv = ["sdc", "--sites", "expert_gemm,combine,weight", "--bits", "0,22-23,30-31"]
+    argv += ["--trials", "2", "--clean-runs", "10", "--attribution-events", "3", "--json"]
+    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    results = json.loads(out)
+    assert {"results", "false_positives", "clean_runs", "overhead"} <= results.keys()
+    assert len(results["results"]) == 3 * 5 * 3  # sites x bits x detectors
+    for row in results["results"]:
+        assert {"site", "bit", "detector", "detected", "masked", "missed"} <= row.keys()
+        if row["detector"] == "replay":
+            assert row["missed"] == 0
+    assert results["clean_runs"] == 10 and results["false_positives"]["replay"] == 0
+    assert set(results["overhead"]) == {"replay", "recompute", "abft"}
+
+
+def test_sdc_text_names_every_detector(tmp_path, capsys) -> None:
+    argv = ["sdc", "--sites", "combine", "--bits", "31", "--trials", "1", "--clean-runs", "2"]
+    argv += ["--attribution-events", "1", "--run-dir", str(tmp_path / "run")]
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0
+    assert "replay" in out and "abft" in out and "attribution" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["determinism", "--runs", "1"], "--runs must be at least 2"),
+        (["determinism", "--threads", "0,1"], "--threads needs positive"),
+        (["determinism", "--threads", "a"], "--threads expects"),
+        (["determinism", "--inject", "disk:1"], "unknown fault site"),
+        (["determinism", "--inject", "combine"], "--inject expects"),
+        (["determinism", "--steps", "2", "--inject", "combine:1:5"], "past the last step"),
+        (["determinism", "--model", "deepseek-v3"], "analytic-only"),
+        (["sdc", "--bits", "x"], "--bits expects"),
+        (["sdc", "--bits", "70"], "0..63"),
+        (["sdc", "--sites", "disk"], "unknown --sites"),
+        (["sdc", "--trials", "0"], "--trials must be positive"),
+        (["sdc", "--model", "longcat-flash"], "run the campaign on tiny or small"),
+        (["sdc", "--sites", "combine", "--bits", "40"], "selects no bit"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path) -> None:
+    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1
