@@ -669,12 +669,18 @@ def load_training_run(run_dir: Path) -> dict[str, Any]:
     return run
 
 
-def load_result(path: Path, flag: str, check: Callable[[Any, str], None]) -> dict[str, Any]:
-    """``results.json`` of a run directory (or the JSON file itself), checked against its shape."""
+def load_result(
+    path: Path,
+    flag: str,
+    check: Callable[[Any, str], None],
+    adapt: Callable[[Any], Any] = lambda result: result,
+) -> dict[str, Any]:
+    """``results.json`` of a run directory (or the JSON file itself), put into the report's
+    input shape by ``adapt`` and checked against it."""
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"{flag} {str(path)!r}: no results.json there; pass a run directory")
-    result = _read_json(file, flag)
+    result = adapt(_read_json(file, flag))
     try:
         check(result, f"{flag} {str(path)!r}")
     except ReportInputError as exc:
@@ -682,12 +688,55 @@ def load_result(path: Path, flag: str, check: Callable[[Any, str], None]) -> dic
     return result
 
 
+def determinism_input(result: Any) -> Any:
+    """``longcat-sim determinism`` results (``identical``, ``runs``, ``first_divergence`` with
+    ``module``, ``tensor`` and ``max_ulp``) in the report's determinism shape; results already in
+    that shape pass unchanged."""
+    if not isinstance(result, dict) or "verdict" in result or "identical" not in result:
+        return result
+    adapted = {k: v for k, v in result.items() if k not in ("identical", "first_divergence")}
+    adapted["verdict"] = "identical" if result["identical"] is True else "diverged"
+    divergence = result.get("first_divergence")
+    if isinstance(divergence, dict):
+        divergence = dict(divergence)
+        module = divergence.pop("module", None)
+        if module and isinstance(divergence.get("tensor"), str):
+            divergence["tensor"] = f"{module}: {divergence['tensor']}"
+        divergence = {
+            k: v for k, v in divergence.items() if k in ("step", "tensor", "max_abs_diff")
+        }
+    adapted["first_divergence"] = divergence
+    return adapted
+
+
+def sdc_input(result: Any) -> Any:
+    """``longcat-sim sdc`` results (``results``: per site, bit and detector, counts of detected,
+    masked and missed flips) as the report's per-trial records: masked flips change nothing a
+    detector compares, so each detector's share is detected / (detected + missed)."""
+    if not isinstance(result, dict) or "trials" in result or "results" not in result:
+        return result
+    trials = []
+    detectors: list[str] = []
+    for row in result["results"]:
+        if not isinstance(row, dict):
+            return result  # let the shape check name what is wrong
+        detector = row.get("detector")
+        if detector not in detectors:
+            detectors.append(detector)
+        for hit, count in ((True, row.get("detected", 0)), (False, row.get("missed", 0))):
+            trials.extend(
+                {"site": row.get("site"), "bit": row.get("bit"), "detected": {detector: hit}}
+                for _ in range(int(count))
+            )
+    return {"trials": trials, "detectors": detectors}
+
+
 def load_determinism(path: Path) -> dict[str, Any]:
-    return load_result(path, "--determinism-run", check_determinism)
+    return load_result(path, "--determinism-run", check_determinism, determinism_input)
 
 
 def load_sdc(path: Path) -> dict[str, Any]:
-    return load_result(path, "--sdc-run", check_sdc)
+    return load_result(path, "--sdc-run", check_sdc, sdc_input)
 
 
 # -- gathering --------------------------------------------------------------------------------
