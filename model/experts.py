@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kernels.batch_invariant import mm_rows, mm_t_rows, silu, silu_grad
+from model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward, silu_grad
 from model.router import default_generator
 
 # gate [N, I, H], up [N, I, H], down [N, H, I]
@@ -41,7 +41,7 @@ def expert_forward(
     if deterministic:
         mm_rows(x_rD, w_gate_DI, out=pre_gate_rI)
         mm_rows(x_rD, w_up_DI, out=pre_up_rI)
-        return mm_rows(silu(pre_gate_rI).mul_(pre_up_rI), w_down_ID, out=y_rD)
+        return mm_rows(silu_forward(pre_gate_rI).mul_(pre_up_rI), w_down_ID, out=y_rD)
     torch.mm(x_rD, w_gate_DI, out=pre_gate_rI)
     torch.mm(x_rD, w_up_DI, out=pre_up_rI)
     hidden_rI = F.silu(pre_gate_rI).mul_(pre_up_rI)

@@ -32,7 +32,7 @@ from model.experts import (
     transposed_experts,
     used_experts,
 )
-from model.kernels.batch_invariant import mm_rows, mm_t_rows, silu, slot_sum
+from model.kernels.batch_invariant import ROWS, mm_rows, mm_t_rows, silu_forward, slot_sum
 from model.router import RouterOutput, TopkRouter, default_generator
 
 
@@ -54,14 +54,36 @@ class DispatchPlan:
         return self.slot_S.shape[0]
 
 
-def plan_dispatch(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, n_routed: int) -> DispatchPlan:
-    """Sort the FFN slots by expert; zero-expert slots (ids >= n_routed) are left out."""
-    k = topk_idx_TK.shape[1]
+def plan_dispatch(
+    topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, n_routed: int, row_multiple: int = 1
+) -> DispatchPlan:
+    """Sort the FFN slots by expert; zero-expert slots (ids >= n_routed) are left out.
+
+    ``row_multiple > 1`` pads every expert's rows to a multiple of it with padding rows: slot
+    ``T*K`` and token ``T + (row mod row_multiple)``, i.e. indices just past the real ones,
+    distinct within an expert (the caller appends a zero gate and zero tokens for them).
+    """
+    tokens, k = topk_idx_TK.shape
     flat = topk_idx_TK.reshape(-1)
     ffn_slots = torch.nonzero(flat < n_routed).squeeze(1)
     slot_S = ffn_slots[torch.argsort(flat[ffn_slots], stable=True)]
+    counts_N = counts_E[:n_routed]
+    if row_multiple > 1:
+        padded_N = counts_N + (-counts_N) % row_multiple
+        real_start_N = counts_N.cumsum(0) - counts_N
+        padded_start_N = padded_N.cumsum(0) - padded_N
+        expert_S = flat[slot_S]
+        rank_S = torch.arange(slot_S.shape[0]) - real_start_N[expert_S]
+        where_S = padded_start_N[expert_S] + rank_S
+        rows = int(padded_N.sum())
+        padded_slots = torch.full((rows,), tokens * k, dtype=slot_S.dtype)
+        slot_S = padded_slots.index_copy(0, where_S, slot_S)
+        token_S = torch.div(slot_S, k, rounding_mode="floor")
+        is_pad = slot_S == tokens * k
+        token_S = torch.where(is_pad, tokens + torch.arange(rows) % row_multiple, token_S)
+        return DispatchPlan(slot_S, token_S, padded_N.tolist())
     token_S = torch.div(slot_S, k, rounding_mode="floor")
-    return DispatchPlan(slot_S, token_S, counts_E[:n_routed].tolist())
+    return DispatchPlan(slot_S, token_S, counts_N.tolist())
 
 
 class _MoECore(torch.autograd.Function):
@@ -121,7 +143,7 @@ class _MoECore(torch.autograd.Function):
             list(experts)
         ):
             grad_out_rD = grad_TD.index_select(0, tokens)
-            silu_rI = silu(a_rI) if det else F.silu(a_rI)
+            silu_rI = silu_forward(a_rI) if det else F.silu(a_rI)
             hidden_rI = silu_rI * b_rI
             grad_hidden_rI = _mm(_as(grad_out_rD, dtype), w_d, det)  # gate not applied yet
             torch.linalg.vecdot(_as_float(grad_hidden_rI), _as_float(hidden_rI), out=grad_gate_r)
@@ -185,8 +207,18 @@ class MoE(nn.Module):
         gate_TK = routing.topk_gate_TK
         is_zero_TK = routing.topk_idx_TK >= self.n_routed_experts
         zero_gate_T = slot_sum(torch.where(is_zero_TK, gate_TK, torch.zeros_like(gate_TK)))
-        plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts)
-        gate_S = gate_TK.reshape(-1).index_select(0, plan.slot_S)
+        gates = gate_TK.reshape(-1)
+        tokens = x_TD.shape[0]
+        if self.deterministic:
+            # every expert's rows padded to a multiple of ROWS (zero tokens, zero gates): each
+            # expert GEMM is then one batch-invariant call (batch_invariant.mm_rows)
+            plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts, ROWS)
+            x_TD = torch.cat((x_TD, x_TD.new_zeros(ROWS, x_TD.shape[1])))
+            zero_gate_T = torch.cat((zero_gate_T, zero_gate_T.new_zeros(ROWS)))
+            gates = torch.cat((gates, gates.new_zeros(1)))
+        else:
+            plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts)
+        gate_S = gates.index_select(0, plan.slot_S)
         out_TD = _MoECore.apply(
             x_TD.contiguous(),
             zero_gate_T,
@@ -195,4 +227,4 @@ class MoE(nn.Module):
             plan,
             self.deterministic,
         )
-        return out_TD.to(x.dtype).reshape(x.shape), routing
+        return out_TD[:tokens].to(x.dtype).reshape(x.shape), routing

@@ -54,7 +54,7 @@ ABFT_SITES = ("expert_gemm", "combine")
 _TARGETS: dict[str, tuple[str, ...]] = {
     "weight": PARAMS,
     "gradient": PARAMS,
-    "expert_gemm": ("gate", "up", "down"),
+    "expert_gemm": ("gate_up", "down"),
     "optimizer_state": tuple(f"{p}:{m}" for p in PARAMS for m in ("exp_avg", "exp_avg_sq")),
 }
 

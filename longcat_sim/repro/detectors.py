@@ -18,11 +18,13 @@
     (a weight corrupted at rest is read identically twice).
 
 (c) :class:`AbftMonitor`: algorithm-based fault tolerance. For each expert GEMM ``C = A W^T``
-    the row checksum ``sum_y C[r, y]`` must equal ``A[r] . s_e`` with ``s_e = sum_y W_e[y, :]``
-    encoded when the weights were written (so weights at rest are covered too); the combine
-    must satisfy ``sum_h out[t, h] = sum_k g[t, k] sum_h y[t, k, h]``. The check runs in the
-    GEMM's own dtype (one pass over each operand), so the tolerance covers the rounding of the
-    GEMM and of the check. By the probabilistic rounding-error bound (Higham & Mary 2019) a
+    the row checksum ``sum_y C[r, y]`` must equal ``A[r] . s_e`` with ``s_e = sum_y W_e[y, :]``:
+    the weights are stored with ``s_e`` as an extra row, encoded when they were written (so
+    weights at rest are covered too), and the GEMM computes ``A[r] . s_e`` as one more output
+    column. The combine must satisfy ``sum_h out[t, h] = sum_k g[t, k] sum_h y[t, k, h]``. The
+    check runs in the GEMM's own dtype (a row-norm and a row-sum pass), so the tolerance covers
+    the rounding of the GEMM and of the check. By the probabilistic rounding-error bound
+    (Higham & Mary 2019) a
     length-n dot product is within ``lambda sqrt(n) u sum |a||b|`` (u = unit roundoff of the
     dtype) except with probability ``2 n exp(-lambda^2 / 2)``. Summed over a row of C, plus the
     checksum's own roundings, that gives
@@ -71,9 +73,10 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 class AbftMonitor:
     """Row-checksum ABFT on the expert GEMMs and the combine (see the module docstring).
 
-    All check arithmetic runs in the GEMMs' dtype, one pass over each operand: row norms of
-    the GEMM input, one matrix-vector product per expert for the reference checksums, row
-    sums of the output. The tolerance covers the rounding of the GEMM and of the check itself.
+    The reference checksums come out of the GEMMs themselves (checksum-encoded weights); the
+    check adds a row-norm pass over each GEMM input (once for GEMMs sharing it) and a row-sum
+    pass over each output, in the GEMMs' dtype. The tolerance covers the rounding of the GEMM
+    and of the check itself.
     """
 
     alarm_probability: float = ABFT_ALARM_PROBABILITY
@@ -81,60 +84,79 @@ class AbftMonitor:
     checks: int = 0
     worst_ratio: float = 0.0  # largest |checksum difference| / tolerance seen
     alarm_sites: list[str] = field(default_factory=list)
-    _norms: tuple[int, tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
+    _down: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def _verify(self, name: str, diff: torch.Tensor, tol: torch.Tensor) -> None:
         self.checks += diff.numel()
         if not diff.numel():
             return
-        ratio = diff / tol.clamp_min(torch.finfo(tol.dtype).tiny)
         bad = ~(diff <= tol)  # NaN counts as an alarm
-        finite = ratio[torch.isfinite(ratio)]
-        if finite.numel():
-            self.worst_ratio = max(self.worst_ratio, float(finite.max()))
+        ratio = torch.where(tol > 0, diff / tol, 0.0).nan_to_num(nan=0.0, posinf=0.0)
+        self.worst_ratio = max(self.worst_ratio, float(ratio.max()))
         count = int(bad.sum())
         if count:
             self.alarms += count
             self.alarm_sites.append(name)
 
-    def _row_norms(self, a_SX: torch.Tensor) -> torch.Tensor:
-        """L2 norm of every row (the gate and up GEMMs share their input: computed once)."""
-        key = (a_SX.data_ptr(), tuple(a_SX.shape))
-        if self._norms is None or self._norms[:2] != key:
-            self._norms = (*key, torch.linalg.vector_norm(a_SX, dim=1))
-        return self._norms[2]
-
     def on_expert_gemm(
         self,
-        name: str,
+        names: tuple[str, ...],
         a_SX: torch.Tensor,
-        c_SY: torch.Tensor,
+        outputs: tuple[torch.Tensor, ...],
+        references: tuple[torch.Tensor, ...],
         rows: ExpertRows,
-        checksums: tuple[torch.Tensor, torch.Tensor],
+        scales: tuple[torch.Tensor, ...],
+        a_norms_S: torch.Tensor | None = None,
     ) -> None:
-        sum_NX, scale_N = checksums
-        width, out_width = a_SX.shape[1], c_SY.shape[1]
-        reference = torch.zeros(c_SY.shape[0], dtype=c_SY.dtype)
-        scale = torch.zeros_like(reference)
-        for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)):
-            if t > s:
-                torch.mv(a_SX[s:t], sum_NX[e], out=reference[s:t])
-                scale[s:t] = scale_N[e]
-        used = rows.expert_of_row >= 0
-        # rounding of C (dot length X + 1), of C's row sum (Y), of a . s (X + 1) and of s (Y)
-        lam = abft_lambda(2 * (width + 2) * out_width, self.alarm_probability)
-        factor = lam * unit_roundoff(c_SY.dtype) * 2 * (math.sqrt(width + 1) + math.sqrt(out_width))
-        tol = factor * self._row_norms(a_SX) * scale
-        diff = (c_SY.sum(dim=1) - reference).abs()
-        self._verify(f"expert_gemm.{name}", diff[used], tol[used])
+        """Check GEMMs that share their input ``a_SX`` (its row norms taken once, or given)."""
+        width = a_SX.shape[1]
+        owner = rows.expert_of_row
+        # rows of no expert (possible only under corrupted counts) are zero in C and reference
+        mask_S = (owner >= 0).to(a_SX.dtype)
+        own = owner.clamp_min(0)
+        if a_norms_S is None:
+            a_norms_S = torch.linalg.vector_norm(a_SX, dim=1)
+        norms_S = a_norms_S * mask_S
+        unit = unit_roundoff(a_SX.dtype)
+        for name, c_SY, ref_S, scale_N in zip(names, outputs, references, scales, strict=True):
+            out_width = c_SY.shape[1]
+            # rounding of C (dot length X + 1), of C's row sum (Y), of a . s (X + 1) and of s (Y)
+            lam = abft_lambda(2 * (width + 2) * out_width, self.alarm_probability)
+            factor = lam * unit * 2 * (math.sqrt(width + 1) + math.sqrt(out_width))
+            sums_S = c_SY.sum(dim=1)
+            magnitude_S = norms_S * scale_N.index_select(0, own)  # >= sum_y |C[r, y]|
+            self._verify(f"expert_gemm.{name}", (sums_S - ref_S).abs(), factor * magnitude_S)
+            if name == "down":  # the combine's check reuses the expert outputs' row sums
+                self._down = (sums_S, magnitude_S)
 
     def on_expert_ffn(self, *args: object, **kwargs: object) -> None:
         return None
 
-    def on_combine(self, out_TD: torch.Tensor, gate_TK: torch.Tensor, y_TKD: torch.Tensor) -> None:
-        k, width = gate_TK.shape[1], out_TD.shape[1]
-        reference = (gate_TK * y_TKD.sum(dim=2)).sum(dim=1)
-        magnitude = (gate_TK.abs() * torch.linalg.vector_norm(y_TKD, ord=1, dim=2)).sum(dim=1)
+    def on_combine(
+        self,
+        out_TD: torch.Tensor,
+        gate_TK: torch.Tensor,
+        y_TKD: torch.Tensor,
+        dispatch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Check ``sum_h out[t] = sum_k g[t, k] sum_h y[t, k]``. With ``dispatch`` =
+        ``(slot_S, x_TD)`` the per-slot row sums and magnitude bounds come from the down GEMM's
+        check (FFN slots) and from x (zero-expert slots) instead of another pass over y."""
+        tokens, k = gate_TK.shape
+        width = out_TD.shape[1]
+        if dispatch is not None and self._down is not None:
+            slot_S, x_TD = dispatch
+            down_sums_S, down_mag_S = self._down
+            ysum_TK = x_TD.sum(dim=1).repeat_interleave(k).index_copy(0, slot_S, down_sums_S)
+            x_mag_T = torch.linalg.vector_norm(x_TD, dim=1) * math.sqrt(width)
+            ymag_TK = x_mag_T.repeat_interleave(k).index_copy(0, slot_S, down_mag_S)
+            ysum_TK, ymag_TK = ysum_TK.view(tokens, k), ymag_TK.view(tokens, k)
+        else:
+            ysum_TK = y_TKD.sum(dim=2)
+            # sum_h |y| <= sqrt(H) ||y||_2 (Cauchy-Schwarz; an L2 norm is the faster reduction)
+            ymag_TK = torch.linalg.vector_norm(y_TKD, dim=2) * math.sqrt(width)
+        reference = (gate_TK * ysum_TK).sum(dim=1)
+        magnitude = (gate_TK.abs() * ymag_TK).sum(dim=1)
         # rounding of the K products and sums per element, of both row sums (H) and of the
         # K-term reference sum
         lam = abft_lambda(2 * (k + 1) * width, self.alarm_probability)
@@ -178,13 +200,13 @@ class RecomputeMonitor:
             self.sampled.append(e)
             s, t = rows.starts[e], rows.ends[e]
             one = ExpertRows([0], [t - s], torch.zeros(t - s, dtype=torch.int64))
-            w = {name: weights[name].detach()[e : e + 1] for name in ("gate", "up", "down")}
-            gate = grouped_gemm(x_SD[s:t], w["gate"], one)
-            up = grouped_gemm(x_SD[s:t], w["up"], one)
-            hidden = torch.nn.functional.silu(gate) * up
-            down = grouped_gemm(hidden, w["down"], one)
+            w = {name: weights[name].detach()[e : e + 1] for name in ("gate_up", "down")}
+            gate_up, _ = grouped_gemm(x_SD[s:t], w["gate_up"], one)
+            inter = gate_up.shape[1] // 2
+            hidden = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            down, _ = grouped_gemm(hidden, w["down"], one)
             self.checks += 1
-            again = {"gate": gate, "up": up, "hidden": hidden, "down": down}
+            again = {"gate_up": gate_up, "hidden": hidden, "down": down}
             if any(not torch.equal(again[k], stages[k].detach()[s:t]) for k in again):
                 self.alarms += 1
 

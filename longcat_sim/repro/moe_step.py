@@ -6,8 +6,12 @@ zero experts -> tokens-per-expert counts -> dispatch (FFN slots sorted by expert
 owns rows ``[start_e, end_e)`` computed from the counts, as a grouped GEMM's offsets are) ->
 expert GEMMs (gate, up; SwiGLU; down) -> combine (each token's K slots summed in slot order in
 float32, zero experts contributing ``gate * x``) -> loss ``<out, grad_out>`` -> backward ->
-AdamW. After the update the step re-encodes the ABFT checksum vectors of the expert weights
-(row sums of each expert's weight, float64) so that weights are covered while at rest.
+AdamW. Expert weights are stored checksum-encoded, as ABFT keeps them: each expert's weight
+``[out, in]`` carries ``CHECK_ROWS`` more rows, the sum of its rows and zeros (so the GEMM's
+output width stays a multiple of 8), and every expert GEMM produces each output row's reference
+checksum in column ``out``, at the cost of 8 more output columns. The optimizer updates the
+weights and re-encodes the checksum rows (and each expert's error scale, the sum of its row
+norms), so weights are covered while at rest.
 
 The step reads a :class:`StepState` and never modifies it: a copy is the snapshot a replay
 starts from. Everything runs on fixed shapes with deterministic kernels, so two executions of
@@ -27,8 +31,8 @@ from longcat_sim.repro.hashing import hash_named_tensors
 from longcat_sim.repro.inject import StepInjector
 from model.config import ModelConfig
 
-PARAMS = ("router", "gate", "up", "down")
-EXPERT_WEIGHTS = ("gate", "up", "down")
+PARAMS = ("router", "gate_up", "down")
+EXPERT_WEIGHTS = ("gate_up", "down")  # gate and up projections fused into one GEMM
 
 
 class StepCrash(RuntimeError):
@@ -47,23 +51,43 @@ class MoEStepConfig:
     weight_decay: float = 0.1
 
 
-def encode_checksums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ABFT encoding of stacked expert weights ``[N, out, in]``: the checksum vectors (sums over
-    the output dimension, ``[N, in]``) and each expert's sum of output-row L2 norms (``[N]``,
-    the scale of its rounding errors). Two passes over the weights, in their dtype."""
-    w = w.detach()
-    return w.sum(dim=1), torch.linalg.vector_norm(w, dim=2).sum(dim=1)
+CHECK_ROWS = 8  # rows appended to each expert weight: the checksum row, then zeros
+
+
+def encode_checksums(w_NYX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ABFT encoding of stacked expert weights ``[N, out, in]``: the weights with the checksum
+    row (the sum of the rows) and ``CHECK_ROWS - 1`` zero rows appended,
+    ``[N, out + CHECK_ROWS, in]``, and each expert's sum of output-row L2 norms (``[N]``, the
+    scale of its rounding errors)."""
+    w = w_NYX.detach()
+    pad = w.new_zeros(w.shape[0], CHECK_ROWS - 1, w.shape[2])
+    encoded = torch.cat((w, w.sum(dim=1, keepdim=True), pad), dim=1)
+    return encoded, torch.linalg.vector_norm(w, dim=2).sum(dim=1)
+
+
+def plain_weight(encoded_NYX: torch.Tensor) -> torch.Tensor:
+    """The weights of an encoded tensor (a view without the checksum rows)."""
+    return encoded_NYX[:, :-CHECK_ROWS]
+
+
+def reencode_(encoded_NYX: torch.Tensor) -> torch.Tensor:
+    """Recompute the checksum rows of encoded weights in place (after an update); returns the
+    experts' error scales."""
+    w = plain_weight(encoded_NYX)
+    encoded_NYX[:, -CHECK_ROWS] = w.sum(dim=1)
+    return torch.linalg.vector_norm(w, dim=2).sum(dim=1)
 
 
 @dataclass
 class StepState:
-    """Everything a step reads: parameters, router bias, AdamW moments, checksums, the data."""
+    """Everything a step reads: parameters (expert weights checksum-encoded), router bias,
+    AdamW moments, the experts' ABFT error scales, the data."""
 
     params: dict[str, torch.Tensor]
     bias: torch.Tensor
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
-    checksums: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scales: dict[str, torch.Tensor]
     step: int
     x_TD: torch.Tensor
     grad_out_TD: torch.Tensor
@@ -77,7 +101,7 @@ class StepState:
             self.bias.clone(),
             c(self.exp_avg),
             c(self.exp_avg_sq),
-            {k: (a.clone(), b.clone()) for k, (a, b) in self.checksums.items()},
+            c(self.scales),
             self.step,
             self.x_TD.clone(),
             self.grad_out_TD.clone(),
@@ -101,12 +125,16 @@ def initial_state(sc: MoEStepConfig, seed: int, *, outlier: float = 0.0) -> Step
     def normal(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * std
 
-    params = {
+    plain = {
         "router": normal(e, h, std=h**-0.5),
         "gate": normal(n, i, h, std=h**-0.5),
         "up": normal(n, i, h, std=h**-0.5),
         "down": normal(n, h, i, std=i**-0.5),
     }
+    params, scales = {"router": plain["router"]}, {}
+    plain["gate_up"] = torch.cat((plain.pop("gate"), plain.pop("up")), dim=1)
+    for name in EXPERT_WEIGHTS:
+        params[name], scales[name] = encode_checksums(plain[name])
     x_TD = normal(sc.tokens, h, std=1.0)
     if outlier:
         x_TD[0] *= outlier
@@ -115,7 +143,7 @@ def initial_state(sc: MoEStepConfig, seed: int, *, outlier: float = 0.0) -> Step
         bias=torch.zeros(e),
         exp_avg={k: torch.zeros_like(v) for k, v in params.items()},
         exp_avg_sq={k: torch.zeros_like(v) for k, v in params.items()},
-        checksums={k: encode_checksums(params[k]) for k in EXPERT_WEIGHTS},
+        scales=scales,
         step=0,
         x_TD=x_TD,
         grad_out_TD=normal(sc.tokens, h, std=(sc.tokens * h) ** -0.5),
@@ -144,6 +172,7 @@ class ExpertRows:
     starts: list[int]
     ends: list[int]
     expert_of_row: torch.Tensor
+    uncovered: bool = False  # some row belongs to no expert (only under corrupted counts)
 
 
 class StepMonitor(Protocol):
@@ -151,12 +180,17 @@ class StepMonitor(Protocol):
 
     def on_expert_gemm(
         self,
-        name: str,
+        names: tuple[str, ...],
         a_SX: torch.Tensor,
-        c_SY: torch.Tensor,
+        outputs: tuple[torch.Tensor, ...],
+        references: tuple[torch.Tensor, ...],
         rows: ExpertRows,
-        checksums: tuple[torch.Tensor, torch.Tensor],
-    ) -> None: ...
+        scales: tuple[torch.Tensor, ...],
+        a_norms_S: torch.Tensor | None = None,
+    ) -> None:
+        """The GEMMs ``names`` (outputs ``C = A W^T``) all read ``a_SX``; ``references`` are
+        the checksum columns their encoded weights produced, ``scales`` the experts' error
+        scales, ``a_norms_S`` the rows' L2 norms if the caller has them."""
 
     def on_expert_ffn(
         self,
@@ -168,8 +202,14 @@ class StepMonitor(Protocol):
     ) -> None: ...
 
     def on_combine(
-        self, out_TD: torch.Tensor, gate_TK: torch.Tensor, y_TKD: torch.Tensor
-    ) -> None: ...
+        self,
+        out_TD: torch.Tensor,
+        gate_TK: torch.Tensor,
+        y_TKD: torch.Tensor,
+        dispatch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """The combine's output, gates and per-slot expert outputs; ``dispatch`` is
+        ``(slot_S, x_TD)``: where each dispatched row's output went, and the tokens."""
 
 
 def stable_topk(values_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -186,16 +226,47 @@ def expert_rows(counts_N: torch.Tensor, rows: int) -> ExpertRows:
     for e, (s, t) in enumerate(zip(starts, ends, strict=True)):
         if t > s:
             owner[s:t] = e
-    return ExpertRows(starts, ends, owner)
+    return ExpertRows(starts, ends, owner, bool((owner < 0).any()))
 
 
-def grouped_gemm(a_SX: torch.Tensor, w_NYX: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-    """``c[r] = a[r] @ w[e]^T`` for the rows r of each expert e; rows of no expert stay zero."""
-    c_SY = a_SX.new_zeros(a_SX.shape[0], w_NYX.shape[1])
-    for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)):
-        if t > s:
-            c_SY[s:t] = a_SX[s:t] @ w_NYX[e].t()
-    return c_SY
+class _EncodedGroupedGemm(torch.autograd.Function):
+    """``c[r] = a[r] @ w[e]^T`` for the rows r of each expert e (one GEMM per expert) with
+    encoded weights ``[N, out + CHECK_ROWS, in]``: column ``out`` is the checksum reference.
+    Rows of no expert stay zero. Backward uses the weights without their checksum rows."""
+
+    @staticmethod
+    def forward(ctx, a_SX, w_NYX, rows):  # type: ignore[override]
+        c_SY = a_SX.new_empty(a_SX.shape[0], w_NYX.shape[1])
+        if rows.uncovered:
+            c_SY.zero_()
+        for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)):
+            if t > s:
+                torch.mm(a_SX[s:t], w_NYX[e].t(), out=c_SY[s:t])
+        ctx.rows = rows
+        ctx.save_for_backward(a_SX, w_NYX)
+        return c_SY
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_SY):  # type: ignore[override]
+        a_SX, w_NYX = ctx.saved_tensors
+        grad = grad_SY[:, :-CHECK_ROWS].contiguous()
+        grad_a = torch.zeros_like(a_SX)
+        grad_w = torch.zeros_like(w_NYX)
+        for e, (s, t) in enumerate(zip(ctx.rows.starts, ctx.rows.ends, strict=True)):
+            if t > s:
+                torch.mm(grad[s:t], w_NYX[e, :-CHECK_ROWS], out=grad_a[s:t])
+                torch.mm(grad[s:t].t(), a_SX[s:t], out=grad_w[e, :-CHECK_ROWS])
+        return grad_a, grad_w, None
+
+
+def grouped_gemm(
+    a_SX: torch.Tensor, encoded_NYX: torch.Tensor, rows: ExpertRows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, reference checksums) of the expert GEMMs with encoded weights: ``C = A W^T``
+    (differentiable; a view) and ``A s_e`` per row (detached)."""
+    c_ext = _EncodedGroupedGemm.apply(a_SX, encoded_NYX, rows)
+    return c_ext[:, :-CHECK_ROWS], c_ext[:, -CHECK_ROWS].detach()
 
 
 def swiglu_ffn(
@@ -204,26 +275,49 @@ def swiglu_ffn(
     rows: ExpertRows,
     injector: StepInjector | None = None,
     monitors: tuple[StepMonitor, ...] = (),
-    checksums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
+    x_norms_S: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The expert FFN stages over dispatched rows: pre_gate, pre_up, hidden, y."""
+    """The expert FFN stages over dispatched rows: gate_up (the fused gate and up GEMM), gate,
+    up, hidden, down (``weights`` checksum-encoded). ``x_norms_S``: the rows' L2 norms when
+    known (monitors need them)."""
     stages: dict[str, torch.Tensor] = {}
-    for name, source in (("gate", x_SD), ("up", x_SD)):
-        c = grouped_gemm(source, weights[name], rows)
-        if injector is not None:
-            c = injector.at("expert_gemm", c, target=name)
-        for m in monitors:
-            m.on_expert_gemm(name, source.detach(), c.detach(), rows, checksums[name])
-        stages[name] = c
+    refs: dict[str, torch.Tensor] = {}
+    gate_up, refs["gate_up"] = grouped_gemm(x_SD, weights["gate_up"], rows)
+    if injector is not None:
+        gate_up = injector.at("expert_gemm", gate_up, target="gate_up")
+    inter = gate_up.shape[1] // 2
+    stages["gate_up"] = gate_up
+    stages["gate"], stages["up"] = gate_up[:, :inter], gate_up[:, inter:]
     hidden = F.silu(stages["gate"]) * stages["up"]
     if injector is not None:
         hidden = injector.at("activation", hidden)
     stages["hidden"] = hidden
-    y = grouped_gemm(hidden, weights["down"], rows)
+    # the down check's row norms, taken while the hidden rows are still in cache
+    h_norms_S = torch.linalg.vector_norm(hidden.detach(), dim=1) if monitors else None
+    y, refs["down"] = grouped_gemm(hidden, weights["down"], rows)
     if injector is not None:
         y = injector.at("expert_gemm", y, target="down")
+    # the checks run after the three GEMMs, which thus keep their operands in cache
     for m in monitors:
-        m.on_expert_gemm("down", hidden.detach(), y.detach(), rows, checksums["down"])
+        m.on_expert_gemm(
+            ("gate_up",),
+            x_SD.detach(),
+            (gate_up.detach(),),
+            (refs["gate_up"],),
+            rows,
+            (scales["gate_up"],),
+            a_norms_S=x_norms_S,
+        )
+        m.on_expert_gemm(
+            ("down",),
+            hidden.detach(),
+            (y.detach(),),
+            (refs["down"],),
+            rows,
+            (scales["down"],),
+            a_norms_S=h_norms_S,
+        )
     stages["down"] = y
     return stages
 
@@ -270,7 +364,9 @@ def moe_step(
     rows = expert_rows(counts_E[:n], slot_S.shape[0])
     x_SD = x_TD.index_select(0, token_S)
     weights = {name: params[name] for name in EXPERT_WEIGHTS}
-    stages = swiglu_ffn(x_SD, weights, rows, injector, monitors, work.checksums)
+    # the dispatched rows are copies of tokens: their norms are the tokens' norms
+    x_norms_S = torch.linalg.vector_norm(x_TD, dim=1)[token_S] if monitors else None
+    stages = swiglu_ffn(x_SD, weights, rows, injector, monitors, work.scales, x_norms_S)
     for m in monitors:
         m.on_expert_ffn(x_SD.detach(), weights, stages, rows, work.step)
 
@@ -286,7 +382,7 @@ def moe_step(
     if injector is not None:
         out_TD = injector.at("combine", out_TD)
     for m in monitors:
-        m.on_combine(out_TD.detach(), gate_TK.detach(), y_TKD.detach())
+        m.on_combine(out_TD.detach(), gate_TK.detach(), y_TKD.detach(), (slot_S, x_TD))
 
     # loss and backward
     loss = (out_TD.double() * work.grad_out_TD.double()).sum()
@@ -308,11 +404,11 @@ def moe_step(
             update = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + sc.eps)
             new_params[name] = p * (1 - sc.lr * sc.weight_decay) - sc.lr * update
             new_m[name], new_v[name] = m, v
+        scales = {name: reencode_(new_params[name]) for name in EXPERT_WEIGHTS}
     if injector is not None:
         for name in PARAMS:
             injector.at_("optimizer_state", new_m[name], target=f"{name}:exp_avg")
             injector.at_("optimizer_state", new_v[name], target=f"{name}:exp_avg_sq")
-    checksums = {name: encode_checksums(new_params[name]) for name in EXPERT_WEIGHTS}
 
     tensors: dict[str, torch.Tensor] = {
         "routing.idx": idx_TK,
@@ -330,7 +426,7 @@ def moe_step(
         params=new_params,
         exp_avg=new_m,
         exp_avg_sq=new_v,
-        checksums=checksums,
+        scales=scales,
         step=step,
     )
     return StepResult(tensors, float(loss.detach()), next_state)

@@ -13,9 +13,9 @@ another micro-kernel). The functions here remove the shape from the picture:
   rows (a GEMV for one row, other kernels for 2-3, an uneven thread split for 5-7). So the
   one-call form is batch-invariant at the GEMM's full speed: a row's result depends on the row
   alone, wherever it sits and however many rows travel with it.
-- :func:`mm_t_rows` is the transposed product ``a^T b`` (a weight gradient, a sum over rows)
-  with the same row rule, partial products added in a fixed order, and the output's rows
-  padded to a multiple of 8 too (no GEMM has the few rows MKL splits unevenly between threads).
+- :func:`mm_t_rows` is the transposed product ``a^T b`` (a weight gradient, a sum over rows):
+  one GEMM whose output rows are padded to a multiple of 8 (MKL splits a GEMM's output, never
+  its summed dimension, between threads; only outputs of fewer than 8 rows split unevenly).
 - :func:`linear` / :class:`BatchInvariantLinear`: ``x W^T`` forward and both backward products
   built from the two above.
 - :func:`causal_attention`: softmax attention by query blocks of ``ATTN_CHUNK`` positions, each
@@ -42,10 +42,9 @@ ATTN_CHUNK = 32
 SUM_CHUNK = 1024
 
 
-def _split_rows(rows: int) -> tuple[int, int]:
-    """(rows covered by whole multiples of ``ROWS``, rows left for the padded last call)."""
-    full = rows - rows % ROWS
-    return full, rows - full
+def _check_mm(name: str, a: torch.Tensor, b: torch.Tensor, inner: int) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[inner] != b.shape[0]:
+        raise ValueError(f"{name}: incompatible shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def mm_rows(
@@ -64,29 +63,24 @@ def mm_rows(
     Written into ``out`` when given (contiguous ``[M, N]``); with ``accumulate`` the product
     is added to ``out`` inside the same GEMM calls (``out += a @ b``).
     """
-    if a_MK.dim() != 2 or b_KN.dim() != 2 or a_MK.shape[1] != b_KN.shape[0]:
-        raise ValueError(
-            f"mm_rows needs [M, K] x [K, N], got {tuple(a_MK.shape)} x {tuple(b_KN.shape)}"
-        )
-    if tile is not None and tile % ROWS:
-        raise ValueError(f"mm_rows: tile must be a multiple of {ROWS}, got {tile}")
+    _check_mm("mm_rows", a_MK, b_KN, 1)
+    if tile is not None and (tile <= 0 or tile % ROWS):
+        raise ValueError(f"mm_rows: tile must be a positive multiple of {ROWS}, got {tile}")
     rows = a_MK.shape[0]
     if out is None:
         if accumulate:
             raise ValueError("mm_rows: accumulate needs out")
         out = a_MK.new_empty(rows, b_KN.shape[1])
-    full, rest = _split_rows(rows)
-    step = tile or max(full, 1)
-    for start in range(0, full - full % step, step):
-        piece = out[start : start + step]
+    step = tile or rows - rows % ROWS
+    done = rows - rows % step if step else 0
+    for start in range(0, done, step or 1):
         if accumulate:
-            piece.addmm_(a_MK[start : start + step], b_KN)
+            out[start : start + step].addmm_(a_MK[start : start + step], b_KN)
         else:
-            torch.mm(a_MK[start : start + step], b_KN, out=piece)
-    left = full % step + rest  # rows not yet done (only with a tile)
+            torch.mm(a_MK[start : start + step], b_KN, out=out[start : start + step])
+    left = rows - done
     if left:
-        done = rows - left
-        pad_rows = -(-left // ROWS) * ROWS if tile is None else tile
+        pad_rows = tile or ROWS
         padded = a_MK.new_zeros(pad_rows, a_MK.shape[1])
         padded[:left] = a_MK[done:]
         if accumulate:
@@ -106,37 +100,33 @@ def mm_t_rows(
     tile: int | None = None,
 ) -> torch.Tensor:
     """``a^T @ b`` (a sum over the M rows, e.g. a weight gradient), written into ``out`` when
-    given. The rows summed go as in :func:`mm_rows` (whole multiples of ``ROWS`` in one call,
-    or ``tile`` rows per call, then one zero-padded call), the partial products added in that
-    order. The output's N rows are padded to a multiple of ``ROWS`` too: MKL splits a GEMM of
-    fewer than 8 rows unevenly between 2 threads, and the leftover rows take another kernel.
+    given, thread-count invariant.
+
+    One GEMM whose output has N rows padded to a multiple of ``ROWS``: MKL splits the output
+    of a GEMM between threads (never the summed dimension), and only an output of fewer than 8
+    rows is split unevenly enough to change a row's kernel. ``tile=t`` instead sums ``t`` rows
+    per call into one buffer in ascending order (a zero-padded last tile): the fixed-shape
+    reference.
     """
-    if a_MN.dim() != 2 or b_MK.dim() != 2 or a_MN.shape[0] != b_MK.shape[0]:
-        raise ValueError(
-            f"mm_t_rows needs [M, N] and [M, K], got {tuple(a_MN.shape)} and {tuple(b_MK.shape)}"
-        )
+    _check_mm("mm_t_rows", a_MN.t(), b_MK, 1)
     rows, n_out = a_MN.shape
-    n_pad = -(-n_out // ROWS) * ROWS
+    n_pad = n_out + (-n_out) % ROWS
     if n_pad != n_out:
         a_MN = F.pad(a_MN, (0, n_pad - n_out))
-    full, rest = _split_rows(rows)
-    step = tile or max(full, 1)
-    pieces = [(a_MN[s : s + step], b_MK[s : s + step]) for s in range(0, full - full % step, step)]
-    left = full % step + rest
-    if left:
-        pad_rows = -(-left // ROWS) * ROWS if tile is None else tile
-        pad_a = a_MN.new_zeros(pad_rows, n_pad)
-        pad_b = b_MK.new_zeros(pad_rows, b_MK.shape[1])
-        pad_a[:left] = a_MN[rows - left :]
-        pad_b[:left] = b_MK[rows - left :]
-        pieces.append((pad_a, pad_b))
     direct = out is not None and n_pad == n_out and out.is_contiguous()
-    if not pieces:
-        zeros = a_MN.new_zeros(n_out, b_MK.shape[1])
-        return zeros if out is None else out.copy_(zeros)
-    out_NK = torch.mm(pieces[0][0].t(), pieces[0][1], out=out if direct else None)
-    for a_t, b_t in pieces[1:]:
-        out_NK.addmm_(a_t.t(), b_t)
+    target = out if direct else None
+    if tile is None:
+        out_NK = torch.mm(a_MN.t(), b_MK, out=target)
+    else:
+        if tile <= 0 or tile % ROWS:
+            raise ValueError(f"mm_t_rows: tile must be a positive multiple of {ROWS}, got {tile}")
+        padded_rows = rows + (-rows) % tile or tile
+        a_pad = a_MN.new_zeros(padded_rows, n_pad)
+        b_pad = b_MK.new_zeros(padded_rows, b_MK.shape[1])
+        a_pad[:rows], b_pad[:rows] = a_MN, b_MK
+        out_NK = torch.mm(a_pad[:tile].t(), b_pad[:tile], out=target)
+        for start in range(tile, padded_rows, tile):
+            out_NK.addmm_(a_pad[start : start + tile].t(), b_pad[start : start + tile])
     if out is None or direct:
         return out_NK[:n_out]
     return out.copy_(out_NK[:n_out])
@@ -220,29 +210,34 @@ def causal_attention(
     return out.reshape(batch, heads, blocks * chunk, -1)[:, :, :seq]
 
 
-# ATen's elementwise kernels split a tensor of n elements into one contiguous chunk per thread
-# (ceil(n / threads) each) and run each chunk through a vector loop of 2 x the vector width,
-# leaving the last (chunk length mod step) elements to a scalar loop. For SiLU the two loops
-# use different formulas that disagree in the last bit for a few percent of inputs. A run
-# whose length is a multiple of ALIGN (64 elements x lcm(1..8)) has no scalar remainder for
-# any thread count up to 8 and vectors up to 512 bits: every element takes the vector path.
-ALIGN = 64 * 840
+# ATen's elementwise kernels split a run of n >= GRAIN elements into one contiguous chunk per
+# task (ceil(n / tasks) each, tasks = min(threads, ceil(n / GRAIN))) and run each chunk through a
+# vector loop of 2 x the vector width, leaving (chunk length mod step) elements to a scalar
+# loop. For SiLU the two loops use different formulas that disagree in the last bit for a few
+# percent of inputs. :func:`_aligned` only ever hands ATen runs without a scalar remainder:
+# multiples of ALIGN (64 elements x lcm(1..8): any thread count up to 8, vectors up to 512
+# bits), then a multiple of 128 shorter than ALIGN (at most 2 tasks, chunks multiples of 64),
+# then the last few elements zero-padded to 128.
+GRAIN = 32768
+STEP = 64
+ALIGN = STEP * 840
 
 
 def _aligned(op, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-    """``op(*inputs, out=...)`` over flat runs of ``ALIGN`` elements: the largest aligned prefix
-    in one call, the remainder zero-padded to ``ALIGN`` elements in a second."""
+    """``op(*inputs, out=...)`` over flat runs that take the vector path end to end."""
     flat_out = out.view(-1)
     flat_in = [t.reshape(-1) for t in inputs]
     n = flat_out.numel()
     body = n - n % ALIGN
-    if body:
-        op(*(t[:body] for t in flat_in), out=flat_out[:body])
-    if n > body:
-        padded = [t.new_zeros(ALIGN) for t in flat_in]
+    middle = n - (n - body) % (2 * STEP)
+    for lo, hi in ((0, body), (body, middle)):
+        if hi > lo:
+            op(*(t[lo:hi] for t in flat_in), out=flat_out[lo:hi])
+    if n > middle:
+        padded = [t.new_zeros(2 * STEP) for t in flat_in]
         for dst, src in zip(padded, flat_in, strict=True):
-            dst[: n - body] = src[body:]
-        flat_out[body:] = op(*padded, out=out.new_empty(ALIGN))[: n - body]
+            dst[: n - middle] = src[middle:]
+        flat_out[middle:] = op(*padded, out=out.new_empty(2 * STEP))[: n - middle]
     return out
 
 
@@ -252,6 +247,12 @@ def _silu_out(x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
 
 def _silu_backward_out(grad: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
+
+
+def silu_forward(x: torch.Tensor) -> torch.Tensor:
+    """ATen's SiLU with every element through its vector path (no autograd)."""
+    x = x.contiguous()
+    return _aligned(_silu_out, torch.empty_like(x), x)
 
 
 def silu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +266,7 @@ class _SiLU(torch.autograd.Function):
     def forward(ctx, x):  # type: ignore[override]
         x = x.contiguous()
         ctx.save_for_backward(x)
-        return _aligned(_silu_out, torch.empty_like(x), x)
+        return silu_forward(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

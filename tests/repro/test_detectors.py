@@ -34,12 +34,15 @@ from longcat_sim.repro.detectors import (
 )
 from longcat_sim.repro.inject import Fault, FaultPlan, StepInjector
 from longcat_sim.repro.moe_step import (
+    CHECK_ROWS,
     ExpertRows,
     MoEStepConfig,
     StepCrash,
     encode_checksums,
+    grouped_gemm,
     initial_state,
     moe_step,
+    plain_weight,
     stable_topk,
 )
 from model.config import get_preset
@@ -63,9 +66,10 @@ def test_the_step_is_lonCat_moe_forward_and_backward() -> None:
     moe = MoE(SC.model)
     with torch.no_grad():
         moe.router.classifier.weight.copy_(state.params["router"])
-        moe.experts.gate_proj.copy_(state.params["gate"])
-        moe.experts.up_proj.copy_(state.params["up"])
-        moe.experts.down_proj.copy_(state.params["down"])
+        gate, up = plain_weight(state.params["gate_up"]).chunk(2, dim=1)
+        moe.experts.gate_proj.copy_(gate)
+        moe.experts.up_proj.copy_(up)
+        moe.experts.down_proj.copy_(plain_weight(state.params["down"]))
     out, routing = moe(state.x_TD)
     out.backward(state.grad_out_TD)
     result = moe_step(state, SC)
@@ -75,12 +79,15 @@ def test_the_step_is_lonCat_moe_forward_and_backward() -> None:
     assert torch.equal(result.tensors["routing.counts"], routing.counts_E)
     grads = {
         "router": moe.router.classifier.weight.grad,
-        "gate": moe.experts.gate_proj.grad,
-        "up": moe.experts.up_proj.grad,
+        "gate_up": torch.cat((moe.experts.gate_proj.grad, moe.experts.up_proj.grad), dim=1),
         "down": moe.experts.down_proj.grad,
     }
     for name, grad in grads.items():
-        torch.testing.assert_close(result.tensors[f"grad.{name}"], grad, **tol)
+        mine = result.tensors[f"grad.{name}"]
+        if name != "router":  # encoded weights: the checksum rows get no gradient
+            assert not mine[:, -CHECK_ROWS:].any()
+            mine = plain_weight(mine)
+        torch.testing.assert_close(mine, grad, **tol)
 
 
 def test_the_step_is_bitwise_reproducible_and_leaves_its_state_alone() -> None:
@@ -91,6 +98,10 @@ def test_the_step_is_bitwise_reproducible_and_leaves_its_state_alone() -> None:
     assert all(torch.equal(state.params[k], snapshot.params[k]) for k in state.params)
     chained = moe_step(first.next_state, SC)
     assert chained.next_state.step == 2 and chained.digest() != first.digest()
+    for name in ("gate_up", "down"):  # the optimizer keeps the weights checksum-encoded
+        encoded = chained.next_state.params[name]
+        assert torch.equal(encoded[:, -CHECK_ROWS], plain_weight(encoded).sum(dim=1))
+        assert not encoded[:, -CHECK_ROWS + 1 :].any()
 
 
 def test_stable_topk_gives_exact_ties_to_the_lower_index() -> None:
@@ -130,8 +141,12 @@ def test_abft_tolerance_covers_float32_rounding_of_a_gemm(seed, rows, k) -> None
     c = a @ w[0].t()
     rows_of = ExpertRows([0], [rows], torch.zeros(rows, dtype=torch.int64))
     monitor = AbftMonitor()
-    monitor.on_expert_gemm("gate", a, c, rows_of, encode_checksums(w))
-    assert monitor.alarms == 0 and monitor.checks == rows
+    encoded, scale = encode_checksums(w)
+    with torch.no_grad():
+        c_enc, reference = grouped_gemm(a, encoded, rows_of)
+    monitor.on_expert_gemm(("gate",), a, (c,), (reference,), rows_of, (scale,))
+    monitor.on_expert_gemm(("gate",), a, (c_enc,), (reference,), rows_of, (scale,))
+    assert monitor.alarms == 0 and monitor.checks == 2 * rows
     assert monitor.worst_ratio < 0.5
 
 
@@ -141,7 +156,7 @@ def test_abft_has_no_false_alarm_on_clean_steps_and_catches_big_flips() -> None:
         moe_step(state, SC, monitors=(monitor,))
         assert monitor.alarms == 0 and monitor.checks > 0
     state = initial_state(SC, 2)
-    for site, target in (("expert_gemm", "gate"), ("expert_gemm", "down"), ("combine", "")):
+    for site, target in (("expert_gemm", "gate_up"), ("expert_gemm", "down"), ("combine", "")):
         monitor = AbftMonitor()
         fault = Fault(site=site, bit=30, index=3, target=target)
         moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
