@@ -1,27 +1,29 @@
 """Host calibration: measure operator costs on this machine, write a hardware profile, and
 predict the step time of expert-parallel training from those measurements.
 
-Measured terms (all on CPU, float32, one torch thread per process):
+Measured terms (CPU, float32, one torch thread per process):
 
-- ``matmul_gflops``: GEMM rate at several shapes (the expert and dense shapes of the model);
-- ``mem_gb_s``: copy bandwidth of a large tensor;
-- ``op_overhead_us``: the fixed cost of one small torch op (dispatch, allocation);
-- ``a2a_latency_us`` / ``a2a_gb_s``: a least-squares alpha-beta fit of gloo
-  ``all_to_all_single`` times between processes, per world size;
-- ``overlap_efficiency``: how much of an async all-to-all hides behind concurrent compute,
-  ``(t_compute + t_comm - t_both) / min(t_compute, t_comm)``, per world size. On a host with
-  few cores gloo's copy threads take cores from the compute, so this is well below one (and
-  can be negative when the processes outnumber the cores).
+- ``matmul_gflops``, ``mem_gb_s``, ``op_overhead_us``: GEMM rate at the model's shapes, copy
+  bandwidth, the fixed cost of one small op;
+- per world size W, by :func:`load_probe` with every rank busy as in training
+  (:class:`WorldTerms`): the contention ``compute_slowdown`` (a compute burst with W ranks
+  computing at once over the same burst alone), and alpha-beta fits of what a synchronous
+  ``all_to_all_single``, an overlapped one (its floor: the part that concurrent compute
+  cannot hide) and an ``all_gather`` add to a step. On a host with few cores gloo's copies
+  need the cores too, so these include the wait for a core, not only the transfer.
 
-The step-time model of ``train --nproc W`` over a batch of B sequences:
+The step-time model of ``train --nproc W`` (``longcat_sim.distributed.ep_train``) over a
+batch of B sequences, S = B / W slices per rank, L MoE layers:
 
-    step = (B / W) * (t_slice * contention(W) + layers * exchanges * t_a2a(W, bytes))
-           - scmoe * overlap_efficiency(W) * min(hideable comm, hideable compute)
+    step = slowdown(W) * (S * t_slice + t_fixed)
+         + S * L * (a2a(counts) + 2 a2a(rows) + forward exchanges)
+         + gather(S * dense gradient) + 3 L gather(expert shard) + gather(losses, counts)
 
-where ``t_slice`` and ``t_fixed`` come from a straight-line fit of measured single-process
-(W = 1) step times over the batch size (``fit_single_process``), the gradient gather moves each
-slice's dense gradient to every rank, ``contention(W) = max(1, W / cores)`` and the shortcut topology
-(ScMoE) may hide the forward dispatch behind FFN_0 + MLA_1 and the combine behind FFN_1.
+with ``t_slice`` and ``t_fixed`` a straight-line fit of one-process step times over the batch
+size (``fit_single_process``). The forward exchanges are the dispatch and the combine: two
+synchronous ``a2a(rows)`` without ScMoE; with ScMoE the dispatch runs behind FFN_0 + MLA_1 and
+the combine behind FFN_1 (measured forward times, stretched by the contention), each costing
+``max(floor, a2a(rows) - hideable compute)``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-A2A_BYTES = (4096, 65536, 262144, 1048576)
+ASYNC_BURSTS = 4  # compute alongside an overlapped exchange in the probe, in bursts
 
 
 def _median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> float:
@@ -91,60 +93,139 @@ def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float
     return max(float(intercept), 0.0), 1.0 / slope
 
 
-def comm_probe(rank: int, world: int, sizes: tuple[int, ...] = A2A_BYTES) -> dict[str, Any]:
-    """Run inside a process group: all-to-all times per size, and the overlap efficiency."""
-    times = []
-    for n_bytes in sizes:
-        x = torch.ones(n_bytes // 4)
-        out = torch.empty_like(x)
+def compute_burst(reps: int, hidden: int = 64) -> Callable[[], None]:
+    """The compute the probes interleave with communication: ``reps`` square GEMMs of the
+    model's hidden size (a few milliseconds, like the dense work between two exchanges)."""
+    a = torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0))
 
-        def a2a(x=x, out=out) -> None:
-            dist.all_to_all_single(out, x)
-
-        dist.barrier()
-        times.append(_median_time(a2a, repeats=9))
-    x = torch.ones(A2A_BYTES[-1] // 4)
-    out = torch.empty_like(x)
-    a = torch.randn(64, 64)
-
-    def compute() -> None:
-        for _ in range(300):
+    def burst() -> None:
+        for _ in range(reps):
             torch.mm(a, a)
 
-    def both() -> None:
-        work = dist.all_to_all_single(out, x, async_op=True)
-        compute()
+    return burst
+
+
+def _per_iteration(body: Callable[[], Any], rounds: int) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        body()
+    return (time.perf_counter() - start) / rounds
+
+
+def load_probe(
+    rank: int,
+    world: int,
+    a2a_sizes: tuple[int, ...],
+    gather_sizes: tuple[int, ...],
+    burst_reps: int,
+    hidden: int = 64,
+    rounds: int = 20,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Run inside a process group of ``world`` ranks, every rank busy as in training.
+
+    Each measurement is a loop of ``compute burst + collective``; the loop of bursts alone,
+    timed in the same repeat, is subtracted, so what remains is what a collective adds to a
+    step when the ranks alternate compute and communication (including the wake-up of ranks
+    whose cores were computing). Returned, per iteration and as medians over ``repeats``:
+
+    - ``compute_s``: one burst with all ranks computing at once (the contention);
+    - ``a2a_s[i]``: a synchronous ``all_to_all_single`` of ``a2a_sizes[i]`` bytes per rank;
+    - ``a2a_async_s[i]``: the same exchange started before ``ASYNC_BURSTS`` bursts and waited
+      for after them (what an exchange costs when compute longer than it runs alongside: the
+      part overlap cannot hide);
+    - ``gather_s[i]``: an ``all_gather`` of ``gather_sizes[i]`` bytes per rank.
+    """
+    burst = compute_burst(burst_reps, hidden)
+    buffers = {n: (torch.ones(n // 4), torch.empty(n // 4)) for n in a2a_sizes}
+    gathered = {n: (torch.ones(n // 4), [torch.empty(n // 4) for _ in range(world)])
+                for n in gather_sizes}  # fmt: skip
+
+    def sync_a2a(n: int) -> None:
+        burst()
+        dist.all_to_all_single(buffers[n][1], buffers[n][0])
+
+    def async_a2a(n: int) -> None:
+        work = dist.all_to_all_single(buffers[n][1], buffers[n][0], async_op=True)
+        for _ in range(ASYNC_BURSTS):
+            burst()
         work.wait()
 
-    dist.barrier()
-    t_compute = _median_time(compute)
-    dist.barrier()
-    t_comm = _median_time(lambda: dist.all_to_all_single(out, x))
-    dist.barrier()
-    t_both = _median_time(both)
-    efficiency = (t_compute + t_comm - t_both) / min(t_compute, t_comm)
-    efficiency = min(1.0, max(-1.0, efficiency))  # timing noise can push it past the bounds
-    return {"sizes": list(sizes), "seconds": times, "overlap_efficiency": efficiency}
+    def gather(n: int) -> None:
+        burst()
+        dist.all_gather(gathered[n][1], gathered[n][0])
+
+    samples: dict[str, list[list[float]]] = {"compute_s": [], "a2a_s": [], "a2a_async_s": [],
+                                             "gather_s": []}  # fmt: skip
+    burst()  # warm-up
+    for _ in range(repeats):
+        alone = _per_iteration(burst, rounds)
+        samples["compute_s"].append([alone])
+        for key, fn, sizes, bursts in (
+            ("a2a_s", sync_a2a, a2a_sizes, 1),
+            ("a2a_async_s", async_a2a, a2a_sizes, ASYNC_BURSTS),
+            ("gather_s", gather, gather_sizes, 1),
+        ):
+            row = [_per_iteration(lambda n=n, f=fn: f(n), rounds) - bursts * alone for n in sizes]
+            samples[key].append(row)
+    out: dict[str, Any] = {"a2a_sizes": list(a2a_sizes), "gather_sizes": list(gather_sizes)}
+    for key, rows in samples.items():
+        medians = [statistics.median(column) for column in zip(*rows, strict=True)]
+        out[key] = medians[0] if key == "compute_s" else [max(m, 0.0) for m in medians]
+    return out
+
+
+@dataclass
+class WorldTerms:
+    """What :func:`load_probe` measured at one world size, as alpha-beta fits."""
+
+    compute_slowdown: float  # a burst with every rank computing / the same burst alone
+    a2a_latency_us: float
+    a2a_gb_s: float
+    a2a_async_latency_us: float
+    a2a_async_gb_s: float
+    gather_latency_us: float
+    gather_gb_s: float
+
+    @classmethod
+    def from_probe(cls, probe: dict[str, Any], alone_s: float) -> WorldTerms:
+        fits = {}
+        for key, sizes in (("a2a", "a2a_sizes"), ("a2a_async", "a2a_sizes"),
+                           ("gather", "gather_sizes")):  # fmt: skip
+            alpha, beta = fit_alpha_beta(probe[sizes], probe[f"{key}_s"])
+            fits[f"{key}_latency_us"], fits[f"{key}_gb_s"] = alpha * 1e6, beta / 1e9
+        return cls(compute_slowdown=probe["compute_s"] / alone_s, **fits)
+
+    def seconds(self, kind: str, n_bytes: float) -> float:
+        """Predicted cost of one ``kind`` (a2a, a2a_async, gather) of ``n_bytes`` per rank."""
+        alpha = getattr(self, f"{kind}_latency_us") * 1e-6
+        return alpha + n_bytes / (getattr(self, f"{kind}_gb_s") * 1e9)
+
+    @property
+    def overlap_efficiency(self) -> float:
+        """Share of a small synchronous exchange's cost that overlapping it with compute saves."""
+        return 1.0 - self.a2a_async_latency_us / max(self.a2a_latency_us, 1e-9)
 
 
 @dataclass
 class HostProfile:
-    """What :func:`calibrate_host` measured; ``to_toml`` writes a simulator hardware file."""
+    """What ``longcat-sim calibrate`` measured; ``to_toml`` writes a simulator hardware file."""
 
     cores: int
     matmul_gflops: dict[str, float]
     mem_gb_s: float
     op_overhead_us: float
-    a2a_latency_us: dict[int, float] = field(default_factory=dict)
-    a2a_gb_s: dict[int, float] = field(default_factory=dict)
-    overlap_efficiency: dict[int, float] = field(default_factory=dict)
+    worlds: dict[int, WorldTerms] = field(default_factory=dict)
 
     def to_toml(self, name: str = "this-host") -> str:
         """A ``[hardware]`` table ``cluster.hardware.load_hardware_file`` accepts (CPU rates in
-        the accelerator fields, the gloo all-to-all as the scale-up link) and a ``[host]`` table
-        with the terms the hardware format has no field for."""
+        the accelerator fields, the loaded gloo all-to-all of the largest world as the links)
+        and a ``[host]`` table with the terms the hardware format has no field for."""
         peak = max(self.matmul_gflops.values()) / 1e3
-        world = max(self.a2a_gb_s) if self.a2a_gb_s else 2
+        link = self.worlds[max(self.worlds)] if self.worlds else None
+        gb_s = link.a2a_gb_s if link else 1.0
+        latency = link.a2a_latency_us if link else 100.0
         lines = [
             "[hardware]",
             f'name = "{name}"',
@@ -152,12 +233,12 @@ class HostProfile:
             f"fp8_tflops = {peak:.6g}",  # no low-precision units: every precision at one rate
             f"hbm_tb_s = {self.mem_gb_s / 1e3:.6g}",
             "hbm_gb = 1.0",
-            f"nvlink_gb_s = {self.a2a_gb_s.get(world, 1.0):.6g}",
-            f"rdma_gb_s = {self.a2a_gb_s.get(world, 1.0):.6g}",
-            f"nvlink_latency_us = {self.a2a_latency_us.get(world, 100.0):.6g}",
-            f"rdma_latency_us = {self.a2a_latency_us.get(world, 100.0):.6g}",
+            f"nvlink_gb_s = {gb_s:.6g}",
+            f"rdma_gb_s = {gb_s:.6g}",
+            f"nvlink_latency_us = {latency:.6g}",
+            f"rdma_latency_us = {latency:.6g}",
             f"gpus_per_node = {self.cores}",
-            'source = "measured by longcat-sim calibrate (CPU float32, gloo all_to_all)"',
+            'source = "measured by longcat-sim calibrate (CPU float32, gloo under load)"',
             "",
             "[host]",
             f"cores = {self.cores}",
@@ -167,13 +248,9 @@ class HostProfile:
             + ", ".join(f'"{k}" = {v:.6g}' for k, v in self.matmul_gflops.items())
             + " }",
         ]
-        for label, table in (
-            ("a2a_latency_us", self.a2a_latency_us),
-            ("a2a_gb_s", self.a2a_gb_s),
-            ("overlap_efficiency", self.overlap_efficiency),
-        ):
-            entries = ", ".join(f'"{w}" = {v:.6g}' for w, v in sorted(table.items()))
-            lines.append(f"{label} = {{ {entries} }}")
+        for world, terms in sorted(self.worlds.items()):
+            lines += ["", f'[host.worlds."{world}"]']
+            lines += [f"{k} = {v:.6g}" for k, v in asdict(terms).items()]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,12 +266,15 @@ class StepWorkload:
     seq_len: int
     hidden: int
     layers: int
+    n_routed_experts: int
     ffn_slots_per_token: float
     scmoe: bool
     t_slice_s: float  # measured fwd+bwd of one sequence, one process
-    t_hideable_s: float  # measured FFN_0 + MLA_1 + FFN_1 forward per sequence (ScMoE overlap)
     t_fixed_s: float = 0.0  # measured once per step: gradient sums, clipping, optimizer
     grad_bytes_per_slice: int = 0  # dense gradient of one slice, gathered from every rank
+    expert_shard_bytes: int = 0  # one expert weight's shard on one rank, gathered per layer
+    t_dispatch_hide_s: float = 0.0  # measured FFN_0 + MLA_1 forward of one slice, one layer
+    t_combine_hide_s: float = 0.0  # measured FFN_1 forward of one slice, one layer
 
 
 def fit_single_process(batch_sizes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -208,23 +288,40 @@ def fit_single_process(batch_sizes: list[int], seconds: list[float]) -> tuple[fl
 def predict_step_seconds(w: StepWorkload, host: HostProfile) -> dict[str, float]:
     """The step-time model of the module docstring, with its terms."""
     slices = w.batch_size // w.world
-    contention = max(1.0, w.world / host.cores)
-    compute = (slices * w.t_slice_s + w.t_fixed_s) * contention
     if w.world == 1:
-        return {"compute": compute, "comm": 0.0, "hidden": 0.0, "step": compute}
-    row_bytes = 4 * w.hidden
-    remote = w.seq_len * w.ffn_slots_per_token * (w.world - 1) / w.world
-    bytes_per_peer = remote * row_bytes / (w.world - 1)
-    alpha = host.a2a_latency_us[w.world] * 1e-6
-    beta = host.a2a_gb_s[w.world] * 1e9
-    one = alpha + bytes_per_peer * (w.world - 1) / beta
-    # per layer: counts + dispatch + combine forward, their two reverses in backward
-    comm = slices * w.layers * (5 * one)
-    # per-slice dense gradients gathered from every rank (all_gather of W blocks)
-    comm += alpha + slices * w.grad_bytes_per_slice * (w.world - 1) / beta
-    hidden = 0.0
+        return {"compute_slices": slices * w.t_slice_s, "compute_fixed": w.t_fixed_s,
+                "exchanges": 0.0, "collectives": 0.0, "overlap_saving": 0.0,
+                "slices": slices * w.t_slice_s, "step": slices * w.t_slice_s + w.t_fixed_s}  # fmt: skip
+    terms = host.worlds[w.world]
+    compute_slices = terms.compute_slowdown * slices * w.t_slice_s
+    compute_fixed = terms.compute_slowdown * w.t_fixed_s
+    rows = 4 * w.seq_len * w.ffn_slots_per_token * w.hidden  # bytes each rank sends per exchange
+    counts = 8 * w.n_routed_experts
+    sync = terms.seconds("a2a", rows)
+    # per layer: the counts, dispatch and combine forward, their two reverses in backward;
+    # ScMoE puts the forward dispatch in flight behind FFN_0 + MLA_1 and the combine behind
+    # FFN_1: each then costs what that compute cannot hide, and never less than an exchange
+    # overlapped with ample compute (the probe's floor: the part of it that needs the cores)
+    forward = 2 * sync
     if w.scmoe:
-        fwd_comm = slices * w.layers * 2 * one
-        hideable = slices * w.t_hideable_s * contention
-        hidden = host.overlap_efficiency[w.world] * min(fwd_comm, hideable)
-    return {"compute": compute, "comm": comm, "hidden": hidden, "step": compute + comm - hidden}
+        floor = terms.seconds("a2a_async", rows)
+        slow = terms.compute_slowdown
+        forward = max(floor, sync - slow * w.t_dispatch_hide_s)
+        forward += max(floor, sync - slow * w.t_combine_hide_s)
+    exchanges = slices * w.layers * (terms.seconds("a2a", counts) + 2 * sync + forward)
+    saving = slices * w.layers * (2 * sync - forward)
+    # per step: the dense gradients of every slice, three expert-weight shards per layer, the
+    # losses and the bias controller's counts
+    collectives = terms.seconds("gather", slices * w.grad_bytes_per_slice)
+    collectives += 3 * w.layers * terms.seconds("gather", w.expert_shard_bytes)
+    collectives += terms.seconds("gather", 4 * slices)
+    collectives += terms.seconds("gather", 8 * w.layers * (w.n_routed_experts + 1))
+    return {
+        "compute_slices": compute_slices,
+        "compute_fixed": compute_fixed,
+        "exchanges": exchanges,
+        "collectives": collectives,
+        "overlap_saving": saving,
+        "slices": compute_slices + exchanges,  # the micro-steps, before the gradient exchange
+        "step": compute_slices + exchanges + compute_fixed + collectives,
+    }

@@ -190,9 +190,13 @@ def ep_train(
     model_cfg: Any,
     train_cfg: Any,
     data_cache: str | None,
-    overlap: bool = True,
+    overlap: bool | tuple[bool, ...] = True,
 ) -> dict[str, Any]:
-    """Rank ``rank``'s part of an expert-parallel training run; returns the run summary."""
+    """Rank ``rank``'s part of an expert-parallel training run; returns the run summary.
+
+    ``overlap`` may be a pattern cycled over the steps (``(True, False)`` alternates ScMoE
+    overlap on and off, for paired timings); it changes when exchanges wait, never a value.
+    """
     from longcat_sim import training
     from longcat_sim.repro.determinism import DeterministicMode, clip_grad_norm_fixed_order
     from longcat_sim.repro.hashing import parameter_hash, tensor_hash
@@ -206,12 +210,14 @@ def ep_train(
         trainer = training.Trainer(model_cfg, tc, Path(tmp), data_cache=data_cache)
         model, optimizer = trainer.model, trainer.optimizer
         ledgers = [SliceGradLedger() for _ in model.model.layers]
-        ep_model = ExpertParallelModel(model, ledgers=ledgers, overlap=overlap)
+        pattern = overlap if isinstance(overlap, tuple) else (overlap,)
+        ep_model = ExpertParallelModel(model, ledgers=ledgers, overlap=pattern[0])
         expert_ids = {id(p) for p in ep_model.expert_parameters()}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in expert_ids]
         per_rank = tc.batch_size // world
-        losses, step_seconds = [], []
+        losses, step_seconds, slices_seconds = [], [], []
         for step in range(tc.steps):
+            ep_model.overlap = pattern[step % len(pattern)]
             start = time.perf_counter()
             inputs, targets = trainer.data.dataset.batch_at(
                 step, tc.batch_size, trainer.seeds["data"]
@@ -246,6 +252,7 @@ def ep_train(
                 slice_losses.append(lm)
                 c = stack_counts(out.router)
                 counts = c if counts is None else counts + c
+            slices_seconds.append(time.perf_counter() - start)
             # dense: per-slice gradients gathered, summed in global slice order
             gathered = _gather_rows(torch.stack(slice_grads), world).flatten(0, 1)
             flat = gathered[0]
@@ -282,6 +289,8 @@ def ep_train(
             "param_hash": parameter_hash(model),
             "losses": losses,
             "step_seconds": step_seconds,
+            "slices_seconds": slices_seconds,  # the micro-steps (forward, backward, exchanges)
+            "step_overlap": [pattern[i % len(pattern)] for i in range(tc.steps)],
             "pid": os.getpid(),
             "first_step_grad_hashes": first_grads,
             "state_hash": parameter_hash(model, include_buffers=True),

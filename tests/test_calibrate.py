@@ -1,33 +1,46 @@
-"""Host calibration: fits, the profile TOML the simulator loads, and the step-time model."""
+"""Host calibration: fits, the profile TOML the simulator loads, the step-time model, the load
+probe over gloo, and the shaped wire."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tomllib
 
 import pytest
 
 from cluster.hardware import load_hardware_file
 from longcat_sim import calibration
-from longcat_sim.calibration import HostProfile, StepWorkload, predict_step_seconds
+from longcat_sim.calibration import HostProfile, StepWorkload, WorldTerms, predict_step_seconds
+from longcat_sim.cli import main
 from longcat_sim.distributed import launch
 
 
-def _host(efficiency: float = 0.5) -> HostProfile:
+def _terms(sync_us: float = 1000.0, floor_us: float = 300.0, slowdown: float = 1.5) -> WorldTerms:
+    return WorldTerms(compute_slowdown=slowdown, a2a_latency_us=sync_us, a2a_gb_s=0.05,
+                      a2a_async_latency_us=floor_us, a2a_async_gb_s=0.5, gather_latency_us=800.0,
+                      gather_gb_s=0.02)  # fmt: skip
+
+
+def _host(**terms: float) -> HostProfile:
     return HostProfile(
         cores=2,
         matmul_gflops={"32x64x32": 20.0, "64x64x512": 60.0},
         mem_gb_s=10.0,
         op_overhead_us=4.0,
-        a2a_latency_us={2: 500.0, 4: 900.0},
-        a2a_gb_s={2: 1.5, 4: 0.4},
-        overlap_efficiency={2: efficiency, 4: efficiency},
+        worlds={2: _terms(**terms), 4: _terms(**terms)},
     )
 
 
-def _workload(world: int, scmoe: bool, batch: int = 8) -> StepWorkload:
-    return StepWorkload(world=world, batch_size=batch, seq_len=64, hidden=64, layers=2,
-                        ffn_slots_per_token=2.0, scmoe=scmoe, t_slice_s=0.02,
-                        t_hideable_s=0.004, t_fixed_s=0.01, grad_bytes_per_slice=400_000)  # fmt: skip
+def _workload(world: int, scmoe: bool, batch: int = 8, **kw: float) -> StepWorkload:
+    values = dict(world=world, batch_size=batch, seq_len=64, hidden=64, layers=2,
+                  n_routed_experts=8, ffn_slots_per_token=2.0, scmoe=scmoe, t_slice_s=0.02,
+                  t_fixed_s=0.01, grad_bytes_per_slice=400_000, expert_shard_bytes=8192,
+                  t_dispatch_hide_s=0.002, t_combine_hide_s=0.0005)  # fmt: skip
+    values.update(kw)
+    return StepWorkload(**values)
 
 
 def test_alpha_beta_fit_recovers_a_line():
@@ -39,42 +52,131 @@ def test_alpha_beta_fit_recovers_a_line():
 
 
 def test_single_process_fit_recovers_slice_and_fixed_cost():
-    t_slice, t_fixed = calibration.fit_single_process([4, 8], [0.01 + 4 * 0.03, 0.01 + 8 * 0.03])
+    t_slice, t_fixed = calibration.fit_single_process(
+        [1, 2, 4, 8], [0.01 + b * 0.03 for b in (1, 2, 4, 8)]
+    )
     assert math.isclose(t_slice, 0.03, rel_tol=1e-9)
     assert math.isclose(t_fixed, 0.01, rel_tol=1e-6)
 
 
-def test_profile_toml_loads_in_the_simulator(tmp_path):
+def test_world_terms_come_from_the_probe_fits():
+    sizes, gathers = [64, 32768, 262144], [4096, 1 << 20]
+    probe = {"a2a_sizes": sizes, "gather_sizes": gathers, "compute_s": 0.003,
+             "a2a_s": [1e-3 + n / 2e7 for n in sizes], "a2a_async_s": [4e-4 + n / 1e8 for n in sizes],
+             "gather_s": [2e-3 + n / 1e7 for n in gathers]}  # fmt: skip
+    terms = WorldTerms.from_probe(probe, alone_s=0.002)
+    assert terms.compute_slowdown == pytest.approx(1.5)
+    assert terms.a2a_latency_us == pytest.approx(1000.0) and terms.a2a_gb_s == pytest.approx(0.02)
+    assert terms.seconds("a2a_async", 1e6) == pytest.approx(4e-4 + 1e-2)
+    assert terms.gather_gb_s == pytest.approx(0.01)
+    assert terms.overlap_efficiency == pytest.approx(0.6)
+
+
+def test_profile_toml_loads_in_the_simulator_and_keeps_every_term(tmp_path):
     path = tmp_path / "host.toml"
-    path.write_text(_host().to_toml())
+    host = _host()
+    path.write_text(host.to_toml())
     hw = load_hardware_file(path)
     assert hw.bf16_tflops == pytest.approx(0.06)
-    assert hw.nvlink_latency_us == pytest.approx(900.0)
+    assert hw.nvlink_latency_us == pytest.approx(1000.0)
     assert hw.gpus_per_node == 2
+    worlds = tomllib.loads(path.read_text())["host"]["worlds"]
+    assert WorldTerms(**worlds["4"]) == host.worlds[4]
 
 
 def test_step_model_terms_add_up_and_single_process_has_no_comm():
     one = predict_step_seconds(_workload(1, True), _host())
-    assert one["comm"] == 0 and one["step"] == pytest.approx(8 * 0.02 + 0.01)
+    assert one["exchanges"] == one["collectives"] == 0
+    assert one["step"] == pytest.approx(8 * 0.02 + 0.01)
     four = predict_step_seconds(_workload(4, False), _host())
-    assert four["hidden"] == 0
-    assert four["step"] == pytest.approx(four["compute"] + four["comm"])
+    assert four["overlap_saving"] == 0
+    parts = ("compute_slices", "compute_fixed", "exchanges", "collectives")
+    assert four["step"] == pytest.approx(sum(four[p] for p in parts))
+    assert four["compute_slices"] == pytest.approx(1.5 * 2 * 0.02)  # contention x slices
 
 
-def test_scmoe_gain_follows_the_overlap_efficiency():
-    """ScMoE hides comm when overlap helps and costs nothing extra when it does not;
-    negative efficiency (oversubscribed cores) predicts a loss."""
-    for efficiency, sign in ((0.5, 1), (-0.5, -1)):
-        host = _host(efficiency)
-        gain = (
-            predict_step_seconds(_workload(2, False), host)["step"]
-            - predict_step_seconds(_workload(2, True), host)["step"]
-        )
-        assert math.copysign(1, gain) == sign
-    assert predict_step_seconds(_workload(2, True), _host(0.0))["hidden"] == 0
+def test_scmoe_saving_is_what_the_overlapped_compute_hides():
+    """Saving per layer and slice: min(sync - floor, slowdown x hideable compute) for the
+    dispatch and the combine; nothing when the floor is as costly as a synchronous exchange."""
+    host = _host(sync_us=5000.0, floor_us=300.0)
+    terms = host.worlds[2]
+    rows = 4 * 64 * 2.0 * 64
+    sync, floor = terms.seconds("a2a", rows), terms.seconds("a2a_async", rows)
+    on = predict_step_seconds(_workload(2, True), host)
+    off = predict_step_seconds(_workload(2, False), host)
+    per = min(sync - floor, 1.5 * 0.002) + min(sync - floor, 1.5 * 0.0005)
+    assert on["overlap_saving"] == pytest.approx(4 * 2 * per)
+    assert off["step"] - on["step"] == pytest.approx(on["overlap_saving"])
+    # a floor above the synchronous cost (overlap slows the exchange): ScMoE predicts a loss
+    slow = _host(sync_us=300.0, floor_us=5000.0)
+    gain = (
+        predict_step_seconds(_workload(2, False), slow)["step"]
+        - predict_step_seconds(_workload(2, True), slow)["step"]
+    )
+    assert gain < 0
+    # no hideable compute: no saving
+    bare = predict_step_seconds(_workload(2, True, t_dispatch_hide_s=0.0, t_combine_hide_s=0.0),
+                                host)  # fmt: skip
+    assert bare["overlap_saving"] == pytest.approx(0.0)
 
 
-def test_comm_probe_over_gloo_measures_positive_times():
-    (probe, _) = launch(calibration.comm_probe, 2, (4096, 65536))
-    assert all(t > 0 for t in probe["seconds"])
-    assert -1.0 <= probe["overlap_efficiency"] <= 1.0
+def test_load_probe_over_gloo_measures_every_term():
+    probes = launch(calibration.load_probe, 2, (64, 32768), (4096, 65536), 20, 64, 4, 2)
+    for probe in probes:
+        assert probe["compute_s"] > 0
+        for key in ("a2a_s", "a2a_async_s", "gather_s"):
+            assert len(probe[key]) == 2 and all(t >= 0 for t in probe[key])
+
+
+WIRE_CHECK = """
+import socket, sys, threading, time
+from longcat_sim.wire import enter_shaped_network
+if sys.argv[1] != "none":
+    enter_shaped_network(float(sys.argv[1]))
+SIZE = 1 << 20
+server = socket.create_server(("127.0.0.1", 0))
+done = threading.Event()
+def sink():
+    conn, _ = server.accept()
+    received = 0
+    while received < SIZE:
+        received += len(conn.recv(1 << 16))
+    done.set()
+threading.Thread(target=sink, daemon=True).start()
+client = socket.create_connection(server.getsockname())
+start = time.perf_counter()
+client.sendall(b"x" * SIZE)
+done.wait(60)
+print(time.perf_counter() - start)
+"""
+
+
+def _wire_seconds(rate: str) -> float:
+    done = subprocess.run([sys.executable, "-c", WIRE_CHECK, rate], capture_output=True,
+                          text=True, check=False, timeout=120)  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"no shaped wire on this host: {done.stderr.strip().splitlines()[-1]}")
+    return float(done.stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux root")
+def test_shaped_wire_paces_loopback_traffic():
+    """1 MiB over a 40 Mbit/s loopback takes about 0.2 s; without the wire, far less."""
+    shaped = _wire_seconds("40")
+    assert shaped > 0.5 * (1 << 20) * 8 / 40e6
+    assert _wire_seconds("none") < 0.25 * shaped  # negative control: the loopback unshaped
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--worlds", "1"], "--worlds lists multi-process sizes"),
+        (["--worlds", "3"], "--nproc 3 must divide"),
+        (["--steps", "3"], "--steps must be at least"),
+        (["--wire-mbit", "-5"], "--wire-mbit must be positive"),
+    ],
+)
+def test_bad_calibrate_input_is_one_line(argv, message, capsys, tmp_path):
+    assert main(["calibrate", "--run-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -3,10 +3,14 @@ model against measured ``train --nproc`` runs.
 
 Writes ``host.toml`` into the run directory (``[hardware]`` loads with
 ``cluster.hardware.load_hardware_file``, so ``simulate --hardware RUN/host.toml`` accepts it;
-``[host]`` carries the CPU-specific terms). Then, for every (world size, ScMoE on/off, batch
-size), it runs expert-parallel training, measures the median step time and compares it with
-:func:`longcat_sim.calibration.predict_step_seconds`. ScMoE off is the conventional topology,
-where nothing can overlap the all-to-all.
+``[host]`` carries the CPU terms and the per-world-size load terms). The model's own costs
+come from one-process training steps (a line over the batch size) and from timing the
+forward of the blocks ScMoE overlaps. Then, for every (world size, batch size), it runs
+expert-parallel training with ScMoE overlap on and off on alternate steps of one launch (so
+both see the same processes and load; off is the conventional schedule, each MoE exchange
+waited for at once, nothing overlapping it), and compares the median step times with
+:func:`longcat_sim.calibration.predict_step_seconds`. ``--wire-mbit`` runs everything over a
+rate-shaped loopback (``longcat_sim.wire``) so communication waits on a wire.
 """
 
 from __future__ import annotations
@@ -15,19 +19,19 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from longcat_sim import calibration, distributed, training
+from longcat_sim import calibration, distributed, training, wire
 from longcat_sim.artifacts import write_text_atomic
 from longcat_sim.errors import UserError
 from longcat_sim.experiments.base import CommandOutput
 from model.config import ModelConfig, load_model_config
 
-# Forward FFN_0 + MLA_1 + FFN_1 as a share of one slice's forward+backward: 3 of the layer's
-# 5 dense blocks, and the forward is about a third of forward+backward.
-HIDEABLE_SHARE = 3 / 5 / 3
+WARMUP_STEPS = 2
+EXCHANGES_PER_LAYER = 5  # counts, dispatch, combine forward; two reverses in backward
 
 HELP = "measure this host's operator costs, write a hardware TOML, check predicted EP step times"
 
@@ -37,8 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worlds", default="2,4", help="world sizes to measure (default 2,4)")
     parser.add_argument("--batch-sizes", default="4,8", help="batch sizes (default 4,8)")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=6, help="training steps per configuration")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=14,
+        help="training steps per configuration (2 warm-up, then ScMoE on and off alternating)",
+    )
     parser.add_argument("--data-cache", type=Path, default=None, help="tokenizer/token cache")
+    parser.add_argument(
+        "--wire-mbit",
+        type=float,
+        default=None,
+        help="run the ranks over a loopback shaped to this rate (a network namespace with a "
+        "tc token bucket; needs root) so communication waits on a wire, not on the cores",
+    )
     parser.add_argument(
         "--no-measure-runs",
         action="store_true",
@@ -56,22 +72,58 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _measure_steps(cfg: ModelConfig, world: int, batch: int, args: argparse.Namespace) -> float:
-    """Median step time (the first step left out) of ``train --nproc world``."""
-    tc = training.default_train_config(cfg).replace(
-        steps=args.steps,
+def _train_config(cfg: ModelConfig, batch: int, steps: int, args: argparse.Namespace):
+    return training.default_train_config(cfg).replace(
+        steps=steps,
         batch_size=batch,
         seq_len=args.seq_len,
         warmup_steps=1,
         eval_every=10**6,
         checkpoint_every=10**6,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        training.Trainer(cfg, tc, tmp, data_cache=args.data_cache)  # builds the data cache once
+
+
+def _measure_steps(
+    cfg: ModelConfig, world: int, batch: int, steps: int, args: argparse.Namespace
+) -> dict[bool, dict[str, list[float]]]:
+    """Step times and their micro-step part (slowest rank, the first ``WARMUP_STEPS`` left out)
+    of ``train --nproc world`` with ScMoE overlap alternating on and off step by step, per
+    overlap setting."""
+    tc = _train_config(cfg, batch, steps, args)
     cache = None if args.data_cache is None else str(args.data_cache)
-    ranks = distributed.launch(distributed.ep_train, world, cfg, tc, cache)
-    steps = [max(r["step_seconds"][i] for r in ranks) for i in range(1, tc.steps)]
-    return statistics.median(steps)
+    ranks = distributed.launch(distributed.ep_train, world, cfg, tc, cache, (True, False))
+    by_overlap: dict[bool, dict[str, list[float]]] = {
+        on: {"step": [], "slices": []} for on in (True, False)
+    }
+    for i in range(WARMUP_STEPS, tc.steps):
+        times = by_overlap[ranks[0]["step_overlap"][i]]
+        times["step"].append(max(r["step_seconds"][i] for r in ranks))
+        times["slices"].append(max(r["slices_seconds"][i] for r in ranks))
+    return by_overlap
+
+
+def _hideable_compute(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """Measured forward times (autograd on, one sequence, median over layers and repeats) of
+    what ScMoE overlaps: FFN_0 + MLA_1 behind the dispatch, FFN_1 behind the combine."""
+    from model.transformer import LongcatFlashForCausalLM
+
+    model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
+    core = model.model
+    cos, sin = core.rotary_emb(torch.arange(seq_len))
+    x = torch.randn(1, seq_len, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    dispatch, combine = [], []
+    for layer in core.layers:
+        u = layer.post_attention_layernorm[0](x)
+
+        def behind_dispatch(layer=layer, u=u) -> torch.Tensor:
+            b = x + layer.mlps[0](u)
+            return b + layer.self_attn[1](layer.input_layernorm[1](b), cos, sin)
+
+        n = layer.post_attention_layernorm[1](behind_dispatch())
+        for _ in range(9):
+            dispatch.append(calibration_time(behind_dispatch))
+            combine.append(calibration_time(lambda layer=layer, n=n: layer.mlps[1](n)))
+    return statistics.median(dispatch[2:]), statistics.median(combine[2:])
 
 
 def _dense_grad_bytes(cfg: ModelConfig) -> int:
@@ -84,14 +136,24 @@ def _dense_grad_bytes(cfg: ModelConfig) -> int:
 
 def run(args: argparse.Namespace) -> CommandOutput:
     worlds = _ints(args.worlds, "--worlds")
-    batches = _ints(args.batch_sizes, "--batch-sizes")
-    if args.steps < 2:
-        raise UserError(f"--steps must be at least 2 (the first step is warm-up), got {args.steps}")
+    batches = sorted(set(_ints(args.batch_sizes, "--batch-sizes")))
+    if args.steps < WARMUP_STEPS + 2:
+        raise UserError(
+            f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are "
+            f"warm-up, then ScMoE overlap alternates on and off), got {args.steps}"
+        )
+    if 1 in worlds:
+        raise UserError("--worlds lists multi-process sizes (2 or more); 1 is always measured")
     cfg = load_model_config(args.model)
+    if cfg.topology != "shortcut":
+        raise UserError(f"calibrate needs the shortcut topology, model {cfg.name!r} has "
+                        f"{cfg.topology!r}: use a preset without topology='conventional'")  # fmt: skip
     for world in worlds:
         for batch in batches:
             distributed.check_nproc(world, cfg, batch)
     cores = os.cpu_count() or 1
+    if args.wire_mbit is not None:
+        wire.enter_shaped_network(args.wire_mbit)
     torch.set_num_threads(1)
     shapes = [
         (32, cfg.hidden_size, cfg.expert_ffn_hidden_size),
@@ -105,88 +167,131 @@ def run(args: argparse.Namespace) -> CommandOutput:
         mem_gb_s=calibration.measure_memory_gb_s(),
         op_overhead_us=calibration.measure_op_overhead_us(),
     )
+    with tempfile.TemporaryDirectory() as tmp:  # builds the data cache once, before any launch
+        training.Trainer(cfg, _train_config(cfg, batches[0], 1, args), tmp,
+                         data_cache=args.data_cache)  # fmt: skip
+
+    # the model's compute: one process, a straight line over the batch size
+    fit_batches = sorted({1, 2, *batches})
+    single = [_measure_steps(cfg, 1, b, args.steps, args) for b in fit_batches]
+    single_s = [statistics.median([*s[True]["step"], *s[False]["step"]]) for s in single]
+    t_slice, t_fixed = calibration.fit_single_process(fit_batches, single_s)
+
+    # the host under load, per world size: compute bursts as long as the model's compute
+    # between two exchanges, interleaved with collectives of the model's sizes
+    exchanges_per_slice = EXCHANGES_PER_LAYER * cfg.num_layers
+    one_mm = calibration.compute_burst(1, cfg.hidden_size)
+    mm_s = statistics.median(calibration_time(one_mm) for _ in range(25))
+    burst_reps = max(1, round(t_slice / exchanges_per_slice / mm_s))
+    burst = calibration.compute_burst(burst_reps, cfg.hidden_size)
+    alone_s = statistics.median(calibration_time(burst) for _ in range(9))
+    grad_bytes = _dense_grad_bytes(cfg)
+    hide_dispatch, hide_combine = _hideable_compute(cfg, args.seq_len)
+    rows = int(4 * args.seq_len * cfg.expected_ffn_experts * cfg.hidden_size)
+    a2a_sizes = (8 * cfg.n_routed_experts, rows, 8 * rows)
+    gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(worlds))
     for world in worlds:
-        probes = distributed.launch(calibration.comm_probe, world)
-        alpha, beta = calibration.fit_alpha_beta(probes[0]["sizes"], probes[0]["seconds"])
-        host.a2a_latency_us[world] = alpha * 1e6
-        host.a2a_gb_s[world] = beta / 1e9
-        host.overlap_efficiency[world] = statistics.median(p["overlap_efficiency"] for p in probes)
+        probes = distributed.launch(
+            calibration.load_probe, world, a2a_sizes, gather_sizes, burst_reps, cfg.hidden_size
+        )
+        host.worlds[world] = calibration.WorldTerms.from_probe(_slowest(probes), alone_s)
     run_dir = Path(args.run_dir or Path("runs") / "calibrate" / "latest")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "host.toml", host.to_toml())
 
-    rows = []
-    grad_bytes = _dense_grad_bytes(cfg)
+    configs, gains = [], []
     if not args.no_measure_runs:
-        for topology in ("shortcut", "conventional"):
-            model_cfg = cfg.replace(topology=topology)
-            single = [_measure_steps(model_cfg, 1, b, args) for b in sorted(set(batches))]
-            t_slice, t_fixed = calibration.fit_single_process(sorted(set(batches)), single)
-            for world in worlds:
-                for batch in batches:
-                    measured = _measure_steps(model_cfg, world, batch, args)
+        shard_bytes = 4 * cfg.expert_ffn_hidden_size * cfg.hidden_size
+        for world in worlds:
+            for batch in batches:
+                steps = _measure_steps(cfg, world, batch, args.steps, args)
+                measured = {on: statistics.median(t["step"]) for on, t in steps.items()}
+                measured_slices = {on: statistics.median(t["slices"]) for on, t in steps.items()}
+                predicted = {}
+                for scmoe in (True, False):
                     workload = calibration.StepWorkload(
                         world=world,
                         batch_size=batch,
                         seq_len=args.seq_len,
                         hidden=cfg.hidden_size,
                         layers=cfg.num_layers,
+                        n_routed_experts=cfg.n_routed_experts,
                         ffn_slots_per_token=cfg.expected_ffn_experts,
-                        scmoe=topology == "shortcut",
+                        scmoe=scmoe,
                         t_slice_s=t_slice,
-                        t_hideable_s=t_slice * HIDEABLE_SHARE,
                         t_fixed_s=t_fixed,
                         grad_bytes_per_slice=grad_bytes,
+                        expert_shard_bytes=shard_bytes * cfg.n_routed_experts // world,
+                        t_dispatch_hide_s=hide_dispatch,
+                        t_combine_hide_s=hide_combine,
                     )
-                    predicted = calibration.predict_step_seconds(workload, host)
-                    rows.append(
+                    predicted[scmoe] = calibration.predict_step_seconds(workload, host)
+                    configs.append(
                         {
                             "world": world,
                             "batch_size": batch,
-                            "scmoe": topology == "shortcut",
-                            "measured_s": measured,
-                            "predicted_s": predicted["step"],
-                            "terms": predicted,
-                            "error": predicted["step"] / measured - 1.0,
-                            "single_process_fit": {"t_slice_s": t_slice, "t_fixed_s": t_fixed},
+                            "scmoe": scmoe,
+                            "measured_s": measured[scmoe],
+                            "measured_slices_s": measured_slices[scmoe],
+                            "measured_steps_s": steps[scmoe]["step"],
+                            "predicted_s": predicted[scmoe]["step"],
+                            "terms": predicted[scmoe],
+                            "error": predicted[scmoe]["step"] / measured[scmoe] - 1.0,
                         }
                     )
-    errors = [abs(r["error"]) for r in rows]
-    signs = []
-    for world in worlds:
-        for batch in batches:
-            pair = {r["scmoe"]: r for r in rows if r["world"] == world and r["batch_size"] == batch}
-            if len(pair) == 2:
-                m_gain = pair[False]["measured_s"] - pair[True]["measured_s"]
-                p_gain = pair[False]["predicted_s"] - pair[True]["predicted_s"]
-                signs.append(
+                # paired: each ScMoE-on step against the off step right after it
+                pairs = [off - on for on, off in zip(steps[True]["step"], steps[False]["step"],
+                                                     strict=False)]  # fmt: skip
+                m_gain = statistics.median(pairs)
+                p_gain = predicted[False]["step"] - predicted[True]["step"]
+                gains.append(
                     {
                         "world": world,
                         "batch_size": batch,
                         "measured_gain_s": m_gain,
+                        "pairs_gaining": sum(p > 0 for p in pairs),
+                        "pairs": len(pairs),
                         "predicted_gain_s": p_gain,
                         "sign_correct": (m_gain > 0) == (p_gain > 0),
                     }
                 )
+    errors = [abs(r["error"]) for r in configs]
     results = {
         "host": host.to_dict(),
+        "overlap_efficiency": {w: t.overlap_efficiency for w, t in host.worlds.items()},
         "profile": str(run_dir / "host.toml"),
-        "configs": rows,
+        "single_process": {
+            "batch_sizes": fit_batches,
+            "step_s": single_s,
+            "t_slice_s": t_slice,
+            "t_fixed_s": t_fixed,
+            "t_dispatch_hide_s": hide_dispatch,
+            "t_combine_hide_s": hide_combine,
+        },
+        "probe": {
+            "burst_reps": burst_reps,
+            "burst_alone_s": alone_s,
+            "a2a_sizes": a2a_sizes,
+            "gather_sizes": gather_sizes,
+        },
+        "configs": configs,
         "median_abs_error": statistics.median(errors) if errors else None,
-        "scmoe_gain": signs,
-        "scmoe_sign_correct_all": all(s["sign_correct"] for s in signs) if signs else None,
+        "scmoe_gain": gains,
+        "scmoe_sign_correct_all": all(g["sign_correct"] for g in gains) if gains else None,
     }
     lines = [
         f"host: {cores} cores, GEMM {max(host.matmul_gflops.values()):.1f} GFLOP/s, "
-        f"copy {host.mem_gb_s:.1f} GB/s, op {host.op_overhead_us:.1f} us"
+        f"copy {host.mem_gb_s:.1f} GB/s, op {host.op_overhead_us:.1f} us",
+        f"  one process: {t_slice * 1e3:.1f} ms per sequence + {t_fixed * 1e3:.1f} ms per step",
     ]
-    for world in worlds:
+    for world, t in sorted(host.worlds.items()):
         lines.append(
-            f"  gloo all_to_all W={world}: {host.a2a_latency_us[world]:.0f} us + "
-            f"bytes / {host.a2a_gb_s[world]:.2f} GB/s; overlap efficiency "
-            f"{host.overlap_efficiency[world]:+.2f}"
+            f"  W={world} under load: compute x{t.compute_slowdown:.2f}; all_to_all "
+            f"{t.a2a_latency_us:.0f} us + bytes / {t.a2a_gb_s:.2f} GB/s, overlapped "
+            f"{t.a2a_async_latency_us:.0f} us; all_gather {t.gather_latency_us:.0f} us + "
+            f"bytes / {t.gather_gb_s:.2f} GB/s"
         )
-    for r in rows:
+    for r in configs:
         lines.append(
             f"  W={r['world']} B={r['batch_size']} ScMoE={'on ' if r['scmoe'] else 'off'}: "
             f"measured {r['measured_s'] * 1e3:7.1f} ms  predicted {r['predicted_s'] * 1e3:7.1f} ms "
@@ -195,7 +300,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     if errors:
         lines.append(
             f"median |error| {results['median_abs_error']:.1%}; ScMoE gain sign correct "
-            f"in {sum(s['sign_correct'] for s in signs)}/{len(signs)}"
+            f"in {sum(g['sign_correct'] for g in gains)}/{len(gains)}"
         )
     lines.append(f"profile: {run_dir / 'host.toml'}")
     return CommandOutput(
@@ -207,6 +312,24 @@ def run(args: argparse.Namespace) -> CommandOutput:
             "batch_sizes": batches,
             "seq_len": args.seq_len,
             "steps": args.steps,
+            "wire_mbit": args.wire_mbit,
         },
         config_hash="calibrate-" + cfg.name,
     )
+
+
+def calibration_time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _slowest(probes: list[dict]) -> dict:
+    """Per term, the slowest rank's value (a collective ends when its last rank does)."""
+    out = dict(probes[0])
+    for key in ("compute_s", "a2a_s", "a2a_async_s", "gather_s"):
+        values = [p[key] for p in probes]
+        out[key] = (
+            max(values) if key == "compute_s" else [max(v) for v in zip(*values, strict=True)]
+        )
+    return out

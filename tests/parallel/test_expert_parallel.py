@@ -69,6 +69,10 @@ def _rank_checks(rank: int, world: int, cache: str) -> dict:
             }
     base = get_preset("tiny")
     out["train"] = ep_train(rank, world, base, _train_config(cache), cache)
+    # ScMoE overlap on and off step by step (calibrate's paired timings): no bit may change
+    out["train_alternating"] = ep_train(
+        rank, world, base, _train_config(cache), cache, (True, False)
+    )
     out["train_conventional"] = ep_train(
         rank,
         world,
@@ -149,7 +153,7 @@ def test_overlap_changes_no_bit(runs):
                 assert torch.equal(grad, result[False]["grads"][name]), name
 
 
-@pytest.mark.parametrize("key", ["train", "train_conventional"])
+@pytest.mark.parametrize("key", ["train", "train_conventional", "train_alternating"])
 def test_training_bitwise_equal_for_world_sizes_1_2_4(runs, key):
     hashes = {world: {r[key]["state_hash"] for r in ranks} for world, ranks in runs.items()}
     assert all(len(h) == 1 for h in hashes.values()), "ranks disagree"
@@ -189,3 +193,18 @@ def test_train_command_refuses_a_world_size_that_does_not_divide_the_experts(tmp
     code = main(["train", "--nproc", "3", "--batch-size", "6", "--out", str(tmp_path / "run")])
     assert code == 2
     assert "--nproc 3 must divide the 8 FFN experts" in capsys.readouterr().err
+
+
+def test_alternating_overlap_changes_timing_only(runs):
+    for ranks in runs.values():
+        for result in ranks:
+            alternating = result["train_alternating"]
+            assert alternating["step_overlap"] == [True, False]
+            assert alternating["state_hash"] == result["train"]["state_hash"]
+            assert len(alternating["slices_seconds"]) == 2
+            assert all(
+                0 < part <= whole
+                for part, whole in zip(
+                    alternating["slices_seconds"], alternating["step_seconds"], strict=True
+                )
+            )
