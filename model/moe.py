@@ -38,16 +38,22 @@ from model.router import RouterOutput, TopkRouter, default_generator
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Where the S slots routed to FFN experts go.
+    """Where the rows sent through the expert GEMMs come from.
 
-    ``slot_S``/``token_S``: flat slot id (t*K + k) and token of each FFN slot, sorted by expert
+    ``slot_S``/``token_S``: flat slot id (t*K + k) and token of each row, sorted by expert
     and, within an expert, by token; ``counts_N[e]`` rows belong to expert e. A token picks an
-    expert at most once, so the tokens inside one expert's rows are distinct.
+    expert at most once, so the tokens inside one expert's rows are distinct. With
+    ``padding > 0`` (see :func:`plan_dispatch`) the last rows of some experts are padding rows:
+    the j-th of them (in row order) has slot ``T*K + j`` and token ``T + (row mod multiple)``,
+    and ``counts_N`` counts them too. Slots are then still all distinct (no index is ever
+    repeated in a gather of the gates, nor in its backward), and so are the tokens inside one
+    expert's rows.
     """
 
     slot_S: torch.Tensor
     token_S: torch.Tensor
     counts_N: list[int]
+    padding: int = 0  # padding rows: slots T*K .. T*K + padding - 1
 
     @property
     def num_rows(self) -> int:
@@ -59,9 +65,10 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """Sort the FFN slots by expert; zero-expert slots (ids >= n_routed) are left out.
 
-    ``row_multiple > 1`` pads every expert's rows to a multiple of it with padding rows: slot
-    ``T*K`` and token ``T + (row mod row_multiple)``, i.e. indices just past the real ones,
-    distinct within an expert (the caller appends a zero gate and zero tokens for them).
+    ``row_multiple > 1`` pads every expert's rows to a multiple of it with padding rows: the
+    j-th padding row gets slot ``T*K + j`` and token ``T + (row mod row_multiple)``, indices
+    just past the real ones, all slots distinct and the tokens distinct within an expert (the
+    caller appends ``plan.padding`` zero gates and ``row_multiple`` zero tokens for them).
     """
     tokens, k = topk_idx_TK.shape
     flat = topk_idx_TK.reshape(-1)
@@ -76,12 +83,12 @@ def plan_dispatch(
         rank_S = torch.arange(slot_S.shape[0]) - real_start_N[expert_S]
         where_S = padded_start_N[expert_S] + rank_S
         rows = int(padded_N.sum())
-        padded_slots = torch.full((rows,), tokens * k, dtype=slot_S.dtype)
-        slot_S = padded_slots.index_copy(0, where_S, slot_S)
+        is_pad = torch.ones(rows, dtype=torch.bool).index_fill(0, where_S, False)
+        pad_slot = tokens * k - 1 + is_pad.cumsum(0)  # T*K + j at the j-th padding row
+        slot_S = pad_slot.index_copy(0, where_S, slot_S)
         token_S = torch.div(slot_S, k, rounding_mode="floor")
-        is_pad = slot_S == tokens * k
         token_S = torch.where(is_pad, tokens + torch.arange(rows) % row_multiple, token_S)
-        return DispatchPlan(slot_S, token_S, padded_N.tolist())
+        return DispatchPlan(slot_S, token_S, padded_N.tolist(), rows - int(where_S.shape[0]))
     token_S = torch.div(slot_S, k, rounding_mode="floor")
     return DispatchPlan(slot_S, token_S, counts_N.tolist())
 
@@ -210,12 +217,13 @@ class MoE(nn.Module):
         gates = gate_TK.reshape(-1)
         tokens = x_TD.shape[0]
         if self.deterministic:
-            # every expert's rows padded to a multiple of ROWS (zero tokens, zero gates): each
-            # expert GEMM is then one batch-invariant call (batch_invariant.mm_rows)
+            # every expert's rows padded to a multiple of ROWS (zero tokens, zero gates, each
+            # padding row its own gate slot): each expert GEMM is then one batch-invariant call
+            # (batch_invariant.mm_rows)
             plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts, ROWS)
             x_TD = torch.cat((x_TD, x_TD.new_zeros(ROWS, x_TD.shape[1])))
             zero_gate_T = torch.cat((zero_gate_T, zero_gate_T.new_zeros(ROWS)))
-            gates = torch.cat((gates, gates.new_zeros(1)))
+            gates = torch.cat((gates, gates.new_zeros(plan.padding)))
         else:
             plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts)
         gate_S = gates.index_select(0, plan.slot_S)

@@ -21,10 +21,11 @@
     the row checksum ``sum_y C[r, y]`` must equal ``A[r] . s_e`` with ``s_e = sum_y W_e[y, :]``:
     the weights are stored with ``s_e`` as an extra row, encoded when they were written (so
     weights at rest are covered too), and the GEMM computes ``A[r] . s_e`` as one more output
-    column. The combine must satisfy ``sum_h out[t, h] = sum_k g[t, k] sum_h y[t, k, h]``. The
-    check runs in the GEMM's own dtype (a row-norm and a row-sum pass), so the tolerance covers
-    the rounding of the GEMM and of the check. By the probabilistic rounding-error bound
-    (Higham & Mary 2019) a
+    column. The zero rows that pad the encoded weights to 8 extra rows are covered as well:
+    their output columns, computed by the same GEMM, must be exactly zero. The combine must
+    satisfy ``sum_h out[t, h] = sum_k g[t, k] sum_h y[t, k, h]``. The check runs in the GEMM's
+    own dtype (a row-norm and a row-sum pass), so the tolerance covers the rounding of the GEMM
+    and of the check. By the probabilistic rounding-error bound (Higham & Mary 2019) a
     length-n dot product is within ``lambda sqrt(n) u sum |a||b|`` (u = unit roundoff of the
     dtype) except with probability ``2 n exp(-lambda^2 / 2)``. Summed over a row of C, plus the
     checksum's own roundings, that gives
@@ -74,9 +75,9 @@ class AbftMonitor:
     """Row-checksum ABFT on the expert GEMMs and the combine (see the module docstring).
 
     The reference checksums come out of the GEMMs themselves (checksum-encoded weights); the
-    check adds a row-norm pass over each GEMM input (once for GEMMs sharing it) and a row-sum
-    pass over each output, in the GEMMs' dtype. The tolerance covers the rounding of the GEMM
-    and of the check itself.
+    check adds a row-norm pass over each GEMM input (once for GEMMs sharing it), a row-sum
+    pass over each output, in the GEMMs' dtype, and a test that the padding columns are all
+    zero. The tolerance covers the rounding of the GEMM and of the check itself.
     """
 
     alarm_probability: float = ABFT_ALARM_PROBABILITY
@@ -107,8 +108,10 @@ class AbftMonitor:
         rows: ExpertRows,
         scales: tuple[torch.Tensor, ...],
         a_norms_S: torch.Tensor | None = None,
+        paddings: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
-        """Check GEMMs that share their input ``a_SX`` (its row norms taken once, or given)."""
+        """Check GEMMs that share their input ``a_SX`` (its row norms taken once, or given);
+        ``paddings``: each GEMM's padding columns, which must be exactly zero."""
         width = a_SX.shape[1]
         owner = rows.expert_of_row
         # rows of no expert (possible only under corrupted counts) are zero in C and reference
@@ -128,6 +131,14 @@ class AbftMonitor:
             self._verify(f"expert_gemm.{name}", (sums_S - ref_S).abs(), factor * magnitude_S)
             if name == "down":  # the combine's check reuses the expert outputs' row sums
                 self._down = (sums_S, magnitude_S)
+        if paddings is None:
+            return
+        for name, pad_SP in zip(names, paddings, strict=True):
+            # a zero weight row gives an exactly zero column (unless A holds inf or NaN,
+            # which the row checksum flags anyway): one reduction, no tolerance
+            if bool(pad_SP.any()):
+                self.alarms += int(pad_SP.ne(0).any(dim=1).sum())
+                self.alarm_sites.append(f"expert_gemm.{name}.padding")
 
     def on_expert_ffn(self, *args: object, **kwargs: object) -> None:
         return None
@@ -201,10 +212,10 @@ class RecomputeMonitor:
             s, t = rows.starts[e], rows.ends[e]
             one = ExpertRows([0], [t - s], torch.zeros(t - s, dtype=torch.int64))
             w = {name: weights[name].detach()[e : e + 1] for name in ("gate_up", "down")}
-            gate_up, _ = grouped_gemm(x_SD[s:t], w["gate_up"], one)
+            gate_up, _, _ = grouped_gemm(x_SD[s:t], w["gate_up"], one)
             inter = gate_up.shape[1] // 2
             hidden = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            down, _ = grouped_gemm(hidden, w["down"], one)
+            down, _, _ = grouped_gemm(hidden, w["down"], one)
             self.checks += 1
             again = {"gate_up": gate_up, "hidden": hidden, "down": down}
             if any(not torch.equal(again[k], stages[k].detach()[s:t]) for k in again):

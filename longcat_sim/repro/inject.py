@@ -5,7 +5,7 @@ Sites (:data:`SITES`):
 ==================  ======================================================================
 ``weight``          a parameter at rest, flipped before the step reads it
 ``activation``      a module output (in the MoE step: the SwiGLU hidden between expert GEMMs)
-``expert_gemm``     an expert GEMM output (``target`` gate, up or down)
+``expert_gemm``     an expert GEMM output (``target`` ``gate_up``, fused gate and up, or ``down``)
 ``combine``         the MoE combine output
 ``gradient``        a parameter gradient after backward, before the optimizer reads it
 ``optimizer_state`` an AdamW moment after the update
@@ -96,7 +96,7 @@ def flipped(tensor: torch.Tensor, index: int, bit: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Fault:
     """Flip ``bit`` of element ``index`` at ``site`` (``target`` narrows it: a parameter or
-    module name, or for ``expert_gemm`` one of gate/up/down)."""
+    module name, or for ``expert_gemm`` gate_up or down)."""
 
     site: str
     bit: int

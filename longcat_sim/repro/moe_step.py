@@ -4,14 +4,19 @@ between the stages. It is the unit the SDC campaign corrupts, checks and replays
 Stages (LongCat-Flash's MoE, spec §1.3): router logits -> softmax -> stable top-k over FFN and
 zero experts -> tokens-per-expert counts -> dispatch (FFN slots sorted by expert; expert ``e``
 owns rows ``[start_e, end_e)`` computed from the counts, as a grouped GEMM's offsets are) ->
-expert GEMMs (gate, up; SwiGLU; down) -> combine (each token's K slots summed in slot order in
-float32, zero experts contributing ``gate * x``) -> loss ``<out, grad_out>`` -> backward ->
-AdamW. Expert weights are stored checksum-encoded, as ABFT keeps them: each expert's weight
+expert GEMMs (fused gate and up; SwiGLU; down) -> combine (each token's K slots summed in slot
+order in float32, zero experts contributing ``gate * x``) -> loss ``<out, grad_out>`` ->
+backward -> AdamW.
+
+Expert weights are stored checksum-encoded, as ABFT keeps them: each expert's weight
 ``[out, in]`` carries ``CHECK_ROWS`` more rows, the sum of its rows and zeros (so the GEMM's
 output width stays a multiple of 8), and every expert GEMM produces each output row's reference
-checksum in column ``out``, at the cost of 8 more output columns. The optimizer updates the
-weights and re-encodes the checksum rows (and each expert's error scale, the sum of its row
-norms), so weights are covered while at rest.
+checksum in column ``out`` and zeros in the padding columns after it, at the cost of 8 more
+output columns. The optimizer updates the weights, re-encodes the checksum rows (and each
+expert's error scale, the sum of its row norms) and resets the padding rows to zero; the
+gradient and both moments of the checksum and padding rows are kept at zero. So weights are
+covered while at rest, padding rows included: a corrupted checksum row breaks the row
+checksum, a corrupted padding row makes its output column nonzero.
 
 The step reads a :class:`StepState` and never modifies it: a copy is the snapshot a replay
 starts from. Everything runs on fixed shapes with deterministic kernels, so two executions of
@@ -71,11 +76,19 @@ def plain_weight(encoded_NYX: torch.Tensor) -> torch.Tensor:
 
 
 def reencode_(encoded_NYX: torch.Tensor) -> torch.Tensor:
-    """Recompute the checksum rows of encoded weights in place (after an update); returns the
-    experts' error scales."""
+    """Recompute the checksum rows of encoded weights in place (after an update) and reset the
+    padding rows to zero; returns the experts' error scales."""
     w = plain_weight(encoded_NYX)
     encoded_NYX[:, -CHECK_ROWS] = w.sum(dim=1)
+    encoded_NYX[:, -CHECK_ROWS + 1 :] = 0.0
     return torch.linalg.vector_norm(w, dim=2).sum(dim=1)
+
+
+def clear_check_rows_(t_NYX: torch.Tensor) -> torch.Tensor:
+    """Zero the checksum and padding rows of a gradient or moment of encoded weights (in
+    place): the optimizer never moves them, re-encoding sets them."""
+    t_NYX[:, -CHECK_ROWS:] = 0.0
+    return t_NYX
 
 
 @dataclass
@@ -187,10 +200,12 @@ class StepMonitor(Protocol):
         rows: ExpertRows,
         scales: tuple[torch.Tensor, ...],
         a_norms_S: torch.Tensor | None = None,
+        paddings: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         """The GEMMs ``names`` (outputs ``C = A W^T``) all read ``a_SX``; ``references`` are
-        the checksum columns their encoded weights produced, ``scales`` the experts' error
-        scales, ``a_norms_S`` the rows' L2 norms if the caller has them."""
+        the checksum columns their encoded weights produced, ``paddings`` the padding columns
+        (exactly zero unless a padding row is corrupted), ``scales`` the experts' error scales,
+        ``a_norms_S`` the rows' L2 norms if the caller has them."""
 
     def on_expert_ffn(
         self,
@@ -231,8 +246,9 @@ def expert_rows(counts_N: torch.Tensor, rows: int) -> ExpertRows:
 
 class _EncodedGroupedGemm(torch.autograd.Function):
     """``c[r] = a[r] @ w[e]^T`` for the rows r of each expert e (one GEMM per expert) with
-    encoded weights ``[N, out + CHECK_ROWS, in]``: column ``out`` is the checksum reference.
-    Rows of no expert stay zero. Backward uses the weights without their checksum rows."""
+    encoded weights ``[N, out + CHECK_ROWS, in]``: column ``out`` is the checksum reference,
+    the columns after it the padding rows' outputs. Rows of no expert stay zero. Backward uses
+    the weights without their checksum rows (whose gradient is zero)."""
 
     @staticmethod
     def forward(ctx, a_SX, w_NYX, rows):  # type: ignore[override]
@@ -262,11 +278,13 @@ class _EncodedGroupedGemm(torch.autograd.Function):
 
 def grouped_gemm(
     a_SX: torch.Tensor, encoded_NYX: torch.Tensor, rows: ExpertRows
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, reference checksums) of the expert GEMMs with encoded weights: ``C = A W^T``
-    (differentiable; a view) and ``A s_e`` per row (detached)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C, reference checksums, padding columns) of the expert GEMMs with encoded weights:
+    ``C = A W^T`` (differentiable; a view), ``A s_e`` per row and the ``CHECK_ROWS - 1``
+    padding columns, zero while the padding rows are (both detached views)."""
     c_ext = _EncodedGroupedGemm.apply(a_SX, encoded_NYX, rows)
-    return c_ext[:, :-CHECK_ROWS], c_ext[:, -CHECK_ROWS].detach()
+    checks = c_ext[:, -CHECK_ROWS:].detach()
+    return c_ext[:, :-CHECK_ROWS], checks[:, 0], checks[:, 1:]
 
 
 def swiglu_ffn(
@@ -283,7 +301,8 @@ def swiglu_ffn(
     known (monitors need them)."""
     stages: dict[str, torch.Tensor] = {}
     refs: dict[str, torch.Tensor] = {}
-    gate_up, refs["gate_up"] = grouped_gemm(x_SD, weights["gate_up"], rows)
+    pads: dict[str, torch.Tensor] = {}
+    gate_up, refs["gate_up"], pads["gate_up"] = grouped_gemm(x_SD, weights["gate_up"], rows)
     if injector is not None:
         gate_up = injector.at("expert_gemm", gate_up, target="gate_up")
     inter = gate_up.shape[1] // 2
@@ -295,7 +314,7 @@ def swiglu_ffn(
     stages["hidden"] = hidden
     # the down check's row norms, taken while the hidden rows are still in cache
     h_norms_S = torch.linalg.vector_norm(hidden.detach(), dim=1) if monitors else None
-    y, refs["down"] = grouped_gemm(hidden, weights["down"], rows)
+    y, refs["down"], pads["down"] = grouped_gemm(hidden, weights["down"], rows)
     if injector is not None:
         y = injector.at("expert_gemm", y, target="down")
     # the checks run after the three GEMMs, which thus keep their operands in cache
@@ -308,6 +327,7 @@ def swiglu_ffn(
             rows,
             (scales["gate_up"],),
             a_norms_S=x_norms_S,
+            paddings=(pads["gate_up"],),
         )
         m.on_expert_gemm(
             ("down",),
@@ -317,6 +337,7 @@ def swiglu_ffn(
             rows,
             (scales["down"],),
             a_norms_S=h_norms_S,
+            paddings=(pads["down"],),
         )
     stages["down"] = y
     return stages
@@ -399,8 +420,13 @@ def moe_step(
     with torch.no_grad():
         for name in PARAMS:
             g, p = grads[name], params[name].detach()
+            if name in EXPERT_WEIGHTS:
+                clear_check_rows_(g)
             m = work.exp_avg[name] * b1 + g * (1 - b1)
             v = work.exp_avg_sq[name] * b2 + g * g * (1 - b2)
+            if name in EXPERT_WEIGHTS:  # a corrupted moment of a check row dies here
+                clear_check_rows_(m)
+                clear_check_rows_(v)
             update = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + sc.eps)
             new_params[name] = p * (1 - sc.lr * sc.weight_decay) - sc.lr * update
             new_m[name], new_v[name] = m, v

@@ -6,16 +6,22 @@ x86 does: small M takes another path, and an odd row left over by the thread spl
 another micro-kernel). The functions here remove the shape from the picture:
 
 - :func:`mm_rows` gives every GEMM call a multiple of ``ROWS`` = 8 rows: the whole multiples
-  in one call, the remainder zero-padded to 8 rows in a second. With ``tile=32`` every call is
-  exactly ``[32, K] x [K, N]``, the fixed-shape form. MKL computes each row of a call whose row
-  count is a multiple of 8 exactly as in that form, at 1 to 4 threads (tests/repro check the
-  equivalence bitwise); the rows it treats differently are those of calls with fewer than 8
-  rows (a GEMV for one row, other kernels for 2-3, an uneven thread split for 5-7). So the
+  in one call, the remainder zero-padded to 8 rows in a second. With ``tile=t`` (8, 16, 32)
+  every call is exactly ``[t, K] x [K, N]``, the fixed-shape form. MKL computes each row of a
+  call whose row count is a multiple of 8 exactly as in that form, on 1 and 2 threads
+  (``tests/repro/test_batch_invariant.py`` checks the equivalence bitwise, with and without
+  ``accumulate``); the rows it treats differently are those of calls with fewer than 8 rows
+  (a GEMV for one row, other kernels for 2-3, an uneven thread split for 5-7). So the
   one-call form is batch-invariant at the GEMM's full speed: a row's result depends on the row
   alone, wherever it sits and however many rows travel with it.
 - :func:`mm_t_rows` is the transposed product ``a^T b`` (a weight gradient, a sum over rows):
   one GEMM whose output rows are padded to a multiple of 8 (MKL splits a GEMM's output, never
   its summed dimension, between threads; only outputs of fewer than 8 rows split unevenly).
+  Its ``tile=t`` form computes ``t`` output rows per call, each summing over all the rows;
+  the same test file checks it bitwise against the one-call form.
+- Both write a given ``out`` of any layout bit for bit as they would a fresh contiguous
+  tensor (MKL's result can depend on the output's row stride; a non-contiguous ``out`` goes
+  through a contiguous buffer).
 - :func:`linear` / :class:`BatchInvariantLinear`: ``x W^T`` forward and both backward products
   built from the two above.
 - :func:`causal_attention`: softmax attention by query blocks of ``ATTN_CHUNK`` positions, each
@@ -47,6 +53,11 @@ def _check_mm(name: str, a: torch.Tensor, b: torch.Tensor, inner: int) -> None:
         raise ValueError(f"{name}: incompatible shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def _check_out(name: str, out: torch.Tensor, shape: tuple[int, int]) -> None:
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{name}: out has shape {tuple(out.shape)}, expected {shape}")
+
+
 def mm_rows(
     a_MK: torch.Tensor,
     b_KN: torch.Tensor,
@@ -60,8 +71,9 @@ def mm_rows(
     The whole multiples go through one call, the remaining rows through one call of ``ROWS``
     zero-padded rows. ``tile=t`` instead makes every call exactly ``[t, K] x [K, N]``: the
     fixed-shape form, slower, kept as the reference the one-call form is tested against.
-    Written into ``out`` when given (contiguous ``[M, N]``); with ``accumulate`` the product
-    is added to ``out`` inside the same GEMM calls (``out += a @ b``).
+    Written into ``out`` when given (``[M, N]``, any layout: a non-contiguous one goes through
+    a contiguous buffer, so the bits do not depend on it); with ``accumulate`` the product is
+    added to ``out`` inside the same GEMM calls (``out += a @ b``).
     """
     _check_mm("mm_rows", a_MK, b_KN, 1)
     if tile is not None and (tile <= 0 or tile % ROWS):
@@ -71,6 +83,16 @@ def mm_rows(
         if accumulate:
             raise ValueError("mm_rows: accumulate needs out")
         out = a_MK.new_empty(rows, b_KN.shape[1])
+    else:
+        _check_out("mm_rows", out, (rows, b_KN.shape[1]))
+        if not out.is_contiguous():
+            buffer = (
+                out.contiguous()
+                if accumulate
+                else torch.empty_like(out, memory_format=torch.contiguous_format)
+            )
+            mm_rows(a_MK, b_KN, out=buffer, accumulate=accumulate, tile=tile)
+            return out.copy_(buffer)
     step = tile or rows - rows % ROWS
     done = rows - rows % step if step else 0
     for start in range(0, done, step or 1):
@@ -100,33 +122,28 @@ def mm_t_rows(
     tile: int | None = None,
 ) -> torch.Tensor:
     """``a^T @ b`` (a sum over the M rows, e.g. a weight gradient), written into ``out`` when
-    given, thread-count invariant.
+    given (any layout), thread-count invariant.
 
     One GEMM whose output has N rows padded to a multiple of ``ROWS``: MKL splits the output
     of a GEMM between threads (never the summed dimension), and only an output of fewer than 8
-    rows is split unevenly enough to change a row's kernel. ``tile=t`` instead sums ``t`` rows
-    per call into one buffer in ascending order (a zero-padded last tile): the fixed-shape
-    reference.
+    rows is split unevenly enough to change a row's kernel. ``tile=t`` instead computes ``t``
+    output rows per call (``[t, M] x [M, K]``, the last tile zero-padded), each summing over
+    all M rows: the fixed-shape reference.
     """
     _check_mm("mm_t_rows", a_MN.t(), b_MK, 1)
-    rows, n_out = a_MN.shape
-    n_pad = n_out + (-n_out) % ROWS
+    n_out = a_MN.shape[1]
+    if out is not None:
+        _check_out("mm_t_rows", out, (n_out, b_MK.shape[1]))
+    if tile is not None and (tile <= 0 or tile % ROWS):
+        raise ValueError(f"mm_t_rows: tile must be a positive multiple of {ROWS}, got {tile}")
+    n_pad = n_out + (-n_out) % (tile or ROWS)
     if n_pad != n_out:
         a_MN = F.pad(a_MN, (0, n_pad - n_out))
     direct = out is not None and n_pad == n_out and out.is_contiguous()
-    target = out if direct else None
-    if tile is None:
-        out_NK = torch.mm(a_MN.t(), b_MK, out=target)
-    else:
-        if tile <= 0 or tile % ROWS:
-            raise ValueError(f"mm_t_rows: tile must be a positive multiple of {ROWS}, got {tile}")
-        padded_rows = rows + (-rows) % tile or tile
-        a_pad = a_MN.new_zeros(padded_rows, n_pad)
-        b_pad = b_MK.new_zeros(padded_rows, b_MK.shape[1])
-        a_pad[:rows], b_pad[:rows] = a_MN, b_MK
-        out_NK = torch.mm(a_pad[:tile].t(), b_pad[:tile], out=target)
-        for start in range(tile, padded_rows, tile):
-            out_NK.addmm_(a_pad[start : start + tile].t(), b_pad[start : start + tile])
+    out_NK = out if direct else a_MN.new_empty(n_pad, b_MK.shape[1])
+    width = tile or max(n_pad, 1)  # output rows per GEMM call
+    for start in range(0, n_pad, width):
+        torch.mm(a_MN[:, start : start + width].t(), b_MK, out=out_NK[start : start + width])
     if out is None or direct:
         return out_NK[:n_out]
     return out.copy_(out_NK[:n_out])

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ModelConfig, get_preset
 from model.experts import GroupedExperts
+from model.kernels.batch_invariant import ROWS
 from model.kernels.reference import ReferenceRouting, moe_reference_from_module, reference_route
 from model.moe import MoE, plan_dispatch
 from model.router import TopkRouter
@@ -361,6 +363,124 @@ def test_forward_and_backward_are_bitwise_reproducible():
         outs.append([out.detach(), x.grad, *(p.grad for p in moe.parameters())])
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+# -- deterministic mode: padded dispatch, no repeated index in any indexed write ------------
+
+
+@settings(max_examples=40)
+@given(cfg=moe_configs(), tokens=token_counts(40), seed=seeds, data=st.data())
+def test_padded_dispatch_gives_every_row_its_own_slot(cfg, tokens, seed, data):
+    """Each expert's rows padded to a multiple of ROWS: real rows as in the unpadded plan,
+    padding rows with slots T*K, T*K + 1, ... in row order, tokens distinct within an expert."""
+    case = data.draw(routing_cases(cfg))
+    moe = make_moe(cfg, seed, case.bias)
+    with torch.no_grad():
+        _, routing = moe(make_x(cfg, tokens, seed))
+    n, k = cfg.n_routed_experts, cfg.moe_topk
+    plain = plan_dispatch(routing.topk_idx_TK, routing.counts_E, n)
+    plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, n, ROWS)
+    assert plan.slot_S.unique().numel() == plan.num_rows  # no slot twice
+    assert all(c % ROWS == 0 for c in plan.counts_N)
+    assert plan.padding == plan.num_rows - plain.num_rows
+    is_pad = plan.slot_S >= tokens * k
+    assert plan.slot_S[is_pad].tolist() == list(range(tokens * k, tokens * k + plan.padding))
+    assert torch.equal(plan.slot_S[~is_pad], plain.slot_S)
+    assert torch.equal(plan.token_S[~is_pad], plain.token_S)
+    assert bool((plan.token_S[is_pad] >= tokens).all())
+    assert bool((plan.token_S < tokens + ROWS).all())
+    start = 0
+    for count, real in zip(plan.counts_N, plain.counts_N, strict=True):
+        rows = slice(start, start + count)
+        assert plan.token_S[rows].unique().numel() == count
+        assert int(is_pad[rows].sum()) == count - real and not is_pad[start : start + real].any()
+        start += count
+
+
+_INDEXED_WRITES = {
+    "index_add",
+    "index_add_",
+    "index_copy",
+    "index_copy_",
+    "index_reduce",
+    "index_reduce_",
+    "scatter",
+    "scatter_",
+    "scatter_add",
+    "scatter_add_",
+    "scatter_reduce",
+    "scatter_reduce_",
+    "index_put",
+    "index_put_",
+    "_index_put_impl_",
+}
+
+
+class IndexedWrites(TorchDispatchMode):
+    """Records every ATen op that writes through an index (name, whether two of its writes
+    land on the same element): ``index_add`` / ``scatter_add`` / ``index_put`` with a repeated
+    target add in an order the kernel chooses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _INDEXED_WRITES:
+            self.calls.append((name, _repeats(name, args)))
+        return func(*args, **kwargs)
+
+
+def _repeats(name: str, args) -> bool:
+    target = args[0]
+    if name.startswith("index_put") or name == "_index_put_impl_":
+        hits = torch.zeros(target.shape, dtype=torch.int64)
+        hits.index_put_(tuple(args[1]), torch.ones((), dtype=torch.int64), accumulate=True)
+    else:
+        dim, index = args[1], args[2]
+        if name.startswith("index_"):  # one index per slice along dim
+            return index.unique().numel() != index.numel()
+        hits = torch.zeros(target.shape, dtype=torch.int64)
+        hits.scatter_add_(dim, index, torch.ones_like(index))
+    return bool((hits > 1).any())
+
+
+def test_indexed_writes_recorder_sees_a_repeated_index():
+    """Negative control: the recorder flags repeats, and the gather-then-backward pattern the
+    deterministic MoE uses for its gates repeats an index exactly when a slot is gathered
+    twice (as the padding rows' shared slot once was)."""
+    gates = torch.rand(5, requires_grad=True)
+    with IndexedWrites() as rec:
+        gates.index_select(0, torch.tensor([0, 4, 4])).sum().backward()
+        torch.zeros(3).scatter_add_(0, torch.tensor([1, 1]), torch.ones(2))
+        torch.zeros(3).index_put_((torch.tensor([2, 2]),), torch.ones(2), accumulate=True)
+        torch.zeros(3).index_add_(0, torch.tensor([0, 2]), torch.ones(2))
+    assert rec.calls == [
+        ("index_add", True),
+        ("scatter_add_", True),
+        ("index_put_", True),
+        ("index_add_", False),
+    ]
+
+
+@settings(max_examples=25)
+@given(cfg=moe_configs(), tokens=token_counts(40), seed=seeds, data=st.data())
+def test_deterministic_moe_never_writes_through_a_repeated_index(cfg, tokens, seed, data):
+    """Forward and backward of the deterministic MoE (padded dispatch): every index_add,
+    scatter, index_put and index_copy it issues hits each target element at most once, so
+    none depends on the order in which a kernel adds repeated targets."""
+    case = data.draw(routing_cases(cfg))
+    moe = make_moe(cfg.replace(deterministic=True), seed, case.bias)
+    x = make_x(cfg, tokens, seed).requires_grad_()
+    with IndexedWrites() as rec:
+        out, routing = moe(x)
+        out.backward(make_x(cfg, tokens, seed + 7))
+    assert [c for c in rec.calls if c[1]] == []
+    if int((routing.topk_idx_TK < cfg.n_routed_experts).sum()):
+        names = {name for name, _ in rec.calls}
+        assert {"index_add", "index_add_"} <= names  # the gates' backward and the combine
 
 
 def test_output_keeps_leading_dimensions():

@@ -143,9 +143,12 @@ def test_abft_tolerance_covers_float32_rounding_of_a_gemm(seed, rows, k) -> None
     monitor = AbftMonitor()
     encoded, scale = encode_checksums(w)
     with torch.no_grad():
-        c_enc, reference = grouped_gemm(a, encoded, rows_of)
+        c_enc, reference, padding = grouped_gemm(a, encoded, rows_of)
+    assert padding.shape == (rows, CHECK_ROWS - 1) and not padding.any()
     monitor.on_expert_gemm(("gate",), a, (c,), (reference,), rows_of, (scale,))
-    monitor.on_expert_gemm(("gate",), a, (c_enc,), (reference,), rows_of, (scale,))
+    monitor.on_expert_gemm(
+        ("gate",), a, (c_enc,), (reference,), rows_of, (scale,), paddings=(padding,)
+    )
     assert monitor.alarms == 0 and monitor.checks == 2 * rows
     assert monitor.worst_ratio < 0.5
 
@@ -161,6 +164,84 @@ def test_abft_has_no_false_alarm_on_clean_steps_and_catches_big_flips() -> None:
         fault = Fault(site=site, bit=30, index=3, target=target)
         moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
         assert monitor.alarms >= 1, site
+
+
+def active_expert(state, sc: MoEStepConfig) -> int:
+    """An FFN expert the step's routing sends rows to."""
+    counts = moe_step(state, sc).tensors["routing.counts"][: sc.model.n_routed_experts]
+    return int(torch.nonzero(counts).flatten()[0])
+
+
+def check_row_index(state, name: str, expert: int, row: int, col: int) -> int:
+    """Flat index of element ``col`` of check row ``row`` (0: checksum, 1..7: padding) of
+    ``expert``'s encoded weight ``name``."""
+    _, height, width = state.params[name].shape
+    return (expert * height + height - CHECK_ROWS + row) * width + col
+
+
+@pytest.mark.parametrize("name", ["gate_up", "down"])
+@pytest.mark.parametrize("bit", [25, 30])
+def test_abft_catches_a_weight_fault_in_a_padding_row(name, bit) -> None:
+    """A flipped bit in a zero padding row turns 0.0 into 2^-123 (bit 25) or 2.0 (bit 30):
+    the padding column the GEMM computes for it is no longer zero."""
+    state = initial_state(SC, 2)
+    expert = active_expert(state, SC)
+    for row, col in ((1, 0), (CHECK_ROWS - 1, 5)):
+        index = check_row_index(state, name, expert, row, col)
+        fault = Fault(site="weight", bit=bit, index=index, target=name)
+        injector = StepInjector([fault], 0, 0)
+        monitor = AbftMonitor()
+        moe_step(state, SC, injector=injector, monitors=(monitor,))
+        assert injector.fired == [fault]
+        assert monitor.alarms >= 1 and monitor.alarm_sites == [f"expert_gemm.{name}.padding"]
+
+
+def test_negative_control_without_the_padding_check_a_padding_fault_is_invisible() -> None:
+    """The row checksum alone never reads the padding columns."""
+    state = initial_state(SC, 2)
+    index = check_row_index(state, "down", active_expert(state, SC), 3, 1)
+    fault = Fault(site="weight", bit=30, index=index, target="down")
+
+    class RowChecksumOnly(AbftMonitor):
+        def on_expert_gemm(self, *args, paddings=None, **kwargs) -> None:
+            super().on_expert_gemm(*args, **kwargs)
+
+    monitor = RowChecksumOnly()
+    moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
+    assert monitor.alarms == 0 and monitor.checks > 0
+
+
+def assert_encoded(state) -> None:
+    """Checksum rows hold the row sums, padding rows and the moments' check rows are zero."""
+    for name in ("gate_up", "down"):
+        encoded = state.params[name]
+        assert torch.equal(encoded[:, -CHECK_ROWS], plain_weight(encoded).sum(dim=1)), name
+        assert not encoded[:, -CHECK_ROWS + 1 :].any(), name
+        for moments in (state.exp_avg, state.exp_avg_sq):
+            assert not moments[name][:, -CHECK_ROWS:].any(), name
+
+
+@pytest.mark.parametrize("name", ["gate_up", "down"])
+@pytest.mark.parametrize(
+    ("site", "target"), [("weight", ""), ("gradient", ""), ("optimizer_state", ":exp_avg_sq")]
+)
+def test_a_fault_in_a_check_row_does_not_outlive_the_next_step(name, site, target) -> None:
+    """Weights, gradients and moments of the checksum and padding rows: after the next step
+    the state is encoded again and equals the clean run's bit for bit."""
+    state = initial_state(SC, 6)
+    expert = active_expert(state, SC)
+    for row in (0, 2, CHECK_ROWS - 1):
+        index = check_row_index(state, name, expert, row, 3)
+        fault = Fault(site=site, bit=30, index=index, target=name + target)
+        injector = StepInjector([fault], 0, 0)
+        faulty = moe_step(state, SC, injector=injector)
+        assert injector.fired == [fault]
+        clean = moe_step(state, SC)
+        if site == "optimizer_state":  # injected after the update: at rest until the next step
+            assert faulty.next_state.exp_avg_sq[name][expert, -CHECK_ROWS + row, 3] != 0
+            faulty, clean = moe_step(faulty.next_state, SC), moe_step(clean.next_state, SC)
+        assert_encoded(faulty.next_state)
+        assert faulty.digest() == clean.digest()
 
 
 def test_abft_misses_what_it_does_not_checksum() -> None:
