@@ -12,18 +12,9 @@ Measured terms (CPU, float32, one torch thread per process):
   cannot hide) and an ``all_gather`` add to a step. On a host with few cores gloo's copies
   need the cores too, so these include the wait for a core, not only the transfer.
 
-The step-time model of ``train --nproc W`` (``longcat_sim.distributed.ep_train``) over a
-batch of B sequences, S = B / W slices per rank, L MoE layers:
-
-    step = slowdown(W) * (S * t_slice + t_fixed)
-         + S * L * (a2a(counts) + 2 a2a(rows) + forward exchanges)
-         + gather(S * dense gradient) + 3 L gather(expert shard) + gather(losses, counts)
-
-with ``t_slice`` and ``t_fixed`` a straight-line fit of one-process step times over the batch
-size (``fit_single_process``). The forward exchanges are the dispatch and the combine: two
-synchronous ``a2a(rows)`` without ScMoE; with ScMoE the dispatch runs behind FFN_0 + MLA_1 and
-the combine behind FFN_1 (measured forward times, stretched by the contention), each costing
-``max(floor, a2a(rows) - hideable compute)``.
+The profile these make (``HostMeasurements.to_toml``, with the model's own measured costs)
+drives the step model of ``cluster.hoststep``, which ``longcat-sim simulate --mode host-ep``
+and ``calibrate`` run.
 """
 
 from __future__ import annotations
@@ -37,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from cluster.hoststep import EpModelTerms, WorldTerms
 
 ASYNC_BURSTS = 4  # compute alongside an overlapped exchange in the probe, in bursts
 
@@ -176,52 +169,40 @@ def load_probe(
     return out
 
 
-@dataclass
-class WorldTerms:
-    """What :func:`load_probe` measured at one world size, as alpha-beta fits."""
+def world_terms_from_probe(probe: dict[str, Any], alone_s: float) -> WorldTerms:
+    """Alpha-beta fits of a :func:`load_probe` result; the contention against ``alone_s``."""
+    fits = {}
+    for key, sizes in (("a2a", "a2a_sizes"), ("a2a_async", "a2a_sizes"),
+                       ("gather", "gather_sizes")):  # fmt: skip
+        alpha, beta = fit_alpha_beta(probe[sizes], probe[f"{key}_s"])
+        fits[f"{key}_latency_us"], fits[f"{key}_gb_s"] = alpha * 1e6, beta / 1e9
+    return WorldTerms(compute_slowdown=probe["compute_s"] / alone_s, **fits)
 
-    compute_slowdown: float  # a burst with every rank computing / the same burst alone
-    a2a_latency_us: float
-    a2a_gb_s: float
-    a2a_async_latency_us: float
-    a2a_async_gb_s: float
-    gather_latency_us: float
-    gather_gb_s: float
 
-    @classmethod
-    def from_probe(cls, probe: dict[str, Any], alone_s: float) -> WorldTerms:
-        fits = {}
-        for key, sizes in (("a2a", "a2a_sizes"), ("a2a_async", "a2a_sizes"),
-                           ("gather", "gather_sizes")):  # fmt: skip
-            alpha, beta = fit_alpha_beta(probe[sizes], probe[f"{key}_s"])
-            fits[f"{key}_latency_us"], fits[f"{key}_gb_s"] = alpha * 1e6, beta / 1e9
-        return cls(compute_slowdown=probe["compute_s"] / alone_s, **fits)
-
-    def seconds(self, kind: str, n_bytes: float) -> float:
-        """Predicted cost of one ``kind`` (a2a, a2a_async, gather) of ``n_bytes`` per rank."""
-        alpha = getattr(self, f"{kind}_latency_us") * 1e-6
-        return alpha + n_bytes / (getattr(self, f"{kind}_gb_s") * 1e9)
-
-    @property
-    def overlap_efficiency(self) -> float:
-        """Share of a small synchronous exchange's cost that overlapping it with compute saves."""
-        return 1.0 - self.a2a_async_latency_us / max(self.a2a_latency_us, 1e-9)
+def fit_single_process(batch_sizes: list[int], seconds: list[float]) -> tuple[float, float]:
+    """``step = t_fixed + B * t_slice`` fitted to single-process steps: (t_slice, t_fixed)."""
+    if len(set(batch_sizes)) < 2:
+        return seconds[0] / batch_sizes[0], 0.0
+    slope, intercept = np.polyfit(np.asarray(batch_sizes, float), np.asarray(seconds, float), 1)
+    return float(slope), max(float(intercept), 0.0)
 
 
 @dataclass
-class HostProfile:
-    """What ``longcat-sim calibrate`` measured; ``to_toml`` writes a simulator hardware file."""
+class HostMeasurements:
+    """What ``longcat-sim calibrate`` measured; ``to_toml`` writes the host profile."""
 
     cores: int
     matmul_gflops: dict[str, float]
     mem_gb_s: float
     op_overhead_us: float
     worlds: dict[int, WorldTerms] = field(default_factory=dict)
+    model: EpModelTerms | None = None
 
     def to_toml(self, name: str = "this-host") -> str:
-        """A ``[hardware]`` table ``cluster.hardware.load_hardware_file`` accepts (CPU rates in
-        the accelerator fields, the loaded gloo all-to-all of the largest world as the links)
-        and a ``[host]`` table with the terms the hardware format has no field for."""
+        """The profile: a ``[hardware]`` table ``cluster.hardware.load_hardware_file`` accepts
+        (CPU rates in the accelerator fields, the loaded all-to-all of the largest world as the
+        links), and the tables ``cluster.hoststep.load_host_profile`` reads: ``[host]`` with
+        ``[host.worlds."W"]`` per world size, and ``[ep_model]``."""
         peak = max(self.matmul_gflops.values()) / 1e3
         link = self.worlds[max(self.worlds)] if self.worlds else None
         gb_s = link.a2a_gb_s if link else 1.0
@@ -250,78 +231,11 @@ class HostProfile:
         ]
         for world, terms in sorted(self.worlds.items()):
             lines += ["", f'[host.worlds."{world}"]']
-            lines += [f"{k} = {v:.6g}" for k, v in asdict(terms).items()]
+            lines += [f"{k} = {v!r}" for k, v in asdict(terms).items()]
+        if self.model is not None:
+            lines += ["", "[ep_model]"]
+            lines += [f"{k} = {v!r}" for k, v in asdict(self.model).items()]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class StepWorkload:
-    """What one ``train --nproc`` step does, for the step-time model."""
-
-    world: int
-    batch_size: int
-    seq_len: int
-    hidden: int
-    layers: int
-    n_routed_experts: int
-    ffn_slots_per_token: float
-    scmoe: bool
-    t_slice_s: float  # measured fwd+bwd of one sequence, one process
-    t_fixed_s: float = 0.0  # measured once per step: gradient sums, clipping, optimizer
-    grad_bytes_per_slice: int = 0  # dense gradient of one slice, gathered from every rank
-    expert_shard_bytes: int = 0  # one expert weight's shard on one rank, gathered per layer
-    t_dispatch_hide_s: float = 0.0  # measured FFN_0 + MLA_1 forward of one slice, one layer
-    t_combine_hide_s: float = 0.0  # measured FFN_1 forward of one slice, one layer
-
-
-def fit_single_process(batch_sizes: list[int], seconds: list[float]) -> tuple[float, float]:
-    """``step = t_fixed + B * t_slice`` fitted to single-process steps: (t_slice, t_fixed)."""
-    if len(set(batch_sizes)) < 2:
-        return seconds[0] / batch_sizes[0], 0.0
-    slope, intercept = np.polyfit(np.asarray(batch_sizes, float), np.asarray(seconds, float), 1)
-    return float(slope), max(float(intercept), 0.0)
-
-
-def predict_step_seconds(w: StepWorkload, host: HostProfile) -> dict[str, float]:
-    """The step-time model of the module docstring, with its terms."""
-    slices = w.batch_size // w.world
-    if w.world == 1:
-        return {"compute_slices": slices * w.t_slice_s, "compute_fixed": w.t_fixed_s,
-                "exchanges": 0.0, "collectives": 0.0, "overlap_saving": 0.0,
-                "slices": slices * w.t_slice_s, "step": slices * w.t_slice_s + w.t_fixed_s}  # fmt: skip
-    terms = host.worlds[w.world]
-    compute_slices = terms.compute_slowdown * slices * w.t_slice_s
-    compute_fixed = terms.compute_slowdown * w.t_fixed_s
-    rows = 4 * w.seq_len * w.ffn_slots_per_token * w.hidden  # bytes each rank sends per exchange
-    counts = 8 * w.n_routed_experts
-    sync = terms.seconds("a2a", rows)
-    # per layer: the counts, dispatch and combine forward, their two reverses in backward;
-    # ScMoE puts the forward dispatch in flight behind FFN_0 + MLA_1 and the combine behind
-    # FFN_1: each then costs what that compute cannot hide, and never less than an exchange
-    # overlapped with ample compute (the probe's floor: the part of it that needs the cores)
-    forward = 2 * sync
-    if w.scmoe:
-        floor = terms.seconds("a2a_async", rows)
-        slow = terms.compute_slowdown
-        forward = max(floor, sync - slow * w.t_dispatch_hide_s)
-        forward += max(floor, sync - slow * w.t_combine_hide_s)
-    exchanges = slices * w.layers * (terms.seconds("a2a", counts) + 2 * sync + forward)
-    saving = slices * w.layers * (2 * sync - forward)
-    # per step: the dense gradients of every slice, three expert-weight shards per layer, the
-    # losses and the bias controller's counts
-    collectives = terms.seconds("gather", slices * w.grad_bytes_per_slice)
-    collectives += 3 * w.layers * terms.seconds("gather", w.expert_shard_bytes)
-    collectives += terms.seconds("gather", 4 * slices)
-    collectives += terms.seconds("gather", 8 * w.layers * (w.n_routed_experts + 1))
-    return {
-        "compute_slices": compute_slices,
-        "compute_fixed": compute_fixed,
-        "exchanges": exchanges,
-        "collectives": collectives,
-        "overlap_saving": saving,
-        "slices": compute_slices + exchanges,  # the micro-steps, before the gradient exchange
-        "step": compute_slices + exchanges + compute_fixed + collectives,
-    }

@@ -3,44 +3,41 @@ probe over gloo, and the shaped wire."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
 
 from cluster.hardware import load_hardware_file
+from cluster.hoststep import EpModelTerms, EpStep, WorldTerms, load_host_profile, simulate_step
 from longcat_sim import calibration
-from longcat_sim.calibration import HostProfile, StepWorkload, WorldTerms, predict_step_seconds
+from longcat_sim.calibration import HostMeasurements
 from longcat_sim.cli import main
 from longcat_sim.distributed import launch
 
 
-def _terms(sync_us: float = 1000.0, floor_us: float = 300.0, slowdown: float = 1.5) -> WorldTerms:
-    return WorldTerms(compute_slowdown=slowdown, a2a_latency_us=sync_us, a2a_gb_s=0.05,
-                      a2a_async_latency_us=floor_us, a2a_async_gb_s=0.5, gather_latency_us=800.0,
+def _terms() -> WorldTerms:
+    return WorldTerms(compute_slowdown=1.5, a2a_latency_us=1000.0, a2a_gb_s=0.05,
+                      a2a_async_latency_us=300.0, a2a_async_gb_s=0.5, gather_latency_us=800.0,
                       gather_gb_s=0.02)  # fmt: skip
 
 
-def _host(**terms: float) -> HostProfile:
-    return HostProfile(
+def _host() -> HostMeasurements:
+    model = EpModelTerms(seq_len=64, hidden=64, layers=2, n_routed_experts=8,
+                         ffn_slots_per_token=2.0, t_slice_s=0.04, t_fixed_s=0.01,
+                         t_dispatch_hide_s=0.002, t_combine_hide_s=0.0005,
+                         grad_bytes_per_slice=869376, expert_weight_bytes=65536)  # fmt: skip
+    return HostMeasurements(
         cores=2,
         matmul_gflops={"32x64x32": 20.0, "64x64x512": 60.0},
         mem_gb_s=10.0,
         op_overhead_us=4.0,
-        worlds={2: _terms(**terms), 4: _terms(**terms)},
+        worlds={2: _terms(), 4: _terms()},
+        model=model,
     )
-
-
-def _workload(world: int, scmoe: bool, batch: int = 8, **kw: float) -> StepWorkload:
-    values = dict(world=world, batch_size=batch, seq_len=64, hidden=64, layers=2,
-                  n_routed_experts=8, ffn_slots_per_token=2.0, scmoe=scmoe, t_slice_s=0.02,
-                  t_fixed_s=0.01, grad_bytes_per_slice=400_000, expert_shard_bytes=8192,
-                  t_dispatch_hide_s=0.002, t_combine_hide_s=0.0005)  # fmt: skip
-    values.update(kw)
-    return StepWorkload(**values)
 
 
 def test_alpha_beta_fit_recovers_a_line():
@@ -64,7 +61,7 @@ def test_world_terms_come_from_the_probe_fits():
     probe = {"a2a_sizes": sizes, "gather_sizes": gathers, "compute_s": 0.003,
              "a2a_s": [1e-3 + n / 2e7 for n in sizes], "a2a_async_s": [4e-4 + n / 1e8 for n in sizes],
              "gather_s": [2e-3 + n / 1e7 for n in gathers]}  # fmt: skip
-    terms = WorldTerms.from_probe(probe, alone_s=0.002)
+    terms = calibration.world_terms_from_probe(probe, alone_s=0.002)
     assert terms.compute_slowdown == pytest.approx(1.5)
     assert terms.a2a_latency_us == pytest.approx(1000.0) and terms.a2a_gb_s == pytest.approx(0.02)
     assert terms.seconds("a2a_async", 1e6) == pytest.approx(4e-4 + 1e-2)
@@ -72,7 +69,7 @@ def test_world_terms_come_from_the_probe_fits():
     assert terms.overlap_efficiency == pytest.approx(0.6)
 
 
-def test_profile_toml_loads_in_the_simulator_and_keeps_every_term(tmp_path):
+def test_profile_loads_in_the_simulator_and_keeps_every_term(tmp_path):
     path = tmp_path / "host.toml"
     host = _host()
     path.write_text(host.to_toml())
@@ -80,44 +77,24 @@ def test_profile_toml_loads_in_the_simulator_and_keeps_every_term(tmp_path):
     assert hw.bf16_tflops == pytest.approx(0.06)
     assert hw.nvlink_latency_us == pytest.approx(1000.0)
     assert hw.gpus_per_node == 2
-    worlds = tomllib.loads(path.read_text())["host"]["worlds"]
-    assert WorldTerms(**worlds["4"]) == host.worlds[4]
+    profile = load_host_profile(path)
+    assert profile.worlds == host.worlds and profile.model == host.model  # exact floats
 
 
-def test_step_model_terms_add_up_and_single_process_has_no_comm():
-    one = predict_step_seconds(_workload(1, True), _host())
-    assert one["exchanges"] == one["collectives"] == 0
-    assert one["step"] == pytest.approx(8 * 0.02 + 0.01)
-    four = predict_step_seconds(_workload(4, False), _host())
-    assert four["overlap_saving"] == 0
-    parts = ("compute_slices", "compute_fixed", "exchanges", "collectives")
-    assert four["step"] == pytest.approx(sum(four[p] for p in parts))
-    assert four["compute_slices"] == pytest.approx(1.5 * 2 * 0.02)  # contention x slices
-
-
-def test_scmoe_saving_is_what_the_overlapped_compute_hides():
-    """Saving per layer and slice: min(sync - floor, slowdown x hideable compute) for the
-    dispatch and the combine; nothing when the floor is as costly as a synchronous exchange."""
-    host = _host(sync_us=5000.0, floor_us=300.0)
-    terms = host.worlds[2]
-    rows = 4 * 64 * 2.0 * 64
-    sync, floor = terms.seconds("a2a", rows), terms.seconds("a2a_async", rows)
-    on = predict_step_seconds(_workload(2, True), host)
-    off = predict_step_seconds(_workload(2, False), host)
-    per = min(sync - floor, 1.5 * 0.002) + min(sync - floor, 1.5 * 0.0005)
-    assert on["overlap_saving"] == pytest.approx(4 * 2 * per)
-    assert off["step"] - on["step"] == pytest.approx(on["overlap_saving"])
-    # a floor above the synchronous cost (overlap slows the exchange): ScMoE predicts a loss
-    slow = _host(sync_us=300.0, floor_us=5000.0)
-    gain = (
-        predict_step_seconds(_workload(2, False), slow)["step"]
-        - predict_step_seconds(_workload(2, True), slow)["step"]
-    )
-    assert gain < 0
-    # no hideable compute: no saving
-    bare = predict_step_seconds(_workload(2, True, t_dispatch_hide_s=0.0, t_combine_hide_s=0.0),
-                                host)  # fmt: skip
-    assert bare["overlap_saving"] == pytest.approx(0.0)
+def test_simulate_host_ep_predicts_from_the_profile(tmp_path, capsys):
+    path = tmp_path / "host.toml"
+    path.write_text(_host().to_toml())
+    expected = simulate_step(load_host_profile(path), EpStep(4, 8, False))["step_s"]
+    argv = ["simulate", "--mode", "host-ep", "--profile", str(path), "--world", "4",
+            "--batch-size", "8", "--schedule", "conventional", "--json",
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step_s"] == pytest.approx(expected)
+    assert out["closed_form"]["step"] == pytest.approx(expected)
+    bad = ["simulate", "--mode", "host-ep", "--profile", str(path), "--model", "tiny"]
+    assert main(bad) == 2
+    assert "--model does not apply to --mode host-ep" in capsys.readouterr().err
 
 
 def test_load_probe_over_gloo_measures_every_term():

@@ -9,7 +9,8 @@ forward of the blocks ScMoE overlaps. Then, for every (world size, batch size), 
 expert-parallel training with ScMoE overlap on and off on alternate steps of one launch (so
 both see the same processes and load; off is the conventional schedule, each MoE exchange
 waited for at once, nothing overlapping it), and compares the median step times with
-:func:`longcat_sim.calibration.predict_step_seconds`. ``--wire-mbit`` runs everything over a
+:func:`cluster.hoststep.simulate_step` run on the profile as written (what ``simulate
+--mode host-ep --profile RUN/host.toml`` predicts). ``--wire-mbit`` runs everything over a
 rate-shaped loopback (``longcat_sim.wire``) so communication waits on a wire.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cluster import hoststep
 from longcat_sim import calibration, distributed, training, wire
 from longcat_sim.artifacts import write_text_atomic
 from longcat_sim.errors import UserError
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         (args.seq_len, cfg.hidden_size, cfg.ffn_hidden_size),
         (args.seq_len, cfg.hidden_size, cfg.vocab_size),
     ]
-    host = calibration.HostProfile(
+    host = calibration.HostMeasurements(
         cores=cores,
         matmul_gflops=calibration.measure_matmul_gflops(shapes),
         mem_gb_s=calibration.measure_memory_gb_s(),
@@ -194,38 +196,40 @@ def run(args: argparse.Namespace) -> CommandOutput:
         probes = distributed.launch(
             calibration.load_probe, world, a2a_sizes, gather_sizes, burst_reps, cfg.hidden_size
         )
-        host.worlds[world] = calibration.WorldTerms.from_probe(_slowest(probes), alone_s)
+        host.worlds[world] = calibration.world_terms_from_probe(_slowest(probes), alone_s)
+    host.model = hoststep.EpModelTerms(
+        seq_len=args.seq_len,
+        hidden=cfg.hidden_size,
+        layers=cfg.num_layers,
+        n_routed_experts=cfg.n_routed_experts,
+        ffn_slots_per_token=cfg.expected_ffn_experts,
+        t_slice_s=t_slice,
+        t_fixed_s=t_fixed,
+        t_dispatch_hide_s=hide_dispatch,
+        t_combine_hide_s=hide_combine,
+        grad_bytes_per_slice=grad_bytes,
+        expert_weight_bytes=4 * cfg.n_routed_experts * cfg.expert_ffn_hidden_size * cfg.hidden_size,
+    )
     run_dir = Path(args.run_dir or Path("runs") / "calibrate" / "latest")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "host.toml", host.to_toml())
+    # predictions come from the profile as written, as simulate --mode host-ep reads it
+    profile = hoststep.load_host_profile(run_dir / "host.toml")
 
     configs, gains = [], []
     if not args.no_measure_runs:
-        shard_bytes = 4 * cfg.expert_ffn_hidden_size * cfg.hidden_size
         for world in worlds:
             for batch in batches:
                 steps = _measure_steps(cfg, world, batch, args.steps, args)
                 measured = {on: statistics.median(t["step"]) for on, t in steps.items()}
                 measured_slices = {on: statistics.median(t["slices"]) for on, t in steps.items()}
-                predicted = {}
+                predicted, closed = {}, {}
                 for scmoe in (True, False):
-                    workload = calibration.StepWorkload(
-                        world=world,
-                        batch_size=batch,
-                        seq_len=args.seq_len,
-                        hidden=cfg.hidden_size,
-                        layers=cfg.num_layers,
-                        n_routed_experts=cfg.n_routed_experts,
-                        ffn_slots_per_token=cfg.expected_ffn_experts,
-                        scmoe=scmoe,
-                        t_slice_s=t_slice,
-                        t_fixed_s=t_fixed,
-                        grad_bytes_per_slice=grad_bytes,
-                        expert_shard_bytes=shard_bytes * cfg.n_routed_experts // world,
-                        t_dispatch_hide_s=hide_dispatch,
-                        t_combine_hide_s=hide_combine,
-                    )
-                    predicted[scmoe] = calibration.predict_step_seconds(workload, host)
+                    step = hoststep.EpStep(world, batch, scmoe)
+                    simulated = hoststep.simulate_step(profile, step)
+                    simulated.pop("records")
+                    predicted[scmoe] = simulated
+                    closed[scmoe] = hoststep.step_closed_form(profile, step)
                     configs.append(
                         {
                             "world": world,
@@ -234,16 +238,17 @@ def run(args: argparse.Namespace) -> CommandOutput:
                             "measured_s": measured[scmoe],
                             "measured_slices_s": measured_slices[scmoe],
                             "measured_steps_s": steps[scmoe]["step"],
-                            "predicted_s": predicted[scmoe]["step"],
-                            "terms": predicted[scmoe],
-                            "error": predicted[scmoe]["step"] / measured[scmoe] - 1.0,
+                            "predicted_s": predicted[scmoe]["step_s"],
+                            "simulated": predicted[scmoe],
+                            "closed_form": closed[scmoe],
+                            "error": predicted[scmoe]["step_s"] / measured[scmoe] - 1.0,
                         }
                     )
                 # paired: each ScMoE-on step against the off step right after it
                 pairs = [off - on for on, off in zip(steps[True]["step"], steps[False]["step"],
                                                      strict=False)]  # fmt: skip
                 m_gain = statistics.median(pairs)
-                p_gain = predicted[False]["step"] - predicted[True]["step"]
+                p_gain = predicted[False]["step_s"] - predicted[True]["step_s"]
                 gains.append(
                     {
                         "world": world,

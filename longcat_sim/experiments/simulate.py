@@ -40,12 +40,13 @@ from cluster.trace import chrome_trace_json
 from longcat_sim import bridge
 from longcat_sim.artifacts import write_text_atomic
 from longcat_sim.errors import UserError
+from longcat_sim.experiments import host_step
 from longcat_sim.experiments.base import CommandOutput
 from model.config import ModelConfig, load_model_config
 
 HELP = "simulate one decode step or one training step of a deployment on a GPU cluster"
 
-MODES = ("decode", "train")
+MODES = ("decode", "train", "host-ep")
 MTP_ACCEPT = 0.9  # LongCat-Flash MTP acceptance, ~90 % on test sets (paper sec. 6.1.2)
 TABLE7_MTP_ACCEPT = 0.8  # Table 7's assumption (paper sec. 6.3.2)
 
@@ -102,7 +103,12 @@ TRAIN_ONLY = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, default="decode", help="decode (default) or train")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="decode",
+        help="decode (default), train, or host-ep (train --nproc on a calibrated host)",
+    )
     parser.add_argument("--model", help="preset name or TOML file (default longcat-flash)")
     parser.add_argument(
         "--hardware",
@@ -167,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--pipeline", help=f"pipeline schedule: {', '.join(PIPELINES)} (default none)"
     )
+    host_step.add_arguments(parser)
 
 
 # -- decode -----------------------------------------------------------------------------------
@@ -544,6 +551,8 @@ def _write_trace(
 
 def run(args: argparse.Namespace) -> CommandOutput:
     _check_trace_path(args.trace)
+    if args.mode == "host-ep":
+        return host_step.run(args)
     if args.mode == "train":
         return _run_train(args)
     v = _values(args, DECODE_DEFAULTS, TRAIN_ONLY)

@@ -1,0 +1,247 @@
+"""One expert-parallel training step of ``longcat-sim train --nproc`` on a calibrated host: a
+task DAG run on the SimPy streams (:mod:`cluster.streams`), and the same step in closed form.
+
+The inputs are a host profile written by ``longcat-sim calibrate``: per world size W the load
+terms of the host (:class:`WorldTerms`: the compute contention with W ranks busy, and
+alpha-beta fits of what a synchronous all-to-all, an overlapped one and an all-gather add to
+a step), and the model's measured costs (:class:`EpModelTerms`). Every rank does the same work
+in lock step (ranks wait for each other at every exchange), so one rank's timeline is the
+step. Per slice (one sequence) and MoE layer the forward exchanges the expert counts, then
+dispatches the rows and combines the expert outputs:
+
+- conventional (no ScMoE): the dispatch and the combine are waited for at once, the dense
+  blocks run afterwards;
+- ScMoE: the dispatch is in flight while FFN_0 + MLA_1 compute, the combine while FFN_1
+  computes, and the compute stream also carries the part of each overlapped exchange that
+  needs the cores (the ``a2a_async`` floor). Each window costs
+  ``max(exchange, compute + floor)``.
+
+The backward sends both reverses synchronously; after the slices the dense gradients of every
+slice, three expert-weight shards per layer, the losses and the bias controller's counts are
+gathered, and the optimizer runs (``t_fixed``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import ClusterInputError
+from cluster.streams import COMPUTE, Task, run_tasks
+
+LINK = "nvlink"  # the stream the inter-process exchanges run on
+COLLECTIVE_KINDS = ("a2a", "a2a_async", "gather")
+
+
+@dataclass(frozen=True)
+class WorldTerms:
+    """A host's load terms at one world size (measured with every rank busy)."""
+
+    compute_slowdown: float  # a compute burst with every rank computing / the same burst alone
+    a2a_latency_us: float
+    a2a_gb_s: float
+    a2a_async_latency_us: float  # what an overlapped all-to-all still costs (its floor)
+    a2a_async_gb_s: float
+    gather_latency_us: float
+    gather_gb_s: float
+
+    def seconds(self, kind: str, n_bytes: float) -> float:
+        """Cost of one ``kind`` (a2a, a2a_async, gather) of ``n_bytes`` per rank."""
+        if kind not in COLLECTIVE_KINDS:
+            raise ClusterInputError(f"unknown collective {kind!r}; use {COLLECTIVE_KINDS}")
+        alpha = getattr(self, f"{kind}_latency_us") * 1e-6
+        return alpha + n_bytes / (getattr(self, f"{kind}_gb_s") * 1e9)
+
+    @property
+    def overlap_efficiency(self) -> float:
+        """Share of a small synchronous exchange's cost that overlapping it saves."""
+        return 1.0 - self.a2a_async_latency_us / max(self.a2a_latency_us, 1e-9)
+
+
+@dataclass(frozen=True)
+class EpModelTerms:
+    """The model's costs measured on the host, one process, sequences of ``seq_len`` tokens."""
+
+    seq_len: int
+    hidden: int
+    layers: int
+    n_routed_experts: int
+    ffn_slots_per_token: float
+    t_slice_s: float  # forward + backward of one sequence
+    t_fixed_s: float  # once per step: gradient sums, clipping, optimizer
+    t_dispatch_hide_s: float  # FFN_0 + MLA_1 forward of one sequence, one layer
+    t_combine_hide_s: float  # FFN_1 forward of one sequence, one layer
+    grad_bytes_per_slice: int  # dense gradient of one sequence
+    expert_weight_bytes: int  # one stacked expert weight (all experts) of one layer
+
+    @property
+    def row_bytes(self) -> float:
+        """Bytes each rank sends per row exchange (float32 rows of its FFN slots)."""
+        return 4.0 * self.seq_len * self.ffn_slots_per_token * self.hidden
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """What a ``calibrate`` profile gives the step model."""
+
+    worlds: dict[int, WorldTerms]
+    model: EpModelTerms
+
+    def terms(self, world: int) -> WorldTerms:
+        if world not in self.worlds:
+            raise ClusterInputError(
+                f"the profile has no measurements for {world} processes (it has "
+                f"{sorted(self.worlds)}); calibrate with --worlds including {world}"
+            )
+        return self.worlds[world]
+
+
+def _from_table(cls: type, table: dict[str, Any], where: str) -> Any:
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ClusterInputError(f"{where} lacks {', '.join(missing)}; rerun longcat-sim calibrate")
+    return cls(**{n: table[n] for n in names})
+
+
+def host_profile_from_dict(data: dict[str, Any]) -> HostProfile:
+    host, model = data.get("host", {}), data.get("ep_model")
+    worlds = host.get("worlds")
+    if not worlds or model is None:
+        raise ClusterInputError(
+            'not a calibrate profile: it needs [host.worlds."W"] and [ep_model] tables '
+            "(write one with longcat-sim calibrate)"
+        )
+    terms = {int(w): _from_table(WorldTerms, t, f'[host.worlds."{w}"]') for w, t in worlds.items()}
+    return HostProfile(terms, _from_table(EpModelTerms, model, "[ep_model]"))
+
+
+def load_host_profile(path: str | Path) -> HostProfile:
+    """Read a profile written by ``longcat-sim calibrate`` (one-line errors when it is not)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClusterInputError(f"host profile {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ClusterInputError(f"cannot read host profile {str(path)!r}: {exc}") from None
+    return host_profile_from_dict(data)
+
+
+@dataclass(frozen=True)
+class EpStep:
+    """One step: ``batch_size`` sequences over ``world`` processes, ScMoE overlap or not."""
+
+    world: int
+    batch_size: int
+    scmoe: bool
+
+    def slices(self) -> int:
+        if self.world < 1 or self.batch_size < 1 or self.batch_size % self.world:
+            raise ClusterInputError(
+                f"the batch of {self.batch_size} must split evenly over {self.world} processes"
+            )
+        return self.batch_size // self.world
+
+
+def _step_collectives(m: EpModelTerms, t: WorldTerms, world: int, slices: int) -> list[tuple]:
+    """(name, seconds) of the gathers after the slices."""
+    return [
+        ("gather dense gradients", t.seconds("gather", slices * m.grad_bytes_per_slice)),
+        *[
+            (f"gather expert gradients {i}", t.seconds("gather", m.expert_weight_bytes / world))
+            for i in range(3 * m.layers)
+        ],
+        ("gather losses", t.seconds("gather", 4 * slices)),
+        ("all-reduce counts", t.seconds("gather", 8 * m.layers * (m.n_routed_experts + 1))),
+    ]
+
+
+def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
+    """One rank's step as tasks on a compute stream and a link stream (see the module doc)."""
+    slices, m = step.slices(), profile.model
+    if step.world == 1:
+        return [Task("one process", COMPUTE, slices * m.t_slice_s + m.t_fixed_s)]
+    t = profile.terms(step.world)
+    slow = t.compute_slowdown
+    sync, floor = t.seconds("a2a", m.row_bytes), t.seconds("a2a_async", m.row_bytes)
+    counts = t.seconds("a2a", 8 * m.n_routed_experts)
+    hide_d, hide_c = slow * m.t_dispatch_hide_s, slow * m.t_combine_hide_s
+    rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
+    tasks: list[Task] = []
+
+    def add(name: str, stream: str, seconds: float, deps: list[int], **labels: Any) -> int:
+        tasks.append(Task(name, stream, seconds, tuple(d for d in deps if d >= 0), **labels))
+        return len(tasks) - 1
+
+    last = -1
+    for s in range(slices):
+        for layer in range(m.layers):
+            lab = {"layer": layer, "microbatch": s, "phase": "fwd"}
+            c = add("counts", LINK, counts, [last], **lab)
+            dispatch = add("dispatch", LINK, sync, [c], **lab)
+            if step.scmoe:
+                dense = add("FFN_0 + MLA_1", COMPUTE, hide_d + floor, [c], **lab)
+                experts = add("experts", COMPUTE, 0.0, [dispatch, dense], **lab)
+                combine = add("combine", LINK, sync, [experts], **lab)
+                ffn1 = add("FFN_1", COMPUTE, hide_c + floor, [experts], **lab)
+                last = add("MoE output", COMPUTE, 0.0, [combine, ffn1], **lab)
+            else:
+                experts = add("experts", COMPUTE, 0.0, [dispatch], **lab)
+                combine = add("combine", LINK, sync, [experts], **lab)
+                last = add("FFN_0 + MLA_1 + FFN_1", COMPUTE, hide_d + hide_c, [combine], **lab)
+        last = add("rest of forward and backward", COMPUTE, rest, [last], microbatch=s)
+        for layer in reversed(range(m.layers)):
+            for name in ("combine backward", "dispatch backward"):
+                last = add(name, LINK, sync, [last], layer=layer, microbatch=s, phase="bwd")
+    for name, seconds in _step_collectives(m, t, step.world, slices):
+        last = add(name, LINK, seconds, [last])
+    add("optimizer", COMPUTE, slow * m.t_fixed_s, [last])
+    return tasks
+
+
+def simulate_step(profile: HostProfile, step: EpStep) -> dict[str, Any]:
+    """Run :func:`step_tasks` on the SimPy streams: the step time and where it went."""
+    records = run_tasks(step_tasks(profile, step))
+    total = max(r.end for r in records)
+    compute = sum(r.duration for r in records if not r.is_comm)
+    link = sum(r.duration for r in records if r.is_comm)
+    return {
+        "step_s": total,
+        "compute_busy_s": compute,
+        "link_busy_s": link,
+        "exposed_comm_s": total - compute,
+        "records": records,
+    }
+
+
+def step_closed_form(profile: HostProfile, step: EpStep) -> dict[str, float]:
+    """The same step without the simulator: sums along the one rank's critical path."""
+    slices, m = step.slices(), profile.model
+    if step.world == 1:
+        single = slices * m.t_slice_s + m.t_fixed_s
+        return {"compute": single, "exchanges": 0.0, "collectives": 0.0,
+                "overlap_saving": 0.0, "step": single}  # fmt: skip
+    t = profile.terms(step.world)
+    slow = t.compute_slowdown
+    sync, floor = t.seconds("a2a", m.row_bytes), t.seconds("a2a_async", m.row_bytes)
+    hide_d, hide_c = slow * m.t_dispatch_hide_s, slow * m.t_combine_hide_s
+    windows = 2 * sync + hide_d + hide_c
+    if step.scmoe:
+        windows = max(sync, hide_d + floor) + max(sync, hide_c + floor)
+    per_layer = t.seconds("a2a", 8 * m.n_routed_experts) + windows + 2 * sync
+    rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
+    per_slice = m.layers * per_layer + rest
+    collectives = sum(s for _, s in _step_collectives(m, t, step.world, slices))
+    compute = slow * (slices * m.t_slice_s + m.t_fixed_s)
+    total = slices * per_slice + collectives + slow * m.t_fixed_s
+    conventional = m.layers * (2 * sync + hide_d + hide_c)
+    return {
+        "compute": compute,
+        "exchanges": total - compute - collectives,
+        "collectives": collectives,
+        "overlap_saving": slices * (conventional - m.layers * windows) if step.scmoe else 0.0,
+        "step": total,
+    }
