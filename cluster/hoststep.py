@@ -12,9 +12,13 @@ dispatches the rows and combines the expert outputs:
 - conventional (no ScMoE): the dispatch and the combine are waited for at once, the dense
   blocks run afterwards;
 - ScMoE: the dispatch is in flight while FFN_0 + MLA_1 compute, the combine while FFN_1
-  computes, and the compute stream also carries the part of each overlapped exchange that
-  needs the cores (the ``a2a_async`` floor). Each window costs
-  ``max(exchange, compute + floor)``.
+  computes. Each window costs ``max(exchange, measured window)``: the probe times the window
+  itself at the model's sizes (an exchange in flight over compute as long as those blocks,
+  every rank busy), since on a host with few cores the exchange's progress and the compute
+  share the cores in ways no rate captures.
+
+Compute in the windows (with and without an exchange) comes from the probe; the rest of a
+slice is the measured one-process slice stretched by the contention.
 
 The backward sends both reverses synchronously; after the slices the dense gradients of every
 slice, three expert-weight shards per layer, the losses and the bias controller's counts are
@@ -46,6 +50,13 @@ class WorldTerms:
     a2a_async_gb_s: float
     gather_latency_us: float
     gather_gb_s: float
+    # the model's two ScMoE windows measured at this world size, with every rank busy: the
+    # dispatch in flight over compute as long as FFN_0 + MLA_1, the combine over FFN_1, and
+    # the same compute without an exchange
+    dispatch_window_s: float
+    dispatch_compute_s: float
+    combine_window_s: float
+    combine_compute_s: float
 
     def seconds(self, kind: str, n_bytes: float) -> float:
         """Cost of one ``kind`` (a2a, a2a_async, gather) of ``n_bytes`` per rank."""
@@ -166,9 +177,9 @@ def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
         return [Task("one process", COMPUTE, slices * m.t_slice_s + m.t_fixed_s)]
     t = profile.terms(step.world)
     slow = t.compute_slowdown
-    sync, floor = t.seconds("a2a", m.row_bytes), t.seconds("a2a_async", m.row_bytes)
+    sync = t.seconds("a2a", m.row_bytes)
     counts = t.seconds("a2a", 8 * m.n_routed_experts)
-    hide_d, hide_c = slow * m.t_dispatch_hide_s, slow * m.t_combine_hide_s
+    hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
     rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
     tasks: list[Task] = []
 
@@ -183,10 +194,10 @@ def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
             c = add("counts", LINK, counts, [last], **lab)
             dispatch = add("dispatch", LINK, sync, [c], **lab)
             if step.scmoe:
-                dense = add("FFN_0 + MLA_1", COMPUTE, hide_d + floor, [c], **lab)
+                dense = add("FFN_0 + MLA_1", COMPUTE, t.dispatch_window_s, [c], **lab)
                 experts = add("experts", COMPUTE, 0.0, [dispatch, dense], **lab)
                 combine = add("combine", LINK, sync, [experts], **lab)
-                ffn1 = add("FFN_1", COMPUTE, hide_c + floor, [experts], **lab)
+                ffn1 = add("FFN_1", COMPUTE, t.combine_window_s, [experts], **lab)
                 last = add("MoE output", COMPUTE, 0.0, [combine, ffn1], **lab)
             else:
                 experts = add("experts", COMPUTE, 0.0, [dispatch], **lab)
@@ -226,11 +237,11 @@ def step_closed_form(profile: HostProfile, step: EpStep) -> dict[str, float]:
                 "overlap_saving": 0.0, "step": single}  # fmt: skip
     t = profile.terms(step.world)
     slow = t.compute_slowdown
-    sync, floor = t.seconds("a2a", m.row_bytes), t.seconds("a2a_async", m.row_bytes)
-    hide_d, hide_c = slow * m.t_dispatch_hide_s, slow * m.t_combine_hide_s
+    sync = t.seconds("a2a", m.row_bytes)
+    hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
     windows = 2 * sync + hide_d + hide_c
     if step.scmoe:
-        windows = max(sync, hide_d + floor) + max(sync, hide_c + floor)
+        windows = max(sync, t.dispatch_window_s) + max(sync, t.combine_window_s)
     per_layer = t.seconds("a2a", 8 * m.n_routed_experts) + windows + 2 * sync
     rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
     per_slice = m.layers * per_layer + rest

@@ -115,6 +115,8 @@ def load_probe(
     hidden: int = 64,
     rounds: int = 20,
     repeats: int = 3,
+    window_reps: tuple[int, ...] = (),
+    window_bytes: int = 0,
 ) -> dict[str, Any]:
     """Run inside a process group of ``world`` ranks, every rank busy as in training.
 
@@ -128,7 +130,10 @@ def load_probe(
     - ``a2a_async_s[i]``: the same exchange started before ``ASYNC_BURSTS`` bursts and waited
       for after them (what an exchange costs when compute longer than it runs alongside: the
       part overlap cannot hide);
-    - ``gather_s[i]``: an ``all_gather`` of ``gather_sizes[i]`` bytes per rank.
+    - ``gather_s[i]``: an ``all_gather`` of ``gather_sizes[i]`` bytes per rank;
+    - ``window_s[i]``: an all-to-all of ``window_bytes`` started, a burst of
+      ``window_reps[i]`` GEMMs computed, the exchange waited for (an overlap window at the
+      model's own sizes), and ``window_compute_s[i]`` the same burst without the exchange.
     """
     burst = compute_burst(burst_reps, hidden)
     buffers = {n: (torch.ones(n // 4), torch.empty(n // 4)) for n in a2a_sizes}
@@ -149,8 +154,22 @@ def load_probe(
         burst()
         dist.all_gather(gathered[n][1], gathered[n][0])
 
+    window_bursts = [compute_burst(reps, hidden) for reps in window_reps]
+    window_in = torch.ones(max(window_bytes, 4) // 4)
+    window_out = torch.empty_like(window_in)
+
+    def window(i: int, exchange: bool) -> None:
+        burst()  # the compute before the window, as the ranks reach it in a step
+        work = None
+        if exchange:
+            work = dist.all_to_all_single(window_out, window_in, async_op=True)
+        window_bursts[i]()
+        if work is not None:
+            work.wait()
+
     samples: dict[str, list[list[float]]] = {"compute_s": [], "a2a_s": [], "a2a_async_s": [],
-                                             "gather_s": []}  # fmt: skip
+                                             "gather_s": [], "window_s": [],
+                                             "window_compute_s": []}  # fmt: skip
     burst()  # warm-up
     for _ in range(repeats):
         alone = _per_iteration(burst, rounds)
@@ -162,6 +181,13 @@ def load_probe(
         ):
             row = [_per_iteration(lambda n=n, f=fn: f(n), rounds) - bursts * alone for n in sizes]
             samples[key].append(row)
+        for key, exchange in (("window_s", True), ("window_compute_s", False)):
+            samples[key].append(
+                [
+                    _per_iteration(lambda i=i, x=exchange: window(i, x), rounds) - alone
+                    for i in range(len(window_reps))
+                ]
+            )
     out: dict[str, Any] = {"a2a_sizes": list(a2a_sizes), "gather_sizes": list(gather_sizes)}
     for key, rows in samples.items():
         medians = [statistics.median(column) for column in zip(*rows, strict=True)]
@@ -176,7 +202,18 @@ def world_terms_from_probe(probe: dict[str, Any], alone_s: float) -> WorldTerms:
                        ("gather", "gather_sizes")):  # fmt: skip
         alpha, beta = fit_alpha_beta(probe[sizes], probe[f"{key}_s"])
         fits[f"{key}_latency_us"], fits[f"{key}_gb_s"] = alpha * 1e6, beta / 1e9
-    return WorldTerms(compute_slowdown=probe["compute_s"] / alone_s, **fits)
+    windows = probe.get("window_s", [])
+    if len(windows) != 2:
+        raise ValueError("the probe must measure two windows: the dispatch's and the combine's")
+    computes = probe["window_compute_s"]
+    return WorldTerms(
+        compute_slowdown=probe["compute_s"] / alone_s,
+        **fits,
+        dispatch_window_s=windows[0],
+        dispatch_compute_s=computes[0],
+        combine_window_s=windows[1],
+        combine_compute_s=computes[1],
+    )
 
 
 def fit_single_process(batch_sizes: list[int], seconds: list[float]) -> tuple[float, float]:

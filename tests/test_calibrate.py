@@ -22,7 +22,8 @@ from longcat_sim.distributed import launch
 def _terms() -> WorldTerms:
     return WorldTerms(compute_slowdown=1.5, a2a_latency_us=1000.0, a2a_gb_s=0.05,
                       a2a_async_latency_us=300.0, a2a_async_gb_s=0.5, gather_latency_us=800.0,
-                      gather_gb_s=0.02)  # fmt: skip
+                      gather_gb_s=0.02, dispatch_window_s=0.004, dispatch_compute_s=0.003,
+                      combine_window_s=0.002, combine_compute_s=0.0008)  # fmt: skip
 
 
 def _host() -> HostMeasurements:
@@ -60,8 +61,10 @@ def test_world_terms_come_from_the_probe_fits():
     sizes, gathers = [64, 32768, 262144], [4096, 1 << 20]
     probe = {"a2a_sizes": sizes, "gather_sizes": gathers, "compute_s": 0.003,
              "a2a_s": [1e-3 + n / 2e7 for n in sizes], "a2a_async_s": [4e-4 + n / 1e8 for n in sizes],
-             "gather_s": [2e-3 + n / 1e7 for n in gathers]}  # fmt: skip
+             "gather_s": [2e-3 + n / 1e7 for n in gathers], "window_s": [0.004, 0.002],
+             "window_compute_s": [0.003, 0.001]}  # fmt: skip
     terms = calibration.world_terms_from_probe(probe, alone_s=0.002)
+    assert (terms.dispatch_window_s, terms.combine_compute_s) == (0.004, 0.001)
     assert terms.compute_slowdown == pytest.approx(1.5)
     assert terms.a2a_latency_us == pytest.approx(1000.0) and terms.a2a_gb_s == pytest.approx(0.02)
     assert terms.seconds("a2a_async", 1e6) == pytest.approx(4e-4 + 1e-2)
@@ -98,11 +101,14 @@ def test_simulate_host_ep_predicts_from_the_profile(tmp_path, capsys):
 
 
 def test_load_probe_over_gloo_measures_every_term():
-    probes = launch(calibration.load_probe, 2, (64, 32768), (4096, 65536), 20, 64, 4, 2)
+    probes = launch(
+        calibration.load_probe, 2, (64, 32768), (4096, 65536), 20, 64, 4, 2, (40, 5), 32768
+    )
     for probe in probes:
         assert probe["compute_s"] > 0
-        for key in ("a2a_s", "a2a_async_s", "gather_s"):
+        for key in ("a2a_s", "a2a_async_s", "gather_s", "window_s", "window_compute_s"):
             assert len(probe[key]) == 2 and all(t >= 0 for t in probe[key])
+        assert probe["window_compute_s"][0] > probe["window_compute_s"][1]  # 40 vs 5 GEMMs
 
 
 WIRE_CHECK = """

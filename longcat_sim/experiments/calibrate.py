@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        default=14,
+        default=26,
         help="training steps per configuration (2 warm-up, then ScMoE on and off alternating)",
     )
     parser.add_argument("--data-cache", type=Path, default=None, help="tokenizer/token cache")
@@ -192,9 +192,20 @@ def run(args: argparse.Namespace) -> CommandOutput:
     rows = int(4 * args.seq_len * cfg.expected_ffn_experts * cfg.hidden_size)
     a2a_sizes = (8 * cfg.n_routed_experts, rows, 8 * rows)
     gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(worlds))
+    # the two ScMoE windows at the model's sizes: GEMM bursts as long as the blocks overlapped
+    window_reps = tuple(max(1, round(t / mm_s)) for t in (hide_dispatch, hide_combine))
     for world in worlds:
         probes = distributed.launch(
-            calibration.load_probe, world, a2a_sizes, gather_sizes, burst_reps, cfg.hidden_size
+            calibration.load_probe,
+            world,
+            a2a_sizes,
+            gather_sizes,
+            burst_reps,
+            cfg.hidden_size,
+            20,
+            3,
+            window_reps,
+            rows,
         )
         host.worlds[world] = calibration.world_terms_from_probe(_slowest(probes), alone_s)
     host.model = hoststep.EpModelTerms(
@@ -244,9 +255,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
                             "error": predicted[scmoe]["step_s"] / measured[scmoe] - 1.0,
                         }
                     )
-                # paired: each ScMoE-on step against the off step right after it
-                pairs = [off - on for on, off in zip(steps[True]["step"], steps[False]["step"],
-                                                     strict=False)]  # fmt: skip
+                # paired: each ScMoE-on step against the off step right after it, on the
+                # micro-steps (forward, backward, exchanges: all that overlap changes; the
+                # gradient gathers and the optimizer after them are the same work either way)
+                pairs = [off - on for on, off in zip(steps[True]["slices"],
+                                                     steps[False]["slices"], strict=False)]  # fmt: skip
+                step_pairs = [off - on for on, off in zip(steps[True]["step"],
+                                                          steps[False]["step"], strict=False)]  # fmt: skip
                 m_gain = statistics.median(pairs)
                 p_gain = predicted[False]["step_s"] - predicted[True]["step_s"]
                 gains.append(
@@ -256,6 +271,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
                         "measured_gain_s": m_gain,
                         "pairs_gaining": sum(p > 0 for p in pairs),
                         "pairs": len(pairs),
+                        "measured_step_gain_s": statistics.median(step_pairs),
+                        "step_pairs_gaining": sum(p > 0 for p in step_pairs),
                         "predicted_gain_s": p_gain,
                         "sign_correct": (m_gain > 0) == (p_gain > 0),
                     }
@@ -302,6 +319,12 @@ def run(args: argparse.Namespace) -> CommandOutput:
             f"measured {r['measured_s'] * 1e3:7.1f} ms  predicted {r['predicted_s'] * 1e3:7.1f} ms "
             f"({r['error']:+.1%})"
         )
+    for g in gains:
+        lines.append(
+            f"  ScMoE gain W={g['world']} B={g['batch_size']}: measured "
+            f"{g['measured_gain_s'] * 1e3:+.1f} ms ({g['pairs_gaining']}/{g['pairs']} pairs), "
+            f"predicted {g['predicted_gain_s'] * 1e3:+.1f} ms"
+        )
     if errors:
         lines.append(
             f"median |error| {results['median_abs_error']:.1%}; ScMoE gain sign correct "
@@ -332,7 +355,7 @@ def calibration_time(fn) -> float:
 def _slowest(probes: list[dict]) -> dict:
     """Per term, the slowest rank's value (a collective ends when its last rank does)."""
     out = dict(probes[0])
-    for key in ("compute_s", "a2a_s", "a2a_async_s", "gather_s"):
+    for key in ("compute_s", "a2a_s", "a2a_async_s", "gather_s", "window_s", "window_compute_s"):
         values = [p[key] for p in probes]
         out[key] = (
             max(values) if key == "compute_s" else [max(v) for v in zip(*values, strict=True)]
