@@ -38,7 +38,7 @@ from longcat_sim.repro.moe_step import (
 )
 from model.config import get_preset
 
-ROUNDS = 7
+ROUNDS = 15
 GEMM_REPEATS = 5
 
 
