@@ -27,6 +27,7 @@ gathered, and the optimizer runs (``t_fixed``).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +37,7 @@ from cluster.errors import ClusterInputError
 from cluster.streams import COMPUTE, Task, run_tasks
 
 LINK = "nvlink"  # the stream the inter-process exchanges run on
+ON_CORES = "exchange on the cores"  # a window's extra time: an exchange in flight takes CPU
 COLLECTIVE_KINDS = ("a2a", "a2a_async", "gather")
 
 
@@ -46,7 +48,9 @@ class WorldTerms:
     compute_slowdown: float  # a compute burst with every rank computing / the same burst alone
     a2a_latency_us: float
     a2a_gb_s: float
-    a2a_async_latency_us: float  # what an overlapped all-to-all still costs (its floor)
+    # what an all-to-all overlapped with ample compute still costs: reported, not used (the
+    # measured windows below price the overlap)
+    a2a_async_latency_us: float
     a2a_async_gb_s: float
     gather_latency_us: float
     gather_gb_s: float
@@ -82,8 +86,10 @@ class EpModelTerms:
     ffn_slots_per_token: float
     t_slice_s: float  # forward + backward of one sequence
     t_fixed_s: float  # once per step: gradient sums, clipping, optimizer
-    t_dispatch_hide_s: float  # FFN_0 + MLA_1 forward of one sequence, one layer
-    t_combine_hide_s: float  # FFN_1 forward of one sequence, one layer
+    # FFN_0 + MLA_1 and FFN_1 forward of one sequence, one layer: they size the probe's
+    # windows (WorldTerms), which price the overlap
+    t_dispatch_hide_s: float
+    t_combine_hide_s: float
     grad_bytes_per_slice: int  # dense gradient of one sequence
     expert_weight_bytes: int  # one stacked expert weight (all experts) of one layer
 
@@ -109,23 +115,58 @@ class HostProfile:
         return self.worlds[world]
 
 
-def _from_table(cls: type, table: dict[str, Any], where: str) -> Any:
+_INT_FIELDS = {"seq_len", "hidden", "layers", "n_routed_experts", "grad_bytes_per_slice",
+               "expert_weight_bytes"}  # fmt: skip
+_RATE_SUFFIX = "_gb_s"
+
+
+def _check_value(name: str, value: Any, where: str) -> float | int:
+    """A finite number; ints where counts are meant; rates and counts positive, times >= 0."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if name in _INT_FIELDS:
+        ok = ok and isinstance(value, int) and value >= 1
+    elif name.endswith(_RATE_SUFFIX) or name in ("compute_slowdown", "ffn_slots_per_token"):
+        ok = ok and value > 0
+    else:
+        ok = ok and value >= 0
+    if not ok:
+        kind = "a positive integer" if name in _INT_FIELDS else "a finite number"
+        sign = " > 0" if name.endswith(_RATE_SUFFIX) else ""
+        raise ClusterInputError(f"{where} {name} = {value!r} must be {kind}{sign}")
+    return value
+
+
+def _from_table(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ClusterInputError(f"{where} must be a table; rerun longcat-sim calibrate")
     names = [f.name for f in fields(cls)]
     missing = [n for n in names if n not in table]
     if missing:
         raise ClusterInputError(f"{where} lacks {', '.join(missing)}; rerun longcat-sim calibrate")
-    return cls(**{n: table[n] for n in names})
+    return cls(**{n: _check_value(n, table[n], where) for n in names})
+
+
+def _world(key: str) -> int:
+    try:
+        world = int(key)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ClusterInputError(f'[host.worlds."{key}"]: world sizes are positive integers')
+    return world
 
 
 def host_profile_from_dict(data: dict[str, Any]) -> HostProfile:
     host, model = data.get("host", {}), data.get("ep_model")
-    worlds = host.get("worlds")
-    if not worlds or model is None:
+    worlds = host.get("worlds") if isinstance(host, dict) else None
+    if not isinstance(worlds, dict) or not worlds or model is None:
         raise ClusterInputError(
             'not a calibrate profile: it needs [host.worlds."W"] and [ep_model] tables '
             "(write one with longcat-sim calibrate)"
         )
-    terms = {int(w): _from_table(WorldTerms, t, f'[host.worlds."{w}"]') for w, t in worlds.items()}
+    terms = {
+        _world(w): _from_table(WorldTerms, t, f'[host.worlds."{w}"]') for w, t in worlds.items()
+    }
     return HostProfile(terms, _from_table(EpModelTerms, model, "[ep_model]"))
 
 
@@ -150,7 +191,11 @@ class EpStep:
     scmoe: bool
 
     def slices(self) -> int:
-        if self.world < 1 or self.batch_size < 1 or self.batch_size % self.world:
+        if self.world < 1 or self.batch_size < 1:
+            raise ClusterInputError(
+                f"world ({self.world}) and batch size ({self.batch_size}) must be positive"
+            )
+        if self.batch_size % self.world:
             raise ClusterInputError(
                 f"the batch of {self.batch_size} must split evenly over {self.world} processes"
             )
@@ -180,6 +225,9 @@ def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
     sync = t.seconds("a2a", m.row_bytes)
     counts = t.seconds("a2a", 8 * m.n_routed_experts)
     hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
+    # what an exchange in flight adds to the window's compute (it needs the cores too)
+    residue_d = max(0.0, t.dispatch_window_s - hide_d)
+    residue_c = max(0.0, t.combine_window_s - hide_c)
     rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
     tasks: list[Task] = []
 
@@ -194,10 +242,12 @@ def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
             c = add("counts", LINK, counts, [last], **lab)
             dispatch = add("dispatch", LINK, sync, [c], **lab)
             if step.scmoe:
-                dense = add("FFN_0 + MLA_1", COMPUTE, t.dispatch_window_s, [c], **lab)
+                dense = add("FFN_0 + MLA_1", COMPUTE, hide_d, [c], **lab)
+                dense = add(ON_CORES, COMPUTE, residue_d, [dense], **lab)
                 experts = add("experts", COMPUTE, 0.0, [dispatch, dense], **lab)
                 combine = add("combine", LINK, sync, [experts], **lab)
-                ffn1 = add("FFN_1", COMPUTE, t.combine_window_s, [experts], **lab)
+                ffn1 = add("FFN_1", COMPUTE, hide_c, [experts], **lab)
+                ffn1 = add(ON_CORES, COMPUTE, residue_c, [ffn1], **lab)
                 last = add("MoE output", COMPUTE, 0.0, [combine, ffn1], **lab)
             else:
                 experts = add("experts", COMPUTE, 0.0, [dispatch], **lab)
@@ -217,12 +267,12 @@ def simulate_step(profile: HostProfile, step: EpStep) -> dict[str, Any]:
     """Run :func:`step_tasks` on the SimPy streams: the step time and where it went."""
     records = run_tasks(step_tasks(profile, step))
     total = max(r.end for r in records)
-    compute = sum(r.duration for r in records if not r.is_comm)
-    link = sum(r.duration for r in records if r.is_comm)
+    compute = sum(r.duration for r in records if not r.is_comm and r.name != ON_CORES)
+    link = sum(r.duration for r in records if r.is_comm or r.name == ON_CORES)
     return {
         "step_s": total,
         "compute_busy_s": compute,
-        "link_busy_s": link,
+        "link_busy_s": link,  # exchanges, and their share of the windows' time on the cores
         "exposed_comm_s": total - compute,
         "records": records,
     }
@@ -241,7 +291,7 @@ def step_closed_form(profile: HostProfile, step: EpStep) -> dict[str, float]:
     hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
     windows = 2 * sync + hide_d + hide_c
     if step.scmoe:
-        windows = max(sync, t.dispatch_window_s) + max(sync, t.combine_window_s)
+        windows = max(sync, t.dispatch_window_s, hide_d) + max(sync, t.combine_window_s, hide_c)
     per_layer = t.seconds("a2a", 8 * m.n_routed_experts) + windows + 2 * sync
     rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
     per_slice = m.layers * per_layer + rest

@@ -98,6 +98,8 @@ def test_simulate_host_ep_predicts_from_the_profile(tmp_path, capsys):
     bad = ["simulate", "--mode", "host-ep", "--profile", str(path), "--model", "tiny"]
     assert main(bad) == 2
     assert "--model does not apply to --mode host-ep" in capsys.readouterr().err
+    assert main(["simulate", "--world", "4"]) == 2  # decode mode: host-ep flags refused
+    assert "--world applies to --mode host-ep" in capsys.readouterr().err
 
 
 def test_load_probe_over_gloo_measures_every_term():
@@ -109,6 +111,7 @@ def test_load_probe_over_gloo_measures_every_term():
         for key in ("a2a_s", "a2a_async_s", "gather_s", "window_s", "window_compute_s"):
             assert len(probe[key]) == 2 and all(t >= 0 for t in probe[key])
         assert probe["window_compute_s"][0] > probe["window_compute_s"][1]  # 40 vs 5 GEMMs
+        assert probe["a2a_s"][1] > 0 and probe["window_s"][0] > 0
 
 
 WIRE_CHECK = """
@@ -157,6 +160,7 @@ def test_shaped_wire_paces_loopback_traffic():
         (["--worlds", "3"], "--nproc 3 must divide"),
         (["--steps", "3"], "--steps must be at least"),
         (["--wire-mbit", "-5"], "--wire-mbit must be positive"),
+        (["--seq-len", "0"], "--seq-len must be at least 2"),
     ],
 )
 def test_bad_calibrate_input_is_one_line(argv, message, capsys, tmp_path):

@@ -144,9 +144,16 @@ def run(args: argparse.Namespace) -> CommandOutput:
             f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are "
             f"warm-up, then ScMoE overlap alternates on and off), got {args.steps}"
         )
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     if 1 in worlds:
         raise UserError("--worlds lists multi-process sizes (2 or more); 1 is always measured")
     cfg = load_model_config(args.model)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {args.seq_len} exceeds model {cfg.name!r}'s "
+            f"{cfg.max_position_embeddings} positions"
+        )
     if cfg.topology != "shortcut":
         raise UserError(f"calibrate needs the shortcut topology, model {cfg.name!r} has "
                         f"{cfg.topology!r}: use a preset without topology='conventional'")  # fmt: skip

@@ -17,6 +17,7 @@ from longcat_sim.errors import UserError
 from longcat_sim.experiments.base import CommandOutput
 
 SCHEDULES = ("scmoe", "conventional")
+OWN = ("profile", "world", "batch_size")  # flags of this mode only
 # simulate's flags that describe a GPU deployment: meaningless for a host profile
 FOREIGN = ("model", "hardware", "rdma_gb_s", "gpus", "ep", "redundant_experts", "assumptions",
            "seed", "batch_per_device", "context", "attention_dtype", "mtp_draft_tokens",

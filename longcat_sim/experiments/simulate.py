@@ -44,7 +44,10 @@ from longcat_sim.experiments import host_step
 from longcat_sim.experiments.base import CommandOutput
 from model.config import ModelConfig, load_model_config
 
-HELP = "simulate one decode step or one training step of a deployment on a GPU cluster"
+HELP = (
+    "simulate one decode or training step of a GPU-cluster deployment, or one train --nproc "
+    "step on a calibrated host"
+)
 
 MODES = ("decode", "train", "host-ep")
 MTP_ACCEPT = 0.9  # LongCat-Flash MTP acceptance, ~90 % on test sets (paper sec. 6.1.2)
@@ -553,6 +556,10 @@ def run(args: argparse.Namespace) -> CommandOutput:
     _check_trace_path(args.trace)
     if args.mode == "host-ep":
         return host_step.run(args)
+    host_only = [n for n in host_step.OWN if getattr(args, n, None) is not None]
+    if host_only:
+        flag = "--" + host_only[0].replace("_", "-")
+        raise UserError(f"{flag} applies to --mode host-ep, not --mode {args.mode}")
     if args.mode == "train":
         return _run_train(args)
     v = _values(args, DECODE_DEFAULTS, TRAIN_ONLY)

@@ -4,6 +4,7 @@ windows, and the profile file."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -119,3 +120,40 @@ def test_profile_round_trip_and_one_line_errors(tmp_path):
         host_profile_from_dict({**data, "ep_model": {"seq_len": 64}})
     with pytest.raises(ClusterInputError, match="does not exist"):
         load_host_profile(tmp_path / "missing.toml")
+
+
+def test_overlap_changes_no_compute_only_where_the_time_goes():
+    profile = HostProfile({2: _terms(sync_us=5000.0, window_s=0.006)}, _model())
+    on = simulate_step(profile, EpStep(2, 8, True))
+    off = simulate_step(profile, EpStep(2, 8, False))
+    assert on["compute_busy_s"] == pytest.approx(off["compute_busy_s"])
+    assert on["compute_busy_s"] == pytest.approx(
+        step_closed_form(profile, EpStep(2, 8, True))["compute"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("world", "a2a_gb_s", 0.0, "a2a_gb_s = 0.0 must be a finite number > 0"),
+        ("world", "gather_gb_s", "fast", "gather_gb_s = 'fast' must be a finite number"),
+        ("world", "dispatch_window_s", float("nan"), "dispatch_window_s = nan"),
+        ("model", "layers", 2.5, "layers = 2.5 must be a positive integer"),
+        ("model", "t_slice_s", -1.0, "t_slice_s = -1.0 must be a finite number"),
+    ],
+)
+def test_bad_profile_values_are_one_line_errors(section, key, value, message):
+    world, model = dict(vars(_terms())), dict(vars(_model()))
+    (world if section == "world" else model)[key] = value
+    with pytest.raises(ClusterInputError, match=re.escape(message)):
+        host_profile_from_dict({"host": {"worlds": {"2": world}}, "ep_model": model})
+
+
+def test_bad_profile_shapes_and_steps_are_one_line_errors():
+    good = {"host": {"worlds": {"2": vars(_terms())}}, "ep_model": vars(_model())}
+    with pytest.raises(ClusterInputError, match="world sizes are positive integers"):
+        host_profile_from_dict({**good, "host": {"worlds": {"two": vars(_terms())}}})
+    with pytest.raises(ClusterInputError, match="not a calibrate profile"):
+        host_profile_from_dict({**good, "host": 3})
+    with pytest.raises(ClusterInputError, match="must be positive"):
+        simulate_step(host_profile_from_dict(good), EpStep(0, 8, True))

@@ -208,3 +208,40 @@ def test_alternating_overlap_changes_timing_only(runs):
                     alternating["slices_seconds"], alternating["step_seconds"], strict=True
                 )
             )
+
+
+def _count_collectives(rank: int, world: int, cache: str) -> dict[str, int]:
+    """One training step of ``ep_train`` with every collective it issues counted."""
+    import torch.distributed as dist
+
+    counts = {"all_to_all_single": 0, "all_gather": 0, "all_reduce": 0}
+    for name in counts:
+        original = getattr(dist, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    ep_train(rank, world, get_preset("tiny"), _train_config(cache).replace(steps=1), cache)
+    return counts
+
+
+def test_the_host_step_model_issues_the_collectives_ep_train_does(cache):
+    """cluster.hoststep's task list has one link task per collective of the real step."""
+    from cluster.hoststep import LINK, EpModelTerms, EpStep, HostProfile, WorldTerms, step_tasks
+
+    measured = launch(_count_collectives, 2, cache)[0]
+    cfg = get_preset("tiny")
+    model = EpModelTerms(SEQ, cfg.hidden_size, cfg.num_layers, cfg.n_routed_experts, 2.0,
+                         0.01, 0.0, 0.0, 0.0, 1, 1)  # fmt: skip
+    terms = WorldTerms(1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+    tasks = step_tasks(HostProfile({2: terms}, model), EpStep(2, BATCH, True))
+    link = [t.name for t in tasks if t.stream == LINK]
+    gathers = sum(name.startswith("gather") for name in link)
+    reduces = sum(name.startswith("all-reduce") for name in link)
+    assert measured == {
+        "all_to_all_single": len(link) - gathers - reduces,
+        "all_gather": gathers,
+        "all_reduce": reduces,
+    }
