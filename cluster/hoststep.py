@@ -215,20 +215,45 @@ def _step_collectives(m: EpModelTerms, t: WorldTerms, world: int, slices: int) -
     ]
 
 
+@dataclass(frozen=True)
+class _Costs:
+    """What each piece of a multi-process step costs (seconds), from the profile."""
+
+    t: WorldTerms
+    sync: float  # one synchronous row exchange
+    counts: float  # the expert-count exchange
+    hide_d: float  # FFN_0 + MLA_1 with every rank busy, no exchange in flight
+    hide_c: float  # FFN_1, likewise
+    window_d: float  # FFN_0 + MLA_1 with the dispatch in flight (never below hide_d)
+    window_c: float  # FFN_1 with the combine in flight (never below hide_c)
+    rest: float  # the rest of a slice's forward and backward
+    fixed: float  # the optimizer and gradient sums, once per step
+
+
+def _costs(profile: HostProfile, step: EpStep) -> _Costs:
+    m, t = profile.model, profile.terms(step.world)
+    slow = t.compute_slowdown
+    hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
+    return _Costs(
+        t=t,
+        sync=t.seconds("a2a", m.row_bytes),
+        counts=t.seconds("a2a", 8 * m.n_routed_experts),
+        hide_d=hide_d,
+        hide_c=hide_c,
+        window_d=max(t.dispatch_window_s, hide_d),
+        window_c=max(t.combine_window_s, hide_c),
+        rest=max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c)),
+        fixed=slow * m.t_fixed_s,
+    )
+
+
 def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
     """One rank's step as tasks on a compute stream and a link stream (see the module doc)."""
     slices, m = step.slices(), profile.model
     if step.world == 1:
         return [Task("one process", COMPUTE, slices * m.t_slice_s + m.t_fixed_s)]
-    t = profile.terms(step.world)
-    slow = t.compute_slowdown
-    sync = t.seconds("a2a", m.row_bytes)
-    counts = t.seconds("a2a", 8 * m.n_routed_experts)
-    hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
-    # what an exchange in flight adds to the window's compute (it needs the cores too)
-    residue_d = max(0.0, t.dispatch_window_s - hide_d)
-    residue_c = max(0.0, t.combine_window_s - hide_c)
-    rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
+    c = _costs(profile, step)
+    sync = c.sync
     tasks: list[Task] = []
 
     def add(name: str, stream: str, seconds: float, deps: list[int], **labels: Any) -> int:
@@ -239,27 +264,29 @@ def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
     for s in range(slices):
         for layer in range(m.layers):
             lab = {"layer": layer, "microbatch": s, "phase": "fwd"}
-            c = add("counts", LINK, counts, [last], **lab)
-            dispatch = add("dispatch", LINK, sync, [c], **lab)
+            counted = add("counts", LINK, c.counts, [last], **lab)
+            dispatch = add("dispatch", LINK, sync, [counted], **lab)
             if step.scmoe:
-                dense = add("FFN_0 + MLA_1", COMPUTE, hide_d, [c], **lab)
-                dense = add(ON_CORES, COMPUTE, residue_d, [dense], **lab)
+                # the window's compute, then what the exchange in flight adds on the cores
+                dense = add("FFN_0 + MLA_1", COMPUTE, c.hide_d, [counted], **lab)
+                dense = add(ON_CORES, COMPUTE, c.window_d - c.hide_d, [dense], **lab)
                 experts = add("experts", COMPUTE, 0.0, [dispatch, dense], **lab)
                 combine = add("combine", LINK, sync, [experts], **lab)
-                ffn1 = add("FFN_1", COMPUTE, hide_c, [experts], **lab)
-                ffn1 = add(ON_CORES, COMPUTE, residue_c, [ffn1], **lab)
+                ffn1 = add("FFN_1", COMPUTE, c.hide_c, [experts], **lab)
+                ffn1 = add(ON_CORES, COMPUTE, c.window_c - c.hide_c, [ffn1], **lab)
                 last = add("MoE output", COMPUTE, 0.0, [combine, ffn1], **lab)
             else:
                 experts = add("experts", COMPUTE, 0.0, [dispatch], **lab)
                 combine = add("combine", LINK, sync, [experts], **lab)
-                last = add("FFN_0 + MLA_1 + FFN_1", COMPUTE, hide_d + hide_c, [combine], **lab)
-        last = add("rest of forward and backward", COMPUTE, rest, [last], microbatch=s)
+                dense_s = c.hide_d + c.hide_c
+                last = add("FFN_0 + MLA_1 + FFN_1", COMPUTE, dense_s, [combine], **lab)
+        last = add("rest of forward and backward", COMPUTE, c.rest, [last], microbatch=s)
         for layer in reversed(range(m.layers)):
             for name in ("combine backward", "dispatch backward"):
                 last = add(name, LINK, sync, [last], layer=layer, microbatch=s, phase="bwd")
-    for name, seconds in _step_collectives(m, t, step.world, slices):
+    for name, seconds in _step_collectives(m, c.t, step.world, slices):
         last = add(name, LINK, seconds, [last])
-    add("optimizer", COMPUTE, slow * m.t_fixed_s, [last])
+    add("optimizer", COMPUTE, c.fixed, [last])
     return tasks
 
 
@@ -285,20 +312,16 @@ def step_closed_form(profile: HostProfile, step: EpStep) -> dict[str, float]:
         single = slices * m.t_slice_s + m.t_fixed_s
         return {"compute": single, "exchanges": 0.0, "collectives": 0.0,
                 "overlap_saving": 0.0, "step": single}  # fmt: skip
-    t = profile.terms(step.world)
-    slow = t.compute_slowdown
-    sync = t.seconds("a2a", m.row_bytes)
-    hide_d, hide_c = t.dispatch_compute_s, t.combine_compute_s
-    windows = 2 * sync + hide_d + hide_c
+    c = _costs(profile, step)
+    conventional_windows = 2 * c.sync + c.hide_d + c.hide_c
+    windows = conventional_windows
     if step.scmoe:
-        windows = max(sync, t.dispatch_window_s, hide_d) + max(sync, t.combine_window_s, hide_c)
-    per_layer = t.seconds("a2a", 8 * m.n_routed_experts) + windows + 2 * sync
-    rest = max(0.0, slow * m.t_slice_s - m.layers * (hide_d + hide_c))
-    per_slice = m.layers * per_layer + rest
-    collectives = sum(s for _, s in _step_collectives(m, t, step.world, slices))
-    compute = slow * (slices * m.t_slice_s + m.t_fixed_s)
-    total = slices * per_slice + collectives + slow * m.t_fixed_s
-    conventional = m.layers * (2 * sync + hide_d + hide_c)
+        windows = max(c.sync, c.window_d) + max(c.sync, c.window_c)
+    per_slice = m.layers * (c.counts + windows + 2 * c.sync) + c.rest
+    collectives = sum(s for _, s in _step_collectives(m, c.t, step.world, slices))
+    compute = c.t.compute_slowdown * (slices * m.t_slice_s + m.t_fixed_s)
+    total = slices * per_slice + collectives + c.fixed
+    conventional = m.layers * conventional_windows
     return {
         "compute": compute,
         "exchanges": total - compute - collectives,

@@ -34,15 +34,18 @@ from cluster.hoststep import EpModelTerms, WorldTerms
 ASYNC_BURSTS = 4  # compute alongside an overlapped exchange in the probe, in bursts
 
 
-def _median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> float:
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def measure_matmul_gflops(shapes: list[tuple[int, int, int]]) -> dict[str, float]:
@@ -57,7 +60,7 @@ def measure_matmul_gflops(shapes: list[tuple[int, int, int]]) -> dict[str, float
             for _ in range(reps):
                 torch.mm(a, b)
 
-        out[f"{m}x{k}x{n}"] = 2 * m * k * n * reps / _median_time(run) / 1e9
+        out[f"{m}x{k}x{n}"] = 2 * m * k * n * reps / median_seconds(run) / 1e9
     return out
 
 
@@ -65,7 +68,7 @@ def measure_memory_gb_s(n_bytes: int = 64 * 2**20) -> float:
     """Read + write bandwidth of a tensor copy, GB/s."""
     src = torch.ones(n_bytes // 4)
     dst = torch.empty_like(src)
-    return 2 * n_bytes / _median_time(lambda: dst.copy_(src)) / 1e9
+    return 2 * n_bytes / median_seconds(lambda: dst.copy_(src)) / 1e9
 
 
 def measure_op_overhead_us(n_ops: int = 2000) -> float:
@@ -76,7 +79,7 @@ def measure_op_overhead_us(n_ops: int = 2000) -> float:
         for _ in range(n_ops):
             torch.add(x, 1.0)
 
-    return _median_time(run) / n_ops * 1e6
+    return median_seconds(run) / n_ops * 1e6
 
 
 def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float]:

@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -104,13 +103,16 @@ def _measure_steps(
     return by_overlap
 
 
-def _hideable_compute(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
-    """Measured forward times (autograd on, one sequence, median over layers and repeats) of
-    what ScMoE overlaps: FFN_0 + MLA_1 behind the dispatch, FFN_1 behind the combine."""
+def _model_costs(cfg: ModelConfig, seq_len: int) -> tuple[int, float, float]:
+    """The dense gradient bytes of one sequence, and the measured forward times (autograd on,
+    one sequence, median over layers and repeats) of what ScMoE overlaps: FFN_0 + MLA_1 behind
+    the dispatch, FFN_1 behind the combine."""
     from model.transformer import LongcatFlashForCausalLM
 
     model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
     core = model.model
+    experts = {id(p) for layer in core.layers for p in layer.mlp.experts.parameters()}
+    grad_bytes = 4 * sum(p.numel() for p in model.parameters() if id(p) not in experts)
     cos, sin = core.rotary_emb(torch.arange(seq_len))
     x = torch.randn(1, seq_len, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     dispatch, combine = [], []
@@ -123,17 +125,9 @@ def _hideable_compute(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
 
         n = layer.post_attention_layernorm[1](behind_dispatch())
         for _ in range(9):
-            dispatch.append(calibration_time(behind_dispatch))
-            combine.append(calibration_time(lambda layer=layer, n=n: layer.mlps[1](n)))
-    return statistics.median(dispatch[2:]), statistics.median(combine[2:])
-
-
-def _dense_grad_bytes(cfg: ModelConfig) -> int:
-    from model.transformer import LongcatFlashForCausalLM
-
-    model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
-    experts = {id(p) for layer in model.model.layers for p in layer.mlp.experts.parameters()}
-    return 4 * sum(p.numel() for p in model.parameters() if id(p) not in experts)
+            dispatch.append(calibration.seconds(behind_dispatch))
+            combine.append(calibration.seconds(lambda layer=layer, n=n: layer.mlps[1](n)))
+    return grad_bytes, statistics.median(dispatch[2:]), statistics.median(combine[2:])
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
@@ -190,12 +184,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
     # between two exchanges, interleaved with collectives of the model's sizes
     exchanges_per_slice = EXCHANGES_PER_LAYER * cfg.num_layers
     one_mm = calibration.compute_burst(1, cfg.hidden_size)
-    mm_s = statistics.median(calibration_time(one_mm) for _ in range(25))
+    mm_s = calibration.median_seconds(one_mm, repeats=25, warmup=0)
     burst_reps = max(1, round(t_slice / exchanges_per_slice / mm_s))
     burst = calibration.compute_burst(burst_reps, cfg.hidden_size)
-    alone_s = statistics.median(calibration_time(burst) for _ in range(9))
-    grad_bytes = _dense_grad_bytes(cfg)
-    hide_dispatch, hide_combine = _hideable_compute(cfg, args.seq_len)
+    alone_s = calibration.median_seconds(burst, repeats=9, warmup=0)
+    grad_bytes, hide_dispatch, hide_combine = _model_costs(cfg, args.seq_len)
     rows = int(4 * args.seq_len * cfg.expected_ffn_experts * cfg.hidden_size)
     a2a_sizes = (8 * cfg.n_routed_experts, rows, 8 * rows)
     gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(worlds))
@@ -353,16 +346,10 @@ def run(args: argparse.Namespace) -> CommandOutput:
     )
 
 
-def calibration_time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _slowest(probes: list[dict]) -> dict:
     """Per term, the slowest rank's value (a collective ends when its last rank does)."""
     out = dict(probes[0])
-    for key in ("compute_s", "a2a_s", "a2a_async_s", "gather_s", "window_s", "window_compute_s"):
+    for key in (k for k in out if k.endswith("_s")):  # the timed terms; sizes stay as they are
         values = [p[key] for p in probes]
         out[key] = (
             max(values) if key == "compute_s" else [max(v) for v in zip(*values, strict=True)]
