@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from longcat_sim import training
-from longcat_sim.data import build_corpus_data
 from longcat_sim.repro.detectors import AbftMonitor
 from longcat_sim.repro.determinism import DeterministicMode
 from longcat_sim.repro.moe_step import (
@@ -79,18 +78,13 @@ def plain_expert_ffn(x_SD, plain, rows) -> None:
 
 
 @pytest.mark.slow
-def test_overhead_of_deterministic_mode_and_of_abft(benchmark, tmp_path_factory) -> None:
+def test_overhead_of_deterministic_mode_and_of_abft(
+    benchmark, tmp_path_factory, small_training
+) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        small = get_preset("small")
-        tc = training.default_train_config(small)
-        data = build_corpus_data(
-            small.vocab_size,
-            tc.seq_len,
-            byte_budget=2**19,
-            cache_dir=tmp_path_factory.mktemp("data-cache"),
-        )
+        small, tc, data = small_training
         trainers = {
             "default": training.Trainer(small, tc, tmp_path_factory.mktemp("d"), data=data),
             "deterministic": training.Trainer(

@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from longcat_sim import training
-from longcat_sim.data import build_corpus_data
-from model.config import get_preset
 
 TOPOLOGIES = ("shortcut", "conventional")
 ROUNDS = 3
@@ -23,19 +21,12 @@ ROUNDS = 3
 
 @pytest.mark.slow
 def test_small_training_step_tokens_per_s_shortcut_vs_conventional(
-    benchmark, tmp_path_factory
+    benchmark, tmp_path_factory, small_training
 ) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        small = get_preset("small")
-        tc = training.default_train_config(small)
-        data = build_corpus_data(
-            small.vocab_size,
-            tc.seq_len,
-            byte_budget=2**19,
-            cache_dir=tmp_path_factory.mktemp("data-cache"),
-        )
+        small, tc, data = small_training
         trainers = {
             topology: training.Trainer(
                 small.replace(topology=topology),
