@@ -5,9 +5,10 @@ Measured terms (CPU, float32, one torch thread per process):
 
 - ``matmul_gflops``, ``mem_gb_s``, ``op_overhead_us``: GEMM rate at the model's shapes, copy
   bandwidth, the fixed cost of one small op;
-- per world size W, by :func:`load_probe` with every rank busy as in training
-  (:class:`WorldTerms`): the contention ``compute_slowdown`` (a compute burst with W ranks
-  computing at once over the same burst alone), and alpha-beta fits of what a synchronous
+- per world size W (:class:`WorldTerms`): the contention ``compute_slowdown``, the model's
+  own forward and backward of one sequence with W ranks computing at once over the same
+  alone (:func:`contention_probe`); and, by :func:`load_probe` with every rank busy as in
+  training, alpha-beta fits of what a synchronous
   ``all_to_all_single``, an overlapped one (its floor: the part that concurrent compute
   cannot hide) and an ``all_gather`` add to a step. On a host with few cores gloo's copies
   need the cores too, so these include the wait for a core, not only the transfer.
@@ -19,6 +20,7 @@ and ``calibrate`` run.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -82,6 +84,24 @@ def measure_op_overhead_us(n_ops: int = 2000) -> float:
     return median_seconds(run) / n_ops * 1e6
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics
+    ``(x_(j), x_(n+1-j))`` with the largest ``j`` such that ``P(Binomial(n, 1/2) < j)`` stays
+    within ``(1 - level) / 2``; the whole range when ``n`` is too small for the level."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("no values to bound the median of")
+    tail, j, below = (1.0 - level) / 2.0, 0, 0.0  # below = P(X < j + 1) once j counted
+    while j < n // 2:
+        below += math.comb(n, j) / 2.0**n
+        if below > tail:
+            break
+        j += 1
+    j = max(j, 1)
+    return ordered[j - 1], ordered[n - j]
+
+
 def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
     """Least-squares ``t = alpha + bytes / beta``; returns (alpha s, beta B/s)."""
     slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(seconds, float), 1)
@@ -128,7 +148,8 @@ def load_probe(
     step when the ranks alternate compute and communication (including the wake-up of ranks
     whose cores were computing). Returned, per iteration and as medians over ``repeats``:
 
-    - ``compute_s``: one burst with all ranks computing at once (the contention);
+    - ``compute_s``: one burst with all ranks computing at once (what the terms below are
+      measured against; the contention itself comes from :func:`contention_probe`);
     - ``a2a_s[i]``: a synchronous ``all_to_all_single`` of ``a2a_sizes[i]`` bytes per rank;
     - ``a2a_async_s[i]``: the same exchange started before ``ASYNC_BURSTS`` bursts and waited
       for after them (what an exchange costs when compute longer than it runs alongside: the
@@ -198,8 +219,45 @@ def load_probe(
     return out
 
 
-def world_terms_from_probe(probe: dict[str, Any], alone_s: float) -> WorldTerms:
-    """Alpha-beta fits of a :func:`load_probe` result; the contention against ``alone_s``."""
+def contention_probe(
+    rank: int, world: int, cfg: Any, seq_len: int, repeats: int = 9
+) -> dict[str, float]:
+    """The contention for the cores, measured on the model's own compute: forward and backward
+    of one sequence timed with this rank alone (the others waiting at a barrier) and with
+    every rank computing at once. The two are alternated repeat by repeat, so a drift in the
+    host's speed (other tenants, clocks) hits both alike. Returns the medians ``alone_s`` and
+    ``busy_s``."""
+    from model.transformer import LongcatFlashForCausalLM
+
+    model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+
+    def slice_step() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits[0].float(), ids[0]).backward()
+
+    slice_step()  # warm-up
+    alone, busy = [], []
+    for _ in range(repeats):
+        for turn in range(world):
+            dist.barrier()
+            if turn == rank:
+                alone.append(seconds(slice_step))
+        dist.barrier()
+        busy.append(seconds(slice_step))
+    return {"alone_s": statistics.median(alone), "busy_s": statistics.median(busy)}
+
+
+def compute_slowdown(contention: list[dict[str, float]]) -> float:
+    """Every rank computing at once against one alone, from :func:`contention_probe`'s ranks:
+    the slowest rank's busy time (the others wait for it) over the median rank's time alone."""
+    alone = statistics.median(c["alone_s"] for c in contention)
+    return max(c["busy_s"] for c in contention) / alone
+
+
+def world_terms_from_probe(probe: dict[str, Any], slowdown: float) -> WorldTerms:
+    """Alpha-beta fits of a :func:`load_probe` result, with the measured ``slowdown``."""
     fits = {}
     for key, sizes in (("a2a", "a2a_sizes"), ("a2a_async", "a2a_sizes"),
                        ("gather", "gather_sizes")):  # fmt: skip
@@ -210,7 +268,7 @@ def world_terms_from_probe(probe: dict[str, Any], alone_s: float) -> WorldTerms:
         raise ValueError("the probe must measure two windows: the dispatch's and the combine's")
     computes = probe["window_compute_s"]
     return WorldTerms(
-        compute_slowdown=probe["compute_s"] / alone_s,
+        compute_slowdown=slowdown,
         **fits,
         dispatch_window_s=windows[0],
         dispatch_compute_s=computes[0],

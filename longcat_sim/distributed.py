@@ -202,7 +202,7 @@ def ep_train(
     from longcat_sim.repro.hashing import parameter_hash, tensor_hash
     from model.balance import stack_counts
     from model.optim import lr_multiplier, set_lr_multiplier
-    from model.parallel import ExpertParallelModel, SliceGradLedger
+    from model.parallel import ExchangeClock, ExpertParallelModel, SliceGradLedger
 
     tc = train_cfg
     mode = DeterministicMode(threads=torch.get_num_threads()) if tc.deterministic else nullcontext()
@@ -211,14 +211,15 @@ def ep_train(
         model, optimizer = trainer.model, trainer.optimizer
         ledgers = [SliceGradLedger() for _ in model.model.layers]
         pattern = overlap if isinstance(overlap, tuple) else (overlap,)
-        ep_model = ExpertParallelModel(model, ledgers=ledgers, overlap=pattern[0])
+        clock = ExchangeClock()
+        ep_model = ExpertParallelModel(model, ledgers=ledgers, overlap=pattern[0], clock=clock)
         expert_ids = {id(p) for p in ep_model.expert_parameters()}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in expert_ids]
         per_rank = tc.batch_size // world
-        losses, step_seconds, slices_seconds = [], [], []
+        losses, step_seconds, slices_seconds, exchange_seconds = [], [], [], []
         for step in range(tc.steps):
             ep_model.overlap = pattern[step % len(pattern)]
-            start = time.perf_counter()
+            start, clock.seconds = time.perf_counter(), 0.0
             inputs, targets = trainer.data.dataset.batch_at(
                 step, tc.batch_size, trainer.seeds["data"]
             )
@@ -253,6 +254,7 @@ def ep_train(
                 c = stack_counts(out.router)
                 counts = c if counts is None else counts + c
             slices_seconds.append(time.perf_counter() - start)
+            exchange_seconds.append(clock.seconds)
             # dense: per-slice gradients gathered, summed in global slice order
             gathered = _gather_rows(torch.stack(slice_grads), world).flatten(0, 1)
             flat = gathered[0]
@@ -290,6 +292,7 @@ def ep_train(
             "losses": losses,
             "step_seconds": step_seconds,
             "slices_seconds": slices_seconds,  # the micro-steps (forward, backward, exchanges)
+            "exchange_seconds": exchange_seconds,  # of which in MoE exchanges (issue and wait)
             "step_overlap": [pattern[i % len(pattern)] for i in range(tc.steps)],
             "pid": os.getpid(),
             "first_step_grad_hashes": first_grads,

@@ -23,6 +23,7 @@ in global slice order and get gradients that do not depend on the world size.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,25 @@ def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+@dataclass
+class ExchangeClock:
+    """Wall time a rank spends in its row exchanges: issuing one, blocked on a synchronous one,
+    or waiting for one in flight. What is left of a step is the rank's own work."""
+
+    seconds: float = 0.0
+
+    def run(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _timed(clock: ExchangeClock | None, fn, *args, **kwargs):
+    return fn(*args, **kwargs) if clock is None else clock.run(fn, *args, **kwargs)
+
+
 def _exchange(
     x_RD: torch.Tensor,
     send_splits: list[int],
@@ -116,6 +136,7 @@ class PendingExchange:
     send_splits: list[int]
     recv_splits: list[int]
     group: dist.ProcessGroup | None
+    clock: ExchangeClock | None = None
 
     def wait(self) -> torch.Tensor:
         return _ExchangeDone.apply(self.sent_RD, self)
@@ -127,15 +148,17 @@ class _ExchangeDone(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sent_RD, pending):  # type: ignore[override]
         if pending.work is not None:
-            pending.work.wait()
+            _timed(pending.clock, pending.work.wait)
         ctx.splits, ctx.group = (pending.send_splits, pending.recv_splits), pending.group
+        ctx.clock = pending.clock
         return pending.received_RD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_RD):  # type: ignore[override]
         send_splits, recv_splits = ctx.splits
-        return _exchange(grad_RD, recv_splits, send_splits, ctx.group)[0], None
+        grad_RD = _timed(ctx.clock, _exchange, grad_RD, recv_splits, send_splits, ctx.group)[0]
+        return grad_RD, None
 
 
 def start_exchange(
@@ -143,10 +166,13 @@ def start_exchange(
     send_splits: list[int],
     recv_splits: list[int],
     group: dist.ProcessGroup | None,
+    clock: ExchangeClock | None = None,
 ) -> PendingExchange:
     """Issue the row exchange with ``async_op=True`` and return without waiting."""
-    received, work = _exchange(x_RD.detach(), send_splits, recv_splits, group, async_op=True)
-    return PendingExchange(x_RD, received, work, send_splits, recv_splits, group)
+    received, work = _timed(
+        clock, _exchange, x_RD.detach(), send_splits, recv_splits, group, async_op=True
+    )
+    return PendingExchange(x_RD, received, work, send_splits, recv_splits, group, clock)
 
 
 @dataclass
@@ -268,9 +294,10 @@ class ExpertParallelMoE:
         moe: MoE,
         group: dist.ProcessGroup | None = None,
         ledger: SliceGradLedger | None = None,
+        clock: ExchangeClock | None = None,
     ) -> None:
         rank, world = _group_info(group)
-        self.moe, self.group, self.ledger = moe, group, ledger
+        self.moe, self.group, self.ledger, self.clock = moe, group, ledger, clock
         self.shard = ExpertShard(rank, world, moe.n_routed_experts)
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,7 +316,9 @@ class ExpertParallelMoE:
         plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, n)
         gate_S = gate_TK.reshape(-1).index_select(0, plan.slot_S)
         counts_N = routing.counts_E[:n].to(torch.long).contiguous()
-        recv_counts, _ = _exchange(
+        recv_counts, _ = _timed(
+            self.clock,
+            _exchange,
             counts_N.view(-1, 1),
             [shard.count] * shard.world,
             [shard.count] * shard.world,
@@ -302,7 +331,7 @@ class ExpertParallelMoE:
             x_TD, routing, zero_gate_T, gate_S, plan.slot_S, send_splits, recv_splits, counts_SE
         )
         rows_SD = x_TD.index_select(0, plan.token_S)
-        flight.pending = start_exchange(rows_SD, send_splits, recv_splits, self.group)
+        flight.pending = start_exchange(rows_SD, send_splits, recv_splits, self.group, self.clock)
         return flight
 
     def compute(self, flight: MoEInFlight) -> MoEInFlight:
@@ -312,7 +341,9 @@ class ExpertParallelMoE:
         y_RD = _ShardExperts.apply(
             received_RD, *self.local_weights(), flight.counts_SE, self.ledger
         )
-        flight.pending = start_exchange(y_RD, flight.recv_splits, flight.send_splits, self.group)
+        flight.pending = start_exchange(
+            y_RD, flight.recv_splits, flight.send_splits, self.group, self.clock
+        )
         return flight
 
     def finish(self, flight: MoEInFlight) -> tuple[torch.Tensor, RouterOutput]:
@@ -377,7 +408,8 @@ class ExpertParallelModel:
     """A :class:`LongcatFlashForCausalLM` whose MoE layers run expert-parallel over ``group``.
 
     The wrapped model's parameters are used as they are (no copy); only the FFN experts of this
-    rank's block are read by its expert GEMMs.
+    rank's block are read by its expert GEMMs. A ``clock`` shared by every layer adds up the
+    time spent in exchanges, forward and backward.
     """
 
     def __init__(
@@ -387,12 +419,13 @@ class ExpertParallelModel:
         *,
         ledgers: list[SliceGradLedger] | None = None,
         overlap: bool = True,
+        clock: ExchangeClock | None = None,
     ) -> None:
         layers = model.model.layers
         ledgers = ledgers if ledgers is not None else [None] * len(layers)  # type: ignore[list-item]
         self.model, self.overlap = model, overlap
         self.moes = [
-            ExpertParallelMoE(layer.mlp, group, ledger)
+            ExpertParallelMoE(layer.mlp, group, ledger, clock)
             for layer, ledger in zip(layers, ledgers, strict=True)
         ]
 

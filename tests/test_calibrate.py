@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.hardware import load_hardware_file
 from cluster.hoststep import EpModelTerms, EpStep, WorldTerms, load_host_profile, simulate_step
@@ -63,7 +66,7 @@ def test_world_terms_come_from_the_probe_fits():
              "a2a_s": [1e-3 + n / 2e7 for n in sizes], "a2a_async_s": [4e-4 + n / 1e8 for n in sizes],
              "gather_s": [2e-3 + n / 1e7 for n in gathers], "window_s": [0.004, 0.002],
              "window_compute_s": [0.003, 0.001]}  # fmt: skip
-    terms = calibration.world_terms_from_probe(probe, alone_s=0.002)
+    terms = calibration.world_terms_from_probe(probe, 1.5)
     assert (terms.dispatch_window_s, terms.combine_compute_s) == (0.004, 0.001)
     assert terms.compute_slowdown == pytest.approx(1.5)
     assert terms.a2a_latency_us == pytest.approx(1000.0) and terms.a2a_gb_s == pytest.approx(0.02)
@@ -100,6 +103,29 @@ def test_simulate_host_ep_predicts_from_the_profile(tmp_path, capsys):
     assert "--model does not apply to --mode host-ep" in capsys.readouterr().err
     assert main(["simulate", "--world", "4"]) == 2  # decode mode: host-ep flags refused
     assert "--world applies to --mode host-ep" in capsys.readouterr().err
+
+
+def test_compute_slowdown_is_the_slowest_busy_rank_over_the_median_alone():
+    ranks = [{"alone_s": 0.010, "busy_s": 0.020}, {"alone_s": 0.012, "busy_s": 0.030},
+             {"alone_s": 0.011, "busy_s": 0.025}]  # fmt: skip
+    assert calibration.compute_slowdown(ranks) == pytest.approx(0.030 / 0.011)
+
+
+def test_contention_probe_times_the_model_alone_and_all_busy():
+    from model.config import get_preset
+
+    for probe in launch(calibration.contention_probe, 2, get_preset("tiny"), 16, 3):
+        assert probe["alone_s"] > 0 and probe["busy_s"] > 0
+
+
+def test_exchange_clock_adds_up_only_the_exchanges():
+    from model.parallel import ExchangeClock
+
+    clock = ExchangeClock()
+    assert clock.run(lambda x: x + 1, 1) == 2
+    with pytest.raises(ZeroDivisionError):
+        clock.run(lambda: 1 / 0)  # an exchange that fails still counts its time
+    assert 0 < clock.seconds < 0.1
 
 
 def test_load_probe_over_gloo_measures_every_term():
@@ -167,3 +193,49 @@ def test_bad_calibrate_input_is_one_line(argv, message, capsys, tmp_path):
     assert main(["calibrate", "--run-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@settings(max_examples=60)
+@given(st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=1, max_size=80, unique=True))
+def test_median_interval_holds_the_binomial_coverage(values):
+    from scipy.stats import binom
+
+    low, high = calibration.median_interval(values)
+    ordered, n = sorted(values), len(values)
+    assert low <= statistics.median(values) <= high
+    j = ordered.index(low) + 1  # the order statistic the interval starts at
+    if binom.cdf(0, n, 0.5) <= 0.025:  # enough values for a 95 % interval
+        assert binom.cdf(j - 1, n, 0.5) <= 0.025 < binom.cdf(j, n, 0.5)
+        assert high == ordered[n - j]
+    else:
+        assert (low, high) == (ordered[0], ordered[-1])
+
+
+def test_median_interval_excludes_zero_only_for_a_clear_gain():
+    clear = [0.01 + 0.001 * i for i in range(24)]
+    assert calibration.median_interval(clear)[0] > 0
+    coin = [(-1) ** i * 0.01 for i in range(24)]  # negative control: half gain, half lose
+    low, high = calibration.median_interval(coin)
+    assert low < 0 < high
+
+
+@pytest.mark.slow
+def test_calibrate_end_to_end_writes_a_profile_and_compares(tmp_path, capsys):
+    run = tmp_path / "cal"
+    argv = ["calibrate", "--worlds", "2", "--batch-sizes", "2", "--seq-len", "16", "--steps",
+            "6", "--run-dir", str(run), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    profile = load_host_profile(run / "host.toml")
+    assert set(profile.worlds) == {2} and profile.worlds[2].compute_slowdown > 0
+    assert [(c["world"], c["batch_size"], c["scmoe"]) for c in out["configs"]] == [
+        (2, 2, True), (2, 2, False)]  # fmt: skip
+    for config in out["configs"]:
+        assert 0 < config["measured_own_work_s"] < config["measured_slices_s"]
+        assert config["predicted_s"] == pytest.approx(
+            simulate_step(profile, EpStep(2, 2, config["scmoe"]))["step_s"]
+        )
+    (gain,) = out["scmoe_gain"]
+    low, high = gain["measured_gain_95_s"]
+    assert low <= gain["measured_gain_s"] <= high and gain["pairs"] == 2
+    assert len(out["probe"]["contention"]["2"]) == 2  # one alone/busy timing per rank

@@ -41,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="preset or TOML file (default tiny)")
     parser.add_argument("--worlds", default="2,4", help="world sizes to measure (default 2,4)")
     parser.add_argument("--batch-sizes", default="4,8", help="batch sizes (default 4,8)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument(
         "--steps",
         type=int,
-        default=26,
+        default=50,
         help="training steps per configuration (2 warm-up, then ScMoE on and off alternating)",
     )
     parser.add_argument("--data-cache", type=Path, default=None, help="tokenizer/token cache")
@@ -94,12 +94,15 @@ def _measure_steps(
     cache = None if args.data_cache is None else str(args.data_cache)
     ranks = distributed.launch(distributed.ep_train, world, cfg, tc, cache, (True, False))
     by_overlap: dict[bool, dict[str, list[float]]] = {
-        on: {"step": [], "slices": []} for on in (True, False)
+        on: {"step": [], "slices": [], "own_work": []} for on in (True, False)
     }
     for i in range(WARMUP_STEPS, tc.steps):
         times = by_overlap[ranks[0]["step_overlap"][i]]
         times["step"].append(max(r["step_seconds"][i] for r in ranks))
         times["slices"].append(max(r["slices_seconds"][i] for r in ranks))
+        times["own_work"].append(
+            max(r["slices_seconds"][i] - r["exchange_seconds"][i] for r in ranks)
+        )
     return by_overlap
 
 
@@ -194,7 +197,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
     gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(worlds))
     # the two ScMoE windows at the model's sizes: GEMM bursts as long as the blocks overlapped
     window_reps = tuple(max(1, round(t / mm_s)) for t in (hide_dispatch, hide_combine))
+    contention = {}
     for world in worlds:
+        contention[world] = distributed.launch(
+            calibration.contention_probe, world, cfg, args.seq_len
+        )
         probes = distributed.launch(
             calibration.load_probe,
             world,
@@ -207,7 +214,9 @@ def run(args: argparse.Namespace) -> CommandOutput:
             window_reps,
             rows,
         )
-        host.worlds[world] = calibration.world_terms_from_probe(_slowest(probes), alone_s)
+        host.worlds[world] = calibration.world_terms_from_probe(
+            _slowest(probes), calibration.compute_slowdown(contention[world])
+        )
     host.model = hoststep.EpModelTerms(
         seq_len=args.seq_len,
         hidden=cfg.hidden_size,
@@ -248,6 +257,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
                             "scmoe": scmoe,
                             "measured_s": measured[scmoe],
                             "measured_slices_s": measured_slices[scmoe],
+                            # the busiest rank's micro-steps less its time in MoE exchanges
+                            "measured_own_work_s": statistics.median(steps[scmoe]["own_work"]),
                             "measured_steps_s": steps[scmoe]["step"],
                             "predicted_s": predicted[scmoe]["step_s"],
                             "simulated": predicted[scmoe],
@@ -263,12 +274,14 @@ def run(args: argparse.Namespace) -> CommandOutput:
                 step_pairs = [off - on for on, off in zip(steps[True]["step"],
                                                           steps[False]["step"], strict=False)]  # fmt: skip
                 m_gain = statistics.median(pairs)
+                low, high = calibration.median_interval(pairs)
                 p_gain = predicted[False]["step_s"] - predicted[True]["step_s"]
                 gains.append(
                     {
                         "world": world,
                         "batch_size": batch,
                         "measured_gain_s": m_gain,
+                        "measured_gain_95_s": [low, high],  # of the median, distribution-free
                         "pairs_gaining": sum(p > 0 for p in pairs),
                         "pairs": len(pairs),
                         "measured_step_gain_s": statistics.median(step_pairs),
@@ -293,6 +306,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "probe": {
             "burst_reps": burst_reps,
             "burst_alone_s": alone_s,
+            "contention": contention,
             "a2a_sizes": a2a_sizes,
             "gather_sizes": gather_sizes,
         },
@@ -300,6 +314,10 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "median_abs_error": statistics.median(errors) if errors else None,
         "scmoe_gain": gains,
         "scmoe_sign_correct_all": all(g["sign_correct"] for g in gains) if gains else None,
+        # configurations whose measured gain's 95 % interval excludes zero
+        "scmoe_gain_resolved": sum(
+            g["measured_gain_95_s"][0] > 0 or g["measured_gain_95_s"][1] < 0 for g in gains
+        ),
     }
     lines = [
         f"host: {cores} cores, GEMM {max(host.matmul_gflops.values()):.1f} GFLOP/s, "
@@ -322,13 +340,15 @@ def run(args: argparse.Namespace) -> CommandOutput:
     for g in gains:
         lines.append(
             f"  ScMoE gain W={g['world']} B={g['batch_size']}: measured "
-            f"{g['measured_gain_s'] * 1e3:+.1f} ms ({g['pairs_gaining']}/{g['pairs']} pairs), "
-            f"predicted {g['predicted_gain_s'] * 1e3:+.1f} ms"
+            f"{g['measured_gain_s'] * 1e3:+.1f} ms (95 %: "
+            f"{g['measured_gain_95_s'][0] * 1e3:+.1f} to {g['measured_gain_95_s'][1] * 1e3:+.1f}; "
+            f"{g['pairs_gaining']}/{g['pairs']} pairs), predicted {g['predicted_gain_s'] * 1e3:+.1f} ms"
         )
     if errors:
         lines.append(
             f"median |error| {results['median_abs_error']:.1%}; ScMoE gain sign correct "
-            f"in {sum(g['sign_correct'] for g in gains)}/{len(gains)}"
+            f"in {sum(g['sign_correct'] for g in gains)}/{len(gains)} (measured gain resolved "
+            f"from zero in {results['scmoe_gain_resolved']})"
         )
     lines.append(f"profile: {run_dir / 'host.toml'}")
     return CommandOutput(

@@ -208,6 +208,13 @@ def test_alternating_overlap_changes_timing_only(runs):
                     alternating["slices_seconds"], alternating["step_seconds"], strict=True
                 )
             )
+            # the time in MoE exchanges is part of the micro-steps, never all of them
+            assert all(
+                0 < exchange < slices
+                for exchange, slices in zip(
+                    alternating["exchange_seconds"], alternating["slices_seconds"], strict=True
+                )
+            )
 
 
 def _count_collectives(rank: int, world: int, cache: str) -> dict[str, int]:
