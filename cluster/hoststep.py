@@ -45,7 +45,7 @@ COLLECTIVE_KINDS = ("a2a", "a2a_async", "gather")
 class WorldTerms:
     """A host's load terms at one world size (measured with every rank busy)."""
 
-    compute_slowdown: float  # a compute burst with every rank computing / the same burst alone
+    compute_slowdown: float  # the model's own compute with every rank computing / alone
     a2a_latency_us: float
     a2a_gb_s: float
     # what an all-to-all overlapped with ample compute still costs: reported, not used (the

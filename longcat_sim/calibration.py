@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.hoststep import EpModelTerms, WorldTerms
+from model.config import ModelConfig
 
 ASYNC_BURSTS = 4  # compute alongside an overlapped exchange in the probe, in bursts
 
@@ -84,7 +85,7 @@ def measure_op_overhead_us(n_ops: int = 2000) -> float:
     return median_seconds(run) / n_ops * 1e6
 
 
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval of the median: the order statistics
     ``(x_(j), x_(n+1-j))`` with the largest ``j`` such that ``P(Binomial(n, 1/2) < j)`` stays
     within ``(1 - level) / 2``; the whole range when ``n`` is too small for the level."""
@@ -92,9 +93,11 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     n = len(ordered)
     if n == 0:
         raise ValueError("no values to bound the median of")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"the confidence level must lie between 0 and 1, got {level}")
     tail, j, below = (1.0 - level) / 2.0, 0, 0.0  # below = P(X < j + 1) once j counted
     while j < n // 2:
-        below += math.comb(n, j) / 2.0**n
+        below += math.comb(n, j) / 2**n  # exact big-integer division: no overflow for large n
         if below > tail:
             break
         j += 1
@@ -220,40 +223,50 @@ def load_probe(
 
 
 def contention_probe(
-    rank: int, world: int, cfg: Any, seq_len: int, repeats: int = 9
-) -> dict[str, float]:
-    """The contention for the cores, measured on the model's own compute: forward and backward
-    of one sequence timed with this rank alone (the others waiting at a barrier) and with
-    every rank computing at once. The two are alternated repeat by repeat, so a drift in the
-    host's speed (other tenants, clocks) hits both alike. Returns the medians ``alone_s`` and
-    ``busy_s``."""
-    from model.transformer import LongcatFlashForCausalLM
+    rank: int,
+    world: int,
+    cfg: ModelConfig,
+    seq_len: int,
+    repeats: int = 9,
+    step: Callable[[], Any] | None = None,
+) -> dict[str, list[float]]:
+    """The contention for the cores, measured on the model's own compute: ``step`` (by
+    default forward and backward of one sequence through the single-process model, an LM loss
+    on its logits) timed with this rank alone (the others waiting at a barrier) and with every
+    rank computing at once. The two are alternated repeat by repeat, so a drift in the host's
+    speed (other tenants, clocks) hits both alike. Returns the times per repeat, ``alone_s``
+    and ``busy_s``."""
+    if step is None:
+        from model.transformer import LongcatFlashForCausalLM
 
-    model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
-    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+        model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=gen)
 
-    def slice_step() -> None:
-        model.zero_grad(set_to_none=True)
-        logits = model(ids)
-        torch.nn.functional.cross_entropy(logits[0].float(), ids[0]).backward()
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            logits = model(ids)
+            torch.nn.functional.cross_entropy(logits[0].float(), ids[0]).backward()
 
-    slice_step()  # warm-up
+    step()  # warm-up
     alone, busy = [], []
     for _ in range(repeats):
         for turn in range(world):
             dist.barrier()
             if turn == rank:
-                alone.append(seconds(slice_step))
+                alone.append(seconds(step))
         dist.barrier()
-        busy.append(seconds(slice_step))
-    return {"alone_s": statistics.median(alone), "busy_s": statistics.median(busy)}
+        busy.append(seconds(step))
+    return {"alone_s": alone, "busy_s": busy}
 
 
-def compute_slowdown(contention: list[dict[str, float]]) -> float:
+def compute_slowdown(contention: list[dict[str, list[float]]]) -> float:
     """Every rank computing at once against one alone, from :func:`contention_probe`'s ranks:
-    the slowest rank's busy time (the others wait for it) over the median rank's time alone."""
-    alone = statistics.median(c["alone_s"] for c in contention)
-    return max(c["busy_s"] for c in contention) / alone
+    per repeat the slowest rank's busy time (the others wait for it), its median over the
+    repeats, over the median time of a rank alone."""
+    slowest = [max(times) for times in zip(*(c["busy_s"] for c in contention), strict=True)]
+    alone = [t for c in contention for t in c["alone_s"]]
+    return statistics.median(slowest) / statistics.median(alone)
 
 
 def world_terms_from_probe(probe: dict[str, Any], slowdown: float) -> WorldTerms:

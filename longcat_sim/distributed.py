@@ -219,7 +219,8 @@ def ep_train(
         losses, step_seconds, slices_seconds, exchange_seconds = [], [], [], []
         for step in range(tc.steps):
             ep_model.overlap = pattern[step % len(pattern)]
-            start, clock.seconds = time.perf_counter(), 0.0
+            start = time.perf_counter()
+            clock.reset()
             inputs, targets = trainer.data.dataset.batch_at(
                 step, tc.batch_size, trainer.seeds["data"]
             )

@@ -12,7 +12,7 @@ Rank r of W computes the contiguous block of FFN experts ``[r*N/W, (r+1)*N/W)``.
 Both exchanges can be left in flight (``async_op=True``): :func:`parallel_layer_forward` starts
 the dispatch right after the first attention (the shortcut makes the MoE input available there)
 and waits for it only after FFN_0 and MLA_1, and it overlaps the combine with FFN_1. The
-backward of an exchange is the reverse exchange (:class:`_Exchange`, :class:`_ExchangeDone`).
+backward of an exchange is the reverse exchange (:class:`_ExchangeDone`).
 
 Expert GEMMs use the row-tiled kernels of ``model/kernels/batch_invariant.py``: a row's output
 does not depend on which other rows share the call, so it is the same whichever ranks send what.
@@ -24,7 +24,9 @@ in global slice order and get gradients that do not depend on the world size.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,9 @@ from model.kernels.batch_invariant import mm_rows, mm_t_rows
 from model.moe import MoE, plan_dispatch
 from model.router import RouterOutput
 from model.transformer import LongcatFlashForCausalLM, ModelOutput
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,19 @@ def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 @dataclass
 class ExchangeClock:
-    """Wall time a rank spends in its row exchanges: issuing one, blocked on a synchronous one,
-    or waiting for one in flight. What is left of a step is the rank's own work."""
+    """Host wall time a rank spends in its exchanges (the expert counts and the rows, forward
+    and backward): issuing one, blocked on a synchronous one, or waiting for one in flight.
+
+    The rest of a step is the rank's own work, including whatever CPU the collective backend's
+    threads take from it while an exchange is in flight. With NCCL the host waits are not the
+    transfers (they run on the device's streams)."""
 
     seconds: float = 0.0
 
-    def run(self, fn, *args, **kwargs):
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -88,7 +100,7 @@ class ExchangeClock:
             self.seconds += time.perf_counter() - start
 
 
-def _timed(clock: ExchangeClock | None, fn, *args, **kwargs):
+def _timed(clock: ExchangeClock | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return fn(*args, **kwargs) if clock is None else clock.run(fn, *args, **kwargs)
 
 
@@ -109,21 +121,6 @@ def _exchange(
         out, x_RD, recv_splits, send_splits, group=group, async_op=async_op
     )
     return out, work
-
-
-class _Exchange(torch.autograd.Function):
-    """Synchronous row exchange; backward sends the gradients along the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x_RD, send_splits, recv_splits, group):  # type: ignore[override]
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
-        return _exchange(x_RD, send_splits, recv_splits, group)[0]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_RD):  # type: ignore[override]
-        send_splits, recv_splits = ctx.splits
-        return _exchange(grad_RD, recv_splits, send_splits, ctx.group)[0], None, None, None
 
 
 @dataclass

@@ -87,9 +87,10 @@ def _train_config(cfg: ModelConfig, batch: int, steps: int, args: argparse.Names
 def _measure_steps(
     cfg: ModelConfig, world: int, batch: int, steps: int, args: argparse.Namespace
 ) -> dict[bool, dict[str, list[float]]]:
-    """Step times and their micro-step part (slowest rank, the first ``WARMUP_STEPS`` left out)
-    of ``train --nproc world`` with ScMoE overlap alternating on and off step by step, per
-    overlap setting."""
+    """Step times, their micro-step part (slowest rank) and the busiest rank's own work (its
+    micro-steps less its time in MoE exchanges) of ``train --nproc world`` with ScMoE overlap
+    alternating on and off step by step, per overlap setting; the first ``WARMUP_STEPS``
+    left out."""
     tc = _train_config(cfg, batch, steps, args)
     cache = None if args.data_cache is None else str(args.data_cache)
     ranks = distributed.launch(distributed.ep_train, world, cfg, tc, cache, (True, False))
@@ -189,15 +190,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
     one_mm = calibration.compute_burst(1, cfg.hidden_size)
     mm_s = calibration.median_seconds(one_mm, repeats=25, warmup=0)
     burst_reps = max(1, round(t_slice / exchanges_per_slice / mm_s))
-    burst = calibration.compute_burst(burst_reps, cfg.hidden_size)
-    alone_s = calibration.median_seconds(burst, repeats=9, warmup=0)
     grad_bytes, hide_dispatch, hide_combine = _model_costs(cfg, args.seq_len)
     rows = int(4 * args.seq_len * cfg.expected_ffn_experts * cfg.hidden_size)
     a2a_sizes = (8 * cfg.n_routed_experts, rows, 8 * rows)
     gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(worlds))
     # the two ScMoE windows at the model's sizes: GEMM bursts as long as the blocks overlapped
     window_reps = tuple(max(1, round(t / mm_s)) for t in (hide_dispatch, hide_combine))
-    contention = {}
+    contention: dict[int, list[dict[str, list[float]]]] = {}
     for world in worlds:
         contention[world] = distributed.launch(
             calibration.contention_probe, world, cfg, args.seq_len
@@ -274,6 +273,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
                 step_pairs = [off - on for on, off in zip(steps[True]["step"],
                                                           steps[False]["step"], strict=False)]  # fmt: skip
                 m_gain = statistics.median(pairs)
+                # the interval treats the pairs as independent; neighbouring steps share
+                # the host's slow drifts, which the pairing (adjacent steps) mostly cancels
                 low, high = calibration.median_interval(pairs)
                 p_gain = predicted[False]["step_s"] - predicted[True]["step_s"]
                 gains.append(
@@ -305,7 +306,6 @@ def run(args: argparse.Namespace) -> CommandOutput:
         },
         "probe": {
             "burst_reps": burst_reps,
-            "burst_alone_s": alone_s,
             "contention": contention,
             "a2a_sizes": a2a_sizes,
             "gather_sizes": gather_sizes,
@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
             f"  ScMoE gain W={g['world']} B={g['batch_size']}: measured "
             f"{g['measured_gain_s'] * 1e3:+.1f} ms (95 %: "
             f"{g['measured_gain_95_s'][0] * 1e3:+.1f} to {g['measured_gain_95_s'][1] * 1e3:+.1f}; "
-            f"{g['pairs_gaining']}/{g['pairs']} pairs), predicted {g['predicted_gain_s'] * 1e3:+.1f} ms"
+            f"{g['pairs_gaining']}/{g['pairs']} pairs), "
+            f"predicted {g['predicted_gain_s'] * 1e3:+.1f} ms"
         )
     if errors:
         lines.append(

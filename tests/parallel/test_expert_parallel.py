@@ -252,3 +252,72 @@ def test_the_host_step_model_issues_the_collectives_ep_train_does(cache):
         "all_gather": gathers,
         "all_reduce": reduces,
     }
+
+
+def _schedule(overlap: bool, topology: str = "shortcut") -> list[str]:
+    """The order in which one layer's forward reaches its dense blocks and its MoE phases."""
+    from model.parallel import ExpertParallelMoE, parallel_layer_forward
+
+    cfg = CFG.replace(topology=topology)
+    core = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(3)).model
+    layer = core.layers[0]
+    events: list[str] = []
+    for name, block in (("FFN_0", layer.mlps[0]), ("MLA_1", layer.self_attn[1]),
+                        ("FFN_1", layer.mlps[1])):  # fmt: skip
+        block.register_forward_pre_hook(lambda *_, name=name: events.append(name))
+    ep = ExpertParallelMoE(layer.mlp)
+    for phase in ("start", "compute", "finish"):
+        original = getattr(ep, phase)
+
+        def traced(*args, phase=phase, original=original):
+            events.append(phase)
+            return original(*args)
+
+        setattr(ep, phase, traced)
+    x = torch.randn(1, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = core.rotary_emb(torch.arange(8))
+    parallel_layer_forward(layer, ep, x, cos, sin, overlap=overlap)
+    return events
+
+
+def test_scmoe_overlap_keeps_each_exchange_in_flight_over_its_dense_blocks():
+    # dispatch issued before FFN_0 and MLA_1 and waited for after them; combine over FFN_1
+    assert _schedule(True) == ["start", "FFN_0", "MLA_1", "compute", "FFN_1", "finish"]
+    # negative controls: without overlap, and in the conventional topology, each MoE call
+    # runs its phases back to back
+    assert _schedule(False) == ["start", "compute", "finish", "FFN_0", "MLA_1", "FFN_1"]
+    assert _schedule(True, "conventional") == [
+        "FFN_0", "MLA_1", "start", "compute", "finish", "FFN_1"]  # fmt: skip
+
+
+def _clocked_exchanges(rank: int, world: int) -> list[tuple[str, str]]:
+    """(phase, call) of every exchange an EP forward and backward puts on the clock."""
+    from dataclasses import dataclass, field
+
+    from model.parallel import ExchangeClock
+
+    @dataclass
+    class CountingClock(ExchangeClock):
+        phase: str = "fwd"
+        calls: list = field(default_factory=list)
+
+        def run(self, fn, *args, **kwargs):
+            self.calls.append((self.phase, fn.__name__))
+            return super().run(fn, *args, **kwargs)
+
+    clock = CountingClock()
+    model = LongcatFlashForCausalLM(get_preset("tiny"), generator=torch.Generator().manual_seed(3))
+    out = ExpertParallelModel(model, clock=clock).forward_detailed(_ids()[rank : rank + 1])
+    clock.phase = "bwd"
+    out.logits.square().mean().backward()
+    assert clock.seconds > 0
+    return clock.calls
+
+
+def test_exchange_clock_times_every_exchange_forward_and_backward():
+    layers = get_preset("tiny").num_layers
+    # per layer: counts, dispatch issued, dispatch waited, combine issued, combine waited
+    forward = [("fwd", n) for n in ("_exchange", "_exchange", "wait", "_exchange", "wait")]
+    backward = [("bwd", "_exchange")] * 2  # the two reverse exchanges, synchronous
+    for calls in launch(_clocked_exchanges, 2):
+        assert calls == forward * layers + backward * layers
