@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        default=50,
+        default=100,
         help="training steps per configuration (2 warm-up, then ScMoE on and off alternating)",
     )
     parser.add_argument("--data-cache", type=Path, default=None, help="tokenizer/token cache")
