@@ -318,27 +318,19 @@ def swiglu_ffn(
     if injector is not None:
         y = injector.at("expert_gemm", y, target="down")
     # the checks run after the three GEMMs, which thus keep their operands in cache
+    gemms = (("gate_up", x_SD, gate_up, x_norms_S), ("down", hidden, y, h_norms_S))
     for m in monitors:
-        m.on_expert_gemm(
-            ("gate_up",),
-            x_SD.detach(),
-            (gate_up.detach(),),
-            (refs["gate_up"],),
-            rows,
-            (scales["gate_up"],),
-            a_norms_S=x_norms_S,
-            paddings=(pads["gate_up"],),
-        )
-        m.on_expert_gemm(
-            ("down",),
-            hidden.detach(),
-            (y.detach(),),
-            (refs["down"],),
-            rows,
-            (scales["down"],),
-            a_norms_S=h_norms_S,
-            paddings=(pads["down"],),
-        )
+        for name, a_SX, c_SY, a_norms_S in gemms:
+            m.on_expert_gemm(
+                (name,),
+                a_SX.detach(),
+                (c_SY.detach(),),
+                (refs[name],),
+                rows,
+                (scales[name],),
+                a_norms_S=a_norms_S,
+                paddings=(pads[name],),
+            )
     stages["down"] = y
     return stages
 
