@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from cluster.errors import ClusterInputError
-from cluster.hardware import Precision
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import Precision
 
 Routing = Literal["balanced", "multinomial"]
 

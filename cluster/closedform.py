@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from cluster.errors import ClusterInputError
-from cluster.workload import DecodeWorkload, StageTimes
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.workload import DecodeWorkload, StageTimes
 
 Schedule = Literal["sbo", "tbo", "sequential"]
 SCHEDULES: tuple[str, ...] = ("sbo", "sequential", "tbo")

@@ -19,18 +19,17 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-from cluster.assumptions import Assumptions
-from cluster.errors import ClusterInputError
-from cluster.hardware import Hardware
-from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
-from cluster.placement import (
+from longcat_sim.cluster.assumptions import Assumptions
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import Hardware
+from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
+from longcat_sim.cluster.placement import (
     imbalance_factor,
     imbalance_factors,
     sample_expert_loads,
     slots_per_rank,
 )
-from cluster.workload import DecodeWorkload, Link, StageTimes, TrainLayerTimes
+from longcat_sim.cluster.workload import DecodeWorkload, Link, StageTimes, TrainLayerTimes
 
 OpsForTokens = Callable[[int], Sequence[LayerOps]]
 StepOpsForTokens = Callable[[int], Sequence[ComputeOp]]

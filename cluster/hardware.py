@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from cluster.errors import ClusterInputError
+from longcat_sim.cluster.errors import ClusterInputError
 
 Precision = Literal["bf16", "fp8"]
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import ClusterInputError
-from cluster.streams import COMPUTE, Task, run_tasks
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.streams import COMPUTE, Task, run_tasks
 
 LINK = "nvlink"  # the stream the inter-process exchanges run on
 ON_CORES = "exchange on the cores"  # a window's extra time: an exchange in flight takes CPU

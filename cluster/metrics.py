@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cluster.streams import EventRecord
+from longcat_sim.cluster.streams import EventRecord
 
 STAGE_GROUPS: dict[str, str] = {
     "attn0": "attention",

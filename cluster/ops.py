@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from cluster.errors import ClusterInputError
-from cluster.hardware import Precision
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import Precision
 
 OpKind = Literal["gemm", "attention", "vector"]
 CommPattern = Literal["dispatch", "combine", "all_gather", "reduce_scatter", "all_reduce"]

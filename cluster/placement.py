@@ -11,8 +11,7 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
-
-from cluster.errors import ClusterInputError
+from longcat_sim.cluster.errors import ClusterInputError
 
 
 def slots_per_rank(n_experts: int, ep: int, redundant_experts: int = 0) -> int:

@@ -61,9 +61,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from cluster.errors import ClusterInputError
-from cluster.streams import COMPUTE, Task
-from cluster.workload import StageTimes, TrainLayerTimes
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.streams import COMPUTE, Task
+from longcat_sim.cluster.workload import StageTimes, TrainLayerTimes
 
 IN = "IN"
 OUT = "OUT"

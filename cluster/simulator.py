@@ -16,10 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-
-from cluster import metrics
-from cluster.errors import ClusterInputError
-from cluster.schedules import (
+from longcat_sim.cluster import metrics
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.schedules import (
     DECODE_SCHEDULES,
     PIPELINES,
     TRAIN_SCHEDULES,
@@ -27,8 +26,8 @@ from cluster.schedules import (
     pipeline_tasks,
     train_layer_tasks,
 )
-from cluster.streams import EventRecord, Task, run_tasks
-from cluster.workload import DecodeWorkload, TrainWorkload
+from longcat_sim.cluster.streams import EventRecord, Task, run_tasks
+from longcat_sim.cluster.workload import DecodeWorkload, TrainWorkload
 
 
 @dataclass(frozen=True)

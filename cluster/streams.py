@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import simpy
-
-from cluster.errors import ClusterInputError
+from longcat_sim.cluster.errors import ClusterInputError
 
 COMPUTE = "compute"
 STREAM_NAMES = (COMPUTE, "nvlink", "rdma")

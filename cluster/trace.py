@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cluster.streams import STREAM_NAMES, EventRecord
+from longcat_sim.cluster.streams import STREAM_NAMES, EventRecord
 
 STREAM_TIDS = {name: i for i, name in enumerate(STREAM_NAMES)}
 

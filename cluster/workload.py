@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.errors import ClusterInputError
+from longcat_sim.cluster.errors import ClusterInputError
 
 Link = Literal["nvlink", "rdma"]
 LayerKind = Literal["scmoe", "moe", "dense"]

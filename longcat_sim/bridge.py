@@ -32,14 +32,14 @@ from typing import Literal
 
 import numpy as np
 
-from cluster import costmodel
-from cluster.assumptions import Assumptions
-from cluster.errors import ClusterInputError
-from cluster.hardware import Hardware, Precision
-from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
-from cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
-from model import costs
-from model.config import ConfigError, ModelConfig
+from longcat_sim.cluster import costmodel
+from longcat_sim.cluster.assumptions import Assumptions
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import Hardware, Precision
+from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
+from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from longcat_sim.model import costs
+from longcat_sim.model.config import ConfigError, ModelConfig
 
 AttentionDtype = Literal["bf16", "fp8"]
 TrainEpComm = Literal["all_to_all", "allgather"]

@@ -8,21 +8,21 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from cluster.errors import ClusterInputError
-from longcat_sim.artifacts import build_manifest, dumps_json, write_run
+from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.errors import UserError
-from model.config import ConfigError
+from longcat_sim.model.config import ConfigError
+from longcat_sim.runs import build_manifest, dumps_json, write_run
 
-# command name -> module in longcat_sim.experiments exposing HELP, add_arguments(parser), run(args)
+# command name -> module in longcat_sim.commands exposing HELP, add_arguments(parser), run(args)
 COMMANDS: dict[str, str] = {
-    "params": "longcat_sim.experiments.params",
-    "train": "longcat_sim.experiments.train",
-    "report": "longcat_sim.experiments.report",
-    "simulate": "longcat_sim.experiments.simulate",
-    "sweep": "longcat_sim.experiments.sweep",
-    "determinism": "longcat_sim.experiments.determinism",
-    "sdc": "longcat_sim.experiments.sdc",
-    "calibrate": "longcat_sim.experiments.calibrate",
+    "params": "longcat_sim.commands.params",
+    "train": "longcat_sim.commands.train",
+    "report": "longcat_sim.commands.report",
+    "simulate": "longcat_sim.commands.simulate",
+    "sweep": "longcat_sim.commands.sweep",
+    "determinism": "longcat_sim.commands.determinism",
+    "sdc": "longcat_sim.commands.sdc",
+    "calibrate": "longcat_sim.commands.calibrate",
 }
 
 PROG = "longcat-sim"

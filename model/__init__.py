@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import ConfigError, ModelConfig, get_preset, load_model_config, preset_names
+from longcat_sim.model.config import (
+    ConfigError,
+    ModelConfig,
+    get_preset,
+    load_model_config,
+    preset_names,
+)
 
 __all__ = [
     "ConfigError",
@@ -22,7 +28,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "load_pretrained":
-        from model.checkpoint import load_pretrained
+        from longcat_sim.model.checkpoint import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
+from longcat_sim.model.config import ConfigError, ModelConfig
 from torch import nn
 
-from model.config import ConfigError, ModelConfig
-
 if TYPE_CHECKING:
-    from model.router import RouterOutput
+    from longcat_sim.model.router import RouterOutput
 
 RateKind = Literal["constant", "cosine", "exponential"]
 BIAS_BUFFER = "e_score_correction_bias"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kv_cache import LatentKVCache
+from longcat_sim.model.layers import DenseMLP, RMSNorm
+from longcat_sim.model.mla import MLA
+from longcat_sim.model.moe import MoE
+from longcat_sim.model.router import RouterOutput
 from torch import nn
-
-from model.config import ModelConfig
-from model.kv_cache import LatentKVCache
-from model.layers import DenseMLP, RMSNorm
-from model.mla import MLA
-from model.moe import MoE
-from model.router import RouterOutput
 
 
 class LongcatDecoderLayer(nn.Module):

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.files import write_bytes_atomic, write_json_atomic
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
-
-from model.config import ConfigError, ModelConfig
-from model.files import write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "config_from_hf",
@@ -311,7 +310,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> to
     Calling the result on ``input_ids`` (LongTensor [B, T]) returns logits [B, T, vocab].
     An MTP module is built when the weights contain ``model.mtp.*`` tensors.
     """
-    from model.transformer import LongcatFlashForCausalLM
+    from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
     root = Path(path)
     if not (root / CONFIG_NAME).is_file():

@@ -65,7 +65,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from model.config import ConfigError, ModelConfig
+from longcat_sim.model.config import ConfigError, ModelConfig
 
 Phase = Literal["decode", "prefill", "train"]
 OpKind = Literal["gemm", "attention", "grouped_gemm", "router", "memory"]

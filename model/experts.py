@@ -12,11 +12,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward, silu_grad
+from longcat_sim.model.router import default_generator
 from torch import nn
-
-from model.config import ModelConfig
-from model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward, silu_grad
-from model.router import default_generator
 
 # gate [N, I, H], up [N, I, H], down [N, H, I]
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

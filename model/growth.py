@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 
 import torch
+from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 from torch import nn
-
-from model.config import ConfigError, ModelConfig
-from model.transformer import LongcatFlashForCausalLM
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 

@@ -9,8 +9,7 @@ query and the output (see ``model.mla``).
 from __future__ import annotations
 
 import torch
-
-from model.config import ModelConfig
+from longcat_sim.model.config import ModelConfig
 
 
 class LatentKVCache:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from longcat_sim.model.kernels import batch_invariant
+from longcat_sim.model.kernels.batch_invariant import linear_class
 from torch import nn
-
-from model.kernels import batch_invariant
-from model.kernels.batch_invariant import linear_class
 
 
 class RMSNorm(nn.Module):

@@ -15,12 +15,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kernels import batch_invariant
+from longcat_sim.model.kv_cache import LatentKVCache
+from longcat_sim.model.layers import RMSNorm, apply_rope_interleaved
 from torch import nn
-
-from model.config import ModelConfig
-from model.kernels import batch_invariant
-from model.kv_cache import LatentKVCache
-from model.layers import RMSNorm, apply_rope_interleaved
 
 
 class MLA(nn.Module):

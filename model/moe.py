@@ -20,10 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from model.config import ModelConfig
-from model.experts import (
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.experts import (
     GroupedExperts,
     expert_backward_from_hidden,
     expert_forward,
@@ -32,8 +30,15 @@ from model.experts import (
     transposed_experts,
     used_experts,
 )
-from model.kernels.batch_invariant import ROWS, mm_rows, mm_t_rows, silu_forward, slot_sum
-from model.router import RouterOutput, TopkRouter, default_generator
+from longcat_sim.model.kernels.batch_invariant import (
+    ROWS,
+    mm_rows,
+    mm_t_rows,
+    silu_forward,
+    slot_sum,
+)
+from longcat_sim.model.router import RouterOutput, TopkRouter, default_generator
+from torch import nn
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kernels.batch_invariant import linear_class
+from longcat_sim.model.layers import DenseMLP, RMSNorm
+from longcat_sim.model.mla import MLA
 from torch import nn
-
-from model.config import ModelConfig
-from model.kernels.batch_invariant import linear_class
-from model.layers import DenseMLP, RMSNorm
-from model.mla import MLA
 
 
 class DenseDecoderLayer(nn.Module):

@@ -31,12 +31,11 @@ from typing import ParamSpec, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows
+from longcat_sim.model.moe import MoE, plan_dispatch
+from longcat_sim.model.router import RouterOutput
+from longcat_sim.model.transformer import LongcatFlashForCausalLM, ModelOutput
 from torch import nn
-
-from model.kernels.batch_invariant import mm_rows, mm_t_rows
-from model.moe import MoE, plan_dispatch
-from model.router import RouterOutput
-from model.transformer import LongcatFlashForCausalLM, ModelOutput
 
 P = ParamSpec("P")
 T = TypeVar("T")

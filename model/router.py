@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kernels import batch_invariant
 from torch import nn
-
-from model.config import ModelConfig
-from model.kernels import batch_invariant
 
 
 @dataclass

@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from longcat_sim.model.block import LongcatDecoderLayer
+from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.kernels.batch_invariant import linear_class
+from longcat_sim.model.kv_cache import LatentKVCache
+from longcat_sim.model.layers import RMSNorm, RotaryEmbedding
+from longcat_sim.model.mtp import MultiTokenPredictor
+from longcat_sim.model.router import RouterOutput
 from torch import nn
-
-from model.block import LongcatDecoderLayer
-from model.config import ConfigError, ModelConfig
-from model.kernels.batch_invariant import linear_class
-from model.kv_cache import LatentKVCache
-from model.layers import RMSNorm, RotaryEmbedding
-from model.mtp import MultiTokenPredictor
-from model.router import RouterOutput
 
 DEFAULT_INIT_SEED = 0
 

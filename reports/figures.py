@@ -10,9 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-
-from reports.inputs import (
+from longcat_sim.reports.inputs import (
     ReportInputError,
     check_pareto,
     check_sdc,
@@ -20,7 +18,8 @@ from reports.inputs import (
     check_training_overlap,
     check_training_run,
 )
-from reports.tables import SCHEDULE_LABELS, model_label
+from longcat_sim.reports.tables import SCHEDULE_LABELS, model_label
+from plotly.subplots import make_subplots
 
 TEMPLATE = "plotly_white"
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 12}

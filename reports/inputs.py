@@ -3,7 +3,7 @@
 Everything is JSON: mappings with string keys, lists, numbers, strings, booleans and null.
 Times are in the unit their key names (``_us``, ``_ms``); shares are fractions in [0, 1].
 
-Report data (one mapping; ``longcat_sim.reporting`` assembles it)::
+Report data (one mapping; ``longcat_sim.report.sections`` assembles it)::
 
     meta:      {"title": str, "config_hash": str, "config": {str: scalar | list}}
     table7:    {"context": int, "rows": [ROW]}   ROW = {"model": str, "overlap": str,

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reports import figures, tables
-from reports.html import Figure, esc, figure_div, page, table_html
-from reports.inputs import check_report_data
+from longcat_sim.reports import figures, tables
+from longcat_sim.reports.html import Figure, esc, figure_div, page, table_html
+from longcat_sim.reports.inputs import check_report_data
 
 SECTIONS = (
     ("table7", "Table 7: theoretical decode"),

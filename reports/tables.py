@@ -11,7 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reports.inputs import TABLE7_KEYS, check_table6, check_table7, check_training_overlap
+from longcat_sim.reports.inputs import (
+    TABLE7_KEYS,
+    check_table6,
+    check_table7,
+    check_training_overlap,
+)
 
 # Error bands for colouring: within GOOD is a match, within FAIR is close, beyond is a miss.
 GOOD = 0.05

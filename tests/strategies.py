@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
-
-from model.config import ModelConfig
+from longcat_sim.model.config import ModelConfig
 
 # A bias this large beats any softmax probability (all lie in [0, 1]); see ``forced_bias``.
 FORCE = 2.0

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from longcat_sim.cluster import closedform
+from longcat_sim.cluster.assumptions import DEFAULT, TABLE7_CONTEXT
+from longcat_sim.cluster.assumptions import TABLE7 as TABLE7_ASSUMPTIONS
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import get_hardware
+from longcat_sim.cluster.ops import ComputeOp, ExpertOp
+from longcat_sim.cluster.workload import DecodeWorkload
+from longcat_sim.model import costs
+from longcat_sim.model.config import get_preset
 
-from cluster import closedform
-from cluster.assumptions import DEFAULT, TABLE7_CONTEXT
-from cluster.assumptions import TABLE7 as TABLE7_ASSUMPTIONS
-from cluster.errors import ClusterInputError
-from cluster.hardware import get_hardware
-from cluster.ops import ComputeOp, ExpertOp
-from cluster.workload import DecodeWorkload
 from longcat_sim import bridge
-from model import costs
-from model.config import get_preset
 from tests.cluster.published import TABLE7
 
 H800 = get_hardware("H800")

@@ -14,12 +14,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.hardware import load_hardware_file
-from cluster.hoststep import EpModelTerms, EpStep, WorldTerms, load_host_profile, simulate_step
-from longcat_sim import calibration
-from longcat_sim.calibration import HostMeasurements
+from longcat_sim.calibrate import measure
+from longcat_sim.calibrate.measure import HostMeasurements
 from longcat_sim.cli import main
-from longcat_sim.distributed import launch
+from longcat_sim.cluster.hardware import load_hardware_file
+from longcat_sim.cluster.hoststep import (
+    EpModelTerms,
+    EpStep,
+    WorldTerms,
+    load_host_profile,
+    simulate_step,
+)
+from longcat_sim.train.distributed import launch
 
 
 def _terms() -> WorldTerms:
@@ -47,13 +53,13 @@ def _host() -> HostMeasurements:
 def test_alpha_beta_fit_recovers_a_line():
     sizes = [1_000, 10_000, 100_000, 1_000_000]
     alpha, beta = 3e-4, 2e9
-    fit_alpha, fit_beta = calibration.fit_alpha_beta(sizes, [alpha + s / beta for s in sizes])
+    fit_alpha, fit_beta = measure.fit_alpha_beta(sizes, [alpha + s / beta for s in sizes])
     assert math.isclose(fit_alpha, alpha, rel_tol=1e-6)
     assert math.isclose(fit_beta, beta, rel_tol=1e-6)
 
 
 def test_single_process_fit_recovers_slice_and_fixed_cost():
-    t_slice, t_fixed = calibration.fit_single_process(
+    t_slice, t_fixed = measure.fit_single_process(
         [1, 2, 4, 8], [0.01 + b * 0.03 for b in (1, 2, 4, 8)]
     )
     assert math.isclose(t_slice, 0.03, rel_tol=1e-9)
@@ -66,7 +72,7 @@ def test_world_terms_come_from_the_probe_fits():
              "a2a_s": [1e-3 + n / 2e7 for n in sizes], "a2a_async_s": [4e-4 + n / 1e8 for n in sizes],
              "gather_s": [2e-3 + n / 1e7 for n in gathers], "window_s": [0.004, 0.002],
              "window_compute_s": [0.003, 0.001]}  # fmt: skip
-    terms = calibration.world_terms_from_probe(probe, 1.5)
+    terms = measure.world_terms_from_probe(probe, 1.5)
     assert (terms.dispatch_window_s, terms.combine_compute_s) == (0.004, 0.001)
     assert terms.compute_slowdown == pytest.approx(1.5)
     assert terms.a2a_latency_us == pytest.approx(1000.0) and terms.a2a_gb_s == pytest.approx(0.02)
@@ -109,19 +115,19 @@ def test_compute_slowdown_is_the_slowest_busy_rank_over_the_median_alone():
     ranks = [{"alone_s": [0.010, 0.011], "busy_s": [0.020, 0.031]},
              {"alone_s": [0.012, 0.013], "busy_s": [0.030, 0.021]}]  # fmt: skip
     # slowest per repeat: 0.030, 0.031 -> median 0.0305; alone median 0.0115
-    assert calibration.compute_slowdown(ranks) == pytest.approx(0.0305 / 0.0115)
+    assert measure.compute_slowdown(ranks) == pytest.approx(0.0305 / 0.0115)
 
 
 def test_contention_probe_times_the_model_alone_and_all_busy():
-    from model.config import get_preset
+    from longcat_sim.model.config import get_preset
 
-    for probe in launch(calibration.contention_probe, 2, get_preset("tiny"), 16, 3):
+    for probe in launch(measure.contention_probe, 2, get_preset("tiny"), 16, 3):
         assert len(probe["alone_s"]) == len(probe["busy_s"]) == 3
         assert min(probe["alone_s"]) > 0 and min(probe["busy_s"]) > 0
 
 
 def test_exchange_clock_accumulates_even_when_the_exchange_fails():
-    from model.parallel import ExchangeClock
+    from longcat_sim.model.parallel import ExchangeClock
 
     clock = ExchangeClock()
     assert clock.run(lambda x: x + 1, 1) == 2
@@ -144,19 +150,17 @@ def _spin() -> None:
 @pytest.mark.skipif((os.cpu_count() or 1) > 4, reason="oversubscribes a host of at most 4 cores")
 def test_contention_probe_sees_ranks_share_the_cores():
     cores = os.cpu_count() or 1
-    crowded = launch(calibration.contention_probe, 2 * cores, None, 0, 5, _spin)
+    crowded = launch(measure.contention_probe, 2 * cores, None, 0, 5, _spin)
     for probe in crowded:
         assert len(probe["alone_s"]) == len(probe["busy_s"]) == 5
-    assert calibration.compute_slowdown(crowded) > 1.5  # twice as many ranks as cores: ~2
+    assert measure.compute_slowdown(crowded) > 1.5  # twice as many ranks as cores: ~2
     # negative control: one rank has nobody to share with
-    assert calibration.compute_slowdown(launch(calibration.contention_probe, 1, None, 0, 5,
+    assert measure.compute_slowdown(launch(measure.contention_probe, 1, None, 0, 5,
                                                _spin)) < 1.3  # fmt: skip
 
 
 def test_load_probe_over_gloo_measures_every_term():
-    probes = launch(
-        calibration.load_probe, 2, (64, 32768), (4096, 65536), 20, 64, 4, 2, (40, 5), 32768
-    )
+    probes = launch(measure.load_probe, 2, (64, 32768), (4096, 65536), 20, 64, 4, 2, (40, 5), 32768)
     for probe in probes:
         assert probe["compute_s"] > 0
         for key in ("a2a_s", "a2a_async_s", "gather_s", "window_s", "window_compute_s"):
@@ -167,7 +171,7 @@ def test_load_probe_over_gloo_measures_every_term():
 
 WIRE_CHECK = """
 import socket, sys, threading, time
-from longcat_sim.wire import enter_shaped_network
+from longcat_sim.calibrate.wire import enter_shaped_network
 if sys.argv[1] != "none":
     enter_shaped_network(float(sys.argv[1]))
 SIZE = 1 << 20
@@ -225,7 +229,7 @@ def test_bad_calibrate_input_is_one_line(argv, message, capsys, tmp_path):
 def test_median_interval_holds_the_binomial_coverage(values):
     from scipy.stats import binom
 
-    low, high = calibration.median_interval(values)
+    low, high = measure.median_interval(values)
     ordered, n = sorted(values), len(values)
     assert low <= statistics.median(values) <= high
     j = ordered.index(low) + 1  # the order statistic the interval starts at
@@ -238,9 +242,9 @@ def test_median_interval_holds_the_binomial_coverage(values):
 
 def test_median_interval_excludes_zero_only_for_a_clear_gain():
     clear = [0.01 + 0.001 * i for i in range(24)]
-    assert calibration.median_interval(clear)[0] > 0
+    assert measure.median_interval(clear)[0] > 0
     coin = [(-1) ** i * 0.01 for i in range(24)]  # negative control: half gain, half lose
-    low, high = calibration.median_interval(coin)
+    low, high = measure.median_interval(coin)
     assert low < 0 < high
 
 

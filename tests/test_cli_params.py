@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from longcat_sim.model import costs
+from longcat_sim.model.config import get_preset
 
 from longcat_sim.cli import main
-from model import costs
-from model.config import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 1e9

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from longcat_sim import reporting
 from longcat_sim.cli import main
+from longcat_sim.report import sections
 from tests.reports.test_browser import CHROMIUM, assert_every_figure_drew, probe_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def _png_expected() -> bool:
         import kaleido  # noqa: F401
     except ImportError:
         return False
-    return reporting.find_browser() is not None
+    return sections.find_browser() is not None
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_results_of_other_commands_get_their_sections(
 def test_png_export_is_skipped_cleanly_without_chromium(
     default_run: dict, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    monkeypatch.setattr(reporting, "find_browser", lambda: None)
+    monkeypatch.setattr(sections, "find_browser", lambda: None)
     out = _copy(default_run, tmp_path)
     shutil.rmtree(out / "figures", ignore_errors=True)
     code, stdout, err = _run(["report", "--out", str(out)], capsys)

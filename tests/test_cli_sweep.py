@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from longcat_sim.cli import main
-from longcat_sim.experiments.sweep import pareto_front
+from longcat_sim.scenarios.sweep import pareto_front
 
 GRID = ["--batch-per-device", "8,64", "--schedules", "sbo,tbo", "--no-progress"]
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
-from model.config import ConfigError, ModelConfig, get_preset, load_model_config, preset_names
+from longcat_sim.model.config import (
+    ConfigError,
+    ModelConfig,
+    get_preset,
+    load_model_config,
+    preset_names,
+)
 
 
 def test_presets_build_and_are_named() -> None:

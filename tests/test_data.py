@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longcat_sim import data
-from longcat_sim.data import (
+from longcat_sim.errors import UserError
+from longcat_sim.train import data
+from longcat_sim.train.data import (
     EOT,
     N_BASE_TOKENS,
     ByteBPETokenizer,
@@ -28,7 +29,6 @@ from longcat_sim.data import (
     unigram_cross_entropy,
     unigram_entropy,
 )
-from longcat_sim.errors import UserError
 
 BUDGET = 192 * 1024
 

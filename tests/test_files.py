@@ -6,8 +6,7 @@ import os
 import stat
 
 import pytest
-
-from model.files import write_bytes_atomic, write_json_atomic
+from longcat_sim.model.files import write_bytes_atomic, write_json_atomic
 
 
 def test_written_files_get_the_umask_mode(tmp_path) -> None:

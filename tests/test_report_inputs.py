@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from longcat_sim.reporting import determinism_input, sdc_input
-from reports.figures import sdc_rates
-from reports.inputs import check_determinism
+from longcat_sim.report.sections import determinism_input, sdc_input
+from longcat_sim.reports.figures import sdc_rates
+from longcat_sim.reports.inputs import check_determinism
 
 
 def test_determinism_command_output_becomes_a_verdict() -> None:

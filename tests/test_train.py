@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from longcat_sim import training
 from longcat_sim.cli import main
-from longcat_sim.repro.hashing import parameter_hash
-from model.checkpoint import load_pretrained
+from longcat_sim.model.checkpoint import load_pretrained
+from longcat_sim.model.hashing import parameter_hash
+from longcat_sim.train import training
 
 KEYS = {
     "final_loss",

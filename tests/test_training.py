@@ -12,15 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longcat_sim import training
-from longcat_sim.data import build_corpus_data
 from longcat_sim.errors import UserError
-from longcat_sim.repro.hashing import hash_named_tensors, parameter_hash, tensor_hash
-from longcat_sim.training import TrainConfig, Trainer
-from model.checkpoint import load_pretrained
-from model.config import get_preset
-from model.growth import grow_state_dict, source_name
-from model.optim import build_adamw
+from longcat_sim.model.checkpoint import load_pretrained
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.growth import grow_state_dict, source_name
+from longcat_sim.model.hashing import hash_named_tensors, parameter_hash, tensor_hash
+from longcat_sim.model.optim import build_adamw
+from longcat_sim.train import training
+from longcat_sim.train.data import build_corpus_data
+from longcat_sim.train.training import TrainConfig, Trainer
 
 TINY = get_preset("tiny")
 

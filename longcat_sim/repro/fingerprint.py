@@ -10,7 +10,7 @@ digest)``:
 4. parameters after the update (``param.NAME``) and persistent buffers (``buffer.NAME``);
 5. optimizer state (``state.KEY.NAME``).
 
-Digests come from :func:`longcat_sim.repro.hashing.tensor_hash`, so two entries agree only when
+Digests come from :func:`longcat_sim.model.hashing.tensor_hash`, so two entries agree only when
 the tensors are bitwise equal with the same dtype and shape. :func:`fingerprint_run` trains a
 fresh run step by step and returns the stream; with ``capture`` it also keeps the raw tensor of
 one entry, which is how :mod:`longcat_sim.repro.compare` measures a divergence in ULPs.
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longcat_sim.repro.hashing import tensor_hash
+from longcat_sim.model.hashing import tensor_hash
 
 # record fields of Trainer.train_step that are results of the step (not timings)
 LOSS_FIELDS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "z_loss", "grad_norm")
@@ -260,10 +260,10 @@ class RunRecord:
 
 def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
     """The Trainer a spec describes (deterministic model and settings when asked)."""
-    from longcat_sim import training
-    from longcat_sim.data import build_corpus_data
-    from longcat_sim.repro.determinism import deterministic_config
-    from model.config import load_model_config
+    from longcat_sim.model.config import load_model_config
+    from longcat_sim.model.determinism import deterministic_config
+    from longcat_sim.train import training
+    from longcat_sim.train.data import build_corpus_data
 
     cfg = load_model_config(spec.model)
     if spec.deterministic:
@@ -288,7 +288,7 @@ def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
 
 def fingerprint_run(spec: RunSpec) -> RunRecord:
     """Train ``spec.steps`` steps in this process and fingerprint each (threads set here)."""
-    from longcat_sim.repro.determinism import DeterministicMode
+    from longcat_sim.model.determinism import DeterministicMode
     from longcat_sim.repro.inject import Fault, ModelFaultInjector
     from longcat_sim.repro.manifest import environment_manifest
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from longcat_sim.artifacts import git_revision
-from longcat_sim.repro.determinism import torch_flags
+from longcat_sim.model.determinism import torch_flags
+from longcat_sim.runs import git_revision
 
 # Environment variables read by torch's OpenMP/MKL runtime at start-up.
 RUNTIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_CBWR", "KMP_AFFINITY")

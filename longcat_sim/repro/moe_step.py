@@ -32,9 +32,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from longcat_sim.repro.hashing import hash_named_tensors
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.hashing import hash_named_tensors
 from longcat_sim.repro.inject import StepInjector
-from model.config import ModelConfig
 
 PARAMS = ("router", "gate_up", "down")
 EXPERT_WEIGHTS = ("gate_up", "down")  # gate and up projections fused into one GEMM

@@ -15,9 +15,8 @@ torch ops for either backend.
 from __future__ import annotations
 
 import torch
-
-from model.kernels import torch_ref
-from model.kernels.backend import Backend, check_backend, require_triton
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
 
 
 class _Combine(torch.autograd.Function):
@@ -25,7 +24,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, x_TD, y_SD, gate_TK, row_of_slot_TK, backend: Backend):  # type: ignore[override]
         if backend == "triton":
             require_triton(x_TD, y_SD, gate_TK, row_of_slot_TK)
-            from model.kernels import triton_combine
+            from longcat_sim.model.kernels import triton_combine
 
             out = triton_combine.combine(x_TD, y_SD, gate_TK, row_of_slot_TK)
         else:

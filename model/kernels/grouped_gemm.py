@@ -10,9 +10,8 @@ float32, one GEMM per expert, deterministic) from the saved pre-activations.
 from __future__ import annotations
 
 import torch
-
-from model.kernels import torch_ref
-from model.kernels.backend import Backend, check_backend, require_triton
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
 
 
 def _check_inputs(
@@ -47,7 +46,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def forward(ctx, x_SD, gate_NID, up_NID, down_NDI, counts: list[int], backend: Backend):  # type: ignore[override]
         if backend == "triton":
             require_triton(x_SD, gate_NID, up_NID, down_NDI)
-            from model.kernels import triton_grouped_gemm
+            from longcat_sim.model.kernels import triton_grouped_gemm
 
             y, pre_gate, pre_up = triton_grouped_gemm.grouped_swiglu_forward(
                 x_SD, gate_NID, up_NID, down_NDI, counts

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from model.kernels import torch_ref
-from model.kernels.backend import Backend, check_backend, require_triton
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def plan_permutation(
     _check_routing(topk_idx_TK, n_routed)
     if backend == "triton":
         require_triton(topk_idx_TK)
-        from model.kernels import triton_permute
+        from longcat_sim.model.kernels import triton_permute
 
         slot_S, token_S, row_of_slot_TK, counts_N = triton_permute.plan_rows(topk_idx_TK, n_routed)
         return Permutation(slot_S, token_S, row_of_slot_TK, counts_N)
@@ -76,7 +75,7 @@ def plan_permutation(
 def _gather_rows(src_RD: torch.Tensor, index_S: torch.Tensor, backend: Backend) -> torch.Tensor:
     if backend == "triton":
         require_triton(src_RD, index_S)
-        from model.kernels import triton_permute
+        from longcat_sim.model.kernels import triton_permute
 
         return triton_permute.gather_rows(src_RD, index_S)
     return torch_ref.gather_rows_ref(src_RD, index_S)

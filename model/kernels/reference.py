@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-
-from model.config import ModelConfig
+from longcat_sim.model.config import ModelConfig
 
 
 class ReferenceRouting(NamedTuple):

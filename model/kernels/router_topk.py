@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from model.kernels import torch_ref
-from model.kernels.backend import Backend, check_backend, require_triton
-from model.router import RouterOutput, TopkRouter
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
+from longcat_sim.model.router import RouterOutput, TopkRouter
 
 
 class _TritonRouterTopk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, bias_E, topk, n_routed, scaling, scale_zero):  # type: ignore[override]
-        from model.kernels import triton_router_topk
+        from longcat_sim.model.kernels import triton_router_topk
 
         idx, gate, scores, counts = triton_router_topk.router_topk(
             logits_TE,

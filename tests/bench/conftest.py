@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from longcat_sim import training
-from longcat_sim.data import build_corpus_data
-from model.config import get_preset
+from longcat_sim.model.config import get_preset
+from longcat_sim.train import training
+from longcat_sim.train.data import build_corpus_data
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from longcat_sim import training
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.repro.detectors import AbftMonitor
-from longcat_sim.repro.determinism import DeterministicMode
 from longcat_sim.repro.moe_step import (
     EXPERT_WEIGHTS,
     MoEStepConfig,
@@ -35,7 +35,7 @@ from longcat_sim.repro.moe_step import (
     stable_topk,
     swiglu_ffn,
 )
-from model.config import get_preset
+from longcat_sim.train import training
 
 ROUNDS = 15
 GEMM_REPEATS = 5

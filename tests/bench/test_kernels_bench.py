@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 import torch
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.combine import combine
+from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
+from longcat_sim.model.kernels.permute import permute
+from longcat_sim.model.kernels.router_topk import router_topk
+from longcat_sim.model.moe import MoE
 
-from model.config import get_preset
-from model.kernels import torch_ref
-from model.kernels.combine import combine
-from model.kernels.grouped_gemm import grouped_swiglu
-from model.kernels.permute import permute
-from model.kernels.router_topk import router_topk
-from model.moe import MoE
 from tests.kernels import BACKENDS, moe_with_kernels
 
 ON_CUDA = torch.cuda.is_available()

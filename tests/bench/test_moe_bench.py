@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.kernels.reference import moe_reference_from_module
+from longcat_sim.model.moe import MoE
 
-from model.config import get_preset
-from model.kernels.reference import moe_reference_from_module
-from model.moe import MoE
 from tests.strategies import forced_bias
 
 pytestmark = pytest.mark.slow

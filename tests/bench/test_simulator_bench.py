@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from cluster.simulator import simulate_decode, simulate_train
-from cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from longcat_sim.cluster.simulator import simulate_decode, simulate_train
+from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
 
 US = 1e-6
 STEP_BUDGET_S = 0.050

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from longcat_sim.experiments.sweep import SETTINGS, grid_setups, point_record, run_points
+from longcat_sim.commands.sweep import SETTINGS
+from longcat_sim.scenarios.sweep import grid_setups, point_record, run_points
 
 SWEEP_BUDGET_S = 60.0
 AXES = {

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from longcat_sim import training
+from longcat_sim.train import training
 
 TOPOLOGIES = ("shortcut", "conventional")
 ROUNDS = 3

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from cluster import closedform
-from cluster.assumptions import (
+from longcat_sim.cluster import closedform
+from longcat_sim.cluster.assumptions import (
     DEFAULT,
     TABLE7,
     TABLE7_CONTEXT,
     assumption_names,
     get_assumptions,
 )
-from cluster.costmodel import (
+from longcat_sim.cluster.costmodel import (
     collective_time,
     compute_time,
     context_imbalance,
@@ -31,10 +30,10 @@ from cluster.costmodel import (
     layer_stage_times,
     train_layer_times,
 )
-from cluster.errors import ClusterInputError
-from cluster.hardware import Hardware, get_hardware
-from cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
-from cluster.placement import (
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import Hardware, get_hardware
+from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
+from longcat_sim.cluster.placement import (
     imbalance_factor,
     imbalance_factors,
     rank_loads,
@@ -42,7 +41,7 @@ from cluster.placement import (
     replica_counts,
     slots_per_rank,
 )
-from cluster.workload import StageTimes
+from longcat_sim.cluster.workload import StageTimes
 
 H800 = get_hardware("H800")
 MOE_TOKENS = 192  # Table 7: batch 96 per device x (1 + 1 MTP draft token)
@@ -131,7 +130,7 @@ def test_table7_assumption_figures() -> None:
 def test_train_set_is_default_plus_one_fitted_term() -> None:
     """``train`` differs from ``default`` in its name, description, BF16 precisions (training
     weights) and the one fitted term, the collectives' achieved link fraction."""
-    from cluster.assumptions import FITTED_TRAIN_LINK_FRACTION
+    from longcat_sim.cluster.assumptions import FITTED_TRAIN_LINK_FRACTION
 
     train = get_assumptions("train")
     differs = {
@@ -162,7 +161,7 @@ def test_table7_longcat_tpot_closed_form_from_stage_times() -> None:
         {"dispatch": "rdma", "combine": "rdma"},
     )
     assert closedform.sbo_layer_time(layer) == pytest.approx(1032e-6)
-    from cluster.workload import DecodeWorkload
+    from longcat_sim.cluster.workload import DecodeWorkload
 
     w = DecodeWorkload((layer,) * 28, (layer,) * 28, 96, 192, 1, 0.8, 2.0)
     assert closedform.tpot_s(w, "sbo") * 1e3 == pytest.approx(16.05, rel=0.01)

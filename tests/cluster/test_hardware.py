@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from cluster.errors import ClusterInputError
-from cluster.hardware import Hardware, get_hardware, hardware_from_dict, hardware_names
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hardware import Hardware, get_hardware, hardware_from_dict, hardware_names
 
 
 def test_catalogue_has_the_required_accelerators_with_sources() -> None:

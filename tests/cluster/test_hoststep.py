@@ -9,9 +9,8 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from cluster.errors import ClusterInputError
-from cluster.hoststep import (
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.hoststep import (
     EpModelTerms,
     EpStep,
     HostProfile,
@@ -22,7 +21,7 @@ from cluster.hoststep import (
     step_closed_form,
     step_tasks,
 )
-from cluster.streams import earliest_start_times
+from longcat_sim.cluster.streams import earliest_start_times
 
 positive = st.floats(min_value=1e-4, max_value=1.0)
 

@@ -8,10 +8,9 @@ import itertools
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
-
-from cluster import closedform
-from cluster.errors import ClusterInputError
-from cluster.schedules import (
+from longcat_sim.cluster import closedform
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.schedules import (
     _moe_positions,
     bubble_1f1b,
     bubble_dualpipe,
@@ -21,8 +20,8 @@ from cluster.schedules import (
     train_forward_program,
     train_layer_tasks,
 )
-from cluster.streams import STREAM_NAMES, Task, earliest_start_times, run_tasks
-from cluster.workload import StageTimes, TrainLayerTimes
+from longcat_sim.cluster.streams import STREAM_NAMES, Task, earliest_start_times, run_tasks
+from longcat_sim.cluster.workload import StageTimes, TrainLayerTimes
 
 US = 1e-6
 micros = st.integers(min_value=0, max_value=1000).map(lambda n: n * US)

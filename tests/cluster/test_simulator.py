@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
-
-from cluster import closedform, metrics
-from cluster.errors import ClusterInputError
-from cluster.schedules import bubble_1f1b, bubble_zb1p, decode_tasks
-from cluster.simulator import simulate_decode, simulate_train
-from cluster.streams import Task, run_tasks
-from cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from longcat_sim.cluster import closedform, metrics
+from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.cluster.schedules import bubble_1f1b, bubble_zb1p, decode_tasks
+from longcat_sim.cluster.simulator import simulate_decode, simulate_train
+from longcat_sim.cluster.streams import Task, run_tasks
+from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
 
 US = 1e-6
 micros = st.integers(min_value=0, max_value=500).map(lambda n: n * US)

@@ -6,11 +6,10 @@ import json
 import random
 
 import pytest
-
-from cluster.simulator import simulate_decode, simulate_train
-from cluster.streams import EventRecord
-from cluster.trace import STREAM_TIDS, chrome_trace, chrome_trace_json
-from cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from longcat_sim.cluster.simulator import simulate_decode, simulate_train
+from longcat_sim.cluster.streams import EventRecord
+from longcat_sim.cluster.trace import STREAM_TIDS, chrome_trace, chrome_trace_json
+from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
 
 US = 1e-6
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.simulator import simulate_train
-from cluster.workload import StageTimes, TrainLayerTimes, TrainWorkload
+from longcat_sim.cluster.simulator import simulate_train
+from longcat_sim.cluster.workload import StageTimes, TrainLayerTimes, TrainWorkload
 from tests.cluster.published import (
     NON_OVERLAPPED_COMM_WITH_SCMOE,
     NON_OVERLAPPED_COMM_WITHOUT_SCMOE,
@@ -141,11 +141,11 @@ def _v3_shares(
     the bridge with the ``train`` assumption set."""
     import numpy as np
 
-    from cluster.assumptions import get_assumptions
-    from cluster.hardware import get_hardware
     from longcat_sim import bridge
-    from longcat_sim.experiments.simulate import TRAIN_DEFAULTS as d
-    from model.config import get_preset
+    from longcat_sim.cluster.assumptions import get_assumptions
+    from longcat_sim.cluster.hardware import get_hardware
+    from longcat_sim.model.config import get_preset
+    from longcat_sim.scenarios.train import TRAIN_DEFAULTS as d
 
     setup = {**d, **changes}
     w = bridge.train_workload(
@@ -191,7 +191,7 @@ def test_v3_conventional_topology_lies_between(tokens: int | None):
 def test_v3_fitted_term_reproduces_the_baseline_only():
     """Re-fit the one fitted term on the (serial) baseline share alone: it lands on the stated
     value, a physical fraction of line rate."""
-    from cluster.assumptions import FITTED_TRAIN_LINK_FRACTION, TRAIN
+    from longcat_sim.cluster.assumptions import FITTED_TRAIN_LINK_FRACTION, TRAIN
 
     def baseline(fraction: float) -> float:
         return _v3_shares(TRAIN.replace(ep_collective_fraction=fraction))[0]
@@ -216,7 +216,7 @@ def test_v3_holds_across_micro_batch_sizes(tokens: int):
 def test_v3_negative_control_unfitted_links_miss():
     """With the links at line rate (fraction 1, nothing fitted) the baseline misses 25.3 % by
     more than the tolerance: the check can fail, and the fit is what moves it."""
-    from cluster.assumptions import TRAIN
+    from longcat_sim.cluster.assumptions import TRAIN
 
     baseline, _ = _v3_shares(TRAIN.replace(ep_collective_fraction=1.0))
     assert abs(baseline - NON_OVERLAPPED_COMM_WITHOUT_SCMOE) > TOLERANCE

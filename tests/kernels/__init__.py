@@ -7,14 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from hypothesis import strategies as st
-
-from model.kernels.backend import triton_available
-from model.kernels.combine import combine
-from model.kernels.grouped_gemm import grouped_swiglu
-from model.kernels.permute import permute
-from model.kernels.router_topk import route
-from model.moe import MoE
-from model.router import RouterOutput
+from longcat_sim.model.kernels.backend import triton_available
+from longcat_sim.model.kernels.combine import combine
+from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
+from longcat_sim.model.kernels.permute import permute
+from longcat_sim.model.kernels.router_topk import route
+from longcat_sim.model.moe import MoE
+from longcat_sim.model.router import RouterOutput
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ("torch", pytest.param("triton", marks=pytest.mark.skipif(

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from longcat_sim.model.kernels.backend import check_backend, require_triton
+from longcat_sim.model.kernels.permute import plan_permutation
 
-from model.kernels.backend import check_backend, require_triton
-from model.kernels.permute import plan_permutation
 from tests.kernels import requires_triton
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +51,12 @@ def test_kernels_import_and_run_without_triton() -> None:
         import sys
         sys.modules["triton"] = None  # any `import triton` now fails
         import torch
-        from model.kernels.combine import combine
-        from model.kernels.grouped_gemm import grouped_swiglu
-        from model.kernels.permute import permute
-        from model.kernels.router_topk import router_topk
-        from model.moe import MoE
-        from model.config import get_preset
+        from longcat_sim.model.kernels.combine import combine
+        from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
+        from longcat_sim.model.kernels.permute import permute
+        from longcat_sim.model.kernels.router_topk import router_topk
+        from longcat_sim.model.moe import MoE
+        from longcat_sim.model.config import get_preset
         idx = torch.tensor([[0, 2], [1, 0]])
         x = torch.randn(2, 4)
         x_SD, perm = permute(x, idx, 2)
@@ -88,8 +88,8 @@ def test_kernels_compile_for_cuda(tmp_path: Path) -> None:
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from model.kernels import triton_combine as tc, triton_grouped_gemm as tg
-        from model.kernels import triton_permute as tp, triton_router_topk as tr
+        from longcat_sim.model.kernels import triton_combine as tc, triton_grouped_gemm as tg
+        from longcat_sim.model.kernels import triton_permute as tp, triton_router_topk as tr
 
         def compile_for_h100(fn, sig, **opts):
             consts = {k: v for k, v in sig.items() if k.isupper()}  # constexpr names

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.experts import GroupedExperts
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
 
-from model.config import get_preset
-from model.experts import GroupedExperts
-from model.kernels import torch_ref
-from model.kernels.grouped_gemm import grouped_swiglu
 from tests.kernels import BACKENDS, DEVICE, requires_triton
 
 TOLERANCE = {
@@ -82,7 +82,7 @@ def test_triton_matches_reference(
 @requires_triton
 def test_cuda_tiling_on_this_device_matches_reference() -> None:
     """The CUDA tile sizes (64 x 64 x 32) also agree, so both configs are exercised here."""
-    from model.kernels import triton_grouped_gemm as tgg
+    from longcat_sim.model.kernels import triton_grouped_gemm as tgg
 
     counts = [70, 0, 3, 129]
     x, gate, up, down = make_problem(counts, 96, 80, torch.float32, seed=4)
@@ -94,7 +94,7 @@ def test_cuda_tiling_on_this_device_matches_reference() -> None:
 
 @requires_triton
 def test_row_tiles_cover_each_expert_without_straddling() -> None:
-    from model.kernels.triton_grouped_gemm import row_tiles
+    from longcat_sim.model.kernels.triton_grouped_gemm import row_tiles
 
     counts = [5, 0, 64, 65, 1, 0]
     tile_expert, tile_row, tile_end = row_tiles(counts, block_m=32)

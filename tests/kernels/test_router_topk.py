@@ -13,12 +13,12 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.kernels import torch_ref
+from longcat_sim.model.kernels.reference import reference_route
+from longcat_sim.model.kernels.router_topk import route, router_topk
+from longcat_sim.model.router import TopkRouter
 
-from model.config import get_preset
-from model.kernels import torch_ref
-from model.kernels.reference import reference_route
-from model.kernels.router_topk import route, router_topk
-from model.router import TopkRouter
 from tests.kernels import BACKENDS, DEVICE, requires_triton
 
 SCORE_TOL = dict(rtol=1e-5, atol=1e-6)

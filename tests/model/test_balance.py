@@ -9,9 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
-
-from model.balance import (
+from longcat_sim.model.balance import (
     BiasController,
     BiasRateSchedule,
     all_reduce_counts,
@@ -27,8 +25,9 @@ from model.balance import (
     slot_share_error,
     total_balance_loss,
 )
-from model.config import ConfigError, ModelConfig
-from model.router import RouterOutput, TopkRouter
+from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.router import RouterOutput, TopkRouter
+from torch import nn
 
 
 def routing_config(n: int = 16, z: int = 8, k: int = 4, k_e: float = 2.0) -> ModelConfig:

@@ -6,18 +6,18 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import model as model_pkg
-from model.checkpoint import (
+from longcat_sim.model.checkpoint import (
     INDEX_NAME,
     config_from_hf,
     config_to_hf,
     save_pretrained,
     to_hf_state_dict,
 )
-from model.config import ConfigError, get_preset
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model.config import ConfigError, get_preset
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
+from safetensors.torch import save_file
+
+from longcat_sim import model as model_pkg
 
 # The released LongCat-Flash config.json fields (HF meituan-longcat/LongCat-Flash-Chat, spec §1.1).
 RELEASED_CONFIG = {

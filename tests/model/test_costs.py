@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from model import costs
-from model.config import ConfigError, ModelConfig, get_preset
+from longcat_sim.model import costs
+from longcat_sim.model.config import ConfigError, ModelConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 B = 1e9

@@ -7,18 +7,22 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from model.balance import BiasController, find_routers, hidden_z_loss, total_balance_loss
-from model.config import ConfigError, get_preset
-from model.growth import (
+from longcat_sim.model.balance import (
+    BiasController,
+    find_routers,
+    hidden_z_loss,
+    total_balance_loss,
+)
+from longcat_sim.model.config import ConfigError, get_preset
+from longcat_sim.model.growth import (
     grow_config,
     grow_model,
     grow_optimizer_state,
     grow_state_dict,
     source_name,
 )
-from model.optim import build_adamw
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model.optim import build_adamw
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
 
 @pytest.fixture(scope="module")

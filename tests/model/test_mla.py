@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.kv_cache import LatentKVCache
+from longcat_sim.model.layers import RMSNorm, RotaryEmbedding
+from longcat_sim.model.mla import MLA
 from torch import nn
-
-from model.config import get_preset
-from model.kv_cache import LatentKVCache
-from model.layers import RMSNorm, RotaryEmbedding
-from model.mla import MLA
 
 TINY = get_preset("tiny")
 

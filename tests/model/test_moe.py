@@ -14,15 +14,19 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.config import ModelConfig, get_preset
+from longcat_sim.model.experts import GroupedExperts
+from longcat_sim.model.kernels.batch_invariant import ROWS
+from longcat_sim.model.kernels.reference import (
+    ReferenceRouting,
+    moe_reference_from_module,
+    reference_route,
+)
+from longcat_sim.model.moe import MoE, plan_dispatch
+from longcat_sim.model.router import TopkRouter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import ModelConfig, get_preset
-from model.experts import GroupedExperts
-from model.kernels.batch_invariant import ROWS
-from model.kernels.reference import ReferenceRouting, moe_reference_from_module, reference_route
-from model.moe import MoE, plan_dispatch
-from model.router import TopkRouter
 from tests.strategies import forced_bias, moe_configs, routing_cases, seeds, token_counts
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)

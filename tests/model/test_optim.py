@@ -9,9 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from model.config import ConfigError, get_preset
-from model.optim import (
+from longcat_sim.model.config import ConfigError, get_preset
+from longcat_sim.model.optim import (
     GROUP_NAMES,
     PAPER_ADAM_EPS,
     GroupHyperParams,
@@ -23,7 +22,7 @@ from model.optim import (
     transfer_hyperparameters,
     uniform_hyperparameters,
 )
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
 
 @pytest.fixture(scope="module")

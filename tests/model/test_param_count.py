@@ -6,10 +6,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
-from model import costs
-from model.config import ModelConfig, get_preset
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model import costs
+from longcat_sim.model.config import ModelConfig, get_preset
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
 TINY = get_preset("tiny")
 VARIANTS = {

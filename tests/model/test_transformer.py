@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model.config import ConfigError, get_preset
-from model.kv_cache import LatentKVCache
-from model.layers import RMSNorm
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model.config import ConfigError, get_preset
+from longcat_sim.model.kv_cache import LatentKVCache
+from longcat_sim.model.layers import RMSNorm
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
 TINY = get_preset("tiny")
 

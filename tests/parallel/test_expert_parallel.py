@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longcat_sim import training
-from longcat_sim.data import build_corpus_data
-from longcat_sim.distributed import check_nproc, ep_train, launch
 from longcat_sim.errors import UserError
-from longcat_sim.repro.determinism import DeterministicMode
-from model.config import get_preset
-from model.parallel import ExpertParallelModel, ExpertShard
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.determinism import DeterministicMode
+from longcat_sim.model.parallel import ExpertParallelModel, ExpertShard
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
+from longcat_sim.train import training
+from longcat_sim.train.data import build_corpus_data
+from longcat_sim.train.distributed import check_nproc, ep_train, launch
 
 WORLDS = (1, 2, 4)
 BATCH, SEQ = 4, 32
@@ -236,7 +236,14 @@ def _count_collectives(rank: int, world: int, cache: str) -> dict[str, int]:
 
 def test_the_host_step_model_issues_the_collectives_ep_train_does(cache):
     """cluster.hoststep's task list has one link task per collective of the real step."""
-    from cluster.hoststep import LINK, EpModelTerms, EpStep, HostProfile, WorldTerms, step_tasks
+    from longcat_sim.cluster.hoststep import (
+        LINK,
+        EpModelTerms,
+        EpStep,
+        HostProfile,
+        WorldTerms,
+        step_tasks,
+    )
 
     measured = launch(_count_collectives, 2, cache)[0]
     cfg = get_preset("tiny")
@@ -256,7 +263,7 @@ def test_the_host_step_model_issues_the_collectives_ep_train_does(cache):
 
 def _schedule(overlap: bool, topology: str = "shortcut") -> list[str]:
     """The order in which one layer's forward reaches its dense blocks and its MoE phases."""
-    from model.parallel import ExpertParallelMoE, parallel_layer_forward
+    from longcat_sim.model.parallel import ExpertParallelMoE, parallel_layer_forward
 
     cfg = CFG.replace(topology=topology)
     core = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(3)).model
@@ -294,7 +301,7 @@ def _clocked_exchanges(rank: int, world: int) -> list[tuple[str, str]]:
     """(phase, call) of every exchange an EP forward and backward puts on the clock."""
     from dataclasses import dataclass, field
 
-    from model.parallel import ExchangeClock
+    from longcat_sim.model.parallel import ExchangeClock
 
     @dataclass
     class CountingClock(ExchangeClock):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from reports.html import Figure, figure_json, page, plotly_js
-from reports.page import build_report
+from longcat_sim.reports.html import Figure, figure_json, page, plotly_js
+from longcat_sim.reports.page import build_report
 from tests.reports import sample_report_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_same_data_same_bytes_different_data_different_bytes() -> None:
 
 _HASH_SCRIPT = """
 import hashlib, sys
-from reports.page import build_report
+from longcat_sim.reports.page import build_report
 from tests.reports import sample_report_data
 sys.stdout.write(hashlib.sha256(build_report(sample_report_data()).html.encode()).hexdigest())
 """
@@ -76,9 +76,11 @@ def test_bytes_do_not_depend_on_the_process_or_its_hash_seed() -> None:
 def test_reports_import_no_engine() -> None:
     """reports/ renders plain results: no torch, simpy, model or cluster behind it."""
     script = (
-        "import sys, reports.page, reports.figures, reports.tables, reports.inputs\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('torch', 'simpy', 'model', 'cluster', 'longcat_sim')))"
+        "import sys\n"
+        "import longcat_sim.reports.page, longcat_sim.reports.figures\n"
+        "import longcat_sim.reports.tables, longcat_sim.reports.inputs\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'simpy') "
+        "or m.startswith(('longcat_sim.model', 'longcat_sim.cluster'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True

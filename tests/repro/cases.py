@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from longcat_sim.repro.determinism import DeterministicMode
-from longcat_sim.repro.hashing import tensor_hash
-from model.config import ModelConfig, get_preset
-from model.moe import MoE
-from model.transformer import LongcatFlashForCausalLM
+from longcat_sim.model.config import ModelConfig, get_preset
+from longcat_sim.model.determinism import DeterministicMode
+from longcat_sim.model.hashing import tensor_hash
+from longcat_sim.model.moe import MoE
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
 
 @st.composite

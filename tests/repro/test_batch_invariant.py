@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.kernels import batch_invariant as bi
 
-from model.kernels import batch_invariant as bi
 from tests.repro.cases import bitwise_equal
 from tests.repro.conftest import threads
 from tests.repro.thread_worker import ThreadWorker

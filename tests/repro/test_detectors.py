@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.moe import MoE
 
 from longcat_sim.repro.campaign import (
     DETECTORS,
@@ -45,8 +47,6 @@ from longcat_sim.repro.moe_step import (
     plain_weight,
     stable_topk,
 )
-from model.config import get_preset
-from model.moe import MoE
 from tests.repro.conftest import threads
 from tests.strategies import seeds
 

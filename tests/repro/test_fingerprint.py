@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.router import RouterOutput
 
 from longcat_sim.repro.compare import Divergence, first_divergence, measured, ulp_difference
 from longcat_sim.repro.fingerprint import (
@@ -20,7 +21,6 @@ from longcat_sim.repro.fingerprint import (
 )
 from longcat_sim.repro.harness import check_determinism
 from longcat_sim.repro.manifest import environment_manifest, manifest_differences
-from model.router import RouterOutput
 
 # a small, quick training run: tiny with short sequences
 QUICK = dict(batch_size=4, seq_len=32)

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longcat_sim.repro.hashing import hash_named_tensors
+from longcat_sim.model.config import get_preset
+from longcat_sim.model.hashing import hash_named_tensors
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
 from longcat_sim.repro.inject import (
     SITES,
     Fault,
@@ -18,8 +20,6 @@ from longcat_sim.repro.inject import (
     flipped,
     site_bits,
 )
-from model.config import get_preset
-from model.transformer import LongcatFlashForCausalLM
 from tests.repro.cases import bitwise_equal
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from longcat_sim.model.config import get_preset
 
-from model.config import get_preset
 from tests.repro.cases import (
     bitwise_equal,
     differing,

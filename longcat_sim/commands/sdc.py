@@ -16,8 +16,10 @@ import sys
 
 from tqdm import tqdm
 
+from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
-from longcat_sim.experiments.base import CommandOutput
+from longcat_sim.model.config import ConfigError, load_model_config
+from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.repro.campaign import (
     ABFT_SITES,
     DETECTORS,
@@ -25,10 +27,8 @@ from longcat_sim.repro.campaign import (
     run_campaign,
     total_units,
 )
-from longcat_sim.repro.determinism import DeterministicMode
 from longcat_sim.repro.inject import SITES
 from longcat_sim.repro.moe_step import MoEStepConfig
-from model.config import ConfigError, load_model_config
 
 HELP = "bit-flip SDC campaign on an MoE-layer step: detection per site, bit and detector"
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from longcat_sim import training
+from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
-from longcat_sim.experiments.base import CommandOutput
-from longcat_sim.repro.determinism import DeterministicMode
-from model.config import ModelConfig, load_model_config
+from longcat_sim.model.config import ModelConfig, load_model_config
+from longcat_sim.model.determinism import DeterministicMode
+from longcat_sim.train import training
 
 HELP = "train a model with the expert-bias controller; metrics, checkpoints and --resume"
 
@@ -267,8 +267,8 @@ def _run_expert_parallel(
     train_cfg: training.TrainConfig,
     config_hash: str,
 ) -> CommandOutput:
-    """``--nproc N``: :func:`longcat_sim.distributed.ep_train` on N spawned processes."""
-    from longcat_sim import distributed
+    """``--nproc N``: :func:`longcat_sim.train.distributed.ep_train` on N spawned processes."""
+    from longcat_sim.train import distributed
 
     if args.resume or args.grow_from is not None or args.stop_after is not None:
         raise UserError("--nproc trains from scratch: drop --resume, --grow-from and --stop-after")

@@ -10,11 +10,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cluster import hoststep
-from cluster.trace import chrome_trace_json
-from longcat_sim.artifacts import write_text_atomic
+from longcat_sim.cluster import hoststep
+from longcat_sim.cluster.trace import chrome_trace_json
+from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
-from longcat_sim.experiments.base import CommandOutput
+from longcat_sim.runs import write_text_atomic
 
 SCHEDULES = ("scmoe", "conventional")
 OWN = ("profile", "world", "batch_size")  # flags of this mode only

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster.hoststep import EpModelTerms, WorldTerms
-from model.config import ModelConfig
+from longcat_sim.cluster.hoststep import EpModelTerms, WorldTerms
+from longcat_sim.model.config import ModelConfig
 
 ASYNC_BURSTS = 4  # compute alongside an overlapped exchange in the probe, in bursts
 
@@ -237,7 +237,7 @@ def contention_probe(
     speed (other tenants, clocks) hits both alike. Returns the times per repeat, ``alone_s``
     and ``busy_s``."""
     if step is None:
-        from model.transformer import LongcatFlashForCausalLM
+        from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
         model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
         gen = torch.Generator().manual_seed(1)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
-from longcat_sim.experiments.base import CommandOutput
+from longcat_sim.model.config import ConfigError, load_model_config
+from longcat_sim.model.transformer import require_runnable
 from longcat_sim.repro.fingerprint import RunSpec
 from longcat_sim.repro.harness import check_determinism
 from longcat_sim.repro.inject import SITES, Fault
-from model.config import ConfigError, load_model_config
-from model.transformer import require_runnable
 
 HELP = "rerun training in separate processes in deterministic mode and compare bit for bit"
 
@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
 
 def _warm_data_cache(spec: RunSpec) -> None:
     """Build the tokenizer cache once, before parallel workers would each train it."""
-    from longcat_sim import training
-    from longcat_sim.data import build_corpus_data
+    from longcat_sim.train import training
+    from longcat_sim.train.data import build_corpus_data
 
     cfg = load_model_config(spec.model)
     tc = training.default_train_config(cfg).replace(**spec.train)

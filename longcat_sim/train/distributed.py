@@ -159,7 +159,7 @@ def launch(
 
 def _slice_loss(trainer: Any, ep_model: Any, ids, targets, scale: float):
     """One slice's loss (LM + MTP + balance + z), scaled by ``scale``, and its model output."""
-    from model.balance import hidden_z_loss, total_balance_loss
+    from longcat_sim.model.balance import hidden_z_loss, total_balance_loss
 
     cfg, tc = trainer.model_cfg, trainer.tc
     out = ep_model.forward_detailed(ids, compute_mtp=tc.mtp_weight > 0)
@@ -197,12 +197,12 @@ def ep_train(
     ``overlap`` may be a pattern cycled over the steps (``(True, False)`` alternates ScMoE
     overlap on and off, for paired timings); it changes when exchanges wait, never a value.
     """
-    from longcat_sim import training
-    from longcat_sim.repro.determinism import DeterministicMode, clip_grad_norm_fixed_order
-    from longcat_sim.repro.hashing import parameter_hash, tensor_hash
-    from model.balance import stack_counts
-    from model.optim import lr_multiplier, set_lr_multiplier
-    from model.parallel import ExchangeClock, ExpertParallelModel, SliceGradLedger
+    from longcat_sim.model.balance import stack_counts
+    from longcat_sim.model.determinism import DeterministicMode, clip_grad_norm_fixed_order
+    from longcat_sim.model.hashing import parameter_hash, tensor_hash
+    from longcat_sim.model.optim import lr_multiplier, set_lr_multiplier
+    from longcat_sim.model.parallel import ExchangeClock, ExpertParallelModel, SliceGradLedger
+    from longcat_sim.train import training
 
     tc = train_cfg
     mode = DeterministicMode(threads=torch.get_num_threads()) if tc.deterministic else nullcontext()

@@ -12,13 +12,13 @@ import argparse
 import time
 from pathlib import Path
 
-from longcat_sim import reporting
-from longcat_sim.artifacts import write_text_atomic
+from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
-from longcat_sim.experiments.base import CommandOutput
-from reports import tables
-from reports.inputs import ReportInputError
-from reports.page import build_report
+from longcat_sim.report import sections
+from longcat_sim.reports import tables
+from longcat_sim.reports.inputs import ReportInputError
+from longcat_sim.reports.page import build_report
+from longcat_sim.runs import write_text_atomic
 
 HELP = "HTML report: paper tables vs simulator, timelines, Pareto front, training results"
 REPORT_NAME = "report.html"
@@ -102,24 +102,22 @@ def _text(summary: dict, run_dir: Path, seconds: float, gathered, pngs) -> str:
     elif pngs.skipped:
         lines.append(f"  PNG figures        skipped: {pngs.skipped}")
     else:
-        lines.append(
-            f"  PNG figures        {len(pngs.written)} under {run_dir / reporting.PNG_DIR}"
-        )
+        lines.append(f"  PNG figures        {len(pngs.written)} under {run_dir / sections.PNG_DIR}")
     lines.append(f"  built in           {seconds:.1f} s")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
     start = time.perf_counter()
-    config = reporting.load_config(args.config)
-    resolved = reporting.resolve(config)
-    config_hash = reporting.config_hash(resolved)
+    config = sections.load_config(args.config)
+    resolved = sections.resolve(config)
+    config_hash = sections.config_hash(resolved)
     if args.out is not None:
         args.run_dir = args.out
     if args.run_dir is None:
         args.run_dir = Path("runs") / "report" / config_hash[:12]
     run_dir = Path(args.run_dir)
-    gathered = reporting.gather(
+    gathered = sections.gather(
         resolved,
         run_dir,
         train_runs=args.train_run,
@@ -131,7 +129,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     except ReportInputError as exc:
         raise UserError(f"cannot build the report: {exc}") from None
     write_text_atomic(run_dir / REPORT_NAME, report.html)
-    pngs = reporting.write_pngs(report.figures, run_dir) if args.png else None
+    pngs = sections.write_pngs(report.figures, run_dir) if args.png else None
     summary = _summary(gathered.data)
     seconds = time.perf_counter() - start
     results = {

@@ -11,7 +11,7 @@ both see the same processes and load; off is the conventional schedule, each MoE
 waited for at once, nothing overlapping it), and compares the median step times with
 :func:`cluster.hoststep.simulate_step` run on the profile as written (what ``simulate
 --mode host-ep --profile RUN/host.toml`` predicts). ``--wire-mbit`` runs everything over a
-rate-shaped loopback (``longcat_sim.wire``) so communication waits on a wire.
+rate-shaped loopback (``longcat_sim.calibrate.wire``) so communication waits on a wire.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from cluster import hoststep
-from longcat_sim import calibration, distributed, training, wire
-from longcat_sim.artifacts import write_text_atomic
+from longcat_sim.calibrate import measure, wire
+from longcat_sim.cluster import hoststep
+from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
-from longcat_sim.experiments.base import CommandOutput
-from model.config import ModelConfig, load_model_config
+from longcat_sim.model.config import ModelConfig, load_model_config
+from longcat_sim.runs import write_text_atomic
+from longcat_sim.train import distributed, training
 
 WARMUP_STEPS = 2
 EXCHANGES_PER_LAYER = 5  # counts, dispatch, combine forward; two reverses in backward
@@ -111,7 +112,7 @@ def _model_costs(cfg: ModelConfig, seq_len: int) -> tuple[int, float, float]:
     """The dense gradient bytes of one sequence, and the measured forward times (autograd on,
     one sequence, median over layers and repeats) of what ScMoE overlaps: FFN_0 + MLA_1 behind
     the dispatch, FFN_1 behind the combine."""
-    from model.transformer import LongcatFlashForCausalLM
+    from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
     model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
     core = model.model
@@ -129,8 +130,8 @@ def _model_costs(cfg: ModelConfig, seq_len: int) -> tuple[int, float, float]:
 
         n = layer.post_attention_layernorm[1](behind_dispatch())
         for _ in range(9):
-            dispatch.append(calibration.seconds(behind_dispatch))
-            combine.append(calibration.seconds(lambda layer=layer, n=n: layer.mlps[1](n)))
+            dispatch.append(measure.seconds(behind_dispatch))
+            combine.append(measure.seconds(lambda layer=layer, n=n: layer.mlps[1](n)))
     return grad_bytes, statistics.median(dispatch[2:]), statistics.median(combine[2:])
 
 
@@ -168,11 +169,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
         (args.seq_len, cfg.hidden_size, cfg.ffn_hidden_size),
         (args.seq_len, cfg.hidden_size, cfg.vocab_size),
     ]
-    host = calibration.HostMeasurements(
+    host = measure.HostMeasurements(
         cores=cores,
-        matmul_gflops=calibration.measure_matmul_gflops(shapes),
-        mem_gb_s=calibration.measure_memory_gb_s(),
-        op_overhead_us=calibration.measure_op_overhead_us(),
+        matmul_gflops=measure.measure_matmul_gflops(shapes),
+        mem_gb_s=measure.measure_memory_gb_s(),
+        op_overhead_us=measure.measure_op_overhead_us(),
     )
     with tempfile.TemporaryDirectory() as tmp:  # builds the data cache once, before any launch
         training.Trainer(cfg, _train_config(cfg, batches[0], 1, args), tmp,
@@ -182,13 +183,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
     fit_batches = sorted({1, 2, *batches})
     single = [_measure_steps(cfg, 1, b, args.steps, args) for b in fit_batches]
     single_s = [statistics.median([*s[True]["step"], *s[False]["step"]]) for s in single]
-    t_slice, t_fixed = calibration.fit_single_process(fit_batches, single_s)
+    t_slice, t_fixed = measure.fit_single_process(fit_batches, single_s)
 
     # the host under load, per world size: compute bursts as long as the model's compute
     # between two exchanges, interleaved with collectives of the model's sizes
     exchanges_per_slice = EXCHANGES_PER_LAYER * cfg.num_layers
-    one_mm = calibration.compute_burst(1, cfg.hidden_size)
-    mm_s = calibration.median_seconds(one_mm, repeats=25, warmup=0)
+    one_mm = measure.compute_burst(1, cfg.hidden_size)
+    mm_s = measure.median_seconds(one_mm, repeats=25, warmup=0)
     burst_reps = max(1, round(t_slice / exchanges_per_slice / mm_s))
     grad_bytes, hide_dispatch, hide_combine = _model_costs(cfg, args.seq_len)
     rows = int(4 * args.seq_len * cfg.expected_ffn_experts * cfg.hidden_size)
@@ -198,11 +199,9 @@ def run(args: argparse.Namespace) -> CommandOutput:
     window_reps = tuple(max(1, round(t / mm_s)) for t in (hide_dispatch, hide_combine))
     contention: dict[int, list[dict[str, list[float]]]] = {}
     for world in worlds:
-        contention[world] = distributed.launch(
-            calibration.contention_probe, world, cfg, args.seq_len
-        )
+        contention[world] = distributed.launch(measure.contention_probe, world, cfg, args.seq_len)
         probes = distributed.launch(
-            calibration.load_probe,
+            measure.load_probe,
             world,
             a2a_sizes,
             gather_sizes,
@@ -213,8 +212,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
             window_reps,
             rows,
         )
-        host.worlds[world] = calibration.world_terms_from_probe(
-            _slowest(probes), calibration.compute_slowdown(contention[world])
+        host.worlds[world] = measure.world_terms_from_probe(
+            _slowest(probes), measure.compute_slowdown(contention[world])
         )
     host.model = hoststep.EpModelTerms(
         seq_len=args.seq_len,
@@ -275,7 +274,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
                 m_gain = statistics.median(pairs)
                 # the interval treats the pairs as independent; neighbouring steps share
                 # the host's slow drifts, which the pairing (adjacent steps) mostly cancels
-                low, high = calibration.median_interval(pairs)
+                low, high = measure.median_interval(pairs)
                 p_gain = predicted[False]["step_s"] - predicted[True]["step_s"]
                 gains.append(
                     {

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from model.config import ModelConfig
-from model.kernels.batch_invariant import SUM_CHUNK, fixed_order_sum
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kernels.batch_invariant import SUM_CHUNK, fixed_order_sum
 
 
 def deterministic_config(cfg: ModelConfig) -> ModelConfig:

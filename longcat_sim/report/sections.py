@@ -35,28 +35,30 @@ from typing import Any
 
 import numpy as np
 
-import cluster
-from cluster import metrics
-from cluster.assumptions import TABLE7_CONTEXT, Assumptions, get_assumptions
-from cluster.hardware import Hardware, get_hardware
-from cluster.simulator import simulate_train
-from cluster.streams import EventRecord
-from longcat_sim import bridge
-from longcat_sim.artifacts import dumps_json, write_bytes_atomic, write_json_atomic
+from longcat_sim import bridge, cluster, scenarios
+from longcat_sim.cluster import metrics
+from longcat_sim.cluster.assumptions import TABLE7_CONTEXT, Assumptions, get_assumptions
+from longcat_sim.cluster.hardware import Hardware, get_hardware
+from longcat_sim.cluster.simulator import simulate_train
+from longcat_sim.cluster.streams import EventRecord
 from longcat_sim.errors import UserError
-from longcat_sim.experiments import simulate as simulate_command
-from longcat_sim.experiments import sweep as sweep_command
-from longcat_sim.experiments.simulate import (
-    TRAIN_DEFAULTS,
+from longcat_sim.model.config import ModelConfig, load_model_config
+from longcat_sim.reports.html import Figure
+from longcat_sim.reports.inputs import (
+    ReportInputError,
+    check_determinism,
+    check_sdc,
+    check_training_run,
+)
+from longcat_sim.runs import dumps_json, write_bytes_atomic, write_json_atomic
+from longcat_sim.scenarios.decode import (
     DecodeSetup,
     decode_setup,
     resolve_hardware,
     run_decode,
 )
-from longcat_sim.experiments.sweep import run_points
-from model.config import ModelConfig, load_model_config
-from reports.html import Figure
-from reports.inputs import ReportInputError, check_determinism, check_sdc, check_training_run
+from longcat_sim.scenarios.sweep import run_points
+from longcat_sim.scenarios.train import TRAIN_DEFAULTS
 
 CACHE_DIR = "cache"
 CACHE_FORMAT = "longcat-sim-report-cache-v1"
@@ -581,13 +583,13 @@ SECTIONS: dict[str, tuple[Callable[[Resolved], dict[str, Any]], Callable[[Resolv
 
 def code_fingerprint() -> str:
     """SHA-256 of the sources the simulations depend on; editing them invalidates the cache."""
-    import model.config
-    import model.costs
+    from longcat_sim.model import config as model_config
+    from longcat_sim.model import costs as model_costs
 
     files = sorted(Path(cluster.__file__).parent.glob("*.py"))
-    files += [Path(model.config.__file__), Path(model.costs.__file__)]
-    files += [Path(bridge.__file__), Path(simulate_command.__file__)]
-    files += [Path(sweep_command.__file__), Path(__file__)]
+    files += [Path(model_config.__file__), Path(model_costs.__file__)]
+    files += sorted(Path(scenarios.__file__).parent.glob("*.py"))
+    files += [Path(bridge.__file__), Path(__file__)]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -750,7 +752,7 @@ class Gathered:
 
 
 def title(r: Resolved) -> str:
-    from reports.tables import model_label
+    from longcat_sim.reports.tables import model_label
 
     return f"{model_label(r.model.name)} on {r.config.gpus} {r.hardware.name} GPUs"
 

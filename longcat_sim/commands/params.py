@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from longcat_sim.experiments.base import CommandOutput
-from model import costs
-from model.config import load_model_config
+from longcat_sim.commands.base import CommandOutput
+from longcat_sim.model import costs
+from longcat_sim.model.config import load_model_config
 
 HELP = "parameter counts (total, activated) and KV-cache bytes per token of a model"
 

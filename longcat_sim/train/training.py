@@ -36,19 +36,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from longcat_sim.artifacts import write_bytes_atomic, write_json_atomic, write_text_atomic
-from longcat_sim.data import (
-    DEFAULT_BYTE_BUDGET,
-    CorpusData,
-    build_corpus_data,
-    unigram_cross_entropy,
-    unigram_entropy,
-)
 from longcat_sim.errors import UserError
-from longcat_sim.repro.determinism import clip_grad_norm_fixed_order, deterministic_config
-from longcat_sim.repro.hashing import parameter_hash
-from model import costs
-from model.balance import (
+from longcat_sim.model import costs
+from longcat_sim.model.balance import (
     BIAS_BUFFER,
     BiasController,
     BiasRateSchedule,
@@ -58,10 +48,12 @@ from model.balance import (
     stack_counts,
     total_balance_loss,
 )
-from model.checkpoint import load_pretrained, save_pretrained
-from model.config import ConfigError, ModelConfig
-from model.growth import grow_config, grow_optimizer_state, grow_state_dict
-from model.optim import (
+from longcat_sim.model.checkpoint import load_pretrained, save_pretrained
+from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.determinism import clip_grad_norm_fixed_order, deterministic_config
+from longcat_sim.model.growth import grow_config, grow_optimizer_state, grow_state_dict
+from longcat_sim.model.hashing import parameter_hash
+from longcat_sim.model.optim import (
     PAPER_ADAM_EPS,
     build_adamw,
     initialize_parameters,
@@ -70,7 +62,15 @@ from model.optim import (
     transfer_hyperparameters,
     uniform_hyperparameters,
 )
-from model.transformer import LongcatFlashForCausalLM, require_runnable
+from longcat_sim.model.transformer import LongcatFlashForCausalLM, require_runnable
+from longcat_sim.runs import write_bytes_atomic, write_json_atomic, write_text_atomic
+from longcat_sim.train.data import (
+    DEFAULT_BYTE_BUDGET,
+    CorpusData,
+    build_corpus_data,
+    unigram_cross_entropy,
+    unigram_entropy,
+)
 
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"

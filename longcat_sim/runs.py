@@ -9,7 +9,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from model.files import dumps_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from longcat_sim.model.files import (
+    dumps_json,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 __all__ = [
     "build_manifest",

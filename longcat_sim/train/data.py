@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from longcat_sim.artifacts import write_bytes_atomic, write_text_atomic
 from longcat_sim.errors import UserError
+from longcat_sim.runs import write_bytes_atomic, write_text_atomic
 
 DEFAULT_BYTE_BUDGET = 4 * 2**20
 DEFAULT_SAMPLE_BYTES = 2**20

@@ -1,0 +1,1 @@
+"""Calibration: measure this host (compute, collectives, contention) for the host step model."""

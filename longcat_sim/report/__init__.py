@@ -1,0 +1,1 @@
+"""Report building: simulations and run results gathered into the sections the page renders."""

@@ -1,0 +1,1 @@
+"""Deployment scenarios: resolve a deployment's values and run its step simulations."""

@@ -1,0 +1,255 @@
+"""One decode step of a deployment: its resolved, checked values and its simulation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from longcat_sim import bridge
+from longcat_sim.cluster import closedform, metrics
+from longcat_sim.cluster.assumptions import Assumptions, get_assumptions
+from longcat_sim.cluster.hardware import Hardware, get_hardware
+from longcat_sim.cluster.schedules import DECODE_SCHEDULES
+from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
+from longcat_sim.cluster.streams import EventRecord
+from longcat_sim.errors import UserError
+from longcat_sim.model.config import ModelConfig
+
+MTP_ACCEPT = 0.9  # LongCat-Flash MTP acceptance, ~90 % on test sets (paper sec. 6.1.2)
+
+
+TABLE7_MTP_ACCEPT = 0.8  # Table 7's assumption (paper sec. 6.3.2)
+
+
+DECODE_DEFAULTS: dict[str, Any] = {
+    "model": "longcat-flash",
+    "hardware": "H800",
+    "gpus": 128,
+    "batch_per_device": 96,
+    "context": 5000.0,
+    "attention_dtype": "bf16",
+    "mtp_draft_tokens": 1,
+    "schedule": "sbo",
+    "redundant_experts": 0,
+    "assumptions": "default",
+    "attention_tp": 1,
+    "ffn_tp": 1,
+    "seed": 0,
+}
+
+
+@dataclass(frozen=True)
+class DecodeSetup:
+    """One decode deployment, fully resolved (picklable: sweeps ship it to worker processes)."""
+
+    cfg: ModelConfig
+    hw: Hardware
+    assumptions: Assumptions
+    gpus: int
+    ep: int
+    batch_per_device: int
+    context: float
+    attention_dtype: str
+    mtp_draft_tokens: int
+    mtp_accept: float
+    schedule: str
+    redundant_experts: int
+    attention_tp: int
+    ffn_tp: int
+    seed: int
+
+    def config(self) -> dict[str, Any]:
+        """The inputs as plain data, for manifests and flat records."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["model"] = self.cfg.name
+        out["hardware"] = self.hw.name
+        out["assumptions"] = self.assumptions.name
+        del out["cfg"], out["hw"]
+        return out
+
+
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(
+            f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}"
+        )
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(
+            f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}"
+        )
+
+
+def resolve_assumptions(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Assumptions:
+    """A named assumption set with ``TERM=VALUE`` overrides; its name records them."""
+    base = get_assumptions(name)
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        term, sep, text = str(item).partition("=")
+        term = term.strip().replace("-", "_")
+        if not sep or not hasattr(base, term) or term in ("name", "description"):
+            raise UserError(
+                f"--assume takes TERM=VALUE with TERM one of the assumption terms "
+                f"({', '.join(f.name for f in fields(base)[1:-1])}); got {item!r}"
+            )
+        current = getattr(base, term)
+        text = text.strip()
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise UserError(f"--assume {term} takes true or false, got {text!r}")
+            changes[term] = text.lower() in ("true", "1")
+        elif isinstance(current, int | float):
+            try:
+                changes[term] = float(text)
+            except ValueError:
+                raise UserError(f"--assume {term} takes a number, got {text!r}") from None
+        else:
+            changes[term] = text
+    if not changes:
+        return base
+    label = ",".join(f"{k}={v}" for k, v in changes.items())
+    return base.replace(name=f"{base.name}+{label}", **changes)
+
+
+def resolve_hardware(name: str, rdma_gb_s: float | None) -> Hardware:
+    hw = get_hardware(name)
+    if rdma_gb_s is not None:
+        hw = hw.replace(rdma_gb_s=rdma_gb_s)
+    return hw
+
+
+def decode_setup(
+    *,
+    cfg: ModelConfig,
+    hw: Hardware,
+    assumptions: Assumptions,
+    gpus: int,
+    ep: int | None,
+    batch_per_device: int,
+    context: float,
+    attention_dtype: str,
+    mtp_draft_tokens: int,
+    mtp_accept: float | None,
+    schedule: str,
+    redundant_experts: int,
+    attention_tp: int,
+    ffn_tp: int,
+    seed: int,
+) -> DecodeSetup:
+    """Check a decode deployment's command-line values and resolve the defaults that depend on
+    others (EP = all GPUs, MTP acceptance by assumption set)."""
+    check_int("gpus", gpus)
+    ep = gpus if ep is None else ep
+    check_int("ep", ep)
+    if gpus % ep:
+        raise UserError(f"--gpus {gpus} is not a multiple of --ep {ep}; GPUs form whole EP groups")
+    check_int("batch_per_device", batch_per_device)
+    check_int("mtp_draft_tokens", mtp_draft_tokens, 0)
+    check_int("redundant_experts", redundant_experts, 0)
+    check_int("attention_tp", attention_tp)
+    check_int("ffn_tp", ffn_tp)
+    check_int("seed", seed, 0)
+    check_choice("schedule", schedule, DECODE_SCHEDULES)
+    check_choice("attention dtype", attention_dtype, ("bf16", "fp8"))
+    if not (isinstance(context, int | float) and np.isfinite(context) and context >= 1):
+        raise UserError(f"--context must be a number of cached tokens >= 1, got {context!r}")
+    if mtp_accept is None:
+        table7 = assumptions.name.split("+")[0] == "table7"
+        mtp_accept = TABLE7_MTP_ACCEPT if table7 else MTP_ACCEPT
+    if not 0.0 <= mtp_accept <= 1.0:
+        raise UserError(f"--mtp-accept must lie in [0, 1], got {mtp_accept}")
+    if cfg.n_routed_experts and (cfg.n_routed_experts + redundant_experts) % ep:
+        raise UserError(
+            f"--ep {ep} does not divide {cfg.name}'s {cfg.n_routed_experts} experts + "
+            f"{redundant_experts} redundant; choose --redundant-experts R with "
+            f"(experts + R) % EP == 0 (e.g. R = {(-cfg.n_routed_experts) % ep})"
+        )
+    return DecodeSetup(
+        cfg=cfg,
+        hw=hw,
+        assumptions=assumptions,
+        gpus=gpus,
+        ep=ep,
+        batch_per_device=batch_per_device,
+        context=float(context),
+        attention_dtype=attention_dtype,
+        mtp_draft_tokens=mtp_draft_tokens,
+        mtp_accept=float(mtp_accept),
+        schedule=schedule,
+        redundant_experts=redundant_experts,
+        attention_tp=attention_tp,
+        ffn_tp=ffn_tp,
+        seed=seed,
+    )
+
+
+def run_decode(setup: DecodeSetup) -> tuple[DecodeResult, float]:
+    """Price and simulate one decode step; also return the schedule's closed-form step (s)."""
+    workload = bridge.decode_workload(
+        setup.cfg,
+        hardware=setup.hw,
+        assumptions=setup.assumptions,
+        ep=setup.ep,
+        batch_per_device=setup.batch_per_device,
+        context=setup.context,
+        attention_dtype=setup.attention_dtype,
+        mtp_draft_tokens=setup.mtp_draft_tokens,
+        mtp_accept=setup.mtp_accept,
+        redundant_experts=setup.redundant_experts,
+        rng=np.random.default_rng(setup.seed),
+        attention_tp=setup.attention_tp,
+        ffn_tp=setup.ffn_tp,
+        micro_batches=(2,) if setup.schedule == "tbo" else (1,),
+    )
+    result = simulate_decode(workload, setup.schedule)
+    return result, closedform.step_time(workload, setup.schedule)
+
+
+def exposed_attention_us(records: Sequence[EventRecord]) -> float:
+    """Microseconds per layer of attention compute during which no communication stream of its
+    GPU is busy, averaged over the layers that run attention (as ``per_layer_us``).
+
+    Under SBO that is MLA_0 (``attn0``) whenever the dispatch covers FFN_0 + MLA_1's QKV and the
+    combine covers MLA_1's core, the regime of the paper's Table 7, whose LongCat-Flash
+    "attention per layer" row is this exposed MLA_0; a standard MoE layer's attention is all
+    exposed (the router waits for it). Under ``sequential`` it is all attention. Under TBO it is
+    the attention the other micro-batch's dispatch/combine does not hide (Table 7's TBO rows
+    list the whole attention, hidden)."""
+    exposed = 0.0
+    layers: set[tuple[int, int]] = set()
+    for gpu in {r.gpu for r in records}:
+        rows = [r for r in records if r.gpu == gpu]
+        comm = metrics.union((r.start, r.end) for r in rows if r.is_comm)
+        for r in rows:
+            if metrics.STAGE_GROUPS.get(r.name) == "attention":
+                hidden = metrics.intersection_measure([(r.start, r.end)], comm)
+                exposed += r.duration - hidden
+                layers.add((gpu, r.layer))
+    return exposed / len(layers) * 1e6 if layers else 0.0
+
+
+def decode_results(setup: DecodeSetup, result: DecodeResult, closed_step_s: float) -> dict:
+    """The JSON of one decode simulation: inputs, then the numbers it is judged by.
+
+    ``per_layer_us["attention"]`` is all attention compute of a layer (both MLA blocks of a
+    LongCat-Flash layer); ``per_layer_us["attention_exposed"]`` is the part no communication
+    hides (:func:`exposed_attention_us`)."""
+    out = setup.config()
+    out["mode"] = "decode"
+    out["assumptions_description"] = setup.assumptions.description
+    out.update(result.summary())
+    per_layer = {}
+    for key, value in out["per_layer_us"].items():
+        per_layer[key] = value
+        if key == "attention":
+            per_layer["attention_exposed"] = exposed_attention_us(result.records)
+    out["per_layer_us"] = per_layer
+    out["closed_form_step_ms"] = closed_step_s * 1e3
+    out["total_tokens_per_s"] = result.tgs * setup.gpus
+    out["events"] = len(result.records)
+    return out

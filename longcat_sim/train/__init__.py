@@ -1,0 +1,1 @@
+"""Training: the trainer, its data (corpus, tokenizer) and multi-process launch."""
