@@ -156,24 +156,28 @@ class StepInjector:
     def wants(self, site: str) -> bool:
         return any(f.site == site and f not in self.fired for f in self.due)
 
-    def at(self, site: str, tensor: torch.Tensor, target: str = "") -> torch.Tensor:
-        for fault in self.due:
-            if fault.site != site or fault in self.fired:
-                continue
-            if fault.target and target and fault.target != target:
-                continue
+    def _firing(self, site: str, target: str) -> list[Fault]:
+        """The due faults of ``site`` (and ``target``, where both name one) not yet fired;
+        each is marked fired."""
+        firing = [
+            f
+            for f in self.due
+            if f.site == site
+            and f not in self.fired
+            and not (f.target and target and f.target != target)
+        ]
+        for fault in firing:
             self._fire(fault)
+        return firing
+
+    def at(self, site: str, tensor: torch.Tensor, target: str = "") -> torch.Tensor:
+        for fault in self._firing(site, target):
             tensor = flipped(tensor, fault.index, fault.bit)
         return tensor
 
     def at_(self, site: str, tensor: torch.Tensor, target: str = "") -> None:
         """In-place variant for state at rest (weights, gradients, optimizer moments)."""
-        for fault in self.due:
-            if fault.site != site or fault in self.fired:
-                continue
-            if fault.target and target and fault.target != target:
-                continue
-            self._fire(fault)
+        for fault in self._firing(site, target):
             flip_bit_(tensor, fault.index, fault.bit)
 
 

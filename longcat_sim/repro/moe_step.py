@@ -335,29 +335,18 @@ def swiglu_ffn(
     return stages
 
 
-def moe_step(
-    state: StepState,
-    sc: MoEStepConfig,
-    *,
-    injector: StepInjector | None = None,
-    monitors: tuple[StepMonitor, ...] = (),
-) -> StepResult:
-    """Run one step from ``state`` (left untouched); faults from ``injector``, checks from
-    ``monitors``. Raises :class:`StepCrash` where a real kernel would fault."""
-    cfg = sc.model
+def _route(
+    x_TD: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    bias: torch.Tensor,
+    cfg: ModelConfig,
+    injector: StepInjector | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k expert ids, gates, per-expert slot counts) of every token."""
     n, k, e_total = cfg.n_routed_experts, cfg.moe_topk, cfg.num_experts_total
-    work = state.clone()
-    if injector is not None:
-        for name in PARAMS:
-            injector.at_("weight", work.params[name], target=name)
-    params = {name: p.requires_grad_() for name, p in work.params.items()}
-    x_TD = work.x_TD
-    tokens = x_TD.shape[0]
-
-    # router
     logits_TE = x_TD @ params["router"].t()
     scores_TE = logits_TE.softmax(dim=-1)
-    idx_TK = stable_topk(scores_TE.detach() + work.bias, k)
+    idx_TK = stable_topk(scores_TE.detach() + bias, k)
     if injector is not None:
         idx_TK = injector.at("routing_indices", idx_TK)
     if int(idx_TK.min()) < 0 or int(idx_TK.max()) >= e_total:
@@ -368,25 +357,24 @@ def moe_step(
     counts_E = torch.bincount(idx_TK.reshape(-1), minlength=e_total)
     if injector is not None:
         counts_E = injector.at("routing_counts", counts_E)
+    return idx_TK, gate_TK, counts_E
 
-    # dispatch: FFN slots sorted by expert, stable (token order inside an expert)
-    flat_S = idx_TK.reshape(-1)
-    ffn_slots = torch.nonzero(flat_S < n).squeeze(1)
-    slot_S = ffn_slots[torch.argsort(flat_S[ffn_slots], stable=True)]
-    token_S = torch.div(slot_S, k, rounding_mode="floor")
-    rows = expert_rows(counts_E[:n], slot_S.shape[0])
-    x_SD = x_TD.index_select(0, token_S)
-    weights = {name: params[name] for name in EXPERT_WEIGHTS}
-    # the dispatched rows are copies of tokens: their norms are the tokens' norms
-    x_norms_S = torch.linalg.vector_norm(x_TD, dim=1)[token_S] if monitors else None
-    stages = swiglu_ffn(x_SD, weights, rows, injector, monitors, work.scales, x_norms_S)
-    for m in monitors:
-        m.on_expert_ffn(x_SD.detach(), weights, stages, rows, work.step)
 
-    # combine: slot layout, zero experts are the identity; K slots summed in slot order
+def _combine(
+    x_TD: torch.Tensor,
+    idx_TK: torch.Tensor,
+    gate_TK: torch.Tensor,
+    slot_S: torch.Tensor,
+    down_SD: torch.Tensor,
+    n_routed: int,
+    injector: StepInjector | None,
+    monitors: tuple[StepMonitor, ...],
+) -> torch.Tensor:
+    """Slot layout, zero experts as the identity; the K slots summed in slot order."""
+    tokens, k = idx_TK.shape
     y_slots = x_TD.new_zeros(tokens * k, x_TD.shape[1])
-    y_slots = y_slots.index_copy(0, slot_S, stages["down"])
-    is_zero_S = (flat_S >= n).unsqueeze(-1)
+    y_slots = y_slots.index_copy(0, slot_S, down_SD)
+    is_zero_S = (idx_TK.reshape(-1) >= n_routed).unsqueeze(-1)
     token_of_slot = torch.arange(tokens * k) // k
     y_TKD = torch.where(is_zero_S, x_TD.index_select(0, token_of_slot), y_slots).view(tokens, k, -1)
     out_TD = gate_TK[:, 0:1] * y_TKD[:, 0]
@@ -396,16 +384,17 @@ def moe_step(
         out_TD = injector.at("combine", out_TD)
     for m in monitors:
         m.on_combine(out_TD.detach(), gate_TK.detach(), y_TKD.detach(), (slot_S, x_TD))
+    return out_TD
 
-    # loss and backward
-    loss = (out_TD.double() * work.grad_out_TD.double()).sum()
-    out_TD.backward(work.grad_out_TD)
-    grads = {name: p.grad for name, p in params.items()}
-    if injector is not None:
-        for name in PARAMS:
-            injector.at_("gradient", grads[name], target=name)
 
-    # AdamW
+def _adamw(
+    work: StepState,
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    sc: MoEStepConfig,
+    injector: StepInjector | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """(new parameters, first moments, second moments, step) after one AdamW update."""
     step = work.step + 1
     b1, b2 = sc.betas
     new_params, new_m, new_v = {}, {}, {}
@@ -422,11 +411,57 @@ def moe_step(
             update = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + sc.eps)
             new_params[name] = p * (1 - sc.lr * sc.weight_decay) - sc.lr * update
             new_m[name], new_v[name] = m, v
-        scales = {name: reencode_(new_params[name]) for name in EXPERT_WEIGHTS}
     if injector is not None:
         for name in PARAMS:
             injector.at_("optimizer_state", new_m[name], target=f"{name}:exp_avg")
             injector.at_("optimizer_state", new_v[name], target=f"{name}:exp_avg_sq")
+    return new_params, new_m, new_v, step
+
+
+def moe_step(
+    state: StepState,
+    sc: MoEStepConfig,
+    *,
+    injector: StepInjector | None = None,
+    monitors: tuple[StepMonitor, ...] = (),
+) -> StepResult:
+    """Run one step from ``state`` (left untouched); faults from ``injector``, checks from
+    ``monitors``. Raises :class:`StepCrash` where a real kernel would fault."""
+    cfg = sc.model
+    n, k = cfg.n_routed_experts, cfg.moe_topk
+    work = state.clone()
+    if injector is not None:
+        for name in PARAMS:
+            injector.at_("weight", work.params[name], target=name)
+    params = {name: p.requires_grad_() for name, p in work.params.items()}
+    x_TD = work.x_TD
+    idx_TK, gate_TK, counts_E = _route(x_TD, params, work.bias, cfg, injector)
+
+    # dispatch: FFN slots sorted by expert, stable (token order inside an expert)
+    flat_S = idx_TK.reshape(-1)
+    ffn_slots = torch.nonzero(flat_S < n).squeeze(1)
+    slot_S = ffn_slots[torch.argsort(flat_S[ffn_slots], stable=True)]
+    token_S = torch.div(slot_S, k, rounding_mode="floor")
+    rows = expert_rows(counts_E[:n], slot_S.shape[0])
+    x_SD = x_TD.index_select(0, token_S)
+    weights = {name: params[name] for name in EXPERT_WEIGHTS}
+    # the dispatched rows are copies of tokens: their norms are the tokens' norms
+    x_norms_S = torch.linalg.vector_norm(x_TD, dim=1)[token_S] if monitors else None
+    stages = swiglu_ffn(x_SD, weights, rows, injector, monitors, work.scales, x_norms_S)
+    for m in monitors:
+        m.on_expert_ffn(x_SD.detach(), weights, stages, rows, work.step)
+    out_TD = _combine(x_TD, idx_TK, gate_TK, slot_S, stages["down"], n, injector, monitors)
+
+    # loss and backward
+    loss = (out_TD.double() * work.grad_out_TD.double()).sum()
+    out_TD.backward(work.grad_out_TD)
+    grads = {name: p.grad for name, p in params.items()}
+    if injector is not None:
+        for name in PARAMS:
+            injector.at_("gradient", grads[name], target=name)
+    new_params, new_m, new_v, step = _adamw(work, params, grads, sc, injector)
+    with torch.no_grad():
+        scales = {name: reencode_(new_params[name]) for name in EXPERT_WEIGHTS}
 
     tensors: dict[str, torch.Tensor] = {
         "routing.idx": idx_TK,
@@ -440,11 +475,6 @@ def moe_step(
         tensors[f"exp_avg.{name}"] = new_m[name]
         tensors[f"exp_avg_sq.{name}"] = new_v[name]
     next_state = dataclasses.replace(
-        work,
-        params=new_params,
-        exp_avg=new_m,
-        exp_avg_sq=new_v,
-        scales=scales,
-        step=step,
+        work, params=new_params, exp_avg=new_m, exp_avg_sq=new_v, scales=scales, step=step
     )
     return StepResult(tensors, float(loss.detach()), next_state)
