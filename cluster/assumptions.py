@@ -20,12 +20,12 @@ traced to the assumption behind it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Precision
+from longcat_sim.config.fields import Check, choice, name, number, pick, validate
 
 Routing = Literal["balanced", "multinomial"]
 
@@ -34,6 +34,9 @@ Routing = Literal["balanced", "multinomial"]
 # Table 6 measurements at the same deployment (EP128, H800); see tests/cluster/test_costmodel.py
 # for how close each model's attention row gets under it.
 TABLE7_CONTEXT = 5000
+
+MEASURED_MTP_ACCEPT = 0.9  # LongCat-Flash MTP acceptance on test sets (paper sec. 6.1.2)
+TABLE7_MTP_ACCEPT = 0.8  # Table 7's own assumption (paper sec. 6.3.2)
 
 
 @dataclass(frozen=True)
@@ -80,45 +83,13 @@ class Assumptions:
     # price the work of a decode step outside the layers (LM head, MTP draft); a theoretical
     # estimate such as Table 7 counts the layers only
     step_work: bool = True
+    # share of MTP draft tokens the main model accepts (decode); LongCat-Flash measures about
+    # 90 % on its test sets (arXiv 2509.01322 sec. 6.1.2), Table 7 assumes 80 % (sec. 6.3.2)
+    mtp_accept: float = MEASURED_MTP_ACCEPT
     description: str = ""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "float":
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ClusterInputError(
-                        f"assumption {f.name!r} must be a number, got {value!r}"
-                    )
-                if not math.isfinite(value) or value < 0:
-                    raise ClusterInputError(
-                        f"assumption {f.name!r} must be finite and >= 0, got {value!r}"
-                    )
-        for name in (
-            "gemm_flop_fraction",
-            "expert_flop_fraction",
-            "attention_flop_fraction",
-            "hbm_fraction",
-            "attention_hbm_fraction",
-            "ep_nvlink_fraction",
-            "ep_rdma_fraction",
-            "tp_link_fraction",
-            "ep_collective_fraction",
-        ):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ClusterInputError(
-                    f"assumption {name!r} is a fraction of peak and must lie in (0, 1], got {value}"
-                )
-        if self.routing not in ("balanced", "multinomial"):
-            raise ClusterInputError(
-                f"routing must be 'balanced' or 'multinomial', got {self.routing!r}"
-            )
-        for name in ("linear_precision", "expert_precision"):
-            if getattr(self, name) not in ("bf16", "fp8"):
-                raise ClusterInputError(
-                    f"{name} must be 'bf16' or 'fp8', got {getattr(self, name)!r}"
-                )
+        validate(self, lambda n: f"assumption {n!r}", ClusterInputError, _CHECKS)
 
     def replace(self, **changes: Any) -> Assumptions:
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -129,6 +100,39 @@ class Assumptions:
             )
         return dataclasses.replace(self, **changes)
 
+
+_FRACTIONS = (
+    "gemm_flop_fraction",
+    "expert_flop_fraction",
+    "attention_flop_fraction",
+    "hbm_fraction",
+    "attention_hbm_fraction",
+    "ep_nvlink_fraction",
+    "ep_rdma_fraction",
+    "tp_link_fraction",
+    "ep_collective_fraction",
+)
+_OF_PEAK = Check(
+    "is a fraction of peak and must lie in (0, 1]", number(0.0, 1.0, open_low=True).test
+)
+_CHOICES = {
+    "routing": choice("balanced", "multinomial"),
+    "linear_precision": choice("bf16", "fp8"),
+    "expert_precision": choice("bf16", "fp8"),
+    "mtp_accept": number(0.0, 1.0),
+}
+_BOOL = Check("must be true or false", lambda v: isinstance(v, bool))
+
+
+def _check(f: dataclasses.Field) -> Check:
+    if f.name in _FRACTIONS:
+        return _OF_PEAK
+    if f.name in _CHOICES:
+        return _CHOICES[f.name]
+    return {"float": number(0.0), "bool": _BOOL, "str": name()}.get(str(f.type), name())
+
+
+_CHECKS = {f.name: _check(f) for f in fields(Assumptions) if f.name != "description"}
 
 # H800 figures the Table 7 assumptions are stated against (arXiv 2509.01322 sec. 6.2).
 _H800_BF16_TFLOPS = 989.0
@@ -161,12 +165,13 @@ TABLE7 = Assumptions(
     expert_precision="fp8",
     fp8_attention_math=False,
     step_work=False,
+    mtp_accept=TABLE7_MTP_ACCEPT,
     description=(
         "LongCat-Flash Table 7 theoretical decode: FlashMLA 660 TFLOPS, MoE at 1979 TFLOPS "
         "FP8 dense, DeepEP 40 GB/s pure bandwidth (every expert copy crosses the network), no "
         "latency or overheads, balanced routing; GEMMs priced by FLOPs alone, the KV-cache "
         "read the only HBM traffic (it bounds attention from below); the layers only, no LM "
-        "head or MTP draft"
+        "head or MTP draft; MTP acceptance 80 %"
     ),
 )
 
@@ -252,8 +257,4 @@ def assumption_names() -> list[str]:
 
 
 def get_assumptions(name: str) -> Assumptions:
-    if name not in _NAMED:
-        raise ClusterInputError(
-            f"unknown assumption set {name!r}; choose one of {', '.join(assumption_names())}"
-        )
-    return _NAMED[name]
+    return pick(_NAMED, name, "assumption set", ClusterInputError)

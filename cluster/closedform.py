@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from longcat_sim import stages as S
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.workload import DecodeWorkload, StageTimes
 
@@ -31,16 +32,13 @@ SCHEDULES: tuple[str, ...] = ("sbo", "sequential", "tbo")
 
 # Stages of one micro-batch's layer under TBO: the attention issued before the dispatch, and the
 # work beside the routed experts (it needs the attention output but not the dispatch).
-TBO_ATTENTION = {
-    "scmoe": ("attn0", "router"),
-    "moe": ("attn_qkv", "attn_core", "router"),
-    "dense": ("attn_qkv", "attn_core"),
-}
-TBO_BESIDE_EXPERTS = {
-    "scmoe": ("ffn0", "ffn0_tp", "attn1_qkv", "attn1_core", "ffn1", "ffn1_tp"),
-    "moe": ("shared",),
-    "dense": ("ffn", "ffn_tp"),
-}
+TBO_ATTENTION = {kind: (*lead, S.ROUTER) for kind, lead in S.BEFORE_ROUTER.items()}
+TBO_ATTENTION["dense"] = S.BEFORE_ROUTER["dense"]
+TBO_BESIDE_EXPERTS = S.BESIDE_EXPERTS
+
+
+def _sum(st: StageTimes, names: Sequence[str]) -> float:
+    return sum(st.get(name) for name in names)
 
 
 def sequential_layer_time(st: StageTimes) -> float:
@@ -52,20 +50,19 @@ def sbo_layer_time(st: StageTimes) -> float:
     g = st.get
     if st.kind == "scmoe":
         return (
-            g("attn0")
-            + g("router")
-            + max(g("dispatch"), g("ffn0") + g("ffn0_tp") + g("attn1_qkv"))
-            + g("moe")
-            + max(g("combine"), g("attn1_core") + g("ffn1") + g("ffn1_tp"))
+            g(S.ATTENTION_0)
+            + g(S.ROUTER)
+            + max(g(S.DISPATCH), _sum(st, (*S.PARTS[S.DENSE_FFN_0], S.ATTENTION_1_QKV)))
+            + g(S.ROUTED_EXPERTS)
+            + max(g(S.COMBINE), _sum(st, (S.ATTENTION_1_CORE, *S.PARTS[S.DENSE_FFN_1])))
         )
     if st.kind == "moe":
         return (
-            g("attn_qkv")
-            + g("attn_core")
-            + g("router")
-            + max(g("dispatch"), g("shared"))
-            + g("moe")
-            + g("combine")
+            _sum(st, S.BEFORE_ROUTER["moe"])
+            + g(S.ROUTER)
+            + max(g(S.DISPATCH), g(S.SHARED_EXPERTS))
+            + g(S.ROUTED_EXPERTS)
+            + g(S.COMBINE)
         )
     return sequential_layer_time(st)
 
@@ -82,17 +79,10 @@ def conventional_layer_time(st: StageTimes) -> float:
     if st.kind != "scmoe":
         raise ClusterInputError(f"the conventional topology is of scmoe layers, got {st.kind!r}")
     g = st.get
-    return (
-        g("attn0")
-        + g("ffn0")
-        + g("ffn0_tp")
-        + g("attn1_qkv")
-        + g("attn1_core")
-        + g("router")
-        + max(
-            g("ffn1") + g("ffn1_tp"),
-            max(g("ffn1"), g("dispatch")) + g("moe") + g("combine"),
-        )
+    before = (S.ATTENTION_0, *S.PARTS[S.DENSE_FFN_0], *S.PARTS[S.ATTENTION_1], S.ROUTER)
+    return _sum(st, before) + max(
+        _sum(st, S.PARTS[S.DENSE_FFN_1]),
+        max(g(S.DENSE_FFN_1), g(S.DISPATCH)) + g(S.ROUTED_EXPERTS) + g(S.COMBINE),
     )
 
 
@@ -115,11 +105,11 @@ def tbo_stages(half: StageTimes) -> TboStages:
         raise ClusterInputError(f"unknown layer kind {half.kind!r}; use scmoe, moe or dense")
     g = half.get
     return TboStages(
-        a=sum(g(stage) for stage in TBO_ATTENTION[half.kind]),
-        d=g("dispatch"),
-        s=sum(g(stage) for stage in TBO_BESIDE_EXPERTS[half.kind]),
-        m=g("moe"),
-        c=g("combine"),
+        a=_sum(half, TBO_ATTENTION[half.kind]),
+        d=g(S.DISPATCH),
+        s=_sum(half, TBO_BESIDE_EXPERTS[half.kind]),
+        m=g(S.ROUTED_EXPERTS),
+        c=g(S.COMBINE),
     )
 
 

@@ -19,11 +19,14 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from longcat_sim import stages as S
 from longcat_sim.cluster.assumptions import Assumptions
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Hardware
 from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
 from longcat_sim.cluster.placement import (
+    check_count,
     imbalance_factor,
     imbalance_factors,
     sample_expert_loads,
@@ -110,7 +113,7 @@ def ep_traffic_shares(ep: int, hw: Hardware, a: Assumptions) -> tuple[float, flo
     Without locality every copy is priced on the scale-out network, as the Table 7 estimate
     does. With it, the 1/ep bound for this GPU stays put and same-node copies take NVLink.
     """
-    _check_positive_int("EP size", ep)
+    check_count("EP size", ep)
     if not a.ep_locality:
         return 0.0, 1.0
     node = min(ep, hw.gpus_per_node)
@@ -163,7 +166,7 @@ def collective_time(op: CommOp, hw: Hardware, a: Assumptions) -> float:
     latency = passes * ((node - 1) * hw.nvlink_latency_s + (nodes - 1) * hw.rdma_latency_s)
     # training dispatch/combine (stages of the same names) have their own achieved fraction
     fraction = (
-        a.ep_collective_fraction if op.stage in ("dispatch", "combine") else a.tp_link_fraction
+        a.ep_collective_fraction if op.stage in (S.DISPATCH, S.COMBINE) else a.tp_link_fraction
     )
     transfer = max(
         nvlink_bytes / (hw.nvlink_bytes_per_s * fraction),
@@ -334,7 +337,7 @@ def context_imbalance(
     """Attention work of the GPU with the most cached context over the mean, when each of the
     ``ep`` GPUs holds ``requests`` requests whose contexts are gamma distributed with the
     assumption set's coefficient of variation (1 when it is 0)."""
-    _check_positive_int("requests per GPU", requests)
+    check_count("requests per GPU", requests)
     if a.context_cv == 0:
         return 1.0
     if not isinstance(rng, np.random.Generator):
@@ -430,16 +433,9 @@ def decode_workload(
     outside the layers (embedding, LM head, MTP draft), priced sequentially into
     ``overhead_s`` with the assumption set's fixed per-step overhead.
     """
-    _check_positive_int("batch per device", batch_per_device)
-    _check_positive_int("EP size", ep)
-    if (
-        isinstance(mtp_draft_tokens, bool)
-        or not isinstance(mtp_draft_tokens, int)
-        or mtp_draft_tokens < 0
-    ):
-        raise ClusterInputError(
-            f"MTP draft tokens must be a non-negative integer, got {mtp_draft_tokens!r}"
-        )
+    check_count("batch per device", batch_per_device)
+    check_count("EP size", ep)
+    check_count("MTP draft tokens", mtp_draft_tokens, allow_zero=True)
     splits = tuple(micro_batches)
     if not splits or any(n not in (1, 2) for n in splits):
         raise ClusterInputError(
@@ -490,9 +486,11 @@ def train_layer_times(
     redundant_experts: int = 0,
     rng: np.random.Generator | None = None,
     expert_loads: np.ndarray | None = None,
+    weight_grad: LayerOps | None = None,
 ) -> TrainLayerTimes:
     """Forward and backward stage times of one layer for one token chunk. The backward pass
-    meets the same routing as the forward, so both use one imbalance factor."""
+    meets the same routing as the forward, so both use one imbalance factor. ``weight_grad``
+    (optional) holds the weight-gradient ops, ``backward`` then the input gradient only."""
     imbalance = layer_imbalance(
         forward,
         assumptions,
@@ -501,19 +499,25 @@ def train_layer_times(
         rng=rng,
         expert_loads=expert_loads,
     )
-    common = dict(ep=ep, redundant_experts=redundant_experts, imbalance=imbalance)
+
+    def times(layer: LayerOps) -> StageTimes:
+        return layer_stage_times(
+            layer,
+            hardware,
+            assumptions,
+            ep=ep,
+            redundant_experts=redundant_experts,
+            imbalance=imbalance,
+        )
+
     return TrainLayerTimes(
-        forward=layer_stage_times(forward, hardware, assumptions, **common),
-        backward=layer_stage_times(backward, hardware, assumptions, **common),
+        forward=times(forward),
+        backward=times(backward),
+        weight_grad={} if weight_grad is None else dict(times(weight_grad).compute),
     )
 
 
 # -- checks ---------------------------------------------------------------------------------
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ClusterInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_imbalance(imbalance: float) -> None:

@@ -7,13 +7,13 @@ is not a property of the chip; the efficiency terms live in ``cluster.assumption
 from __future__ import annotations
 
 import dataclasses
-import math
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.config.fields import Check, integer, name, number, optional, validate
+from longcat_sim.config.toml import read_toml
 
 Precision = Literal["bf16", "fp8"]
 
@@ -21,6 +21,11 @@ _LATENCY_NOTE = (
     "link latencies are typical small-message one-way figures (order of magnitude), "
     "not datasheet values"
 )
+
+
+def _si(field_name: str, scale: float) -> property:
+    """A read-only view of ``field_name`` in SI units: its value times ``scale``."""
+    return property(lambda self: getattr(self, field_name) * scale)
 
 
 @dataclass(frozen=True)
@@ -52,143 +57,102 @@ class Hardware:
             return self.bf16_tflops * 1e12
         raise ClusterInputError(f"unknown precision {precision!r}; use 'bf16' or 'fp8'")
 
-    @property
-    def hbm_bytes_per_s(self) -> float:
-        return self.hbm_tb_s * 1e12
-
-    @property
-    def hbm_bytes(self) -> float:
-        return self.hbm_gb * 1e9
-
-    @property
-    def nvlink_bytes_per_s(self) -> float:
-        return self.nvlink_gb_s * 1e9
-
-    @property
-    def rdma_bytes_per_s(self) -> float:
-        return self.rdma_gb_s * 1e9
-
-    @property
-    def nvlink_latency_s(self) -> float:
-        return self.nvlink_latency_us * 1e-6
-
-    @property
-    def rdma_latency_s(self) -> float:
-        return self.rdma_latency_us * 1e-6
+    hbm_bytes_per_s = _si("hbm_tb_s", 1e12)
+    hbm_bytes = _si("hbm_gb", 1e9)
+    nvlink_bytes_per_s = _si("nvlink_gb_s", 1e9)
+    rdma_bytes_per_s = _si("rdma_gb_s", 1e9)
+    nvlink_latency_s = _si("nvlink_latency_us", 1e-6)
+    rdma_latency_s = _si("rdma_latency_us", 1e-6)
 
     def replace(self, **changes: Any) -> Hardware:
         return hardware_from_dict({**dataclasses.asdict(self), **changes})
 
 
-_POSITIVE = ("bf16_tflops", "hbm_tb_s", "hbm_gb", "nvlink_gb_s", "rdma_gb_s")
-_NON_NEGATIVE = ("nvlink_latency_us", "rdma_latency_us", "gpu_hour_usd")
+_POSITIVE = number(0.0, open_low=True)
+_NON_NEGATIVE = number(0.0)
+_CHECKS: dict[str, Check] = {
+    "name": name(),
+    "bf16_tflops": _POSITIVE,
+    "fp8_tflops": optional(_POSITIVE),
+    "hbm_tb_s": _POSITIVE,
+    "hbm_gb": _POSITIVE,
+    "nvlink_gb_s": _POSITIVE,
+    "rdma_gb_s": _POSITIVE,
+    "nvlink_latency_us": _NON_NEGATIVE,
+    "rdma_latency_us": _NON_NEGATIVE,
+    "gpus_per_node": integer(1),
+    "gpu_hour_usd": _NON_NEGATIVE,
+    "source": Check("must be a string", lambda v: isinstance(v, str)),
+}
 
 
 def _validate(hw: Hardware) -> None:
-    if not isinstance(hw.name, str) or not hw.name:
-        raise ClusterInputError("hardware needs a non-empty name")
-    for name in (*_POSITIVE, *_NON_NEGATIVE, "fp8_tflops"):
-        value = getattr(hw, name)
-        if value is None and name == "fp8_tflops":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ClusterInputError(f"hardware {hw.name!r}: {name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ClusterInputError(f"hardware {hw.name!r}: {name} must be finite, got {value!r}")
-    for name in (*_POSITIVE, "fp8_tflops"):
-        value = getattr(hw, name)
-        if value is not None and value <= 0:
-            raise ClusterInputError(f"hardware {hw.name!r}: {name} must be positive, got {value!r}")
-    for name in _NON_NEGATIVE:
-        if getattr(hw, name) < 0:
-            raise ClusterInputError(
-                f"hardware {hw.name!r}: {name} must be >= 0, got {getattr(hw, name)!r}"
-            )
-    if isinstance(hw.gpus_per_node, bool) or not isinstance(hw.gpus_per_node, int):
-        raise ClusterInputError(
-            f"hardware {hw.name!r}: gpus_per_node must be an integer, got {hw.gpus_per_node!r}"
-        )
-    if hw.gpus_per_node <= 0:
-        raise ClusterInputError(
-            f"hardware {hw.name!r}: gpus_per_node must be positive, got {hw.gpus_per_node}"
-        )
-    if not isinstance(hw.source, str):
-        raise ClusterInputError(f"hardware {hw.name!r}: source must be a string")
+    validate(hw, lambda n: f"hardware {hw.name!r}: {n}", ClusterInputError, _CHECKS)
 
 
 # -- catalogue -------------------------------------------------------------------------------
 # NVLink per direction = half the vendor's bidirectional figure. RDMA per GPU = one NIC per GPU
 # (400 Gb/s NDR or ConnectX-7 -> 50 GB/s; 200 Gb/s HDR -> 25 GB/s).
 
+_H800 = Hardware(
+    name="H800",
+    bf16_tflops=989.0,
+    fp8_tflops=1979.0,
+    hbm_tb_s=3.35,
+    hbm_gb=80.0,
+    nvlink_gb_s=200.0,
+    rdma_gb_s=50.0,
+    nvlink_latency_us=1.0,
+    rdma_latency_us=3.0,
+    gpus_per_node=8,
+    source=(
+        "NVIDIA H800 SXM5 datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 80 GB HBM3 "
+        "3.35 TB/s, NVLink 400 GB/s bidirectional; 8 x 400 Gb/s InfiniBand per node "
+        "(DeepSeek-V3 report, sec. 3.1); " + _LATENCY_NOTE
+    ),
+)
+
+# The other Hopper parts: the H800's compute and links, with their own NVLink and memory.
+_H100 = dataclasses.replace(
+    _H800,
+    name="H100",
+    nvlink_gb_s=450.0,
+    source=(
+        "NVIDIA H100 SXM5 datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 80 GB HBM3 "
+        "3.35 TB/s, NVLink 900 GB/s bidirectional; ConnectX-7 400 Gb/s per GPU "
+        "(DGX H100); " + _LATENCY_NOTE
+    ),
+)
+_H200 = dataclasses.replace(
+    _H100,
+    name="H200",
+    hbm_tb_s=4.8,
+    hbm_gb=141.0,
+    source=(
+        "NVIDIA H200 SXM datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 141 GB HBM3e "
+        "4.8 TB/s, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU; " + _LATENCY_NOTE
+    ),
+)
+_H20 = dataclasses.replace(
+    _H100,
+    name="H20",
+    bf16_tflops=148.0,
+    fp8_tflops=296.0,
+    hbm_tb_s=4.0,
+    hbm_gb=96.0,
+    source=(
+        "NVIDIA H20 (HGX) public specification: 148 TFLOPS BF16 / 296 FP8 dense, 96 GB "
+        "HBM3 4.0 TB/s, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU; " + _LATENCY_NOTE
+    ),
+)
+
 _CATALOGUE: dict[str, Hardware] = {
     hw.name: hw
     for hw in (
-        Hardware(
-            name="H800",
-            bf16_tflops=989.0,
-            fp8_tflops=1979.0,
-            hbm_tb_s=3.35,
-            hbm_gb=80.0,
-            nvlink_gb_s=200.0,
-            rdma_gb_s=50.0,
-            nvlink_latency_us=1.0,
-            rdma_latency_us=3.0,
-            gpus_per_node=8,
-            source=(
-                "NVIDIA H800 SXM5 datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 80 GB HBM3 "
-                "3.35 TB/s, NVLink 400 GB/s bidirectional; 8 x 400 Gb/s InfiniBand per node "
-                "(DeepSeek-V3 report, sec. 3.1); " + _LATENCY_NOTE
-            ),
-        ),
-        Hardware(
-            name="H100",
-            bf16_tflops=989.0,
-            fp8_tflops=1979.0,
-            hbm_tb_s=3.35,
-            hbm_gb=80.0,
-            nvlink_gb_s=450.0,
-            rdma_gb_s=50.0,
-            nvlink_latency_us=1.0,
-            rdma_latency_us=3.0,
-            gpus_per_node=8,
-            source=(
-                "NVIDIA H100 SXM5 datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 80 GB HBM3 "
-                "3.35 TB/s, NVLink 900 GB/s bidirectional; ConnectX-7 400 Gb/s per GPU "
-                "(DGX H100); " + _LATENCY_NOTE
-            ),
-        ),
-        Hardware(
-            name="H200",
-            bf16_tflops=989.0,
-            fp8_tflops=1979.0,
-            hbm_tb_s=4.8,
-            hbm_gb=141.0,
-            nvlink_gb_s=450.0,
-            rdma_gb_s=50.0,
-            nvlink_latency_us=1.0,
-            rdma_latency_us=3.0,
-            gpus_per_node=8,
-            source=(
-                "NVIDIA H200 SXM datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 141 GB HBM3e "
-                "4.8 TB/s, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU; " + _LATENCY_NOTE
-            ),
-        ),
-        Hardware(
-            name="H20",
-            bf16_tflops=148.0,
-            fp8_tflops=296.0,
-            hbm_tb_s=4.0,
-            hbm_gb=96.0,
-            nvlink_gb_s=450.0,
-            rdma_gb_s=50.0,
-            nvlink_latency_us=1.0,
-            rdma_latency_us=3.0,
-            gpus_per_node=8,
-            source=(
-                "NVIDIA H20 (HGX) public specification: 148 TFLOPS BF16 / 296 FP8 dense, 96 GB "
-                "HBM3 4.0 TB/s, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU; " + _LATENCY_NOTE
-            ),
-        ),
+        _H800,
+        _H100,
+        _H200,
+        _H20,
         Hardware(
             name="A100",
             bf16_tflops=312.0,
@@ -295,15 +259,9 @@ def hardware_from_dict(data: dict[str, Any]) -> Hardware:
 def load_hardware_file(path: str | Path) -> Hardware:
     """Read a TOML file: a ``[hardware]`` table (or top-level keys) with the fields above."""
     path = Path(path)
-    if not path.is_file():
-        raise ClusterInputError(f"hardware file {str(path)!r} does not exist")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ClusterInputError(f"hardware file {str(path)!r} is not valid TOML: {exc}") from None
-    table = doc.get("hardware", doc)
-    if not isinstance(table, dict):
-        raise ClusterInputError(f"hardware file {str(path)!r}: [hardware] must be a table")
+    table = read_toml(
+        path, what=f"hardware file {str(path)!r}", table="hardware", error=ClusterInputError
+    )
     table = dict(table)
     table.setdefault("name", path.stem)
     table.setdefault("source", f"user hardware file {path.name}")

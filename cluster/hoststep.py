@@ -28,13 +28,14 @@ gathered, and the optimizer runs (``t_fixed``).
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from longcat_sim import stages as S
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.streams import COMPUTE, Task, run_tasks
+from longcat_sim.config.toml import read_toml
 
 LINK = "nvlink"  # the stream the inter-process exchanges run on
 ON_CORES = "exchange on the cores"  # a window's extra time: an exchange in flight takes CPU
@@ -110,7 +111,7 @@ class HostProfile:
         if world not in self.worlds:
             raise ClusterInputError(
                 f"the profile has no measurements for {world} processes (it has "
-                f"{sorted(self.worlds)}); calibrate with --worlds including {world}"
+                f"{sorted(self.worlds)}); calibrate with --nproc including {world}"
             )
         return self.worlds[world]
 
@@ -172,14 +173,8 @@ def host_profile_from_dict(data: dict[str, Any]) -> HostProfile:
 
 def load_host_profile(path: str | Path) -> HostProfile:
     """Read a profile written by ``longcat-sim calibrate`` (one-line errors when it is not)."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClusterInputError(f"host profile {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ClusterInputError(f"cannot read host profile {str(path)!r}: {exc}") from None
-    return host_profile_from_dict(data)
+    what = f"host profile {str(path)!r}"
+    return host_profile_from_dict(read_toml(path, what=what, error=ClusterInputError))
 
 
 @dataclass(frozen=True)
@@ -230,6 +225,13 @@ class _Costs:
     fixed: float  # the optimizer and gradient sums, once per step
 
 
+# the dense steps each ScMoE exchange is in flight over, as task names
+_BEHIND_DISPATCH, _BEHIND_COMBINE = (
+    " + ".join(S.in_flight_over(S.layer_order("shortcut"), e)) for e in (S.DISPATCH, S.COMBINE)
+)
+_DENSE = f"{_BEHIND_DISPATCH} + {_BEHIND_COMBINE}"
+
+
 def _costs(profile: HostProfile, step: EpStep) -> _Costs:
     m, t = profile.model, profile.terms(step.world)
     slow = t.compute_slowdown
@@ -265,24 +267,24 @@ def step_tasks(profile: HostProfile, step: EpStep) -> list[Task]:
         for layer in range(m.layers):
             lab = {"layer": layer, "microbatch": s, "phase": "fwd"}
             counted = add("counts", LINK, c.counts, [last], **lab)
-            dispatch = add("dispatch", LINK, sync, [counted], **lab)
+            dispatch = add(S.DISPATCH, LINK, sync, [counted], **lab)
             if step.scmoe:
                 # the window's compute, then what the exchange in flight adds on the cores
-                dense = add("FFN_0 + MLA_1", COMPUTE, c.hide_d, [counted], **lab)
+                dense = add(_BEHIND_DISPATCH, COMPUTE, c.hide_d, [counted], **lab)
                 dense = add(ON_CORES, COMPUTE, c.window_d - c.hide_d, [dense], **lab)
-                experts = add("experts", COMPUTE, 0.0, [dispatch, dense], **lab)
-                combine = add("combine", LINK, sync, [experts], **lab)
-                ffn1 = add("FFN_1", COMPUTE, c.hide_c, [experts], **lab)
+                experts = add(S.ROUTED_EXPERTS, COMPUTE, 0.0, [dispatch, dense], **lab)
+                combine = add(S.COMBINE, LINK, sync, [experts], **lab)
+                ffn1 = add(_BEHIND_COMBINE, COMPUTE, c.hide_c, [experts], **lab)
                 ffn1 = add(ON_CORES, COMPUTE, c.window_c - c.hide_c, [ffn1], **lab)
                 last = add("MoE output", COMPUTE, 0.0, [combine, ffn1], **lab)
             else:
-                experts = add("experts", COMPUTE, 0.0, [dispatch], **lab)
-                combine = add("combine", LINK, sync, [experts], **lab)
+                experts = add(S.ROUTED_EXPERTS, COMPUTE, 0.0, [dispatch], **lab)
+                combine = add(S.COMBINE, LINK, sync, [experts], **lab)
                 dense_s = c.hide_d + c.hide_c
-                last = add("FFN_0 + MLA_1 + FFN_1", COMPUTE, dense_s, [combine], **lab)
+                last = add(_DENSE, COMPUTE, dense_s, [combine], **lab)
         last = add("rest of forward and backward", COMPUTE, c.rest, [last], microbatch=s)
         for layer in reversed(range(m.layers)):
-            for name in ("combine backward", "dispatch backward"):
+            for name in (f"{S.COMBINE} backward", f"{S.DISPATCH} backward"):
                 last = add(name, LINK, sync, [last], layer=layer, microbatch=s, phase="bwd")
     for name, seconds in _step_collectives(m, c.t, step.world, slices):
         last = add(name, LINK, seconds, [last])

@@ -14,27 +14,30 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from longcat_sim import stages as S
 from longcat_sim.cluster.streams import EventRecord
 
+# ``per_layer_us`` keys: what each group of stages computes or carries.
 STAGE_GROUPS: dict[str, str] = {
-    "attn0": "attention",
-    "attn1_qkv": "attention",
-    "attn1_core": "attention",
-    "attn_qkv": "attention",
-    "attn_core": "attention",
-    "ffn0": "ffn",
-    "ffn1": "ffn",
-    "ffn": "ffn",
-    "shared": "shared",
-    "router": "router",
-    "moe": "moe",
-    "dispatch": "dispatch",
-    "combine": "combine",
-    "ffn0_tp": "tp_comm",
-    "ffn1_tp": "tp_comm",
-    "ffn_tp": "tp_comm",
+    **{stage: "attention" for stage in sorted(S.ATTENTION_STAGES)},
+    **{stage: "dense_ffn" for stage in (S.DENSE_FFN_0, S.DENSE_FFN_1, S.DENSE_FFN)},
+    S.SHARED_EXPERTS: "shared_experts",
+    S.ROUTER: "router",
+    S.ROUTED_EXPERTS: "routed_experts",
+    S.DISPATCH: "dispatch",
+    S.COMBINE: "combine",
+    **{stage: "tp_comm" for stage in (S.DENSE_FFN_0_TP, S.DENSE_FFN_1_TP, S.DENSE_FFN_TP)},
 }
-GROUPS = ("attention", "ffn", "shared", "router", "dispatch", "moe", "combine", "tp_comm")
+GROUPS = (
+    "attention",
+    "dense_ffn",
+    "shared_experts",
+    "router",
+    "dispatch",
+    "routed_experts",
+    "combine",
+    "tp_comm",
+)
 
 Interval = tuple[float, float]
 

@@ -29,8 +29,10 @@ COMM_PATTERNS: tuple[str, ...] = (
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8")
 
 
-def _check_amounts(owner: str, **amounts: float) -> None:
-    for name, value in amounts.items():
+def _check_amounts(owner: str, record: object, *names: str) -> None:
+    """Each named field of ``record`` must be a finite number >= 0."""
+    for name in names:
+        value = getattr(record, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ClusterInputError(f"{owner}: {name} must be a number, got {value!r}")
         if not (math.isfinite(value) and value >= 0):
@@ -62,13 +64,7 @@ class ComputeOp:
         owner = f"op {self.name!r}"
         _check_choice(owner, "kind", self.kind, OP_KINDS)
         _check_choice(owner, "precision", self.precision, PRECISIONS)
-        _check_amounts(
-            owner,
-            flops=self.flops,
-            weight_bytes=self.weight_bytes,
-            act_bytes=self.act_bytes,
-            kv_bytes=self.kv_bytes,
-        )
+        _check_amounts(owner, self, "flops", "weight_bytes", "act_bytes", "kv_bytes")
 
     @property
     def bytes(self) -> float:
@@ -98,11 +94,7 @@ class ExpertOp:
         owner = f"expert op {self.name!r}"
         _check_choice(owner, "precision", self.precision, PRECISIONS)
         _check_amounts(
-            owner,
-            pairs=self.pairs,
-            flops_per_pair=self.flops_per_pair,
-            act_bytes_per_pair=self.act_bytes_per_pair,
-            expert_weight_bytes=self.expert_weight_bytes,
+            owner, self, "pairs", "flops_per_pair", "act_bytes_per_pair", "expert_weight_bytes"
         )
         if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int):
             raise ClusterInputError(f"{owner}: n_experts must be an integer")
@@ -130,7 +122,7 @@ class CommOp:
     def __post_init__(self) -> None:
         owner = f"comm {self.name!r}"
         _check_choice(owner, "pattern", self.pattern, COMM_PATTERNS)
-        _check_amounts(owner, bytes=self.bytes)
+        _check_amounts(owner, self, "bytes")
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group <= 0:
             raise ClusterInputError(
                 f"{owner}: group must be a positive integer, got {self.group!r}"

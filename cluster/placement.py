@@ -11,22 +11,22 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+
 from longcat_sim.cluster.errors import ClusterInputError
+
+
+def check_count(name: str, value: int, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is a positive integer (or zero, with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ClusterInputError(f"{name} must be a {kind} integer, got {value!r}")
 
 
 def slots_per_rank(n_experts: int, ep: int, redundant_experts: int = 0) -> int:
     """Expert slots each rank holds; (N + R) must split evenly over the EP ranks."""
-    for name, value in (("EP size", ep), ("expert count", n_experts)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ClusterInputError(f"{name} must be a positive integer, got {value!r}")
-    if (
-        isinstance(redundant_experts, bool)
-        or not isinstance(redundant_experts, int)
-        or redundant_experts < 0
-    ):
-        raise ClusterInputError(
-            f"redundant experts must be a non-negative integer, got {redundant_experts!r}"
-        )
+    check_count("EP size", ep)
+    check_count("expert count", n_experts)
+    check_count("redundant experts", redundant_experts, allow_zero=True)
     slots = n_experts + redundant_experts
     if slots % ep:
         need = (-n_experts) % ep

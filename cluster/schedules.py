@@ -57,109 +57,69 @@ over pipeline stages; the closed-form bubbles are those of the DualPipe README.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from longcat_sim import stages
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.streams import COMPUTE, Task
 from longcat_sim.cluster.workload import StageTimes, TrainLayerTimes
+from longcat_sim.stages import (
+    ATTENTION_0,
+    ATTENTION_1_CORE,
+    ATTENTION_1_QKV,
+    COMBINE,
+    DISPATCH,
+    ROUTED_EXPERTS,
+    ROUTER,
+)
 
-IN = "IN"
-OUT = "OUT"
+IN = stages.IN
+OUT = stages.OUT
 
-# Stage -> stages it reads, in forward order. Comments name the model line each stage computes.
-DATAFLOW: dict[str, dict[str, tuple[str, ...]]] = {
-    "scmoe": {
-        "attn0": (IN,),  # a = x0 + MLA_0(x0)
-        "router": ("attn0",),  # routes u = norm(a): the shortcut input of the MoE
-        "dispatch": ("router",),
-        "moe": ("dispatch",),
-        "combine": ("moe",),
-        "ffn0": ("attn0",),  # b = a + FFN_0(u)
-        "ffn0_tp": ("ffn0",),
-        "attn1_qkv": ("ffn0_tp",),  # c = b + MLA_1(b)
-        "attn1_core": ("attn1_qkv",),
-        "ffn1": ("attn1_core",),  # y = c + FFN_1(n) + m, n = norm(c)
-        "ffn1_tp": ("ffn1",),
-        OUT: ("ffn1_tp", "combine"),
-    },
-    "moe": {
-        "attn_qkv": (IN,),
-        "attn_core": ("attn_qkv",),
-        "shared": ("attn_core",),
-        "router": ("attn_core",),
-        "dispatch": ("router",),
-        "moe": ("dispatch",),
-        "combine": ("moe",),
-        OUT: ("shared", "combine"),
-    },
-    "dense": {
-        "attn_qkv": (IN,),
-        "attn_core": ("attn_qkv",),
-        "ffn": ("attn_core",),
-        "ffn_tp": ("ffn",),
-        OUT: ("ffn_tp",),
-    },
-}
-
+# Stage -> stages it reads, in forward order (``longcat_sim.stages`` holds the one definition).
+DATAFLOW = stages.LAYER_FLOW
 # ``model/block.py`` with ``topology="conventional"``: the MoE reads n = norm(c), after the second
 # attention, like FFN_1; everything else as in the shortcut topology.
-CONVENTIONAL_FLOW: dict[str, tuple[str, ...]] = {
-    **DATAFLOW["scmoe"],
-    "router": ("attn1_core",),  # routes n = norm(c): the input of FFN_1
-}
-
+CONVENTIONAL_FLOW = stages.CONVENTIONAL_FLOW
 # The serial layer without overlap: the MoE reads the first attention's output (as in the
 # shortcut topology) but FFN_0 also reads the MoE output, so every dense stage after attn0 waits
 # for the last combine.
-SERIAL_FLOW: dict[str, tuple[str, ...]] = {
-    **DATAFLOW["scmoe"],
-    "ffn0": ("attn0", "combine"),
-}
+SERIAL_FLOW = stages.SERIAL_FLOW
+
+_EXPERTS_PATH = (ROUTED_EXPERTS, COMBINE)
+_LEAD = stages.BEFORE_ROUTER
+_BESIDE = stages.BESIDE_EXPERTS
 
 SBO_ORDER: dict[str, tuple[str, ...]] = {
+    # the model's shortcut order, with the routed experts issued after attention 1's projections
     "scmoe": (
-        "attn0",
-        "router",
-        "dispatch",
-        "ffn0",
-        "ffn0_tp",
-        "attn1_qkv",
-        "moe",
-        "combine",
-        "attn1_core",
-        "ffn1",
-        "ffn1_tp",
+        ATTENTION_0,
+        ROUTER,
+        DISPATCH,
+        *stages.PARTS[stages.DENSE_FFN_0],
+        ATTENTION_1_QKV,
+        *_EXPERTS_PATH,
+        ATTENTION_1_CORE,
+        *stages.PARTS[stages.DENSE_FFN_1],
     ),
-    "moe": ("attn_qkv", "attn_core", "router", "dispatch", "shared", "moe", "combine"),
-    "dense": ("attn_qkv", "attn_core", "ffn", "ffn_tp"),
+    "moe": (*_LEAD["moe"], ROUTER, DISPATCH, *_BESIDE["moe"], *_EXPERTS_PATH),
+    "dense": (*_LEAD["dense"], *_BESIDE["dense"]),
 }
 
 # Per micro-batch: attention up to the router, dispatch, the work beside the routed experts
 # (shared experts / the ScMoE dense branch / a dense FFN), the routed experts, combine.
 TBO_ORDER: dict[str, tuple[str, ...]] = {
-    "scmoe": (
-        "attn0",
-        "router",
-        "dispatch",
-        "ffn0",
-        "ffn0_tp",
-        "attn1_qkv",
-        "attn1_core",
-        "ffn1",
-        "ffn1_tp",
-        "moe",
-        "combine",
-    ),
-    "moe": ("attn_qkv", "attn_core", "router", "dispatch", "shared", "moe", "combine"),
-    "dense": ("attn_qkv", "attn_core", "ffn", "ffn_tp"),
+    kind: (*_LEAD[kind], ROUTER, DISPATCH, *_BESIDE[kind], *_EXPERTS_PATH)
+    for kind in ("scmoe", "moe")
 }
+TBO_ORDER["dense"] = SBO_ORDER["dense"]
 
 DECODE_SCHEDULES = ("sbo", "sequential", "tbo")
 TRAIN_SCHEDULES = ("baseline", "conventional", "scmoe")
 PIPELINES = ("1f1b", "none", "zb")
-MOE_PATH = ("router", "dispatch", "moe", "combine")  # the stages split into token chunks
+MOE_PATH = stages.MOE_PATH  # the stages split into token chunks
 
 Key = tuple[str, int]  # (stage, chunk); chunk -1: the whole micro-batch
 
@@ -389,27 +349,22 @@ class TrainLayout:
     tail: tuple[str, ...] = ()
 
 
-_MOE_LAYOUT = TrainLayout(("attn_qkv", "attn_core"), (("shared",),))
+_MOE_LAYOUT = TrainLayout(_LEAD["moe"], (_BESIDE["moe"],))
+_FFN0, _ATTN1, _FFN1 = (
+    stages.PARTS[s] for s in (stages.DENSE_FFN_0, stages.ATTENTION_1, stages.DENSE_FFN_1)
+)
 
 # Per layer kind and training schedule (dense layers have no MoE path).
 _TRAIN_LAYOUT: dict[tuple[str, str], TrainLayout] = {
     ("scmoe", "scmoe"): TrainLayout(
-        ("attn0",),
-        (("ffn0", "ffn0_tp"), ("attn1_qkv",), ("attn1_core",), ("ffn1", "ffn1_tp")),
+        _LEAD["scmoe"], (_FFN0, (ATTENTION_1_QKV,), (ATTENTION_1_CORE,), _FFN1)
     ),
-    ("scmoe", "conventional"): TrainLayout(
-        ("attn0", "ffn0", "ffn0_tp", "attn1_qkv", "attn1_core"),
-        (("ffn1", "ffn1_tp"),),
-    ),
-    ("scmoe", "baseline"): TrainLayout(
-        ("attn0",),
-        (),
-        ("ffn0", "ffn0_tp", "attn1_qkv", "attn1_core", "ffn1", "ffn1_tp"),
-    ),
+    ("scmoe", "conventional"): TrainLayout((ATTENTION_0, *_FFN0, *_ATTN1), (_FFN1,)),
+    ("scmoe", "baseline"): TrainLayout(_LEAD["scmoe"], (), _BESIDE["scmoe"]),
     **{("moe", schedule): _MOE_LAYOUT for schedule in TRAIN_SCHEDULES},
 }
 
-_TRAIN_FLOW: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+_TRAIN_FLOW: dict[tuple[str, str], Mapping[str, tuple[str, ...]]] = {
     ("scmoe", "conventional"): CONVENTIONAL_FLOW,
     ("scmoe", "baseline"): SERIAL_FLOW,
 }
@@ -437,14 +392,14 @@ def train_forward_program(kind: str, schedule: str, chunks: int) -> LayerProgram
         return Op(stage, chunk, tuple(deps), IN in flow[stage])
 
     def experts(c: int) -> list[Op]:
-        return [op(s, c) for s in ("moe", "combine")]
+        return [op(s, c) for s in _EXPERTS_PATH]
 
     if kind == "dense":
-        ops = [op(s, -1) for s in ("attn_qkv", "attn_core", "ffn", "ffn_tp")]
-        return LayerProgram(tuple(ops), (("ffn_tp", -1),))
+        ops = [op(s, -1) for s in SBO_ORDER["dense"]]
+        return LayerProgram(tuple(ops), tuple((s, -1) for s in DATAFLOW["dense"][OUT]))
     layout = _TRAIN_LAYOUT[(kind, schedule)]
     ops = [op(s, -1) for s in layout.lead]
-    ops += [op(s, c) for c in range(chunks) for s in ("router", "dispatch")]
+    ops += [op(s, c) for c in range(chunks) for s in (ROUTER, DISPATCH)]
     if layout.beside:
         positions = _moe_positions(chunks, len(layout.beside))
         for b, block in enumerate(layout.beside, start=1):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
 from longcat_sim.cluster import metrics
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.schedules import (
@@ -68,7 +69,7 @@ class TrainResult:
     bubble_share: float
     comm_ms: float
     exposed_comm_ms: float
-    non_overlapped_comm_share: float  # exposed communication / step time
+    exposed_comm_share: float  # exposed communication / step time
     tgs: float  # training tokens per GPU per second
     cost_per_m_tokens: float
     records: tuple[EventRecord, ...] = field(repr=False)  # one micro-batch: forward, then backward
@@ -189,7 +190,7 @@ def simulate_train(workload: TrainWorkload, schedule: str, pipeline: str = "none
         bubble_share=bubble_s / step_s if step_s > 0 else 0.0,
         comm_ms=m * (comm_f.comm_s + comm_b.comm_s) * 1e3,
         exposed_comm_ms=exposed_s * 1e3,
-        non_overlapped_comm_share=metrics.exposed_comm_share(exposed_s, step_s),
+        exposed_comm_share=metrics.exposed_comm_share(exposed_s, step_s),
         tgs=tgs,
         cost_per_m_tokens=metrics.cost_per_m_tokens(workload.gpu_hour_usd, tgs),
         records=fwd + shifted,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import simpy
+
 from longcat_sim.cluster.errors import ClusterInputError
 
 COMPUTE = "compute"

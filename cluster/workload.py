@@ -3,14 +3,10 @@
 The cost model (``cluster.costmodel``) turns hardware-independent op counts into these times;
 the schedules (``cluster.schedules``) arrange them on streams; the simulator runs them.
 
-Stage names (a contract with ``model.costs``):
-
-- LongCat-Flash (``kind="scmoe"``) compute: ``attn0``, ``ffn0``, ``attn1_qkv``, ``attn1_core``,
-  ``ffn1``, ``router``, ``moe``; communication: ``dispatch``, ``combine`` (expert parallelism)
-  and, when dense FFNs run tensor-parallel, ``ffn0_tp``, ``ffn1_tp``.
-- Standard layers (``kind="moe"`` or ``"dense"``) compute: ``attn_qkv``, ``attn_core``, ``ffn``
-  (dense layers), ``shared`` (shared experts), ``router``, ``moe``; communication ``dispatch``,
-  ``combine``, ``ffn_tp``.
+Stage names are those of ``longcat_sim.stages.LAYER_FLOW`` (a contract with ``model.costs``):
+per layer kind (``scmoe``, ``moe``, ``dense``) the compute stages and the communication stages
+(``stages.COMM_STAGES``: dispatch and combine of expert parallelism, the tensor-parallel
+collectives of the dense FFNs).
 """
 
 from __future__ import annotations

@@ -32,11 +32,13 @@ from typing import Literal
 
 import numpy as np
 
+from longcat_sim import stages as S
 from longcat_sim.cluster import costmodel
 from longcat_sim.cluster.assumptions import Assumptions
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Hardware, Precision
 from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
+from longcat_sim.cluster.placement import check_count
 from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
 from longcat_sim.model import costs
 from longcat_sim.model.config import ConfigError, ModelConfig
@@ -44,7 +46,6 @@ from longcat_sim.model.config import ConfigError, ModelConfig
 AttentionDtype = Literal["bf16", "fp8"]
 TrainEpComm = Literal["all_to_all", "allgather"]
 
-_ATTENTION_STAGES = frozenset({"attn0", "attn1_qkv", "attn1_core", "attn_qkv", "attn_core"})
 _MATMUL_KINDS = frozenset({"gemm", "grouped_gemm", "router"})
 _BYTES: dict[str, int] = {"bf16": 2, "fp8": 1}
 
@@ -63,7 +64,7 @@ def _compute_op(
 ) -> ComputeOp:
     kind = {"gemm": "gemm", "router": "gemm", "attention": "attention", "memory": "vector"}[op.kind]
     weights = op.weight_bytes if op.kind == "router" else op.weight_bytes * linear_bytes
-    if op.stage in _ATTENTION_STAGES and op.kind == "gemm":
+    if op.stage in S.ATTENTION_STAGES and op.kind == "gemm":
         weights /= attention_tp
     kv = op.kv_bytes * kv_read_share if op.kind == "attention" else op.kv_bytes
     if op.kind == "attention":
@@ -140,7 +141,7 @@ def layer_ops(
     for op in layer.ops:
         if op.direction != direction:
             continue
-        if op.stage == "moe":
+        if op.stage == S.ROUTED_EXPERTS:
             share = op.weight_bytes / grouped_weights if grouped_weights else 0.0
             ops.append(
                 _expert_op(
@@ -175,11 +176,6 @@ def layer_ops(
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ClusterInputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ClusterInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def decode_layer_ops(
@@ -338,9 +334,8 @@ def decode_workload(
     if step_work is None:
         step_work = assumptions.step_work
     _check_choice("attention dtype", attention_dtype, ("bf16", "fp8"))
-    _check_positive_int("batch per device", batch_per_device)
-    _check_positive_int("attention TP size", attention_tp)
-    _check_positive_int("FFN TP size", ffn_tp)
+    check_count("attention TP size", attention_tp)
+    check_count("FFN TP size", ffn_tp)
     if isinstance(context, bool) or not isinstance(context, int | float) or not context >= 1:
         raise ClusterInputError(f"context must be a number >= 1 (cached tokens), got {context!r}")
     queries = 1 + mtp_draft_tokens if isinstance(mtp_draft_tokens, int) else 1
@@ -471,10 +466,10 @@ def _train_ep_comms(layer: LayerOps, *, ep: int, hidden: int, tokens: int) -> La
     every rank sends its chunk to the other ep - 1 ranks (BF16)."""
     comms = []
     for comm in layer.comms:
-        if comm.pattern in ("dispatch", "combine"):
-            pattern = "all_gather" if comm.stage == "dispatch" else "reduce_scatter"
+        if comm.pattern in (S.DISPATCH, S.COMBINE):
+            pattern = "all_gather" if comm.stage == S.DISPATCH else "reduce_scatter"
             if comm.name.endswith(".bwd"):  # gradients flow the other way
-                pattern = "reduce_scatter" if comm.stage == "dispatch" else "all_gather"
+                pattern = "reduce_scatter" if comm.stage == S.DISPATCH else "all_gather"
             volume = (ep - 1) * tokens * hidden * 2
             comm = CommOp(comm.name, comm.stage, pattern, volume, group=ep)
         comms.append(comm)
@@ -503,9 +498,9 @@ def train_layer_times(
     accelerator (``hardware.replace(rdma_gb_s=25)``), dispatch/combine as all-gather /
     reduce-scatter (``ep_comm="allgather"``) or DeepEP-style ``"all_to_all"``.
     """
-    _check_positive_int("chunk tokens", chunk_tokens)
-    _check_positive_int("CP size", cp)
-    _check_positive_int("EP size", ep)
+    check_count("chunk tokens", chunk_tokens)
+    check_count("CP size", cp)
+    check_count("EP size", ep)
     _check_choice("training EP communication", ep_comm, ("all_to_all", "allgather"))
     if seq_len % cp:
         raise ClusterInputError(f"sequence length {seq_len} must be a multiple of CP size {cp}")
@@ -523,9 +518,9 @@ def train_layer_times(
     )
     gather = _cp_gather_seconds(cfg, hardware, a, tokens=chunk_tokens, cp=cp, act_bytes=2)
     if cfg.layer_type == "scmoe":
-        cp_stages = {"attn0": gather, "attn1_core": gather}
+        cp_stages = {S.ATTENTION_0: gather, S.ATTENTION_1_CORE: gather}
     else:
-        cp_stages = {"attn_core": gather}
+        cp_stages = {S.ATTENTION_CORE: gather}
     per_layer = costmodel.loads_per_layer(expert_loads, len(layers))
     out = []
     for layer, loads in zip(layers, per_layer, strict=True):
@@ -535,23 +530,22 @@ def train_layer_times(
             fwd = _train_ep_comms(fwd, ep=ep, hidden=cfg.hidden_size, tokens=chunk_tokens)
             bwd = _train_ep_comms(bwd, ep=ep, hidden=cfg.hidden_size, tokens=chunk_tokens)
         dgrad, wgrad = _split_backward(bwd)
-        imbalance = costmodel.layer_imbalance(
+        times = costmodel.train_layer_times(
             fwd,
-            a,
+            dgrad,
+            hardware=hardware,
+            assumptions=a,
             ep=ep,
             redundant_experts=redundant_experts,
             rng=rng,
             expert_loads=loads,
+            weight_grad=wgrad,
         )
-        common = dict(ep=ep, redundant_experts=redundant_experts, imbalance=imbalance)
-        forward = costmodel.layer_stage_times(fwd, hardware, a, **common)
-        backward = costmodel.layer_stage_times(dgrad, hardware, a, **common)
-        weight = costmodel.layer_stage_times(wgrad, hardware, a, **common)
         out.append(
             TrainLayerTimes(
-                forward=_add_to_stages(forward, cp_stages),
-                backward=_add_to_stages(backward, cp_stages),
-                weight_grad=dict(weight.compute),
+                forward=_add_to_stages(times.forward, cp_stages),
+                backward=_add_to_stages(times.backward, cp_stages),
+                weight_grad=times.weight_grad,
             )
         )
     return tuple(out)
@@ -584,7 +578,7 @@ def train_workload(
         ("data parallel size", data_parallel),
         ("MoE chunks", moe_chunks),
     ):
-        _check_positive_int(name, value)
+        check_count(name, value)
     if cfg.num_layers % pipeline_stages:
         raise ClusterInputError(
             f"{cfg.num_layers} layers do not split over {pipeline_stages} pipeline stages"

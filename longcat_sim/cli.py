@@ -69,7 +69,10 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(selected).parse_args(argv)
+    try:
+        args = build_parser(selected).parse_args(argv)
+    except SystemExit as exc:  # a usage error (already one line on stderr) or --help
+        return int(exc.code or 0)
     try:
         output = args._module.run(args)
     except (UserError, ConfigError, ClusterInputError) as exc:

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from longcat_sim.config.hashing import config_hash
 from longcat_sim.model.files import (
     dumps_json,
     write_bytes_atomic,
@@ -18,6 +19,7 @@ from longcat_sim.model.files import (
 
 __all__ = [
     "build_manifest",
+    "config_hash",
     "dumps_json",
     "write_bytes_atomic",
     "write_json_atomic",

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
-from longcat_sim.model.config import ConfigError, ModelConfig
 from torch import nn
+
+from longcat_sim.model.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     from longcat_sim.model.router import RouterOutput
@@ -75,9 +76,9 @@ class BiasRateSchedule:
 
 
 def _check_routing(cfg: ModelConfig) -> None:
-    if cfg.expected_ffn_experts <= 0:
+    if cfg.target_ffn_experts <= 0:
         raise ConfigError(
-            f"expected_ffn_experts must be > 0 for expert balancing, got {cfg.expected_ffn_experts}"
+            f"target_ffn_experts must be > 0 for expert balancing, got {cfg.target_ffn_experts}"
         )
 
 
@@ -97,7 +98,7 @@ def slot_share_error(counts_E: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     if slots <= 0:
         raise ConfigError("cannot update expert biases from a batch with no routed tokens")
     error = torch.zeros(total, dtype=torch.float64, device=counts.device)
-    target = cfg.expected_ffn_experts / (cfg.moe_topk * n_ffn)
+    target = cfg.target_ffn_experts / (cfg.moe_topk * n_ffn)
     error[:n_ffn] = target - counts[:n_ffn] / slots
     return error
 
@@ -220,10 +221,10 @@ def device_balance_loss(
     matches the slot shares). f is a constant of the backward pass.
     """
     _check_routing(cfg)
-    n_zero, k, k_e = cfg.zero_expert_num, cfg.moe_topk, cfg.expected_ffn_experts
+    n_zero, k, k_e = cfg.zero_expert_num, cfg.moe_topk, cfg.target_ffn_experts
     if n_zero and k_e >= k:
         raise ConfigError(
-            f"the load-balance loss needs expected_ffn_experts < moe_topk when zero experts "
+            f"the load-balance loss needs target_ffn_experts < moe_topk when zero experts "
             f"exist (got {k_e} and {k})"
         )
     scores_TE = out.scores_TE.to(torch.promote_types(out.scores_TE.dtype, torch.float32))

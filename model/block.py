@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from longcat_sim import stages
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.kv_cache import LatentKVCache
 from longcat_sim.model.layers import DenseMLP, RMSNorm
 from longcat_sim.model.mla import MLA
 from longcat_sim.model.moe import MoE
 from longcat_sim.model.router import RouterOutput
-from torch import nn
 
 
 class LongcatDecoderLayer(nn.Module):
@@ -24,6 +26,10 @@ class LongcatDecoderLayer(nn.Module):
 
     ``topology == "conventional"``: the same, except ``m = MoE(n)``, so the MoE follows the
     second attention and reads the tensor FFN_1 reads.
+
+    ``forward`` runs the blocks and the MoE's phases (``start``, ``compute``, ``finish``) in
+    the order of ``longcat_sim.stages.layer_order``; an MoE with ``overlap = False`` has its
+    phases run back to back. Expert parallelism swaps ``mlp`` for a module with the same phases.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -31,7 +37,7 @@ class LongcatDecoderLayer(nn.Module):
         hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
         blocks = cfg.attention_blocks_per_layer
         self.layer_idx = layer_idx
-        self.shortcut = cfg.topology == "shortcut"
+        self.topology = cfg.topology
         self.input_layernorm = nn.ModuleList(RMSNorm(hidden, eps) for _ in range(2))
         self.post_attention_layernorm = nn.ModuleList(RMSNorm(hidden, eps) for _ in range(2))
         self.self_attn = nn.ModuleList(MLA(cfg, block_idx=blocks * layer_idx + i) for i in range(2))
@@ -40,9 +46,26 @@ class LongcatDecoderLayer(nn.Module):
         )
         self.mlp = MoE(cfg)
 
-    def _moe(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        out_TD, routing = self.mlp(x_BTD.flatten(0, 1))
-        return out_TD.view_as(x_BTD), routing
+    def dense_step(
+        self,
+        step: str,
+        hidden: torch.Tensor,
+        normed: dict[str, torch.Tensor],
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+        cache: LatentKVCache | None = None,
+    ) -> torch.Tensor:
+        """The residual stream after attention i or dense FFN i (``stages.ATTENTIONS``,
+        ``stages.DENSE_FFNS``); an attention also leaves its post-norm in ``normed[step]``,
+        which FFN i and the MoE read."""
+        if step in stages.ATTENTIONS:
+            i = stages.ATTENTIONS.index(step)
+            attn = self.self_attn[i](self.input_layernorm[i](hidden), cos_TP, sin_TP, cache)
+            hidden = hidden + attn
+            normed[step] = self.post_attention_layernorm[i](hidden)
+            return hidden
+        i = stages.DENSE_FFNS.index(step)
+        return hidden + self.mlps[i](normed[stages.ATTENTIONS[i]])
 
     def forward(
         self,
@@ -51,13 +74,17 @@ class LongcatDecoderLayer(nn.Module):
         sin_TP: torch.Tensor,
         cache: LatentKVCache | None = None,
     ) -> tuple[torch.Tensor, RouterOutput]:
-        a = x_BTD + self.self_attn[0](self.input_layernorm[0](x_BTD), cos_TP, sin_TP, cache)
-        u = self.post_attention_layernorm[0](a)
-        if self.shortcut:
-            moe_out, routing = self._moe(u)
-        b = a + self.mlps[0](u)
-        c = b + self.self_attn[1](self.input_layernorm[1](b), cos_TP, sin_TP, cache)
-        n = self.post_attention_layernorm[1](c)
-        if not self.shortcut:
-            moe_out, routing = self._moe(n)
-        return c + self.mlps[1](n) + moe_out, routing
+        """Runs the steps of ``stages.layer_order`` in order; the MoE's phases where it says."""
+        order = stages.layer_order(self.topology, getattr(self.mlp, "overlap", True))
+        reads = stages.moe_input(order)
+        hidden, normed, flight = x_BTD, {}, None
+        for step in order:
+            if step == stages.DISPATCH:
+                flight = self.mlp.start(normed[reads])
+            elif step == stages.ROUTED_EXPERTS:
+                flight = self.mlp.compute(flight)
+            elif step == stages.COMBINE:
+                moe_out, routing = self.mlp.finish(flight)
+            else:
+                hidden = self.dense_step(step, hidden, normed, cos_TP, sin_TP, cache)
+        return hidden + moe_out, routing

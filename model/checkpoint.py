@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from longcat_sim.model.config import ConfigError, ModelConfig
-from longcat_sim.model.files import write_bytes_atomic, write_json_atomic
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+
+from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.files import write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "config_from_hf",
@@ -44,10 +45,11 @@ _EXTRA_FIELDS = (
     "name",
     "topology",
     "scale_zero_expert_gates",
-    "expected_ffn_experts",
+    "target_ffn_experts",
     "latent_norm_eps",
     "mtp_layers",
     "deterministic",
+    "kernels",
 )
 
 
@@ -152,9 +154,11 @@ def config_from_hf(doc: Mapping[str, Any], *, has_mtp: bool | None = None) -> Mo
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config.json has a malformed value: {exc}") from None
     extra = dict(doc.get("longcat_sim") or {})
+    if "expected_ffn_experts" in extra:  # its name before the rename
+        extra.setdefault("target_ffn_experts", extra.pop("expected_ffn_experts"))
     fields["name"] = extra.pop("name", "longcat-flash-checkpoint")
     fields.update(extra)
-    if "expected_ffn_experts" not in fields:
+    if "target_ffn_experts" not in fields:
         # config.json does not state K_e; take the uniform-routing expectation K * N / (N + Z)
         # (exactly 8 for LongCat-Flash), clipped to what top-k routing allows.
         topk, n_ffn, n_zero = (
@@ -163,7 +167,7 @@ def config_from_hf(doc: Mapping[str, Any], *, has_mtp: bool | None = None) -> Mo
             fields["zero_expert_num"],
         )
         uniform = topk * n_ffn / (n_ffn + n_zero)
-        fields["expected_ffn_experts"] = min(max(uniform, topk - n_zero, 0), min(topk, n_ffn))
+        fields["target_ffn_experts"] = min(max(uniform, topk - n_zero, 0), min(topk, n_ffn))
     if has_mtp is not None:
         fields["mtp_layers"] = int(has_mtp)
     return ModelConfig.from_dict(fields)

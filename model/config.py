@@ -7,12 +7,13 @@ Field names follow the Hugging Face LongCat-Flash configuration where one exists
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from longcat_sim.config.fields import Check, choice, integer, name, number, pick, setting, validate
+from longcat_sim.config.hashing import config_hash
+from longcat_sim.config.toml import read_toml
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,13 @@ class ConfigError(ValueError):
 AttentionKind = Literal["mla", "gqa"]
 LayerType = Literal["scmoe", "standard"]
 Topology = Literal["shortcut", "conventional"]
+KernelBackend = Literal["torch", "triton"]
+
+_COUNT, _SIZE = integer(1), integer(0)  # a count of things; a size that may be zero
+_POS = number(0.0, open_low=True)
+_BOOL = Check("must be true or false", lambda v: isinstance(v, bool))
+_ATTENTIONS, _LAYER_TYPES = choice("mla", "gqa"), choice("scmoe", "standard")
+_TOPOLOGIES, _KERNELS = choice("shortcut", "conventional"), choice("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -35,50 +43,62 @@ class ModelConfig:
     LongCat-Flash) or ``"conventional"`` (the normalised second-attention residual, so the MoE
     sits after the attention it follows and nothing overlaps it).
 
+    The defaults are the ``tiny`` preset (bar its shorter context).
+
     ``deterministic`` changes no parameter, only how the same arithmetic runs: the linear
     layers, attention, expert GEMMs and MoE sums take batch-invariant, fixed-order kernels
     (``model/kernels/batch_invariant.py``), so a token's result depends neither on the batch
     it travels in nor on the thread count.
+
+    ``kernels`` changes no parameter either, only which implementation runs the MoE's router
+    top-k, token permutation, grouped expert GEMM and combine: ``"torch"`` (plain PyTorch
+    operations) or ``"triton"`` (the Triton kernels in ``model/kernels/``; on a CPU they need
+    ``TRITON_INTERPRET=1``). ``deterministic`` needs ``kernels="torch"``.
     """
 
-    name: str = "custom"
-    vocab_size: int = 512
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_attention_heads: int = 4
-    ffn_hidden_size: int = 128
-    layer_type: LayerType = "scmoe"
-    topology: Topology = "shortcut"
-    first_k_dense_layers: int = 0
+    name: str = setting("custom", "the model's name", check=name())
+    vocab_size: int = setting(512, "tokenizer vocabulary", unit="tokens", check=_COUNT)
+    hidden_size: int = setting(64, "residual stream width", check=_COUNT)
+    num_layers: int = setting(2, "layers (an scmoe layer holds two attention blocks)", check=_COUNT)
+    num_attention_heads: int = setting(4, "attention heads", check=_COUNT)
+    ffn_hidden_size: int = setting(128, "dense FFN width", check=_COUNT)
+    layer_type: LayerType = setting("scmoe", "layer kind", check=_LAYER_TYPES)
+    topology: Topology = setting(
+        "shortcut", "where an scmoe MoE reads its input", check=_TOPOLOGIES
+    )
+    first_k_dense_layers: int = setting(0, "leading layers with a dense FFN", check=_SIZE)
     # attention
-    attention: AttentionKind = "mla"
-    q_lora_rank: int = 32
-    kv_lora_rank: int = 16
-    qk_nope_head_dim: int = 16
-    qk_rope_head_dim: int = 8
-    v_head_dim: int = 16
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    mla_scale_q_lora: bool = True
-    mla_scale_kv_lora: bool = True
+    attention: AttentionKind = setting("mla", "attention kind", check=_ATTENTIONS)
+    q_lora_rank: int = setting(32, "MLA query low-rank width (0: none)", check=_SIZE)
+    kv_lora_rank: int = setting(16, "MLA key/value latent width", check=_SIZE)
+    qk_nope_head_dim: int = setting(16, "MLA query/key width without RoPE", check=_SIZE)
+    qk_rope_head_dim: int = setting(8, "MLA query/key width with RoPE", check=_SIZE)
+    v_head_dim: int = setting(16, "MLA value head width", check=_SIZE)
+    num_key_value_heads: int = setting(0, "GQA key/value heads", check=_SIZE)
+    head_dim: int = setting(0, "GQA head width", check=_SIZE)
+    mla_scale_q_lora: bool = setting(True, "rescale the MLA query latent", check=_BOOL)
+    mla_scale_kv_lora: bool = setting(True, "rescale the MLA key/value latent", check=_BOOL)
     # mixture of experts
-    n_routed_experts: int = 8
-    zero_expert_num: int = 4
-    moe_topk: int = 3
-    expert_ffn_hidden_size: int = 32
-    n_shared_experts: int = 0
-    routed_scaling_factor: float = 4.0
-    scale_zero_expert_gates: bool = True
-    expected_ffn_experts: float = 2.0
+    n_routed_experts: int = setting(8, "routed FFN experts", unit="experts", check=_COUNT)
+    zero_expert_num: int = setting(4, "zero-computation experts", unit="experts", check=_SIZE)
+    moe_topk: int = setting(3, "experts a token is routed to", unit="experts", check=_COUNT)
+    expert_ffn_hidden_size: int = setting(32, "FFN expert width", check=_COUNT)
+    n_shared_experts: int = setting(0, "always-on shared experts", unit="experts", check=_SIZE)
+    routed_scaling_factor: float = setting(4.0, "scale of the routed experts' sum", check=_POS)
+    scale_zero_expert_gates: bool = setting(True, "scale zero experts' gates too", check=_BOOL)
+    target_ffn_experts: float = setting(
+        2.0, "average FFN experts per token (K_e)", unit="experts", check=number(0.0)
+    )
     # misc
-    rms_norm_eps: float = 1e-5
-    latent_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    mtp_layers: int = 0
-    initializer_range: float = 0.02
-    deterministic: bool = False
+    rms_norm_eps: float = setting(1e-5, "RMSNorm epsilon", check=_POS)
+    latent_norm_eps: float = setting(1e-6, "MLA latent RMSNorm epsilon", check=_POS)
+    rope_theta: float = setting(10000.0, "RoPE base", check=_POS)
+    max_position_embeddings: int = setting(2048, "longest context", unit="tokens", check=_COUNT)
+    tie_word_embeddings: bool = setting(False, "share input and output embeddings", check=_BOOL)
+    mtp_layers: int = setting(0, "multi-token-prediction layers (0 or 1)", check=_SIZE)
+    initializer_range: float = setting(0.02, "initial weights' standard deviation", check=_POS)
+    deterministic: bool = setting(False, "batch-invariant, fixed-order kernels", check=_BOOL)
+    kernels: KernelBackend = setting("torch", "MoE kernel implementation", check=_KERNELS)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -134,9 +154,9 @@ class ModelConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
     def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON form; equal configs hash equal."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        """The project's config hash (``config.hashing``) of the fields; equal configs hash
+        equal."""
+        return config_hash(self.to_dict())
 
 
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
@@ -150,44 +170,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-_POSITIVE_INTS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "ffn_hidden_size",
-    "n_routed_experts",
-    "moe_topk",
-    "expert_ffn_hidden_size",
-    "max_position_embeddings",
-)
-_NON_NEGATIVE_INTS = ("zero_expert_num", "n_shared_experts", "first_k_dense_layers", "mtp_layers")
-_CHOICES = {
-    "attention": ("mla", "gqa"),
-    "layer_type": ("scmoe", "standard"),
-    "topology": ("shortcut", "conventional"),
-}
-
-
 def _validate(cfg: ModelConfig) -> None:
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type))
-        if expected is not None and (
-            not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))
-        ):
-            raise ConfigError(f"model field {f.name!r} must be {f.type}, got {value!r}")
-    for name in _POSITIVE_INTS:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"model field {name!r} must be positive, got {getattr(cfg, name)}")
-    for name in _NON_NEGATIVE_INTS:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"model field {name!r} must be >= 0, got {getattr(cfg, name)}")
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(
-                f"model field {name!r} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}"
-            )
+    validate(cfg, lambda n: f"model field {n!r}", ConfigError)
     if cfg.moe_topk > cfg.num_experts_total:
         raise ConfigError(
             f"moe_topk={cfg.moe_topk} exceeds the {cfg.num_experts_total} routable experts "
@@ -195,9 +179,9 @@ def _validate(cfg: ModelConfig) -> None:
         )
     lo = max(0, cfg.moe_topk - cfg.zero_expert_num)
     hi = min(cfg.moe_topk, cfg.n_routed_experts)
-    if not lo <= cfg.expected_ffn_experts <= hi:
+    if not lo <= cfg.target_ffn_experts <= hi:
         raise ConfigError(
-            f"expected_ffn_experts={cfg.expected_ffn_experts} must lie in [{lo}, {hi}] "
+            f"target_ffn_experts={cfg.target_ffn_experts} must lie in [{lo}, {hi}] "
             f"(top-k {cfg.moe_topk} over {cfg.n_routed_experts} FFN + {cfg.zero_expert_num} zero experts)"
         )
     if cfg.first_k_dense_layers > cfg.num_layers:
@@ -206,21 +190,10 @@ def _validate(cfg: ModelConfig) -> None:
         )
     if cfg.mtp_layers > 1:
         raise ConfigError(f"mtp_layers must be 0 or 1 (one dense MTP layer), got {cfg.mtp_layers}")
-    if cfg.routed_scaling_factor <= 0:
-        raise ConfigError(
-            f"routed_scaling_factor must be positive, got {cfg.routed_scaling_factor}"
-        )
-    for name in ("rms_norm_eps", "latent_norm_eps", "rope_theta", "initializer_range"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"model field {name!r} must be positive, got {getattr(cfg, name)}")
     if cfg.attention == "mla":
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"MLA needs {name} > 0, got {getattr(cfg, name)}")
-        if cfg.q_lora_rank < 0:
-            raise ConfigError(
-                f"q_lora_rank must be >= 0 (0 = no query compression), got {cfg.q_lora_rank}"
-            )
+        for dim in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(cfg, dim) <= 0:
+                raise ConfigError(f"MLA needs {dim} > 0, got {getattr(cfg, dim)}")
         if cfg.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even for RoPE, got {cfg.qk_rope_head_dim}")
     else:
@@ -231,129 +204,72 @@ def _validate(cfg: ModelConfig) -> None:
                 f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={cfg.num_key_value_heads}"
             )
+    if cfg.deterministic and cfg.kernels != "torch":
+        raise ConfigError(
+            f"deterministic=True runs the batch-invariant torch kernels; it cannot be combined "
+            f"with kernels={cfg.kernels!r}"
+        )
     if cfg.layer_type == "scmoe" and (cfg.n_shared_experts or cfg.first_k_dense_layers):
         raise ConfigError("scmoe layers have no shared experts and no leading dense layers")
 
 
 # -- presets ---------------------------------------------------------------------------------
 
+# DeepSeek-V3's MLA shapes, which LongCat-Flash keeps; GQA models set the MLA fields to zero.
+_V3_MLA: dict[str, Any] = dict(
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+)
+_UNSCALED_LORA: dict[str, Any] = dict(mla_scale_q_lora=False, mla_scale_kv_lora=False)
+_NO_MLA: dict[str, Any] = dict.fromkeys(_V3_MLA, 0) | _UNSCALED_LORA
+
+# Standard (analytic-only) layers routing each token to 8 FFN experts, no zero experts.
+_ANALYTIC_TOP8: dict[str, Any] = dict(
+    layer_type="standard", zero_expert_num=0, moe_topk=8, target_ffn_experts=8.0
+)
+
+# Each preset by concern: sizes, attention, experts, context; a field it omits keeps its default.
+# The defaults are the tiny preset's, so ``tiny`` names only its shorter context.
 _PRESETS: dict[str, dict[str, Any]] = {
     # Released LongCat-Flash configuration (arXiv 2509.01322; HF config.json).
-    "longcat-flash": dict(
-        vocab_size=131072,
-        hidden_size=6144,
-        num_layers=28,
-        num_attention_heads=64,
-        ffn_hidden_size=12288,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        n_routed_experts=512,
-        zero_expert_num=256,
-        moe_topk=12,
-        expert_ffn_hidden_size=2048,
-        routed_scaling_factor=6.0,
-        expected_ffn_experts=8.0,
-        rope_theta=1e7,
-        max_position_embeddings=131072,
-        mtp_layers=1,
+    "longcat-flash": (
+        dict(vocab_size=131072, hidden_size=6144, num_layers=28, num_attention_heads=64)
+        | dict(ffn_hidden_size=12288)
+        | _V3_MLA
+        | dict(n_routed_experts=512, zero_expert_num=256, moe_topk=12, target_ffn_experts=8.0)
+        | dict(expert_ffn_hidden_size=2048, routed_scaling_factor=6.0)
+        | dict(rope_theta=1e7, max_position_embeddings=131072, mtp_layers=1)
     ),
     # A training step well under a second on two CPU cores.
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        ffn_hidden_size=128,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        zero_expert_num=4,
-        moe_topk=3,
-        expert_ffn_hidden_size=32,
-        routed_scaling_factor=4.0,
-        expected_ffn_experts=2.0,
-        max_position_embeddings=1024,
-    ),
+    "tiny": dict(max_position_embeddings=1024),
     # Tens of millions of parameters: benchmarks and training experiments.
-    "small": dict(
-        vocab_size=8192,
-        hidden_size=256,
-        num_layers=4,
-        num_attention_heads=8,
-        ffn_hidden_size=1024,
-        q_lora_rank=128,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        n_routed_experts=32,
-        zero_expert_num=16,
-        moe_topk=6,
-        expert_ffn_hidden_size=256,
-        routed_scaling_factor=4.0,
-        expected_ffn_experts=4.0,
-        max_position_embeddings=4096,
+    "small": (
+        dict(vocab_size=8192, hidden_size=256, num_layers=4, num_attention_heads=8)
+        | dict(ffn_hidden_size=1024)
+        | dict(q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16)
+        | dict(v_head_dim=32)
+        | dict(n_routed_experts=32, zero_expert_num=16, moe_topk=6, target_ffn_experts=4.0)
+        | dict(expert_ffn_hidden_size=256, max_position_embeddings=4096)
     ),
     # Analytic only: DeepSeek-V3 (671 B total / 37 B activated; MTP module not counted).
-    "deepseek-v3": dict(
-        vocab_size=129280,
-        hidden_size=7168,
-        num_layers=61,
-        num_attention_heads=128,
-        ffn_hidden_size=18432,
-        layer_type="standard",
-        first_k_dense_layers=3,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        mla_scale_q_lora=False,
-        mla_scale_kv_lora=False,
-        n_routed_experts=256,
-        zero_expert_num=0,
-        moe_topk=8,
-        expert_ffn_hidden_size=2048,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        expected_ffn_experts=8.0,
-        rope_theta=10000.0,
-        max_position_embeddings=163840,
-        rms_norm_eps=1e-6,
+    "deepseek-v3": (
+        dict(vocab_size=129280, hidden_size=7168, num_layers=61, num_attention_heads=128)
+        | dict(ffn_hidden_size=18432, first_k_dense_layers=3)
+        | _V3_MLA
+        | _UNSCALED_LORA
+        | _ANALYTIC_TOP8
+        | dict(n_routed_experts=256, expert_ffn_hidden_size=2048, n_shared_experts=1)
+        | dict(routed_scaling_factor=2.5)
+        | dict(max_position_embeddings=163840, rms_norm_eps=1e-6)
     ),
     # Analytic only: Qwen3-235B-A22B (GQA, 128 experts, top-8, no shared experts).
-    "qwen3-235b-a22b": dict(
-        vocab_size=151936,
-        hidden_size=4096,
-        num_layers=94,
-        num_attention_heads=64,
-        ffn_hidden_size=12288,
-        layer_type="standard",
-        attention="gqa",
-        num_key_value_heads=4,
-        head_dim=128,
-        q_lora_rank=0,
-        kv_lora_rank=0,
-        qk_nope_head_dim=0,
-        qk_rope_head_dim=0,
-        v_head_dim=0,
-        mla_scale_q_lora=False,
-        mla_scale_kv_lora=False,
-        n_routed_experts=128,
-        zero_expert_num=0,
-        moe_topk=8,
-        expert_ffn_hidden_size=1536,
-        routed_scaling_factor=1.0,
-        expected_ffn_experts=8.0,
-        rope_theta=1e6,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
+    "qwen3-235b-a22b": (
+        dict(vocab_size=151936, hidden_size=4096, num_layers=94, num_attention_heads=64)
+        | dict(ffn_hidden_size=12288)
+        | dict(attention="gqa", num_key_value_heads=4, head_dim=128)
+        | _NO_MLA
+        | _ANALYTIC_TOP8
+        | dict(n_routed_experts=128, expert_ffn_hidden_size=1536, routed_scaling_factor=1.0)
+        | dict(rope_theta=1e6, max_position_embeddings=40960, rms_norm_eps=1e-6)
     ),
 }
 
@@ -363,11 +279,7 @@ def preset_names() -> list[str]:
 
 
 def get_preset(name: str) -> ModelConfig:
-    if name not in _PRESETS:
-        raise ConfigError(
-            f"unknown model preset {name!r}; choose one of {', '.join(preset_names())}"
-        )
-    return ModelConfig(name=name, **_PRESETS[name])
+    return ModelConfig(name=name, **pick(_PRESETS, name, "model preset", ConfigError))
 
 
 def load_model_config(spec: str) -> ModelConfig:
@@ -382,14 +294,6 @@ def load_model_config(spec: str) -> ModelConfig:
         raise ConfigError(
             f"unknown model {spec!r}: give a preset ({', '.join(preset_names())}) or a .toml file"
         )
-    if not path.is_file():
-        raise ConfigError(f"model file {spec!r} does not exist")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"model file {spec!r} is not valid TOML: {exc}") from None
-    table = doc.get("model", doc)
-    if not isinstance(table, dict):
-        raise ConfigError(f"model file {spec!r}: [model] must be a table")
+    table = read_toml(path, what=f"model file {spec!r}", table="model", error=ConfigError)
     table.setdefault("name", path.stem)
     return ModelConfig.from_dict(table)

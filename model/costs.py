@@ -60,10 +60,11 @@ Conventions
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from longcat_sim.model.config import ConfigError, ModelConfig
 
@@ -196,8 +197,8 @@ def activated_params(cfg: ModelConfig, k_ffn: float) -> int | float:
 
 
 def expected_activated_params(cfg: ModelConfig) -> int | float:
-    """Activated parameters at the configured average ``expected_ffn_experts``."""
-    return activated_params(cfg, cfg.expected_ffn_experts)
+    """Activated parameters at the configured average ``target_ffn_experts``."""
+    return activated_params(cfg, cfg.target_ffn_experts)
 
 
 def norm_params(cfg: ModelConfig) -> int:
@@ -257,8 +258,31 @@ class CommCost:
     direction: Direction = "fwd"
 
 
+class _OpTotals:
+    """FLOP and byte totals over the ops ``_each_op`` yields."""
+
+    def _each_op(self) -> Iterable[OpCost]:
+        raise NotImplementedError
+
+    @property
+    def flops(self) -> float:
+        return sum(op.flops for op in self._each_op())
+
+    @property
+    def weight_bytes(self) -> float:
+        return sum(op.weight_bytes for op in self._each_op())
+
+    @property
+    def act_bytes(self) -> float:
+        return sum(op.act_bytes for op in self._each_op())
+
+    @property
+    def kv_bytes(self) -> float:
+        return sum(op.kv_bytes for op in self._each_op())
+
+
 @dataclass(frozen=True)
-class LayerCost:
+class LayerCost(_OpTotals):
     """The ops and communication of one layer, in execution order (forward, then backward)."""
 
     index: int
@@ -270,21 +294,8 @@ class LayerCost:
     expert_flops_per_pair: float  # the ``moe`` stage's FLOPs per pair (GEMMs + activation)
     expert_act_bytes_per_pair: float  # the ``moe`` stage's activation bytes per pair
 
-    @property
-    def flops(self) -> float:
-        return sum(op.flops for op in self.ops)
-
-    @property
-    def weight_bytes(self) -> float:
-        return sum(op.weight_bytes for op in self.ops)
-
-    @property
-    def act_bytes(self) -> float:
-        return sum(op.act_bytes for op in self.ops)
-
-    @property
-    def kv_bytes(self) -> float:
-        return sum(op.kv_bytes for op in self.ops)
+    def _each_op(self) -> Iterable[OpCost]:
+        return self.ops
 
     @property
     def comm_bytes(self) -> float:
@@ -317,7 +328,7 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
-class ModelCost:
+class ModelCost(_OpTotals):
     """All layers plus the embedding lookup and LM head."""
 
     layers: tuple[LayerCost, ...]
@@ -328,21 +339,8 @@ class ModelCost:
             yield from layer.ops
         yield from self.head
 
-    @property
-    def flops(self) -> float:
-        return sum(op.flops for op in self.ops())
-
-    @property
-    def weight_bytes(self) -> float:
-        return sum(op.weight_bytes for op in self.ops())
-
-    @property
-    def act_bytes(self) -> float:
-        return sum(op.act_bytes for op in self.ops())
-
-    @property
-    def kv_bytes(self) -> float:
-        return sum(op.kv_bytes for op in self.ops())
+    def _each_op(self) -> Iterable[OpCost]:
+        return self.ops()
 
     @property
     def comm_bytes(self) -> float:
@@ -661,7 +659,7 @@ def layer_costs(
 
     decode: ``tokens`` per step, each attending over ``context`` cached entries. prefill and
     train: ``tokens`` in sequences of length ``context`` (causal). ``k_ffn`` (default
-    ``cfg.expected_ffn_experts``) FFN experts per token; ``absorbed`` (MLA only) defaults to
+    ``cfg.target_ffn_experts``) FFN experts per token; ``absorbed`` (MLA only) defaults to
     True for decode and False otherwise. Byte arguments are bytes per element.
     """
     if phase not in _PHASES:
@@ -683,7 +681,7 @@ def layer_costs(
         _check_positive(name, value)
     if isinstance(ffn_tp, bool) or not isinstance(ffn_tp, int) or ffn_tp < 1:
         raise ConfigError(f"ffn_tp must be an integer >= 1, got {ffn_tp!r}")
-    k = _check_k_ffn(cfg, cfg.expected_ffn_experts if k_ffn is None else k_ffn)
+    k = _check_k_ffn(cfg, cfg.target_ffn_experts if k_ffn is None else k_ffn)
     shape = _Shape(
         float(tokens), float(context), phase, phase == "decode" if absorbed is None else absorbed
     )
@@ -773,37 +771,12 @@ def head_costs(
     return tuple(ops)
 
 
-def model_costs(
-    cfg: ModelConfig,
-    *,
-    tokens: float,
-    context: float,
-    phase: Phase,
-    k_ffn: float | None = None,
-    weight_bytes: float = 2,
-    act_bytes: float = 2,
-    kv_bytes: float = 2,
-    dispatch_bytes: float = 1,
-    combine_bytes: float = 2,
-    ffn_tp: int = 1,
-    absorbed: bool | None = None,
-) -> ModelCost:
-    """``layer_costs`` for every layer plus ``head_costs``, with the same arguments."""
-    layers = layer_costs(
-        cfg,
-        tokens=tokens,
-        context=context,
-        phase=phase,
-        k_ffn=k_ffn,
-        weight_bytes=weight_bytes,
-        act_bytes=act_bytes,
-        kv_bytes=kv_bytes,
-        dispatch_bytes=dispatch_bytes,
-        combine_bytes=combine_bytes,
-        ffn_tp=ffn_tp,
-        absorbed=absorbed,
-    )
-    head = head_costs(
-        cfg, tokens=tokens, phase=phase, weight_bytes=weight_bytes, act_bytes=act_bytes
-    )
+def model_costs(cfg: ModelConfig, **options: Any) -> ModelCost:
+    """``layer_costs(cfg, **options)`` for every layer plus ``head_costs``, which reads the
+    same ``tokens``, ``phase``, ``weight_bytes`` and ``act_bytes``."""
+    layers = layer_costs(cfg, **options)
+    head = head_costs(cfg, **{k: v for k, v in options.items() if k in _HEAD_OPTIONS})
     return ModelCost(layers=layers, head=head)
+
+
+_HEAD_OPTIONS = frozenset(inspect.signature(head_costs).parameters) - {"cfg"}

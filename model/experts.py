@@ -1,9 +1,10 @@
 """Routed SwiGLU experts stored stacked, applied to rows already grouped by expert.
 
-Forward and backward run one GEMM per non-empty expert and write straight into preallocated
-outputs: weight gradients land in stacked [N, ...] tensors without a per-expert stack/copy,
-and an expert that received no rows costs one zero-fill of its gradient. The per-expert
-kernels below are shared with ``model/moe.py``, which runs them inside its own autograd node.
+The per-expert kernels below run one GEMM per non-empty expert and write straight into
+preallocated outputs: weight gradients land in stacked [N, ...] tensors without a per-expert
+stack/copy, and an expert that received no rows costs one zero-fill of its gradient.
+``model/moe.py`` runs them inside its own autograd node; ``GroupedExperts.forward`` (rows
+already grouped) is ``model/kernels/grouped_gemm.py``'s grouped SwiGLU.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward, silu_grad
+from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
 from longcat_sim.model.router import default_generator
-from torch import nn
 
 # gate [N, I, H], up [N, I, H], down [N, H, I]
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -116,52 +119,6 @@ def used_experts(counts: list[int], *stacked: torch.Tensor | list) -> Iterator[t
             yield e, *(p[e] for p in pieces)
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """Rows sorted by expert -> SwiGLU outputs, one GEMM per non-empty expert."""
-
-    @staticmethod
-    def forward(ctx, x_SD, w_gate, w_up, w_down, counts):  # type: ignore[override]
-        pre_gate_SI = x_SD.new_empty(x_SD.shape[0], w_gate.shape[1])
-        pre_up_SI = torch.empty_like(pre_gate_SI)
-        y_SD = torch.empty_like(x_SD)
-        for _, x_rD, a_rI, b_rI, y_rD, w_g, w_u, w_d in used_experts(
-            counts, x_SD, pre_gate_SI, pre_up_SI, y_SD, *transposed_experts((w_gate, w_up, w_down))
-        ):
-            expert_forward(x_rD, w_g, w_u, w_d, a_rI, b_rI, y_rD)
-        ctx.counts = counts
-        ctx.save_for_backward(x_SD, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI)
-        return y_SD
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y_SD):  # type: ignore[override]
-        x_SD, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI = ctx.saved_tensors
-        grad_y_SD = grad_y_SD.contiguous()
-        grad_x_SD = torch.empty_like(x_SD)
-        grads = new_weight_grads((w_gate, w_up, w_down), ctx.counts)
-        experts = used_experts(
-            ctx.counts,
-            x_SD,
-            grad_y_SD,
-            pre_gate_SI,
-            pre_up_SI,
-            grad_x_SD,
-            *per_expert((w_gate, w_up, w_down)),
-            *per_expert(grads),
-        )
-        # reverse order: the experts the forward touched last are likeliest still cached
-        for _, x_rD, dy_rD, a_rI, b_rI, dx_rD, w_g, w_u, w_d, g_g, g_u, g_d in reversed(
-            list(experts)
-        ):
-            silu_rI = F.silu(a_rI)
-            torch.mm(dy_rD.t(), silu_rI * b_rI, out=g_d)
-            grad_hidden_rI = torch.mm(dy_rD, w_d)
-            expert_backward_from_hidden(
-                x_rD, grad_hidden_rI, a_rI, b_rI, silu_rI, w_g, w_u, g_g, g_u, dx_rD
-            )
-        return grad_x_SD, *grads, None
-
-
 class GroupedExperts(nn.Module):
     """N SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, one GEMM per non-empty expert.
 
@@ -174,6 +131,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         n, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size
         self.n_experts = n
+        self.kernels = cfg.kernels
         self.initializer_range = cfg.initializer_range
         self.gate_proj = nn.Parameter(torch.empty(n, i, h))
         self.up_proj = nn.Parameter(torch.empty(n, i, h))
@@ -191,15 +149,6 @@ class GroupedExperts(nn.Module):
         return self.gate_proj.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
 
     def forward(self, x_SD: torch.Tensor, counts_N: torch.Tensor | list[int]) -> torch.Tensor:
-        """``x_SD``: rows sorted by expert, ``counts_N[e]`` of them for expert e; returns ``y_SD``."""
-        counts = counts_N.tolist() if isinstance(counts_N, torch.Tensor) else list(counts_N)
-        if len(counts) != self.n_experts or sum(counts) != x_SD.shape[0] or min(counts) < 0:
-            raise ValueError(
-                f"counts_N must give {self.n_experts} non-negative per-expert row counts summing "
-                f"to the {x_SD.shape[0]} rows of x_SD; got {counts}"
-            )
-        if x_SD.dim() != 2 or x_SD.shape[1] != self.gate_proj.shape[2]:
-            raise ValueError(
-                f"x_SD must be [rows, {self.gate_proj.shape[2]}], got {tuple(x_SD.shape)}"
-            )
-        return _GroupedSwiGLU.apply(x_SD.contiguous(), *self.weights(x_SD.dtype), counts)
+        """``x_SD``: rows sorted by expert, ``counts_N[e]`` of them for expert e; returns ``y_SD``
+        (``kernels.grouped_gemm.grouped_swiglu`` on ``cfg.kernels``)."""
+        return grouped_swiglu(x_SD, *self.weights(x_SD.dtype), counts_N, backend=self.kernels)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
+
 from longcat_sim.model.config import ConfigError, ModelConfig
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
-from torch import nn
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 

@@ -9,6 +9,7 @@ query and the output (see ``model.mla``).
 from __future__ import annotations
 
 import torch
+
 from longcat_sim.model.config import ModelConfig
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from longcat_sim.model.kernels import batch_invariant
 from longcat_sim.model.kernels.batch_invariant import linear_class
-from torch import nn
 
 
 class RMSNorm(nn.Module):

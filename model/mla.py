@@ -15,11 +15,36 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.kernels import batch_invariant
 from longcat_sim.model.kv_cache import LatentKVCache
 from longcat_sim.model.layers import RMSNorm, apply_rope_interleaved
-from torch import nn
+
+
+def fused_attention(
+    q_BhTd: torch.Tensor, k_BhSd: torch.Tensor, v_BhSv: torch.Tensor, scale: float, start: int = 0
+) -> torch.Tensor:
+    """Causal ``softmax(q k^T * scale) v`` by PyTorch's fused kernel; query t sits at position
+    ``start + t`` of the S keys. Values narrower than the keys are zero-padded to their width
+    (the fused CPU kernel wants one head size) and the padding is cut from the result."""
+    seq, total, width = q_BhTd.shape[2], k_BhSd.shape[2], v_BhSv.shape[-1]
+    if width < q_BhTd.shape[-1]:
+        v_BhSv = F.pad(v_BhSv, (0, q_BhTd.shape[-1] - width))
+    if start == 0 and seq == total:
+        mask = None
+        causal = True
+    else:  # queries continue a prefix: key s is visible to query t when s <= start + t
+        positions = torch.arange(total, device=q_BhTd.device)
+        mask = positions[None, :] <= (start + torch.arange(seq, device=q_BhTd.device))[:, None]
+        causal = False
+        if bool(mask.all()):  # one new query sees every key: no mask
+            mask = None
+    out = F.scaled_dot_product_attention(
+        q_BhTd, k_BhSd, v_BhSv, attn_mask=mask, is_causal=causal, scale=scale
+    )
+    return out[..., :width]
 
 
 class MLA(nn.Module):
@@ -122,9 +147,7 @@ class MLA(nn.Module):
                 q_BhTd, k_BhTd, v.transpose(1, 2), self.softmax_scale
             )
         else:
-            out = F.scaled_dot_product_attention(
-                q_BhTd, k_BhTd, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-            )
+            out = fused_attention(q_BhTd, k_BhTd, v.transpose(1, 2), self.softmax_scale)
         return out.transpose(1, 2)
 
     # -- absorbed form -----------------------------------------------------------------------
@@ -140,6 +163,18 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk_hNR, w_uv_hVR = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bthn,hnr->bthr", q_nope, w_uk_hNR)
+        if not self.deterministic:
+            q_BhTd = torch.cat((q_latent, q_rope), dim=-1).transpose(1, 2)
+            k_B1Sd = torch.cat((latent_BSR, k_rope_BSP), dim=-1).unsqueeze(1)
+            heads = q_BhTd.shape[1]
+            out_latent = fused_attention(
+                q_BhTd,
+                k_B1Sd.expand(-1, heads, -1, -1),
+                latent_BSR.unsqueeze(1).expand(-1, heads, -1, -1),
+                self.softmax_scale,
+                start,
+            ).transpose(1, 2)
+            return torch.einsum("bthr,hvr->bthv", out_latent, w_uv_hVR)
         scores_BhTS = torch.einsum("bthr,bsr->bhts", q_latent, latent_BSR) + torch.einsum(
             "bthp,bsp->bhts", q_rope, k_rope_BSP
         )

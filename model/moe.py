@@ -11,7 +11,10 @@ call, so forward and backward are bitwise reproducible. Dispatch, experts and co
 autograd node; nothing of size T x K x H is ever materialised. With ``cfg.deterministic`` the
 expert GEMMs and SiLU are batch-invariant (``model/kernels/batch_invariant.py``: a token's
 result does not depend on the other tokens of its expert) and weight gradients are summed in
-a fixed order whatever the thread count.
+a fixed order whatever the thread count. With ``cfg.kernels == "triton"`` the dispatch plan,
+the row gather, the expert GEMMs and the combine of the forward run as Triton kernels
+(``model/kernels/``); the backward is the same torch code for both, recomputed from the saved
+pre-activations.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.experts import (
     GroupedExperts,
@@ -30,6 +35,7 @@ from longcat_sim.model.experts import (
     transposed_experts,
     used_experts,
 )
+from longcat_sim.model.kernels.backend import Backend
 from longcat_sim.model.kernels.batch_invariant import (
     ROWS,
     mm_rows,
@@ -37,8 +43,9 @@ from longcat_sim.model.kernels.batch_invariant import (
     silu_forward,
     slot_sum,
 )
+from longcat_sim.model.kernels.moe_forward import moe_forward_triton
+from longcat_sim.model.kernels.permute import plan_permutation
 from longcat_sim.model.router import RouterOutput, TopkRouter, default_generator
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -52,13 +59,16 @@ class DispatchPlan:
     the j-th of them (in row order) has slot ``T*K + j`` and token ``T + (row mod multiple)``,
     and ``counts_N`` counts them too. Slots are then still all distinct (no index is ever
     repeated in a gather of the gates, nor in its backward), and so are the tokens inside one
-    expert's rows.
+    expert's rows. ``backend`` names the kernels that run the forward; a ``"triton"`` plan
+    also holds ``row_of_slot_TK``, each slot's row (-1 for zero-expert slots).
     """
 
     slot_S: torch.Tensor
     token_S: torch.Tensor
     counts_N: list[int]
     padding: int = 0  # padding rows: slots T*K .. T*K + padding - 1
+    backend: Backend = "torch"
+    row_of_slot_TK: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -66,7 +76,12 @@ class DispatchPlan:
 
 
 def plan_dispatch(
-    topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, n_routed: int, row_multiple: int = 1
+    topk_idx_TK: torch.Tensor,
+    counts_E: torch.Tensor,
+    n_routed: int,
+    row_multiple: int = 1,
+    *,
+    kernels: Backend = "torch",
 ) -> DispatchPlan:
     """Sort the FFN slots by expert; zero-expert slots (ids >= n_routed) are left out.
 
@@ -74,7 +89,15 @@ def plan_dispatch(
     j-th padding row gets slot ``T*K + j`` and token ``T + (row mod row_multiple)``, indices
     just past the real ones, all slots distinct and the tokens distinct within an expert (the
     caller appends ``plan.padding`` zero gates and ``row_multiple`` zero tokens for them).
+    ``kernels="triton"`` plans with the Triton kernel (same order; no padding).
     """
+    if kernels == "triton":
+        if row_multiple > 1:
+            raise ValueError("the Triton dispatch plan has no padding rows; use kernels='torch'")
+        perm = plan_permutation(topk_idx_TK, n_routed, backend="triton")
+        return DispatchPlan(
+            perm.slot_S, perm.token_S, perm.counts_N.tolist(), 0, "triton", perm.row_of_slot_TK
+        )
     tokens, k = topk_idx_TK.shape
     flat = topk_idx_TK.reshape(-1)
     ffn_slots = torch.nonzero(flat < n_routed).squeeze(1)
@@ -109,21 +132,21 @@ class _MoECore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, plan, deterministic):  # type: ignore[override]
-        out_TD = x_TD.float() * zero_gate_T.unsqueeze(-1)
-        pre_gate_SI = x_TD.new_empty(plan.num_rows, w_gate.shape[1])
-        pre_up_SI = torch.empty_like(pre_gate_SI)
-        for _, tokens, gate_r1, a_rI, b_rI, w_g, w_u, w_d in used_experts(
-            plan.counts_N,
-            plan.token_S,
-            gate_S.unsqueeze(-1),
-            pre_gate_SI,
-            pre_up_SI,
-            *transposed_experts((w_gate, w_up, w_down)),
-        ):
-            y_rD = expert_forward(
-                x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI, deterministic=deterministic
+        if plan.backend == "triton":
+            out_TD, pre_gate_SI, pre_up_SI = moe_forward_triton(
+                x_TD,
+                zero_gate_T,
+                gate_S,
+                (w_gate, w_up, w_down),
+                plan.slot_S,
+                plan.token_S,
+                plan.row_of_slot_TK,
+                plan.counts_N,
             )
-            out_TD.index_add_(0, tokens, _as_float(y_rD).mul_(gate_r1))
+        else:
+            out_TD, pre_gate_SI, pre_up_SI = _torch_forward(
+                x_TD, zero_gate_T, gate_S, (w_gate, w_up, w_down), plan, deterministic
+            )
         ctx.plan, ctx.deterministic = plan, deterministic
         ctx.save_for_backward(
             x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, pre_gate_SI, pre_up_SI
@@ -176,6 +199,33 @@ class _MoECore(torch.autograd.Function):
         return grad_x_TD.to(dtype), grad_zero_gate_T, grad_gate_S, *grads, None, None
 
 
+def _torch_forward(
+    x_TD: torch.Tensor,
+    zero_gate_T: torch.Tensor,
+    gate_S: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    plan: DispatchPlan,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_MoECore``'s forward in torch ops: ``(out_TD float32, pre_gate_SI, pre_up_SI)``."""
+    out_TD = x_TD.float() * zero_gate_T.unsqueeze(-1)
+    pre_gate_SI = x_TD.new_empty(plan.num_rows, weights[0].shape[1])
+    pre_up_SI = torch.empty_like(pre_gate_SI)
+    for _, tokens, gate_r1, a_rI, b_rI, w_g, w_u, w_d in used_experts(
+        plan.counts_N,
+        plan.token_S,
+        gate_S.unsqueeze(-1),
+        pre_gate_SI,
+        pre_up_SI,
+        *transposed_experts(weights),
+    ):
+        y_rD = expert_forward(
+            x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI, deterministic=deterministic
+        )
+        out_TD.index_add_(0, tokens, _as_float(y_rD).mul_(gate_r1))
+    return out_TD, pre_gate_SI, pre_up_SI
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> torch.Tensor:
     return mm_rows(a, b) if deterministic else torch.mm(a, b)
 
@@ -196,14 +246,27 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     return _as(t, torch.float32)
 
 
+@dataclass
+class LocalFlight:
+    """A local MoE call between its phases: already computed."""
+
+    out: torch.Tensor
+    routing: RouterOutput
+
+
 class MoE(nn.Module):
-    """Router + grouped FFN experts + identity experts; ``forward(x) -> (out, RouterOutput)``."""
+    """Router + grouped FFN experts + identity experts; ``forward(x) -> (out, RouterOutput)``.
+
+    The phases ``start(x) -> flight``, ``compute(flight) -> flight``, ``finish(flight) -> (out,
+    RouterOutput)`` are what ``model/block.py`` calls; locally ``start`` does all the work.
+    """
 
     def __init__(self, cfg: ModelConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
         gen = generator if generator is not None else default_generator()
         self.n_routed_experts = cfg.n_routed_experts
         self.deterministic = cfg.deterministic
+        self.kernels = cfg.kernels
         self.router = TopkRouter(cfg, generator=gen)
         self.experts = GroupedExperts(cfg, generator=gen)
 
@@ -230,7 +293,9 @@ class MoE(nn.Module):
             zero_gate_T = torch.cat((zero_gate_T, zero_gate_T.new_zeros(ROWS)))
             gates = torch.cat((gates, gates.new_zeros(plan.padding)))
         else:
-            plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, self.n_routed_experts)
+            plan = plan_dispatch(
+                routing.topk_idx_TK, routing.counts_E, self.n_routed_experts, kernels=self.kernels
+            )
         gate_S = gates.index_select(0, plan.slot_S)
         out_TD = _MoECore.apply(
             x_TD.contiguous(),
@@ -241,3 +306,12 @@ class MoE(nn.Module):
             self.deterministic,
         )
         return out_TD[:tokens].to(x.dtype).reshape(x.shape), routing
+
+    def start(self, x: torch.Tensor) -> LocalFlight:
+        return LocalFlight(*self(x))
+
+    def compute(self, flight: LocalFlight) -> LocalFlight:
+        return flight
+
+    def finish(self, flight: LocalFlight) -> tuple[torch.Tensor, RouterOutput]:
+        return flight.out, flight.routing

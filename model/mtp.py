@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.kernels.batch_invariant import linear_class
 from longcat_sim.model.layers import DenseMLP, RMSNorm
 from longcat_sim.model.mla import MLA
-from torch import nn
 
 
 class DenseDecoderLayer(nn.Module):

@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-from longcat_sim.model.config import ConfigError
 from torch import nn
+
+from longcat_sim.model.config import ConfigError
 
 GroupName = Literal["embedding", "hidden", "unembedding", "vector"]
 GROUP_NAMES: tuple[GroupName, ...] = ("embedding", "hidden", "unembedding", "vector")

@@ -9,10 +9,11 @@ Rank r of W computes the contiguous block of FFN experts ``[r*N/W, (r+1)*N/W)``.
 3. the owner runs its experts on each (source rank, expert) block of rows;
 4. the outputs travel back along the reverse exchange and are combined on the source rank.
 
-Both exchanges can be left in flight (``async_op=True``): :func:`parallel_layer_forward` starts
-the dispatch right after the first attention (the shortcut makes the MoE input available there)
-and waits for it only after FFN_0 and MLA_1, and it overlaps the combine with FFN_1. The
-backward of an exchange is the reverse exchange (:class:`_ExchangeDone`).
+Both exchanges can be left in flight (``async_op=True``): the MoE's phases are called by the
+layer's own forward (``model/block.py``) at the points of ``longcat_sim.stages.layer_order``; in
+the shortcut topology the dispatch starts right after the first attention and is waited for
+after FFN_0 and MLA_1, and the combine is in flight over FFN_1. The backward of an exchange is
+the reverse exchange (:class:`_ExchangeDone`).
 
 Expert GEMMs use the row-tiled kernels of ``model/kernels/batch_invariant.py``: a row's output
 does not depend on which other rows share the call, so it is the same whichever ranks send what.
@@ -24,18 +25,20 @@ in global slice order and get gradients that do not depend on the world size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows
+from torch import nn
+
+from longcat_sim.model.experts import expert_backward_from_hidden, expert_forward
+from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward
 from longcat_sim.model.moe import MoE, plan_dispatch
 from longcat_sim.model.router import RouterOutput
 from longcat_sim.model.transformer import LongcatFlashForCausalLM, ModelOutput
-from torch import nn
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -218,10 +221,9 @@ class _ShardExperts(torch.autograd.Function):
         pre_up_RI = torch.empty_like(pre_gate_RI)
         y_RD = torch.empty_like(x_RD)
         for _, e, rows in _expert_blocks(counts_SE):
-            pre_gate_RI[rows] = mm_rows(x_RD[rows], w_gate[e].t())
-            pre_up_RI[rows] = mm_rows(x_RD[rows], w_up[e].t())
-            hidden_rI = F.silu(pre_gate_RI[rows]) * pre_up_RI[rows]
-            y_RD[rows] = mm_rows(hidden_rI, w_down[e].t())
+            expert_forward(x_RD[rows], w_gate[e].t(), w_up[e].t(), w_down[e].t(),
+                           pre_gate_RI[rows], pre_up_RI[rows], y_RD[rows],
+                           deterministic=True)  # fmt: skip
         ctx.counts_SE, ctx.ledger = counts_SE, ledger
         ctx.slice_of_source = list(ledger.slice_of_source) if ledger is not None else None
         ctx.save_for_backward(x_RD, w_gate, w_up, w_down, pre_gate_RI, pre_up_RI)
@@ -245,14 +247,12 @@ class _ShardExperts(torch.autograd.Function):
                 pre_gate_RI[rows],
                 pre_up_RI[rows],
             )
-            silu_rI = F.silu(a_rI)
-            g_down.copy_(mm_t_rows(dy_rD, silu_rI * b_rI))
+            silu_rI = silu_forward(a_rI)
+            mm_t_rows(dy_rD, silu_rI * b_rI, out=g_down)
             grad_hidden_rI = mm_rows(dy_rD, w_down[e])
-            grad_b_rI = grad_hidden_rI * silu_rI
-            grad_a_rI = torch.ops.aten.silu_backward(grad_hidden_rI * b_rI, a_rI)
-            g_gate.copy_(mm_t_rows(grad_a_rI, x_rD))
-            g_up.copy_(mm_t_rows(grad_b_rI, x_rD))
-            grad_x_RD[rows] = mm_rows(grad_a_rI, w_gate[e]) + mm_rows(grad_b_rI, w_up[e])
+            expert_backward_from_hidden(x_rD, grad_hidden_rI, a_rI, b_rI, silu_rI, w_gate[e],
+                                        w_up[e], g_gate, g_up, grad_x_RD[rows],
+                                        deterministic=True)  # fmt: skip
         if ctx.ledger is not None:
             return grad_x_RD, None, None, None, None, None
         totals = per_source[0]
@@ -266,6 +266,7 @@ class MoEInFlight:
     """State of one expert-parallel MoE call between its phases."""
 
     x_TD: torch.Tensor
+    shape: torch.Size
     routing: RouterOutput
     zero_gate_T: torch.Tensor
     gate_S: torch.Tensor
@@ -276,13 +277,15 @@ class MoEInFlight:
     pending: PendingExchange | None = None
 
 
-class ExpertParallelMoE:
+class ExpertParallelMoE(nn.Module):
     """Runs a :class:`model.moe.MoE` with its FFN experts sharded over ``group``.
 
     Every rank holds the router; rank r computes only the experts of
-    ``ExpertShard(r, W, N).block()`` (the slice of the stacked weights it reads). Call phases
-    ``start`` -> ``compute`` -> ``finish`` to overlap the exchanges with other work, or call the
-    object for a synchronous ``(out, RouterOutput)`` like ``MoE.forward``.
+    ``ExpertShard(r, W, N).block()`` (the slice of the stacked weights it reads). It has the
+    MoE's phases ``start`` -> ``compute`` -> ``finish`` (``model/block.py`` calls them where
+    ``longcat_sim.stages`` says, so the exchanges stay in flight over dense blocks) and its
+    ``forward(x) -> (out, RouterOutput)``. ``overlap = False`` asks the layer to run the phases
+    back to back. The wrapped MoE's parameters are used as they are.
     """
 
     def __init__(
@@ -291,15 +294,32 @@ class ExpertParallelMoE:
         group: dist.ProcessGroup | None = None,
         ledger: SliceGradLedger | None = None,
         clock: ExchangeClock | None = None,
+        *,
+        overlap: bool = True,
     ) -> None:
+        super().__init__()
         rank, world = _group_info(group)
         self.moe, self.group, self.ledger, self.clock = moe, group, ledger, clock
+        self.overlap = overlap
         self.shard = ExpertShard(rank, world, moe.n_routed_experts)
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         block = self.shard.block()
         experts = self.moe.experts
         return experts.gate_proj[block], experts.up_proj[block], experts.down_proj[block]
+
+    def _exchange_counts(self, counts_N: torch.Tensor) -> list[list[int]]:
+        """Rows per (source rank, local expert) this rank receives."""
+        count, world = self.shard.count, self.shard.world
+        recv_counts, _ = _timed(
+            self.clock,
+            _exchange,
+            counts_N.view(-1, 1),
+            [count] * world,
+            [count] * world,
+            self.group,
+        )
+        return recv_counts.view(world, count).tolist()
 
     def start(self, x: torch.Tensor) -> MoEInFlight:
         """Route locally, exchange the row counts, issue the dispatch of the rows (async)."""
@@ -312,20 +332,13 @@ class ExpertParallelMoE:
         plan = plan_dispatch(routing.topk_idx_TK, routing.counts_E, n)
         gate_S = gate_TK.reshape(-1).index_select(0, plan.slot_S)
         counts_N = routing.counts_E[:n].to(torch.long).contiguous()
-        recv_counts, _ = _timed(
-            self.clock,
-            _exchange,
-            counts_N.view(-1, 1),
-            [shard.count] * shard.world,
-            [shard.count] * shard.world,
-            self.group,
-        )
-        counts_SE = recv_counts.view(shard.world, shard.count).tolist()
+        counts_SE = self._exchange_counts(counts_N)
         send_splits = counts_N.view(shard.world, shard.count).sum(dim=1).tolist()
         recv_splits = [sum(row) for row in counts_SE]
         flight = MoEInFlight(
-            x_TD, routing, zero_gate_T, gate_S, plan.slot_S, send_splits, recv_splits, counts_SE
-        )
+            x_TD, x.shape, routing, zero_gate_T, gate_S, plan.slot_S, send_splits, recv_splits,
+            counts_SE,
+        )  # fmt: skip
         rows_SD = x_TD.index_select(0, plan.token_S)
         flight.pending = start_exchange(rows_SD, send_splits, recv_splits, self.group, self.clock)
         return flight
@@ -357,55 +370,33 @@ class ExpertParallelMoE:
         out_TD = x_TD.float() * flight.zero_gate_T.unsqueeze(-1)
         for slot in range(k):
             out_TD = out_TD + slots_TKD[:, slot]
-        return out_TD.to(x_TD.dtype), flight.routing
+        return out_TD.to(x_TD.dtype).view(flight.shape), flight.routing
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        out_TD, routing = self.finish(self.compute(self.start(x)))
-        return out_TD.view_as(x), routing
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        return self.finish(self.compute(self.start(x)))
 
 
-def parallel_layer_forward(
-    layer: nn.Module,
-    ep: ExpertParallelMoE,
-    x_BTD: torch.Tensor,
-    cos_TP: torch.Tensor,
-    sin_TP: torch.Tensor,
-    *,
-    overlap: bool = True,
-) -> tuple[torch.Tensor, RouterOutput]:
-    """``LongcatDecoderLayer.forward`` (no cache) with the MoE run expert-parallel.
-
-    Shortcut topology with ``overlap``: the dispatch is in flight during FFN_0 and MLA_1, the
-    combine during FFN_1; the result waits only before the final add. Without ``overlap`` (or in
-    the conventional topology) each MoE phase runs back to back.
-    """
-    a = x_BTD + layer.self_attn[0](layer.input_layernorm[0](x_BTD), cos_TP, sin_TP)
-    u = layer.post_attention_layernorm[0](a)
-    flight = None
-    if layer.shortcut and overlap:
-        flight = ep.start(u)
-    elif layer.shortcut:
-        moe_out, routing = ep(u)
-    b = a + layer.mlps[0](u)
-    c = b + layer.self_attn[1](layer.input_layernorm[1](b), cos_TP, sin_TP)
-    n = layer.post_attention_layernorm[1](c)
-    if flight is not None:
-        flight = ep.compute(flight)
-    elif not layer.shortcut:
-        moe_out, routing = ep(n)
-    dense = c + layer.mlps[1](n)
-    if flight is not None:
-        moe_TD, routing = ep.finish(flight)
-        moe_out = moe_TD.view_as(x_BTD)
-    return dense + moe_out, routing
+@contextmanager
+def moes_swapped(model: LongcatFlashForCausalLM, moes: list[nn.Module]) -> Iterator[None]:
+    """Each layer's ``mlp`` replaced by the matching module of ``moes`` for the block."""
+    layers = model.model.layers
+    originals = [layer.mlp for layer in layers]
+    try:
+        for layer, moe in zip(layers, moes, strict=True):
+            layer.mlp = moe
+        yield
+    finally:
+        for layer, moe in zip(layers, originals, strict=True):
+            layer.mlp = moe
 
 
 class ExpertParallelModel:
     """A :class:`LongcatFlashForCausalLM` whose MoE layers run expert-parallel over ``group``.
 
-    The wrapped model's parameters are used as they are (no copy); only the FFN experts of this
-    rank's block are read by its expert GEMMs. A ``clock`` shared by every layer adds up the
-    time spent in exchanges, forward and backward.
+    ``forward_detailed`` swaps every layer's MoE for its :class:`ExpertParallelMoE` and runs the
+    model's own forward (no cache). The wrapped model's parameters are used as they are (no
+    copy); only the FFN experts of this rank's block are read by its expert GEMMs. A ``clock``
+    shared by every layer adds up the time spent in exchanges, forward and backward.
     """
 
     def __init__(
@@ -419,11 +410,21 @@ class ExpertParallelModel:
     ) -> None:
         layers = model.model.layers
         ledgers = ledgers if ledgers is not None else [None] * len(layers)  # type: ignore[list-item]
-        self.model, self.overlap = model, overlap
+        self.model = model
         self.moes = [
-            ExpertParallelMoE(layer.mlp, group, ledger, clock)
+            ExpertParallelMoE(layer.mlp, group, ledger, clock, overlap=overlap)
             for layer, ledger in zip(layers, ledgers, strict=True)
         ]
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the ScMoE exchanges stay in flight over the dense blocks."""
+        return self.moes[0].overlap
+
+    @overlap.setter
+    def overlap(self, value: bool) -> None:
+        for ep in self.moes:
+            ep.overlap = value
 
     @property
     def shard(self) -> ExpertShard:
@@ -437,26 +438,8 @@ class ExpertParallelModel:
 
     def forward_detailed(self, input_ids: torch.Tensor, *, compute_mtp: bool = True) -> ModelOutput:
         """Same outputs as ``LongcatFlashForCausalLM.forward_detailed`` without a cache."""
-        core = self.model.model
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = core.rotary_emb(positions)
-        hidden = core.embed_tokens(input_ids)
-        routing = []
-        for layer, ep in zip(core.layers, self.moes, strict=True):
-            hidden, layer_routing = parallel_layer_forward(
-                layer, ep, hidden, cos, sin, overlap=self.overlap
-            )
-            routing.append(layer_routing)
-        logits = self.model.lm_head(core.norm(hidden))
-        mtp_logits = None
-        if compute_mtp and core.mtp is not None:
-            next_ids = torch.cat((input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])), dim=1)
-            mtp_logits = self.model.lm_head(core.mtp(next_ids, hidden, cos, sin))
-        return ModelOutput(
-            logits=logits, hidden_pre_norm=hidden, router=routing, mtp_logits=mtp_logits
-        )
+        with moes_swapped(self.model, self.moes):
+            return self.model.forward_detailed(input_ids, compute_mtp=compute_mtp)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """The stacked expert weights of every layer (gate, up, down per layer)."""

@@ -6,27 +6,20 @@ unbiased probabilities of the selected experts, not renormalised, times
 ``routed_scaling_factor``. With ``cfg.scale_zero_expert_gates`` False the gates of zero
 (identity) experts stay unscaled. With ``cfg.deterministic`` the classifier is batch-invariant
 and selection is a stable sort, so exactly equal biased scores go to the lower expert id.
+Otherwise the top-k stage runs on ``cfg.kernels`` (``model/kernels/router_topk.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
-from longcat_sim.model.config import ModelConfig
-from longcat_sim.model.kernels import batch_invariant
 from torch import nn
 
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.kernels import batch_invariant
+from longcat_sim.model.kernels.router_topk import RouterOutput, route
+from longcat_sim.model.kernels.torch_ref import gates_of_picks
 
-@dataclass
-class RouterOutput:
-    """Routing of T tokens to K of the N + Z experts; indices >= N are zero experts."""
-
-    topk_idx_TK: torch.Tensor
-    topk_gate_TK: torch.Tensor
-    scores_TE: torch.Tensor
-    counts_E: torch.Tensor
+__all__ = ["RouterOutput", "TopkRouter", "default_generator"]
 
 
 def default_generator() -> torch.Generator:
@@ -45,6 +38,7 @@ class TopkRouter(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.scale_zero_expert_gates = cfg.scale_zero_expert_gates
         self.deterministic = cfg.deterministic
+        self.kernels = cfg.kernels
         self.initializer_range = cfg.initializer_range
         # skip_init: nn.Linear's own init would draw from the global RNG
         self.classifier = nn.utils.skip_init(
@@ -74,26 +68,23 @@ class TopkRouter(nn.Module):
         return self
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        if not self.deterministic:
+            return route(self, x_TD, backend=self.kernels)
         if x_TD.dim() != 2:
             raise ValueError(
                 f"router expects tokens flattened to [T, D], got shape {tuple(x_TD.shape)}"
             )
-        if self.deterministic:
-            logits_TE = batch_invariant.linear(x_TD.float(), self.classifier.weight.float())
-            scores_TE = batch_invariant.softmax(logits_TE)
-        else:
-            logits_TE = F.linear(x_TD.float(), self.classifier.weight.float())
-            scores_TE = logits_TE.softmax(dim=-1)
-        with torch.no_grad():
+        logits_TE = batch_invariant.linear(x_TD.float(), self.classifier.weight.float())
+        scores_TE = batch_invariant.softmax(logits_TE)
+        with torch.no_grad():  # stable sort: exact ties go to the lower expert id
             biased_TE = scores_TE + self.e_score_correction_bias
-            if self.deterministic:  # stable sort: exact ties go to the lower expert id
-                order_TE = torch.sort(biased_TE, dim=-1, descending=True, stable=True).indices
-                topk_idx_TK = order_TE[:, : self.topk]
-            else:
-                topk_idx_TK = torch.topk(biased_TE, self.topk, dim=-1, sorted=True).indices
-        probs_TK = scores_TE.gather(1, topk_idx_TK)
-        topk_gate_TK = probs_TK * self.routed_scaling_factor
-        if not self.scale_zero_expert_gates:
-            topk_gate_TK = torch.where(topk_idx_TK >= self.n_routed_experts, probs_TK, topk_gate_TK)
-        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts_total)
+            order_TE = torch.sort(biased_TE, dim=-1, descending=True, stable=True).indices
+            topk_idx_TK = order_TE[:, : self.topk]
+        topk_gate_TK, counts_E = gates_of_picks(
+            scores_TE,
+            topk_idx_TK,
+            self.n_routed_experts,
+            self.routed_scaling_factor,
+            self.scale_zero_expert_gates,
+        )
         return RouterOutput(topk_idx_TK, topk_gate_TK, scores_TE, counts_E)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from longcat_sim.model.block import LongcatDecoderLayer
 from longcat_sim.model.config import ConfigError, ModelConfig
 from longcat_sim.model.kernels.batch_invariant import linear_class
@@ -12,7 +14,6 @@ from longcat_sim.model.kv_cache import LatentKVCache
 from longcat_sim.model.layers import RMSNorm, RotaryEmbedding
 from longcat_sim.model.mtp import MultiTokenPredictor
 from longcat_sim.model.router import RouterOutput
-from torch import nn
 
 DEFAULT_INIT_SEED = 0
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
 from longcat_sim.reports.inputs import (
     ReportInputError,
     check_pareto,
@@ -19,7 +21,6 @@ from longcat_sim.reports.inputs import (
     check_training_run,
 )
 from longcat_sim.reports.tables import SCHEDULE_LABELS, model_label
-from plotly.subplots import make_subplots
 
 TEMPLATE = "plotly_white"
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 12}
@@ -32,10 +33,10 @@ SCHEDULE_TITLES = {
 STREAM_ORDER = ("compute", "nvlink", "rdma")
 GROUP_COLORS = {
     "attention": "#4c78a8",
-    "ffn": "#72b7b2",
-    "shared": "#54a24b",
+    "dense_ffn": "#72b7b2",
+    "shared_experts": "#54a24b",
     "router": "#b279a2",
-    "moe": "#f58518",
+    "routed_experts": "#f58518",
     "dispatch": "#e45756",
     "combine": "#9d755d",
     "tp_comm": "#ff9da6",
@@ -231,7 +232,7 @@ def overlap_figure(section: Mapping[str, Any]) -> go.Figure:
     schedules = ("baseline", "scmoe")
     labels = [SCHEDULE_LABELS[s] for s in schedules]
     paper = [section["paper"][s] * 100 for s in schedules]
-    simulated = [section["simulated"][s]["non_overlapped_comm_share"] * 100 for s in schedules]
+    simulated = [section["simulated"][s]["exposed_comm_share"] * 100 for s in schedules]
     fig = go.Figure()
     for name, values, color in (
         ("paper §5", paper, PAPER_COLOR),
@@ -249,7 +250,7 @@ def overlap_figure(section: Mapping[str, Any]) -> go.Figure:
             )
         )
     top = max(*paper, *simulated)
-    fig.update_yaxes(title_text="non-overlapped communication (% of step)", range=[0, top * 1.2])
+    fig.update_yaxes(title_text="exposed communication (% of step)", range=[0, top * 1.2])
     return _layout(fig, height=340, barmode="group", legend={"orientation": "h", "y": 1.12})
 
 
@@ -279,30 +280,16 @@ def training_figure(run: Mapping[str, Any]) -> go.Figure:
         horizontal_spacing=0.1,
         subplot_titles=("loss (nats/token)", "average FFN experts per token, per layer"),
     )
-    fig.add_trace(
-        go.Scatter(
-            x=steps,
-            y=[r["lm_loss"] for r in shown],
-            name="train LM loss",
-            mode="lines",
-            line={"color": "#4c78a8"},
-        ),
-        row=1,
-        col=1,
-    )
-    val = [r for r in records if "val_loss" in r]
-    if val:
-        fig.add_trace(
-            go.Scatter(
-                x=[r["step"] for r in val],
-                y=[r["val_loss"] for r in val],
-                name="validation loss",
-                mode="lines+markers",
-                line={"color": "#f58518"},
-            ),
-            row=1,
-            col=1,
-        )
+    curves = (
+        ("lm_loss", shown, "train LM loss", "lines", "#4c78a8"),
+        ("val_loss", [r for r in records if "val_loss" in r], "validation loss", "lines+markers",
+         "#f58518"),
+    )  # fmt: skip
+    for key, rows, name, mode, color in curves:
+        if rows:
+            x, y = [r["step"] for r in rows], [r[key] for r in rows]
+            line = {"color": color}
+            fig.add_trace(go.Scatter(x=x, y=y, name=name, mode=mode, line=line), row=1, col=1)
     n_layers = len(records[0]["ffn_experts_mean"])
     for layer in range(n_layers):
         fig.add_trace(

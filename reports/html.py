@@ -14,9 +14,10 @@ from functools import cache
 
 import plotly
 import plotly.graph_objects as go
-from longcat_sim.reports.tables import Table
 from plotly.offline import get_plotlyjs
 from plotly.utils import PlotlyJSONEncoder
+
+from longcat_sim.reports.tables import Table
 
 _ID = re.compile(r"[a-z][a-z0-9-]*")
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}

@@ -8,7 +8,8 @@ Report data (one mapping; ``longcat_sim.report.sections`` assembles it)::
     meta:      {"title": str, "config_hash": str, "config": {str: scalar | list}}
     table7:    {"context": int, "rows": [ROW]}   ROW = {"model": str, "overlap": str,
                "paper": {KEY: number}, "simulated": {KEY: number}} with KEY in attention_us,
-               dispatch_us, moe_us, combine_us, tpot_ms, cost_per_m_tokens
+               dispatch_us, experts_us (routed plus shared experts: the paper's "MoE"),
+               combine_us, tpot_ms, cost_per_m_tokens
     table6:    {"assumptions": str, "rows": [{"label": str, "model": str, "schedule": str,
                "attention_dtype": str, "context": int, "batch_per_device": int,
                "paper": {"tgs", "tps_per_user"}, "simulated": {"tgs", "tps_per_user",
@@ -20,7 +21,7 @@ Report data (one mapping; ``longcat_sim.report.sections`` assembles it)::
     pareto:    {"models": {model: {"schedule": str, "points": [{"batch_per_device": int,
                "tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms": number}]}}}
     training_overlap: {"paper": {"baseline": share, "scmoe": share}, "simulated":
-               {"baseline": SUMMARY, "scmoe": SUMMARY}}  SUMMARY = {"non_overlapped_comm_share",
+               {"baseline": SUMMARY, "scmoe": SUMMARY}}  SUMMARY = {"exposed_comm_share",
                "step_ms", "comm_ms", "exposed_comm_ms": number}
     training_runs: [TRAIN_RUN]   (may be empty)
     determinism:   DETERMINISM | null
@@ -54,13 +55,13 @@ Each detector's heat map shows, per (site, bit), the share of trials it detected
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 TABLE7_KEYS = (
     "attention_us",
     "dispatch_us",
-    "moe_us",
+    "experts_us",
     "combine_us",
     "tpot_ms",
     "cost_per_m_tokens",
@@ -68,7 +69,7 @@ TABLE7_KEYS = (
 TABLE6_PAPER_KEYS = ("tgs", "tps_per_user")
 PARETO_KEYS = ("tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms")
 EVENT_KEYS = ("name", "group", "stream", "start_us", "end_us", "layer", "microbatch")
-OVERLAP_KEYS = ("non_overlapped_comm_share", "step_ms", "comm_ms", "exposed_comm_ms")
+OVERLAP_KEYS = ("exposed_comm_share", "step_ms", "comm_ms", "exposed_comm_ms")
 VERDICTS = ("identical", "diverged")
 
 
@@ -122,16 +123,21 @@ def numbers_at(obj: Mapping[str, Any], keys: Sequence[str], path: str) -> dict[s
     return {k: number(field(obj, k, path), _where(path, k)) for k in keys}
 
 
+def _rows(section: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path, mapping) of each entry of a section's non-empty ``rows`` list."""
+    rows = items(field(section, "rows", path), _where(path, "rows"), non_empty=True)
+    for i, row in enumerate(rows):
+        where = _where(_where(path, "rows"), i)
+        yield where, mapping(row, where)
+
+
 # -- checks of each section ----------------------------------------------------------------------
 
 
 def check_table7(section: Any, path: str = "table7") -> None:
     section = mapping(section, path)
     integer(field(section, "context", path), _where(path, "context"))
-    rows = items(field(section, "rows", path), _where(path, "rows"), non_empty=True)
-    for i, row in enumerate(rows):
-        where = _where(_where(path, "rows"), i)
-        row = mapping(row, where)
+    for where, row in _rows(section, path):
         text(field(row, "model", where), _where(where, "model"))
         text(field(row, "overlap", where), _where(where, "overlap"))
         for side in ("paper", "simulated"):
@@ -141,10 +147,7 @@ def check_table7(section: Any, path: str = "table7") -> None:
 def check_table6(section: Any, path: str = "table6") -> None:
     section = mapping(section, path)
     text(field(section, "assumptions", path), _where(path, "assumptions"))
-    rows = items(field(section, "rows", path), _where(path, "rows"), non_empty=True)
-    for i, row in enumerate(rows):
-        where = _where(_where(path, "rows"), i)
-        row = mapping(row, where)
+    for where, row in _rows(section, path):
         for key in ("label", "model", "schedule", "attention_dtype"):
             text(field(row, key, where), _where(where, key))
         for key in ("context", "batch_per_device"):

@@ -61,110 +61,119 @@ def _determinism_blocks(result: Mapping[str, Any] | None) -> list[str]:
     return blocks
 
 
+class _Figures:
+    """Collects the page's figures in order; ``add`` returns the div that shows one."""
+
+    def __init__(self) -> None:
+        self.items: list[Figure] = []
+
+    def add(self, div_id: str, fig: Any) -> str:
+        self.items.append(Figure(div_id, fig))
+        return figure_div(div_id)
+
+
 def build_report(data: Mapping[str, Any]) -> Report:
     """The whole report. Raises ``reports.inputs.ReportInputError`` on malformed data."""
     check_report_data(data)
     meta = data["meta"]
-    figs: list[Figure] = []
-
-    def figure(div_id: str, fig: Any) -> str:
-        figs.append(Figure(div_id, fig))
-        return figure_div(div_id)
-
-    nav = " ".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title in SECTIONS)
-    config = meta["config"]
+    figs = _Figures()
     parts = [
+        *_header(meta),
+        *_simulated_sections(data, figs),
+        *_result_sections(data, figs),
+        _configuration_section(meta),
+    ]
+    body = "\n".join(parts)
+    return Report(html=page(meta["title"], body, figs.items), figures=tuple(figs.items))
+
+
+def _header(meta: Mapping[str, Any]) -> list[str]:
+    nav = " ".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title in SECTIONS)
+    return [
         f"<h1>{esc(meta['title'])}</h1>",
-        f'<p class="subtitle">{esc(_subtitle(config))}; config hash '
+        f'<p class="subtitle">{esc(_subtitle(meta["config"]))}; config hash '
         f"<code>{esc(meta['config_hash'][:12])}</code></p>",
         f"<nav>{nav}</nav>",
     ]
+
+
+NOTES = {
+    "table7": (
+        "The paper's theoretical decode (arXiv 2509.01322, Table 7) rebuilt from the "
+        "models' op counts under the 'table7' assumption set (FlashMLA 660 TFLOPS, MoE at "
+        "the FP8 dense peak, DeepEP 40 GB/s, no overheads). TPOT and cost come from the "
+        "simulated schedule; the per-layer rows from the priced stages of one MoE layer. "
+        "Green within 5 %, amber within 15 %."
+    ),
+    "table6": (
+        "Measured throughput (paper Table 6 and the DeepSeek-V3 profile data) against the "
+        "simulator at the same batch per GPU, context and attention precision."
+    ),
+    "timelines": (
+        "Each row is one GPU's compute stream and the link streams that carry the expert "
+        "dispatch and combine. Sequential execution waits for every transfer; TBO hides "
+        "one micro-batch's transfers behind the other's compute; SBO hides them behind the "
+        "shortcut branch of the same batch."
+    ),
+    "pareto": (
+        "One point per batch size per GPU; filled markers lie on a model's Pareto front "
+        "(no other batch gives both more TPS per user and more tokens per GPU per second)."
+    ),
+    "training-overlap": (
+        "Paper §5: EP 32, 200 Gb/s RDMA per GPU, context parallelism 8, the MoE split into "
+        "2 token chunks; 25.3 % of step time is exposed communication without ScMoE, "
+        "8.4 % with it."
+    ),
+}
+
+
+def _simulated_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
+    """The sections the simulator fills: the paper's tables, timelines, Pareto, overlap; each
+    its table or figure, then its note."""
     overlap = data["training_overlap"]
-    parts += [
-        _section(
-            "table7",
-            SECTIONS[0][1],
-            table_html(tables.table7_table(data["table7"])),
-            _note(
-                "The paper's theoretical decode (arXiv 2509.01322, Table 7) rebuilt from the "
-                "models' op counts under the 'table7' assumption set (FlashMLA 660 TFLOPS, MoE at "
-                "the FP8 dense peak, DeepEP 40 GB/s, no overheads). TPOT and cost come from the "
-                "simulated schedule; the per-layer rows from the priced stages of one MoE layer. "
-                "Green within 5 %, amber within 15 %."
-            ),
-        ),
-        _section(
-            "table6",
-            SECTIONS[1][1],
-            table_html(tables.table6_table(data["table6"])),
-            _note(
-                "Measured throughput (paper Table 6 and the DeepSeek-V3 profile data) against the "
-                "simulator at the same batch per GPU, context and attention precision."
-            ),
-        ),
-        _section(
-            "timelines",
-            SECTIONS[2][1],
-            figure("fig-timelines", figures.timeline_figure(data["timelines"])),
-            _note(
-                "Each row is one GPU's compute stream and the link streams that carry the expert "
-                "dispatch and combine. Sequential execution waits for every transfer; TBO hides "
-                "one micro-batch's transfers behind the other's compute; SBO hides them behind the "
-                "shortcut branch of the same batch."
-            ),
-        ),
-        _section(
-            "pareto",
-            SECTIONS[3][1],
-            figure("fig-pareto", figures.pareto_figure(data["pareto"])),
-            _note(
-                "One point per batch size per GPU; filled markers lie on a model's Pareto front "
-                "(no other batch gives both more TPS per user and more tokens per GPU per second)."
-            ),
-        ),
-        _section(
-            "training-overlap",
-            SECTIONS[4][1],
-            figure("fig-training-overlap", figures.overlap_figure(overlap)),
+    blocks = {
+        "table7": [table_html(tables.table7_table(data["table7"]))],
+        "table6": [table_html(tables.table6_table(data["table6"]))],
+        "timelines": [figs.add("fig-timelines", figures.timeline_figure(data["timelines"]))],
+        "pareto": [figs.add("fig-pareto", figures.pareto_figure(data["pareto"]))],
+        "training-overlap": [
+            figs.add("fig-training-overlap", figures.overlap_figure(overlap)),
             table_html(tables.overlap_table(overlap)),
-            _note(
-                "Paper §5: EP 32, 200 Gb/s RDMA per GPU, context parallelism 8, the MoE split into "
-                "2 token chunks; 25.3 % of step time is exposed communication without ScMoE, "
-                "8.4 % with it."
-            ),
-        ),
+        ],
+    }
+    return [
+        _section(anchor, title, *blocks[anchor], _note(NOTES[anchor]))
+        for anchor, title in SECTIONS
+        if anchor in blocks
     ]
-    runs = data["training_runs"]
+
+
+def _result_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
+    """The sections other commands' results fill: training runs, determinism, SDC."""
     run_blocks = [
-        figure(f"fig-training-run-{i}", figures.training_figure(run))
-        for i, run in enumerate(runs, start=1)
+        figs.add(f"fig-training-run-{i}", figures.training_figure(run))
+        for i, run in enumerate(data["training_runs"], start=1)
     ] or [_note("No training run given: pass --train-run DIR (a longcat-sim train run).")]
-    parts.append(_section("training-runs", SECTIONS[5][1], *run_blocks))
-    parts.append(_section("determinism", SECTIONS[6][1], *_determinism_blocks(data["determinism"])))
     if data["sdc"] is None:
         sdc_blocks = [_note("No silent-data-corruption result given: pass --sdc-run DIR.")]
     else:
         sdc_blocks = [
-            figure("fig-sdc", figures.sdc_figure(data["sdc"])),
+            figs.add("fig-sdc", figures.sdc_figure(data["sdc"])),
             _note("Share of injected bit flips each detector caught, per site and bit position."),
         ]
-    parts.append(_section("sdc", SECTIONS[7][1], *sdc_blocks))
-    parts.append(
-        _section(
-            "configuration",
-            SECTIONS[8][1],
-            table_html(
-                tables.key_value_table(
-                    "Report configuration",
-                    {
-                        **{k: _scalar(v) for k, v in config.items()},
-                        "config_hash": meta["config_hash"],
-                    },
-                )
-            ),
-        )
+    return [
+        _section("training-runs", SECTIONS[5][1], *run_blocks),
+        _section("determinism", SECTIONS[6][1], *_determinism_blocks(data["determinism"])),
+        _section("sdc", SECTIONS[7][1], *sdc_blocks),
+    ]
+
+
+def _configuration_section(meta: Mapping[str, Any]) -> str:
+    settings = {k: _scalar(v) for k, v in meta["config"].items()}
+    table = tables.key_value_table(
+        "Report configuration", {**settings, "config_hash": meta["config_hash"]}
     )
-    return Report(html=page(meta["title"], "\n".join(parts), figs), figures=tuple(figs))
+    return _section("configuration", SECTIONS[8][1], table_html(table))
 
 
 def _subtitle(config: Mapping[str, Any]) -> str:

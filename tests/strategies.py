@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
+
 from longcat_sim.model.config import ModelConfig
 
 # A bias this large beats any softmax probability (all lie in [0, 1]); see ``forced_bias``.
@@ -21,6 +22,18 @@ seeds = st.integers(min_value=0, max_value=2**32 - 1)
 def token_counts(max_tokens: int = 24) -> st.SearchStrategy[int]:
     """Batch sizes, with the single-token batch drawn often."""
     return st.one_of(st.just(1), st.integers(min_value=1, max_value=max_tokens))
+
+
+@st.composite
+def placements(
+    draw: st.DrawFn, max_t: int, max_batch: int, max_pad: int
+) -> tuple[int, int, int, int]:
+    """``(t, batch, pos, pad)``: a sequence of ``t`` tokens at row ``pos`` of a batch of
+    ``batch`` rows of ``t + pad`` tokens."""
+    t = draw(st.integers(1, max_t))
+    batch = draw(st.integers(1, max_batch))
+    pad = draw(st.integers(0, max_pad))
+    return t, batch, draw(st.integers(0, batch - 1)), pad
 
 
 @st.composite
@@ -50,7 +63,7 @@ def moe_configs(
         n_routed_experts=n,
         zero_expert_num=z,
         moe_topk=k,
-        expected_ffn_experts=float(max(0, k - z)),
+        target_ffn_experts=float(max(0, k - z)),
         routed_scaling_factor=draw(st.sampled_from([1.0, 2.5, 4.0, 6.0])),
         scale_zero_expert_gates=draw(st.booleans()),
         initializer_range=1.0 / hidden**0.5,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from longcat_sim import bridge
 from longcat_sim.cluster import closedform
 from longcat_sim.cluster.assumptions import DEFAULT, TABLE7_CONTEXT
 from longcat_sim.cluster.assumptions import TABLE7 as TABLE7_ASSUMPTIONS
@@ -13,11 +15,13 @@ from longcat_sim.cluster.ops import ComputeOp, ExpertOp
 from longcat_sim.cluster.workload import DecodeWorkload
 from longcat_sim.model import costs
 from longcat_sim.model.config import get_preset
-
-from longcat_sim import bridge
 from tests.cluster.published import TABLE7
 
 H800 = get_hardware("H800")
+# LongCat-Flash's decode operating point: EP128, 96 requests per GPU, one MTP draft token.
+DECODE = dict(
+    hardware=H800, ep=128, batch_per_device=96, context=TABLE7_CONTEXT, mtp_draft_tokens=1
+)
 
 # How close the attention row gets at the assumed TABLE7_CONTEXT = 5000 (the paper states no
 # context): DeepSeek-V3 441 us (-6 %), Qwen3 307 us (-2 %), LongCat-Flash 220 us (-17 %).
@@ -27,13 +31,9 @@ ATTENTION_ROW_TOLERANCE = 0.20
 def _table7_workload(model: str) -> DecodeWorkload:
     return bridge.decode_workload(
         get_preset(model),
-        hardware=H800,
         assumptions=TABLE7_ASSUMPTIONS,
-        ep=128,
-        batch_per_device=96,
-        context=TABLE7_CONTEXT,
-        mtp_draft_tokens=1,
         mtp_accept=0.8,
+        **DECODE,
         attention_tp=TABLE7[model].attention_tp,
         step_work=False,
     )
@@ -134,14 +134,7 @@ def test_fp8_attention_halves_cache_reads() -> None:
 
 def test_default_decode_has_step_work_and_is_slower_than_table7() -> None:
     cfg = get_preset("longcat-flash")
-    common = dict(
-        hardware=H800,
-        ep=128,
-        batch_per_device=96,
-        context=5000,
-        mtp_draft_tokens=1,
-        mtp_accept=0.8,
-    )
+    common = DECODE | dict(mtp_accept=0.8)
     ideal = bridge.decode_workload(cfg, assumptions=TABLE7_ASSUMPTIONS, step_work=False, **common)
     real = bridge.decode_workload(cfg, assumptions=DEFAULT, rng=np.random.default_rng(0), **common)
     assert real.overhead_s > DEFAULT.step_overhead_s
@@ -234,37 +227,23 @@ def test_training_allgather_moves_less_over_rdma_than_all_to_all() -> None:
 
 def test_train_workload() -> None:
     cfg = get_preset("longcat-flash")
+    common = dict(assumptions=TABLE7_ASSUMPTIONS, microbatch_tokens=8192, microbatches=8)
     w = bridge.train_workload(
-        cfg,
-        hardware=H800.replace(rdma_gb_s=25.0),
-        assumptions=TABLE7_ASSUMPTIONS,
-        microbatch_tokens=8192,
-        microbatches=8,
-        pipeline_stages=4,
-        data_parallel=2,
+        cfg, hardware=H800.replace(rdma_gb_s=25.0), pipeline_stages=4, data_parallel=2, **common
     )
     assert len(w.layers) == 7 and w.gpus == 256 and w.moe_chunks == 2
     assert w.tokens_per_step == 8192 * 8 * 32 * 2
     with pytest.raises(ClusterInputError, match="do not split over 5 pipeline stages"):
-        bridge.train_workload(
-            cfg,
-            hardware=H800,
-            assumptions=TABLE7_ASSUMPTIONS,
-            microbatch_tokens=8192,
-            microbatches=8,
-            pipeline_stages=5,
-            data_parallel=1,
-        )
+        bridge.train_workload(cfg, hardware=H800, pipeline_stages=5, data_parallel=1, **common)
 
 
 def test_step_work_follows_the_assumption_set() -> None:
     """Table 7 prices the layers only; the default set adds the LM head and MTP draft."""
-    common = dict(hardware=H800, ep=128, batch_per_device=96, context=5000, mtp_draft_tokens=1)
     cfg = get_preset("longcat-flash")
-    ideal = bridge.decode_workload(cfg, assumptions=TABLE7_ASSUMPTIONS, **common)
+    ideal = bridge.decode_workload(cfg, assumptions=TABLE7_ASSUMPTIONS, **DECODE)
     assert ideal.overhead_s == 0.0
     real = bridge.decode_workload(
-        cfg, assumptions=DEFAULT, rng=np.random.default_rng(0), micro_batches=(1,), **common
+        cfg, assumptions=DEFAULT, rng=np.random.default_rng(0), micro_batches=(1,), **DECODE
     )
     assert real.overhead_s > DEFAULT.step_overhead_s
 

@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -97,7 +98,7 @@ def test_simulate_host_ep_predicts_from_the_profile(tmp_path, capsys):
     path = tmp_path / "host.toml"
     path.write_text(_host().to_toml())
     expected = simulate_step(load_host_profile(path), EpStep(4, 8, False))["step_s"]
-    argv = ["simulate", "--mode", "host-ep", "--profile", str(path), "--world", "4",
+    argv = ["simulate", "--mode", "host-ep", "--profile", str(path), "--nproc", "4",
             "--batch-size", "8", "--schedule", "conventional", "--json",
             "--run-dir", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 0
@@ -107,8 +108,8 @@ def test_simulate_host_ep_predicts_from_the_profile(tmp_path, capsys):
     bad = ["simulate", "--mode", "host-ep", "--profile", str(path), "--model", "tiny"]
     assert main(bad) == 2
     assert "--model does not apply to --mode host-ep" in capsys.readouterr().err
-    assert main(["simulate", "--world", "4"]) == 2  # decode mode: host-ep flags refused
-    assert "--world applies to --mode host-ep" in capsys.readouterr().err
+    assert main(["simulate", "--nproc", "4"]) == 2  # decode mode: host-ep flags refused
+    assert "--nproc applies to --mode host-ep" in capsys.readouterr().err
 
 
 def test_compute_slowdown_is_the_slowest_busy_rank_over_the_median_alone():
@@ -160,7 +161,8 @@ def test_contention_probe_sees_ranks_share_the_cores():
 
 
 def test_load_probe_over_gloo_measures_every_term():
-    probes = launch(measure.load_probe, 2, (64, 32768), (4096, 65536), 20, 64, 4, 2, (40, 5), 32768)
+    probe = measure.LoadProbe((64, 32768), (4096, 65536), 20, 64, 4, 2, (40, 5), 32768)
+    probes = launch(measure.load_probe, 2, probe)
     for probe in probes:
         assert probe["compute_s"] > 0
         for key in ("a2a_s", "a2a_async_s", "gather_s", "window_s", "window_compute_s"):
@@ -211,8 +213,9 @@ def test_shaped_wire_paces_loopback_traffic():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--worlds", "1"], "--worlds lists multi-process sizes"),
-        (["--worlds", "3"], "--nproc 3 must divide"),
+        (["--nproc", "1"], "--nproc lists multi-process counts"),
+        (["--nproc", "3"], "--nproc 3 must divide"),
+        (["--nproc", "2,x"], "--nproc needs comma-separated integers"),
         (["--steps", "3"], "--steps must be at least"),
         (["--wire-mbit", "-5"], "--wire-mbit must be positive"),
         (["--seq-len", "0"], "--seq-len must be at least 2"),
@@ -251,13 +254,13 @@ def test_median_interval_excludes_zero_only_for_a_clear_gain():
 @pytest.mark.slow
 def test_calibrate_end_to_end_writes_a_profile_and_compares(tmp_path, capsys):
     run = tmp_path / "cal"
-    argv = ["calibrate", "--worlds", "2", "--batch-sizes", "2", "--seq-len", "16", "--steps",
+    argv = ["calibrate", "--nproc", "2", "--batch-sizes", "2", "--seq-len", "16", "--steps",
             "6", "--run-dir", str(run), "--json"]  # fmt: skip
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     profile = load_host_profile(run / "host.toml")
     assert set(profile.worlds) == {2} and profile.worlds[2].compute_slowdown > 0
-    assert [(c["world"], c["batch_size"], c["scmoe"]) for c in out["configs"]] == [
+    assert [(c["nproc"], c["batch_size"], c["scmoe"]) for c in out["configs"]] == [
         (2, 2, True), (2, 2, False)]  # fmt: skip
     for config in out["configs"]:
         assert 0 < config["measured_own_work_s"] < config["measured_slices_s"]
@@ -268,3 +271,17 @@ def test_calibrate_end_to_end_writes_a_profile_and_compares(tmp_path, capsys):
     low, high = gain["measured_gain_95_s"]
     assert low <= gain["measured_gain_s"] <= high and gain["pairs"] == 2
     assert len(out["probe"]["contention"]["2"]) == 2  # one alone/busy timing per rank
+
+
+@pytest.mark.slow
+def test_calibrate_without_run_dir_writes_one_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["calibrate", "--nproc", "2", "--batch-sizes", "2", "--seq-len", "16", "--steps", "4",
+            "--no-measure-runs", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    (run_dir,) = (tmp_path / "runs" / "calibrate").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["host.toml", "manifest.json",
+                                                          "results.json"]  # fmt: skip
+    assert Path(out["profile"]) == run_dir.relative_to(tmp_path) / "host.toml"
+    assert json.loads((run_dir / "manifest.json").read_text())["config"]["nproc"] == [2]

@@ -3,6 +3,7 @@ and one-line errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 
 from longcat_sim.cli import main
 from longcat_sim.scenarios.sweep import pareto_front
+from tests.cli_checks import refused
 
-GRID = ["--batch-per-device", "8,64", "--schedules", "sbo,tbo", "--no-progress"]
+GRID = ["--batch-per-device", "8,64", "--schedule", "sbo,tbo", "--no-progress"]
 
 
 def sweep(tmp_path: Path, capsys, *argv: str) -> dict:
@@ -32,7 +34,7 @@ def test_points_in_grid_order_and_same_as_simulate(tmp_path, capsys) -> None:
         ("tbo", 64),
     ]
     assert all(isinstance(v, int | float | str) for p in points for v in p.values())  # flat
-    assert {"attention_us", "dispatch_us", "moe_us", "combine_us"} <= set(points[0])
+    assert {"attention_us", "dispatch_us", "routed_experts_us", "combine_us"} <= set(points[0])
     code = main(
         ["simulate", "--schedule", "tbo", "--batch-per-device", "64", "--json", "--run-dir",
          str(tmp_path / "one")]
@@ -51,8 +53,8 @@ def test_results_do_not_depend_on_the_worker_count(tmp_path, capsys) -> None:
 
 def test_pareto_front_against_brute_force(tmp_path, capsys) -> None:
     r = sweep(
-        tmp_path, capsys, "--models", "longcat-flash,qwen3-235b-a22b",
-        "--batch-per-device", "4,16,48,96,160", "--schedules", "sbo,tbo", "--no-progress",
+        tmp_path, capsys, "--model", "longcat-flash,qwen3-235b-a22b",
+        "--batch-per-device", "4,16,48,96,160", "--schedule", "sbo,tbo", "--no-progress",
     )  # fmt: skip
     points, front = r["points"], r["pareto"]
 
@@ -86,9 +88,9 @@ def test_grid_file_and_command_line_override(tmp_path, capsys) -> None:
     grid = tmp_path / "grid.toml"
     grid.write_text(
         "[grid]\n"
-        'models = ["deepseek-v3"]\n'
+        'model = ["deepseek-v3"]\n'
         "batch_per_device = [16, 32, 64]\n"
-        'schedules = ["tbo"]\n'
+        'schedule = ["tbo"]\n'
         "mtp_draft_tokens = 0\n"
         'assume = { routing = "balanced", context_cv = 0 }\n'
     )
@@ -113,22 +115,41 @@ def test_text_has_table_and_front(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--schedules", "sbo,dbo"], "unknown schedule 'dbo'"),
+        (["--schedule", "sbo,dbo"], "unknown schedule 'dbo'"),
         (["--batch-per-device", "8,0"], "--batch-per-device must be an integer >= 1"),
         (["--ep", "96", "--gpus", "96"], "--ep 96 does not divide"),
         (["--hardware", "H800,TPU9"], "unknown hardware 'TPU9'"),
-        (["--contexts", "5000,lots"], "--contexts takes float values"),
+        (["--context", "5000,lots"], "--context: takes float values"),
         (["--grid", "GRID"], "unknown key 'colour'"),
+        (["--grid", "EMPTY"], "grid key 'batch_per_device' needs at least one value"),
         (["--workers", "0"], "--workers must be >= 1"),
     ],
 )
 def test_bad_input_is_one_stderr_line_and_exit_2(argv, needle, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[grid]\ncolour = "blue"\n')
-    argv = [str(bad) if a == "GRID" else a for a in argv]
-    code = main(["sweep", *argv, "--no-progress", "--json", "--run-dir", str(tmp_path / "r")])
-    out, err = capsys.readouterr()
-    assert code == 2 and out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("longcat-sim: error:")
-    assert needle in lines[0] and "Traceback" not in err
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[grid]\nbatch_per_device = []\n")
+    argv = [{"GRID": str(bad), "EMPTY": str(empty)}.get(a, a) for a in argv]
+    assert needle in refused(["sweep", *argv, "--no-progress"], capsys, tmp_path / "r")
+
+
+def test_every_decode_option_is_a_grid_axis(tmp_path, capsys) -> None:
+    """The sweep's options are ``simulate``'s decode fields, each taking a list; a value from
+    a grid file meets the same validator as the option."""
+    from dataclasses import fields
+
+    from longcat_sim.commands import sweep as sweep_command
+    from longcat_sim.config.deployment import DecodeDeployment
+
+    parser = argparse.ArgumentParser()
+    sweep_command.add_arguments(parser)
+    text = parser.format_help()
+    assert all(f"--{f.name.replace('_', '-')} A,B,..." in text for f in fields(DecodeDeployment))
+    r = sweep(tmp_path, capsys, "--seed", "0,1", "--batch-per-device", "8", "--no-progress")
+    pairs = [(p["schedule"], p["seed"]) for p in r["points"]]
+    assert pairs == [("sbo", 0), ("sbo", 1), ("tbo", 0), ("tbo", 1)]  # in field order
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nbatch_per_device = [8, 0]\n")
+    line = refused(["sweep", "--grid", str(grid), "--no-progress"], capsys, tmp_path / "bad")
+    assert "--batch-per-device must be an integer >= 1, got 0" in line

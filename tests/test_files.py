@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+
 from longcat_sim.model.files import write_bytes_atomic, write_json_atomic
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from longcat_sim.report.sections import determinism_input, sdc_input
+from longcat_sim.report.results import determinism_input, sdc_input
 from longcat_sim.reports.figures import sdc_rates
 from longcat_sim.reports.inputs import check_determinism
 

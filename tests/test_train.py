@@ -10,7 +10,7 @@ import torch
 from longcat_sim.cli import main
 from longcat_sim.model.checkpoint import load_pretrained
 from longcat_sim.model.hashing import parameter_hash
-from longcat_sim.train import training
+from longcat_sim.train.checkpoint import latest_checkpoint
 
 KEYS = {
     "final_loss",
@@ -33,7 +33,7 @@ def train(cache, out, *extra: str, capsys) -> tuple[int, str, str]:
         "train",
         "--model",
         "tiny",
-        "--out",
+        "--run-dir",
         str(out),
         "--data-cache",
         str(cache),
@@ -58,12 +58,13 @@ def test_json_results_and_run_directory(cache, tmp_path, capsys) -> None:
     results = json.loads(stdout)  # stdout is JSON only, even with the progress bar on
     assert results.keys() >= KEYS
     assert results["target_ffn_experts"] == 1.5 and results["steps"] == 4
+    assert results["nproc"] == 1 and results["kernels"] == "torch"
     assert len(results["avg_ffn_experts_per_token"]) == 2
     assert all(0 <= x <= 3 for x in results["avg_ffn_experts_per_token"])
     assert results["tokens_per_s"] > 0 and results["val_loss"] > 0
     assert json.loads((out / "results.json").read_text()) == results
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["model"]["expected_ffn_experts"] == 1.5
+    assert manifest["config"]["model"]["target_ffn_experts"] == 1.5
     assert manifest["config"]["train"]["byte_budget"] == BYTE_BUDGET
     assert set(manifest["seeds"]) == {"seed", "init", "data"}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -71,7 +72,7 @@ def test_json_results_and_run_directory(cache, tmp_path, capsys) -> None:
     assert "val_loss" in records[1] and "val_loss" not in records[2]
     assert records[-1]["val_loss"] == results["val_loss"]
     assert results["final_loss"] == records[-1]["lm_loss"]
-    checkpoint = training.latest_checkpoint(out)
+    checkpoint = latest_checkpoint(out)
     assert checkpoint is not None and checkpoint.name == "step-00000004"
     assert parameter_hash(load_pretrained(checkpoint)) == results["param_hash"]
 
@@ -109,7 +110,7 @@ def test_stop_and_resume_match_one_run(cache, tmp_path, capsys) -> None:
 
 def main_resume(cache, out, capsys, *extra: str) -> tuple[int, str, str]:
     code = main(
-        ["train", "--out", str(out), "--resume", "--data-cache", str(cache), "--json", *extra]
+        ["train", "--run-dir", str(out), "--resume", "--data-cache", str(cache), "--json", *extra]
     )
     stdout, stderr = capsys.readouterr()
     return code, stdout, stderr
@@ -157,6 +158,9 @@ def one_line_error(code: int, stdout: str, stderr: str, *fragments: str) -> None
         (["--set", "balance_groups=3"], ["balance_groups=3 must divide"]),
         (["--threads", "0"], ["--threads must be positive"]),
         (["--lr", "-1"], ["lr"]),
+        (["--set", "slice_size=3"], ["slice_size=3 must divide batch_size=8"]),
+        (["--kernels", "triton", "--deterministic"], ["cannot be combined with kernels='triton'"]),
+        (["--kernels", "cuda"], ["invalid choice: 'cuda'"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cache, tmp_path, capsys, extra, fragments) -> None:
@@ -165,12 +169,12 @@ def test_bad_input_is_one_line_and_exit_2(cache, tmp_path, capsys, extra, fragme
 
 
 def test_unknown_model_is_one_line(tmp_path, capsys) -> None:
-    code = main(["train", "--model", "gpt-9", "--out", str(tmp_path / "run")])
+    code = main(["train", "--model", "gpt-9", "--run-dir", str(tmp_path / "run")])
     stdout, stderr = capsys.readouterr()
     one_line_error(code, stdout, stderr, "unknown model 'gpt-9'")
-    code = main(["train", "--model", "longcat-flash", "--out", str(tmp_path / "run")])
+    code = main(["train", "--model", "longcat-flash", "--run-dir", str(tmp_path / "run")])
     one_line_error(code, *capsys.readouterr(), "GiB for weights, gradients and Adam moments")
-    code = main(["train", "--model", "deepseek-v3", "--out", str(tmp_path / "run")])
+    code = main(["train", "--model", "deepseek-v3", "--run-dir", str(tmp_path / "run")])
     one_line_error(code, *capsys.readouterr(), "analytic-only")
 
 

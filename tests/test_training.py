@@ -18,9 +18,13 @@ from longcat_sim.model.config import get_preset
 from longcat_sim.model.growth import grow_state_dict, source_name
 from longcat_sim.model.hashing import hash_named_tensors, parameter_hash, tensor_hash
 from longcat_sim.model.optim import build_adamw
-from longcat_sim.train import training
+from longcat_sim.train import checkpoint as ckpt
+from longcat_sim.train import config as train_config
+from longcat_sim.train.config import TrainConfig
 from longcat_sim.train.data import build_corpus_data
-from longcat_sim.train.training import TrainConfig, Trainer
+from longcat_sim.train.losses import slice_loss
+from longcat_sim.train.metrics import TrainSummary
+from longcat_sim.train.training import Trainer
 
 TINY = get_preset("tiny")
 
@@ -37,7 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """The tiny preset's default corpus (full byte budget), tokenizer cached in a temp folder."""
-    tc = training.default_train_config(TINY)
+    tc = train_config.default_train_config(TINY)
     cache = tmp_path_factory.mktemp("data-cache")
     return build_corpus_data(
         TINY.vocab_size, tc.seq_len, byte_budget=tc.byte_budget, cache_dir=cache
@@ -45,11 +49,13 @@ def tiny_data(tmp_path_factory):
 
 
 def quiet(tc: TrainConfig, **changes) -> TrainConfig:
-    """``tc`` without periodic evaluation or checkpoints (the final ones still happen)."""
-    return tc.replace(eval_every=10**6, checkpoint_every=10**6, **changes)
+    """``tc`` without periodic evaluation or checkpoints (the final ones still happen), the
+    batch in one slice (one forward and backward per step, for speed)."""
+    settings = dict(eval_every=10**6, checkpoint_every=10**6, slice_size=tc.batch_size)
+    return tc.replace(**{**settings, **changes})
 
 
-def relative_errors(summary: training.TrainSummary) -> list[float]:
+def relative_errors(summary: TrainSummary) -> list[float]:
     target = summary.target_ffn_experts
     return [abs(avg - target) / target for avg in summary.avg_ffn_experts_per_token]
 
@@ -63,8 +69,8 @@ TARGET = 1.5
 
 @pytest.fixture(scope="module")
 def controlled_run(tiny_data, tmp_path_factory):
-    cfg = TINY.replace(expected_ffn_experts=TARGET)
-    tc = quiet(training.default_train_config(TINY))
+    cfg = TINY.replace(target_ffn_experts=TARGET)
+    tc = quiet(train_config.default_train_config(TINY))
     assert tc.steps == 300 and tc.bias_rate > 0
     trainer = Trainer(cfg, tc, tmp_path_factory.mktemp("controlled"), data=tiny_data)
     return trainer, trainer.train()
@@ -81,8 +87,8 @@ def test_tiny_defaults_reach_the_ffn_expert_target_in_every_layer(controlled_run
 
 
 def test_without_the_controller_the_average_drifts_from_the_target(tiny_data, tmp_path) -> None:
-    cfg = TINY.replace(expected_ffn_experts=TARGET)
-    tc = quiet(training.default_train_config(TINY), bias_rate=0.0, steps=100)
+    cfg = TINY.replace(target_ffn_experts=TARGET)
+    tc = quiet(train_config.default_train_config(TINY), bias_rate=0.0, steps=100)
     summary = Trainer(cfg, tc, tmp_path, data=tiny_data).train()
     assert max(relative_errors(summary)) > 0.15, summary.avg_ffn_experts_per_token
     for router in Trainer(cfg, tc, tmp_path / "fresh", data=tiny_data).routers:
@@ -113,10 +119,12 @@ def test_metrics_have_one_record_per_step_with_every_term(controlled_run) -> Non
 
 def test_the_loss_is_the_sum_of_its_terms(tiny_data, tmp_path) -> None:
     cfg = TINY.replace(mtp_layers=1)
-    tc = training.default_train_config(TINY).replace(balance_alpha=0.01, z_loss=1e-3)
+    tc = train_config.default_train_config(TINY).replace(balance_alpha=0.01, z_loss=1e-3)
     trainer = Trainer(cfg, tc, tmp_path, data=tiny_data)
     inputs, targets = (torch.from_numpy(a) for a in tiny_data.dataset.batch_at(0, 2, 0))
-    total, terms, out = trainer.losses(inputs, targets)
+    out = trainer.model.forward_detailed(inputs)
+    total, term_tensors = slice_loss(out, targets, trainer.model_cfg, tc)
+    terms = {name: value.item() for name, value in term_tensors.items()}
     logits = out.logits.reshape(-1, cfg.vocab_size)
     lm = -torch.log_softmax(logits, -1).gather(1, targets.reshape(-1, 1)).mean()
     mtp_logits = out.mtp_logits[:, :-1].reshape(-1, cfg.vocab_size)
@@ -132,7 +140,7 @@ def test_the_loss_is_the_sum_of_its_terms(tiny_data, tmp_path) -> None:
 
 
 def short_run(**changes) -> TrainConfig:
-    tc = training.default_train_config(TINY)
+    tc = train_config.default_train_config(TINY)
     settings = dict(steps=8, warmup_steps=2, eval_every=4, checkpoint_every=100)
     return tc.replace(**{**settings, **changes})
 
@@ -147,7 +155,7 @@ def optimizer_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-    drop = {"step_seconds", "tokens_per_s"}
+    drop = {"step_seconds", "tokens_per_s", "slices_seconds", "exchange_seconds"}
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
 
@@ -160,7 +168,7 @@ def test_resume_gives_bitwise_identical_parameters(tiny_data, tmp_path) -> None:
     half = first.train(stop_after=4)
     assert half.step == 4 and half.param_hash != whole_summary.param_hash
     second = Trainer(TINY, tc, tmp_path / "split", data=tiny_data)
-    second.load_checkpoint(training.latest_checkpoint(tmp_path / "split"))
+    second.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "split"))
     assert second.step == 4
     resumed = second.train()
 
@@ -184,11 +192,11 @@ def test_resume_gives_bitwise_identical_parameters(tiny_data, tmp_path) -> None:
 def test_resume_refuses_changed_settings_but_allows_a_longer_schedule(tiny_data, tmp_path) -> None:
     tc = short_run()
     Trainer(TINY, tc, tmp_path, data=tiny_data).train(stop_after=2)
-    checkpoint = training.latest_checkpoint(tmp_path)
+    checkpoint = ckpt.latest_checkpoint(tmp_path)
     with pytest.raises(UserError, match="lr"):
         Trainer(TINY, tc.replace(lr=1e-4), tmp_path, data=tiny_data).load_checkpoint(checkpoint)
     with pytest.raises(UserError, match="model config"):
-        other = TINY.replace(expected_ffn_experts=1.5)
+        other = TINY.replace(target_ffn_experts=1.5)
         Trainer(other, tc, tmp_path, data=tiny_data).load_checkpoint(checkpoint)
     longer = Trainer(TINY, tc.replace(steps=10), tmp_path, data=tiny_data)
     longer.load_checkpoint(checkpoint)
@@ -199,18 +207,18 @@ def test_checkpoints_are_complete_or_invisible(tiny_data, tmp_path) -> None:
     tc = short_run(checkpoint_every=2, keep_checkpoints=2)
     trainer = Trainer(TINY, tc, tmp_path, data=tiny_data)
     trainer.train(stop_after=6)
-    steps = [int(p.name.removeprefix("step-")) for p in training.checkpoint_dirs(tmp_path)]
+    steps = [int(p.name.removeprefix("step-")) for p in ckpt.checkpoint_dirs(tmp_path)]
     assert steps == [4, 6]  # step 2 was pruned; only complete checkpoints are listed
-    latest = training.latest_checkpoint(tmp_path)
-    marker = json.loads((latest / training.MARKER_NAME).read_text())
+    latest = ckpt.latest_checkpoint(tmp_path)
+    marker = json.loads((latest / ckpt.MARKER_NAME).read_text())
     assert marker == {"step": 6, "param_hash": parameter_hash(trainer.model)}
     assert parameter_hash(load_pretrained(latest)) == marker["param_hash"]
     # a checkpoint folder whose marker was never written (a crash mid-save) is ignored
-    torn = tmp_path / training.CHECKPOINTS_DIR / "step-00000008"
+    torn = tmp_path / ckpt.CHECKPOINTS_DIR / "step-00000008"
     shutil.copytree(latest, torn)
-    (torn / training.MARKER_NAME).unlink()
-    assert training.latest_checkpoint(tmp_path) == latest
-    state = training.read_checkpoint_state(latest)
+    (torn / ckpt.MARKER_NAME).unlink()
+    assert ckpt.latest_checkpoint(tmp_path) == latest
+    state = ckpt.read_checkpoint_state(latest)
     assert state["step"] == 6 and state["train_config"] == tc and state["model_config"] == TINY
     assert state["data"]["next_step"] == 6 and state["rng"] is None
 
@@ -222,7 +230,7 @@ def test_an_interrupted_run_leaves_no_metrics_past_its_checkpoint(tiny_data, tmp
     with trainer.metrics_path.open("a") as handle:  # records of steps lost in a crash
         handle.write(json.dumps({"step": 3}) + "\n" + json.dumps({"step": 4}) + "\n")
     resumed = Trainer(TINY, tc, tmp_path, data=tiny_data)
-    resumed.load_checkpoint(training.latest_checkpoint(tmp_path))
+    resumed.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     resumed.train()
     assert [r["step"] for r in resumed.read_metrics()] == list(range(8))
 
@@ -233,7 +241,7 @@ def test_an_interrupted_run_leaves_no_metrics_past_its_checkpoint(tiny_data, tmp
 def test_training_continues_from_a_grown_checkpoint(tiny_data, tmp_path) -> None:
     half_cfg = TINY.replace(num_layers=1)
     Trainer(half_cfg, short_run(steps=4), tmp_path / "half", data=tiny_data).train()
-    half_checkpoint = training.latest_checkpoint(tmp_path / "half")
+    half_checkpoint = ckpt.latest_checkpoint(tmp_path / "half")
     half = load_pretrained(half_checkpoint)
 
     grown = Trainer(TINY, short_run(steps=8), tmp_path / "grown", data=tiny_data)
@@ -248,7 +256,7 @@ def test_training_continues_from_a_grown_checkpoint(tiny_data, tmp_path) -> None
         half.state_dict()["model.layers.0.mlp.router.e_score_correction_bias"],
     )
     half_optimizer = build_adamw(half, 1.0)
-    half_optimizer.load_state_dict(training.read_checkpoint_state(half_checkpoint)["optimizer"])
+    half_optimizer.load_state_dict(ckpt.read_checkpoint_state(half_checkpoint)["optimizer"])
     half_params = dict(half.named_parameters())
     for name, param in grown.model.named_parameters():
         want = half_optimizer.state[half_params[source_name(name, 1)]]
@@ -279,7 +287,9 @@ def test_growth_needs_a_whole_multiple_of_the_depth(tiny_data, tmp_path) -> None
 
 
 def test_overrides_are_typed_and_routed_to_model_or_train() -> None:
-    train, model = training.parse_overrides(["balance_alpha=0", "model.num_layers=1", "steps=5"])
+    train, model = train_config.parse_overrides(
+        ["balance_alpha=0", "model.num_layers=1", "steps=5"]
+    )
     assert train == {"balance_alpha": 0.0, "steps": 5} and model == {"num_layers": 1}
     assert isinstance(train["balance_alpha"], float)
     for bad, message in [
@@ -289,7 +299,7 @@ def test_overrides_are_typed_and_routed_to_model_or_train() -> None:
         ("steps", "KEY=VALUE"),
     ]:
         with pytest.raises(UserError, match=message):
-            training.parse_overrides([bad])
+            train_config.parse_overrides([bad])
 
 
 @pytest.mark.parametrize(
@@ -311,17 +321,17 @@ def test_bad_train_settings_are_one_line_errors(changes, message) -> None:
 
 
 def test_target_ffn_experts_range() -> None:
-    assert training.with_target_ffn_experts(TINY, 2.5, 0.0).expected_ffn_experts == 2.5
-    assert training.with_target_ffn_experts(TINY, 3, 0.0).expected_ffn_experts == 3.0
+    assert train_config.with_target_ffn_experts(TINY, 2.5, 0.0).target_ffn_experts == 2.5
+    assert train_config.with_target_ffn_experts(TINY, 3, 0.0).target_ffn_experts == 3.0
     for bad, alpha in [(0.0, 0.0), (3.0, 1e-3), (3.5, 0.0), (-1.0, 0.0), (math.nan, 0.0)]:
         with pytest.raises(UserError, match=r"out of range .* must lie in"):
-            training.with_target_ffn_experts(TINY, bad, alpha)
+            train_config.with_target_ffn_experts(TINY, bad, alpha)
 
 
 def test_seed_streams_are_distinct_and_stable() -> None:
-    seeds = training.derive_seeds(0)
-    assert seeds == training.derive_seeds(0) and set(seeds) == {"init", "data"}
-    assert seeds["init"] != seeds["data"] and seeds != training.derive_seeds(1)
+    seeds = train_config.derive_seeds(0)
+    assert seeds == train_config.derive_seeds(0) and set(seeds) == {"init", "data"}
+    assert seeds["init"] != seeds["data"] and seeds != train_config.derive_seeds(1)
     assert all(0 <= s < 2**63 for s in seeds.values())
 
 
@@ -344,7 +354,7 @@ def test_trainer_rejects_inconsistent_inputs(tiny_data, tmp_path) -> None:
     with pytest.raises(UserError, match="vocab_size"):
         Trainer(TINY.replace(vocab_size=600), short_run(), tmp_path, data=tiny_data)
     with pytest.raises(UserError, match="no complete checkpoint"):
-        training.resolve_checkpoint(tmp_path)
+        ckpt.resolve_checkpoint(tmp_path)
 
 
 # -- parameter hashing ---------------------------------------------------------------------------

@@ -132,18 +132,64 @@ def _per_iteration(body: Callable[[], Any], rounds: int) -> float:
     return (time.perf_counter() - start) / rounds
 
 
-def load_probe(
-    rank: int,
-    world: int,
-    a2a_sizes: tuple[int, ...],
-    gather_sizes: tuple[int, ...],
-    burst_reps: int,
-    hidden: int = 64,
-    rounds: int = 20,
-    repeats: int = 3,
-    window_reps: tuple[int, ...] = (),
-    window_bytes: int = 0,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LoadProbe:
+    """What :func:`load_probe` measures: collective sizes in bytes per rank, the compute burst
+    (``burst_reps`` GEMMs of ``hidden``), loop ``rounds`` and ``repeats``, and the two ScMoE
+    windows (``window_reps[i]`` GEMMs beside an all-to-all of ``window_bytes``)."""
+
+    a2a_sizes: tuple[int, ...]
+    gather_sizes: tuple[int, ...]
+    burst_reps: int
+    hidden: int = 64
+    rounds: int = 20
+    repeats: int = 3
+    window_reps: tuple[int, ...] = ()
+    window_bytes: int = 0
+
+
+def _probe_loops(world: int, probe: LoadProbe) -> dict[str, Callable[[int], None]]:
+    """One iteration of each measured loop, by sample key, indexed by size (or window)."""
+    burst = compute_burst(probe.burst_reps, probe.hidden)
+    buffers = {n: (torch.ones(n // 4), torch.empty(n // 4)) for n in probe.a2a_sizes}
+    gathered = {n: (torch.ones(n // 4), [torch.empty(n // 4) for _ in range(world)])
+                for n in probe.gather_sizes}  # fmt: skip
+    window_bursts = [compute_burst(reps, probe.hidden) for reps in probe.window_reps]
+    window_in = torch.ones(max(probe.window_bytes, 4) // 4)
+    window_out = torch.empty_like(window_in)
+
+    def sync_a2a(n: int) -> None:
+        burst()
+        dist.all_to_all_single(buffers[n][1], buffers[n][0])
+
+    def async_a2a(n: int) -> None:
+        work = dist.all_to_all_single(buffers[n][1], buffers[n][0], async_op=True)
+        for _ in range(ASYNC_BURSTS):
+            burst()
+        work.wait()
+
+    def gather(n: int) -> None:
+        burst()
+        dist.all_gather(gathered[n][1], gathered[n][0])
+
+    def window(i: int, exchange: bool) -> None:
+        burst()  # the compute before the window, as the ranks reach it in a step
+        work = dist.all_to_all_single(window_out, window_in, async_op=True) if exchange else None
+        window_bursts[i]()
+        if work is not None:
+            work.wait()
+
+    return {
+        "compute_s": lambda _: burst(),
+        "a2a_s": sync_a2a,
+        "a2a_async_s": async_a2a,
+        "gather_s": gather,
+        "window_s": lambda i: window(i, True),
+        "window_compute_s": lambda i: window(i, False),
+    }
+
+
+def load_probe(rank: int, world: int, probe: LoadProbe) -> dict[str, Any]:
     """Run inside a process group of ``world`` ranks, every rank busy as in training.
 
     Each measurement is a loop of ``compute burst + collective``; the loop of bursts alone,
@@ -162,60 +208,23 @@ def load_probe(
       ``window_reps[i]`` GEMMs computed, the exchange waited for (an overlap window at the
       model's own sizes), and ``window_compute_s[i]`` the same burst without the exchange.
     """
-    burst = compute_burst(burst_reps, hidden)
-    buffers = {n: (torch.ones(n // 4), torch.empty(n // 4)) for n in a2a_sizes}
-    gathered = {n: (torch.ones(n // 4), [torch.empty(n // 4) for _ in range(world)])
-                for n in gather_sizes}  # fmt: skip
-
-    def sync_a2a(n: int) -> None:
-        burst()
-        dist.all_to_all_single(buffers[n][1], buffers[n][0])
-
-    def async_a2a(n: int) -> None:
-        work = dist.all_to_all_single(buffers[n][1], buffers[n][0], async_op=True)
-        for _ in range(ASYNC_BURSTS):
-            burst()
-        work.wait()
-
-    def gather(n: int) -> None:
-        burst()
-        dist.all_gather(gathered[n][1], gathered[n][0])
-
-    window_bursts = [compute_burst(reps, hidden) for reps in window_reps]
-    window_in = torch.ones(max(window_bytes, 4) // 4)
-    window_out = torch.empty_like(window_in)
-
-    def window(i: int, exchange: bool) -> None:
-        burst()  # the compute before the window, as the ranks reach it in a step
-        work = None
-        if exchange:
-            work = dist.all_to_all_single(window_out, window_in, async_op=True)
-        window_bursts[i]()
-        if work is not None:
-            work.wait()
-
-    samples: dict[str, list[list[float]]] = {"compute_s": [], "a2a_s": [], "a2a_async_s": [],
-                                             "gather_s": [], "window_s": [],
-                                             "window_compute_s": []}  # fmt: skip
-    burst()  # warm-up
-    for _ in range(repeats):
-        alone = _per_iteration(burst, rounds)
+    loops = _probe_loops(world, probe)
+    windows = tuple(range(len(probe.window_reps)))
+    # key -> (indices, bursts of the loop alone to subtract)
+    plan = {"a2a_s": (probe.a2a_sizes, 1), "a2a_async_s": (probe.a2a_sizes, ASYNC_BURSTS),
+            "gather_s": (probe.gather_sizes, 1), "window_s": (windows, 1),
+            "window_compute_s": (windows, 1)}  # fmt: skip
+    samples: dict[str, list[list[float]]] = {"compute_s": [], **{key: [] for key in plan}}
+    loops["compute_s"](0)  # warm-up
+    for _ in range(probe.repeats):
+        alone = _per_iteration(lambda: loops["compute_s"](0), probe.rounds)
         samples["compute_s"].append([alone])
-        for key, fn, sizes, bursts in (
-            ("a2a_s", sync_a2a, a2a_sizes, 1),
-            ("a2a_async_s", async_a2a, a2a_sizes, ASYNC_BURSTS),
-            ("gather_s", gather, gather_sizes, 1),
-        ):
-            row = [_per_iteration(lambda n=n, f=fn: f(n), rounds) - bursts * alone for n in sizes]
-            samples[key].append(row)
-        for key, exchange in (("window_s", True), ("window_compute_s", False)):
-            samples[key].append(
-                [
-                    _per_iteration(lambda i=i, x=exchange: window(i, x), rounds) - alone
-                    for i in range(len(window_reps))
-                ]
-            )
-    out: dict[str, Any] = {"a2a_sizes": list(a2a_sizes), "gather_sizes": list(gather_sizes)}
+        for key, (indices, bursts) in plan.items():
+            fn = loops[key]
+            row = [_per_iteration(lambda i=i, f=fn: f(i), probe.rounds) for i in indices]
+            samples[key].append([t - bursts * alone for t in row])
+    out: dict[str, Any] = {"a2a_sizes": list(probe.a2a_sizes),
+                           "gather_sizes": list(probe.gather_sizes)}  # fmt: skip
     for key, rows in samples.items():
         medians = [statistics.median(column) for column in zip(*rows, strict=True)]
         out[key] = medians[0] if key == "compute_s" else [max(m, 0.0) for m in medians]

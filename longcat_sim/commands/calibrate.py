@@ -7,7 +7,7 @@ Writes ``host.toml`` into the run directory (``[hardware]`` loads with
 come from one-process training steps (a line over the batch size) and from timing the
 forward of the blocks ScMoE overlaps. Then, for every (world size, batch size), it runs
 expert-parallel training with ScMoE overlap on and off on alternate steps of one launch (so
-both see the same processes and load; off is the conventional schedule, each MoE exchange
+both see the same processes and load; off runs the MoE phases back to back, each exchange
 waited for at once, nothing overlapping it), and compares the median step times with
 :func:`cluster.hoststep.simulate_step` run on the profile as written (what ``simulate
 --mode host-ep --profile RUN/host.toml`` predicts). ``--wire-mbit`` runs everything over a
@@ -21,15 +21,17 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from longcat_sim import stages
 from longcat_sim.calibrate import measure, wire
 from longcat_sim.cluster import hoststep
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
-from longcat_sim.runs import write_text_atomic
+from longcat_sim.runs import config_hash, write_text_atomic
 from longcat_sim.train import distributed, training
 
 WARMUP_STEPS = 2
@@ -40,7 +42,9 @@ HELP = "measure this host's operator costs, write a hardware TOML, check predict
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="preset or TOML file (default tiny)")
-    parser.add_argument("--worlds", default="2,4", help="world sizes to measure (default 2,4)")
+    parser.add_argument(
+        "--nproc", default="2,4", help="comma list of process counts to measure (default 2,4)"
+    )
     parser.add_argument("--batch-sizes", default="4,8", help="batch sizes (default 4,8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     parser.add_argument(
@@ -110,8 +114,9 @@ def _measure_steps(
 
 def _model_costs(cfg: ModelConfig, seq_len: int) -> tuple[int, float, float]:
     """The dense gradient bytes of one sequence, and the measured forward times (autograd on,
-    one sequence, median over layers and repeats) of what ScMoE overlaps: FFN_0 + MLA_1 behind
-    the dispatch, FFN_1 behind the combine."""
+    one sequence, median over layers and repeats) of the dense steps each ScMoE exchange is in
+    flight over (``stages.in_flight_over``: FFN_0 + MLA_1 behind the dispatch, FFN_1 behind the
+    combine)."""
     from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
     model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
@@ -120,23 +125,27 @@ def _model_costs(cfg: ModelConfig, seq_len: int) -> tuple[int, float, float]:
     grad_bytes = 4 * sum(p.numel() for p in model.parameters() if id(p) not in experts)
     cos, sin = core.rotary_emb(torch.arange(seq_len))
     x = torch.randn(1, seq_len, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
-    dispatch, combine = [], []
+    order = stages.layer_order("shortcut")
+    windows = [stages.in_flight_over(order, e) for e in (stages.DISPATCH, stages.COMBINE)]
+    timings: list[list[float]] = [[], []]
     for layer in core.layers:
-        u = layer.post_attention_layernorm[0](x)
+        normed = {stages.ATTENTION_0: layer.post_attention_layernorm[0](x)}
 
-        def behind_dispatch(layer=layer, u=u) -> torch.Tensor:
-            b = x + layer.mlps[0](u)
-            return b + layer.self_attn[1](layer.input_layernorm[1](b), cos, sin)
+        def window(steps, hidden, layer=layer, normed=normed) -> torch.Tensor:
+            for step in steps:
+                hidden = layer.dense_step(step, hidden, normed, cos, sin)
+            return hidden
 
-        n = layer.post_attention_layernorm[1](behind_dispatch())
+        inputs = [x, window(windows[0], x)]  # the combine's window starts where the dispatch's ends
         for _ in range(9):
-            dispatch.append(measure.seconds(behind_dispatch))
-            combine.append(measure.seconds(lambda layer=layer, n=n: layer.mlps[1](n)))
-    return grad_bytes, statistics.median(dispatch[2:]), statistics.median(combine[2:])
+            for times, steps, hidden in zip(timings, windows, inputs, strict=True):
+                times.append(measure.seconds(lambda s=steps, h=hidden: window(s, h)))
+    return grad_bytes, statistics.median(timings[0][2:]), statistics.median(timings[1][2:])
 
 
-def run(args: argparse.Namespace) -> CommandOutput:
-    worlds = _ints(args.worlds, "--worlds")
+def _check_args(args: argparse.Namespace) -> tuple[list[int], list[int], ModelConfig]:
+    """(process counts, batch sizes, model) of a valid command line; UserError otherwise."""
+    nprocs = _ints(args.nproc, "--nproc")
     batches = sorted(set(_ints(args.batch_sizes, "--batch-sizes")))
     if args.steps < WARMUP_STEPS + 2:
         raise UserError(
@@ -145,8 +154,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
         )
     if args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
-    if 1 in worlds:
-        raise UserError("--worlds lists multi-process sizes (2 or more); 1 is always measured")
+    if 1 in nprocs:
+        raise UserError("--nproc lists multi-process counts (2 or more); 1 is always measured")
     cfg = load_model_config(args.model)
     if args.seq_len > cfg.max_position_embeddings:
         raise UserError(
@@ -156,62 +165,65 @@ def run(args: argparse.Namespace) -> CommandOutput:
     if cfg.topology != "shortcut":
         raise UserError(f"calibrate needs the shortcut topology, model {cfg.name!r} has "
                         f"{cfg.topology!r}: use a preset without topology='conventional'")  # fmt: skip
-    for world in worlds:
+    for world in nprocs:
         for batch in batches:
             distributed.check_nproc(world, cfg, batch)
-    cores = os.cpu_count() or 1
-    if args.wire_mbit is not None:
-        wire.enter_shaped_network(args.wire_mbit)
-    torch.set_num_threads(1)
+    return nprocs, batches, cfg
+
+
+def _host(cfg: ModelConfig, seq_len: int) -> measure.HostMeasurements:
+    """GEMM rates at the model's shapes, copy bandwidth and per-op overhead of this host."""
     shapes = [
         (32, cfg.hidden_size, cfg.expert_ffn_hidden_size),
         (32, cfg.expert_ffn_hidden_size, cfg.hidden_size),
-        (args.seq_len, cfg.hidden_size, cfg.ffn_hidden_size),
-        (args.seq_len, cfg.hidden_size, cfg.vocab_size),
+        (seq_len, cfg.hidden_size, cfg.ffn_hidden_size),
+        (seq_len, cfg.hidden_size, cfg.vocab_size),
     ]
-    host = measure.HostMeasurements(
-        cores=cores,
+    return measure.HostMeasurements(
+        cores=os.cpu_count() or 1,
         matmul_gflops=measure.measure_matmul_gflops(shapes),
         mem_gb_s=measure.measure_memory_gb_s(),
         op_overhead_us=measure.measure_op_overhead_us(),
     )
-    with tempfile.TemporaryDirectory() as tmp:  # builds the data cache once, before any launch
-        training.Trainer(cfg, _train_config(cfg, batches[0], 1, args), tmp,
-                         data_cache=args.data_cache)  # fmt: skip
 
-    # the model's compute: one process, a straight line over the batch size
+
+def _single_process(cfg: ModelConfig, batches: list[int], args: argparse.Namespace) -> dict:
+    """The model's compute in one process: a straight line of step time over the batch size."""
     fit_batches = sorted({1, 2, *batches})
     single = [_measure_steps(cfg, 1, b, args.steps, args) for b in fit_batches]
     single_s = [statistics.median([*s[True]["step"], *s[False]["step"]]) for s in single]
     t_slice, t_fixed = measure.fit_single_process(fit_batches, single_s)
+    return {"batch_sizes": fit_batches, "step_s": single_s, "t_slice_s": t_slice,
+            "t_fixed_s": t_fixed}  # fmt: skip
 
-    # the host under load, per world size: compute bursts as long as the model's compute
-    # between two exchanges, interleaved with collectives of the model's sizes
+
+def _probe_worlds(
+    cfg: ModelConfig,
+    host: measure.HostMeasurements,
+    nprocs: list[int],
+    batches: list[int],
+    args: argparse.Namespace,
+    single: dict,
+) -> dict:
+    """The host under load, per process count: compute bursts as long as the model's compute
+    between two exchanges, interleaved with collectives of the model's sizes. Fills
+    ``host.worlds`` and adds the ScMoE window times to ``single``; returns the probe record."""
     exchanges_per_slice = EXCHANGES_PER_LAYER * cfg.num_layers
-    one_mm = measure.compute_burst(1, cfg.hidden_size)
-    mm_s = measure.median_seconds(one_mm, repeats=25, warmup=0)
-    burst_reps = max(1, round(t_slice / exchanges_per_slice / mm_s))
+    mm_s = measure.median_seconds(measure.compute_burst(1, cfg.hidden_size), 25, warmup=0)
+    burst_reps = max(1, round(single["t_slice_s"] / exchanges_per_slice / mm_s))
     grad_bytes, hide_dispatch, hide_combine = _model_costs(cfg, args.seq_len)
-    rows = int(4 * args.seq_len * cfg.expected_ffn_experts * cfg.hidden_size)
+    single.update(t_dispatch_hide_s=hide_dispatch, t_combine_hide_s=hide_combine)
+    rows = int(4 * args.seq_len * cfg.target_ffn_experts * cfg.hidden_size)
     a2a_sizes = (8 * cfg.n_routed_experts, rows, 8 * rows)
-    gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(worlds))
+    gather_sizes = (4096, grad_bytes, grad_bytes * max(batches) // min(nprocs))
     # the two ScMoE windows at the model's sizes: GEMM bursts as long as the blocks overlapped
     window_reps = tuple(max(1, round(t / mm_s)) for t in (hide_dispatch, hide_combine))
     contention: dict[int, list[dict[str, list[float]]]] = {}
-    for world in worlds:
+    for world in nprocs:
         contention[world] = distributed.launch(measure.contention_probe, world, cfg, args.seq_len)
-        probes = distributed.launch(
-            measure.load_probe,
-            world,
-            a2a_sizes,
-            gather_sizes,
-            burst_reps,
-            cfg.hidden_size,
-            20,
-            3,
-            window_reps,
-            rows,
-        )
+        probe = measure.LoadProbe(a2a_sizes, gather_sizes, burst_reps, cfg.hidden_size,
+                                  window_reps=window_reps, window_bytes=rows)  # fmt: skip
+        probes = distributed.launch(measure.load_probe, world, probe)
         host.worlds[world] = measure.world_terms_from_probe(
             _slowest(probes), measure.compute_slowdown(contention[world])
         )
@@ -220,95 +232,104 @@ def run(args: argparse.Namespace) -> CommandOutput:
         hidden=cfg.hidden_size,
         layers=cfg.num_layers,
         n_routed_experts=cfg.n_routed_experts,
-        ffn_slots_per_token=cfg.expected_ffn_experts,
-        t_slice_s=t_slice,
-        t_fixed_s=t_fixed,
+        ffn_slots_per_token=cfg.target_ffn_experts,
+        t_slice_s=single["t_slice_s"],
+        t_fixed_s=single["t_fixed_s"],
         t_dispatch_hide_s=hide_dispatch,
         t_combine_hide_s=hide_combine,
         grad_bytes_per_slice=grad_bytes,
         expert_weight_bytes=4 * cfg.n_routed_experts * cfg.expert_ffn_hidden_size * cfg.hidden_size,
     )
-    run_dir = Path(args.run_dir or Path("runs") / "calibrate" / "latest")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "host.toml", host.to_toml())
-    # predictions come from the profile as written, as simulate --mode host-ep reads it
-    profile = hoststep.load_host_profile(run_dir / "host.toml")
+    return {"burst_reps": burst_reps, "contention": contention, "a2a_sizes": a2a_sizes,
+            "gather_sizes": gather_sizes}  # fmt: skip
 
+
+def _config_records(
+    world: int, batch: int, steps: dict, profile: hoststep.HostProfile
+) -> list[dict[str, Any]]:
+    """Measured against predicted step time, ScMoE on then off, of one (world, batch)."""
+    records = []
+    for scmoe in (True, False):
+        measured = statistics.median(steps[scmoe]["step"])
+        step = hoststep.EpStep(world, batch, scmoe)
+        simulated = hoststep.simulate_step(profile, step)
+        simulated.pop("records")
+        records.append(
+            {
+                "nproc": world,
+                "batch_size": batch,
+                "scmoe": scmoe,
+                "measured_s": measured,
+                "measured_slices_s": statistics.median(steps[scmoe]["slices"]),
+                # the busiest rank's micro-steps less its time in MoE exchanges
+                "measured_own_work_s": statistics.median(steps[scmoe]["own_work"]),
+                "measured_steps_s": steps[scmoe]["step"],
+                "predicted_s": simulated["step_s"],
+                "simulated": simulated,
+                "closed_form": hoststep.step_closed_form(profile, step),
+                "error": simulated["step_s"] / measured - 1.0,
+            }
+        )
+    return records
+
+
+def _gain_record(world: int, batch: int, steps: dict, predicted: list[dict]) -> dict[str, Any]:
+    """ScMoE's gain, paired: each on step against the off step right after it, on the
+    micro-steps (forward, backward, exchanges: all that overlap changes; the gradient gathers
+    and the optimizer after them are the same work either way)."""
+    pairs = [off - on for on, off in zip(steps[True]["slices"], steps[False]["slices"],
+                                         strict=False)]  # fmt: skip
+    step_pairs = [off - on for on, off in zip(steps[True]["step"], steps[False]["step"],
+                                              strict=False)]  # fmt: skip
+    m_gain = statistics.median(pairs)
+    # the interval treats the pairs as independent; neighbouring steps share the host's slow
+    # drifts, which the pairing (adjacent steps) mostly cancels
+    low, high = measure.median_interval(pairs)
+    on, off = predicted
+    p_gain = off["predicted_s"] - on["predicted_s"]
+    return {
+        "nproc": world,
+        "batch_size": batch,
+        "measured_gain_s": m_gain,
+        "measured_gain_95_s": [low, high],  # of the median, distribution-free
+        "pairs_gaining": sum(p > 0 for p in pairs),
+        "pairs": len(pairs),
+        "measured_step_gain_s": statistics.median(step_pairs),
+        "step_pairs_gaining": sum(p > 0 for p in step_pairs),
+        "predicted_gain_s": p_gain,
+        "sign_correct": (m_gain > 0) == (p_gain > 0),
+    }
+
+
+def _measured_runs(
+    cfg: ModelConfig,
+    nprocs: list[int],
+    batches: list[int],
+    profile: hoststep.HostProfile,
+    args: argparse.Namespace,
+) -> tuple[list[dict], list[dict]]:
+    """Per (world, batch): the configurations' records and ScMoE's gain."""
     configs, gains = [], []
-    if not args.no_measure_runs:
-        for world in worlds:
-            for batch in batches:
-                steps = _measure_steps(cfg, world, batch, args.steps, args)
-                measured = {on: statistics.median(t["step"]) for on, t in steps.items()}
-                measured_slices = {on: statistics.median(t["slices"]) for on, t in steps.items()}
-                predicted, closed = {}, {}
-                for scmoe in (True, False):
-                    step = hoststep.EpStep(world, batch, scmoe)
-                    simulated = hoststep.simulate_step(profile, step)
-                    simulated.pop("records")
-                    predicted[scmoe] = simulated
-                    closed[scmoe] = hoststep.step_closed_form(profile, step)
-                    configs.append(
-                        {
-                            "world": world,
-                            "batch_size": batch,
-                            "scmoe": scmoe,
-                            "measured_s": measured[scmoe],
-                            "measured_slices_s": measured_slices[scmoe],
-                            # the busiest rank's micro-steps less its time in MoE exchanges
-                            "measured_own_work_s": statistics.median(steps[scmoe]["own_work"]),
-                            "measured_steps_s": steps[scmoe]["step"],
-                            "predicted_s": predicted[scmoe]["step_s"],
-                            "simulated": predicted[scmoe],
-                            "closed_form": closed[scmoe],
-                            "error": predicted[scmoe]["step_s"] / measured[scmoe] - 1.0,
-                        }
-                    )
-                # paired: each ScMoE-on step against the off step right after it, on the
-                # micro-steps (forward, backward, exchanges: all that overlap changes; the
-                # gradient gathers and the optimizer after them are the same work either way)
-                pairs = [off - on for on, off in zip(steps[True]["slices"],
-                                                     steps[False]["slices"], strict=False)]  # fmt: skip
-                step_pairs = [off - on for on, off in zip(steps[True]["step"],
-                                                          steps[False]["step"], strict=False)]  # fmt: skip
-                m_gain = statistics.median(pairs)
-                # the interval treats the pairs as independent; neighbouring steps share
-                # the host's slow drifts, which the pairing (adjacent steps) mostly cancels
-                low, high = measure.median_interval(pairs)
-                p_gain = predicted[False]["step_s"] - predicted[True]["step_s"]
-                gains.append(
-                    {
-                        "world": world,
-                        "batch_size": batch,
-                        "measured_gain_s": m_gain,
-                        "measured_gain_95_s": [low, high],  # of the median, distribution-free
-                        "pairs_gaining": sum(p > 0 for p in pairs),
-                        "pairs": len(pairs),
-                        "measured_step_gain_s": statistics.median(step_pairs),
-                        "step_pairs_gaining": sum(p > 0 for p in step_pairs),
-                        "predicted_gain_s": p_gain,
-                        "sign_correct": (m_gain > 0) == (p_gain > 0),
-                    }
-                )
+    for world in nprocs:
+        for batch in batches:
+            steps = _measure_steps(cfg, world, batch, args.steps, args)
+            records = _config_records(world, batch, steps, profile)
+            configs += records
+            gains.append(_gain_record(world, batch, steps, records))
+    return configs, gains
+
+
+def _summary(
+    host: measure.HostMeasurements, profile_path: Path, single: dict, probe: dict,
+    configs: list[dict], gains: list[dict],
+) -> dict[str, Any]:  # fmt: skip
     errors = [abs(r["error"]) for r in configs]
-    results = {
+    return {
         "host": host.to_dict(),
         "overlap_efficiency": {w: t.overlap_efficiency for w, t in host.worlds.items()},
-        "profile": str(run_dir / "host.toml"),
-        "single_process": {
-            "batch_sizes": fit_batches,
-            "step_s": single_s,
-            "t_slice_s": t_slice,
-            "t_fixed_s": t_fixed,
-            "t_dispatch_hide_s": hide_dispatch,
-            "t_combine_hide_s": hide_combine,
-        },
-        "probe": {
-            "burst_reps": burst_reps,
-            "contention": contention,
-            "a2a_sizes": a2a_sizes,
-            "gather_sizes": gather_sizes,
-        },
+        "profile": str(profile_path),
+        "single_process": single,
+        "probe": probe,
         "configs": configs,
         "median_abs_error": statistics.median(errors) if errors else None,
         "scmoe_gain": gains,
@@ -318,10 +339,15 @@ def run(args: argparse.Namespace) -> CommandOutput:
             g["measured_gain_95_s"][0] > 0 or g["measured_gain_95_s"][1] < 0 for g in gains
         ),
     }
+
+
+def _text(host: measure.HostMeasurements, results: dict[str, Any]) -> str:
+    single = results["single_process"]
     lines = [
-        f"host: {cores} cores, GEMM {max(host.matmul_gflops.values()):.1f} GFLOP/s, "
+        f"host: {host.cores} cores, GEMM {max(host.matmul_gflops.values()):.1f} GFLOP/s, "
         f"copy {host.mem_gb_s:.1f} GB/s, op {host.op_overhead_us:.1f} us",
-        f"  one process: {t_slice * 1e3:.1f} ms per sequence + {t_fixed * 1e3:.1f} ms per step",
+        f"  one process: {single['t_slice_s'] * 1e3:.1f} ms per sequence + "
+        f"{single['t_fixed_s'] * 1e3:.1f} ms per step",
     ]
     for world, t in sorted(host.worlds.items()):
         lines.append(
@@ -330,39 +356,65 @@ def run(args: argparse.Namespace) -> CommandOutput:
             f"{t.a2a_async_latency_us:.0f} us; all_gather {t.gather_latency_us:.0f} us + "
             f"bytes / {t.gather_gb_s:.2f} GB/s"
         )
-    for r in configs:
+    for r in results["configs"]:
         lines.append(
-            f"  W={r['world']} B={r['batch_size']} ScMoE={'on ' if r['scmoe'] else 'off'}: "
+            f"  W={r['nproc']} B={r['batch_size']} ScMoE={'on ' if r['scmoe'] else 'off'}: "
             f"measured {r['measured_s'] * 1e3:7.1f} ms  predicted {r['predicted_s'] * 1e3:7.1f} ms "
             f"({r['error']:+.1%})"
         )
+    gains = results["scmoe_gain"]
     for g in gains:
+        low, high = g["measured_gain_95_s"]
         lines.append(
-            f"  ScMoE gain W={g['world']} B={g['batch_size']}: measured "
-            f"{g['measured_gain_s'] * 1e3:+.1f} ms (95 %: "
-            f"{g['measured_gain_95_s'][0] * 1e3:+.1f} to {g['measured_gain_95_s'][1] * 1e3:+.1f}; "
+            f"  ScMoE gain W={g['nproc']} B={g['batch_size']}: measured "
+            f"{g['measured_gain_s'] * 1e3:+.1f} ms (95 %: {low * 1e3:+.1f} to {high * 1e3:+.1f}; "
             f"{g['pairs_gaining']}/{g['pairs']} pairs), "
             f"predicted {g['predicted_gain_s'] * 1e3:+.1f} ms"
         )
-    if errors:
+    if results["configs"]:
         lines.append(
             f"median |error| {results['median_abs_error']:.1%}; ScMoE gain sign correct "
             f"in {sum(g['sign_correct'] for g in gains)}/{len(gains)} (measured gain resolved "
             f"from zero in {results['scmoe_gain_resolved']})"
         )
-    lines.append(f"profile: {run_dir / 'host.toml'}")
+    lines.append(f"profile: {results['profile']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    nprocs, batches, cfg = _check_args(args)
+    config = {
+        "model": cfg.to_dict(),
+        "nproc": nprocs,
+        "batch_sizes": batches,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "wire_mbit": args.wire_mbit,
+        "measure_runs": not args.no_measure_runs,
+    }
+    digest = config_hash(config)
+    if args.run_dir is None:  # the directory the command line writes the manifest into
+        args.run_dir = Path("runs") / "calibrate" / digest[:12]
+    if args.wire_mbit is not None:
+        wire.enter_shaped_network(args.wire_mbit)
+    torch.set_num_threads(1)
+    host = _host(cfg, args.seq_len)
+    with tempfile.TemporaryDirectory() as tmp:  # builds the data cache once, before any launch
+        training.Trainer(cfg, _train_config(cfg, batches[0], 1, args), tmp,
+                         data_cache=args.data_cache)  # fmt: skip
+    single = _single_process(cfg, batches, args)
+    probe = _probe_worlds(cfg, host, nprocs, batches, args, single)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "host.toml", host.to_toml())
+    # predictions come from the profile as written, as simulate --mode host-ep reads it
+    profile = hoststep.load_host_profile(run_dir / "host.toml")
+    configs, gains = [], []
+    if not args.no_measure_runs:
+        configs, gains = _measured_runs(cfg, nprocs, batches, profile, args)
+    results = _summary(host, run_dir / "host.toml", single, probe, configs, gains)
     return CommandOutput(
-        results=results,
-        text="\n".join(lines),
-        config={
-            "model": cfg.to_dict(),
-            "worlds": worlds,
-            "batch_sizes": batches,
-            "seq_len": args.seq_len,
-            "steps": args.steps,
-            "wire_mbit": args.wire_mbit,
-        },
-        config_hash="calibrate-" + cfg.name,
+        results=results, text=_text(host, results), config=config, config_hash=digest
     )
 
 

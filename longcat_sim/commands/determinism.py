@@ -11,8 +11,6 @@ that must be found and localised.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from longcat_sim.model.transformer import require_runnable
 from longcat_sim.repro.fingerprint import RunSpec
 from longcat_sim.repro.harness import check_determinism
 from longcat_sim.repro.inject import SITES, Fault
+from longcat_sim.runs import config_hash
 
 HELP = "rerun training in separate processes in deterministic mode and compare bit for bit"
 
@@ -98,23 +97,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
         require_runnable(cfg)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    train = {}
-    if args.batch_size is not None:
-        train["batch_size"] = args.batch_size
-    if args.seq_len is not None:
-        train["seq_len"] = args.seq_len
+    train = {k: v for k in ("batch_size", "seq_len") if (v := getattr(args, k)) is not None}
     fault = parse_fault(args.inject) if args.inject else None
     if fault is not None and fault.step >= args.steps:
         raise UserError(f"--inject step {fault.step} is past the last step {args.steps - 1}")
-    spec = RunSpec(
-        model=args.model,
-        steps=args.steps,
-        deterministic=True,
-        seed=args.seed,
-        train=train,
-        byte_budget=args.byte_budget,
-        data_cache=None if args.data_cache is None else str(args.data_cache),
-    )
+    data_cache = None if args.data_cache is None else str(args.data_cache)
+    options = {k: getattr(args, k) for k in ("model", "steps", "seed", "byte_budget")}
+    spec = RunSpec(**options, deterministic=True, train=train, data_cache=data_cache)
     _warm_data_cache(spec)
     bar = tqdm(
         total=args.runs,
@@ -155,12 +144,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "threads": threads,
         "inject": results["injected"],
     }
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return CommandOutput(
         results=results,
         text="\n".join(lines),
         config=config,
-        config_hash=hashlib.sha256(blob.encode()).hexdigest(),
+        config_hash=config_hash(config),
         seeds={"seed": args.seed},
     )
 

@@ -4,54 +4,53 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, fields
 from typing import Any
 
 from longcat_sim.cluster import hoststep
 from longcat_sim.cluster.trace import chrome_trace_json
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.deployment import DecodeDeployment, HostStep, TrainDeployment
+from longcat_sim.config.fields import flag
+from longcat_sim.config.flags import add_config_flags, given, set_values
 from longcat_sim.errors import UserError
-from longcat_sim.runs import write_text_atomic
+from longcat_sim.runs import config_hash, write_text_atomic
 
 SCHEDULES = ("scmoe", "conventional")
-OWN = ("profile", "world", "batch_size")  # flags of this mode only
+OWN = tuple(f.name for f in fields(HostStep))  # flags of this mode only
 # simulate's flags that describe a GPU deployment: meaningless for a host profile
-FOREIGN = ("model", "hardware", "rdma_gb_s", "gpus", "ep", "redundant_experts", "assumptions",
-           "seed", "batch_per_device", "context", "attention_dtype", "mtp_draft_tokens",
-           "mtp_accept", "attention_tp", "ffn_tp", "cp", "pp", "seq_len",
-           "tokens_per_microbatch", "microbatches", "moe_chunks", "pipeline")  # fmt: skip
+FOREIGN = tuple(
+    name
+    for name in dict.fromkeys(
+        f.name for c in (DecodeDeployment, TrainDeployment) for f in fields(c)
+    )
+    if name != "schedule"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("host-ep")
-    group.add_argument("--profile", type=Path, help="host.toml written by longcat-sim calibrate")
-    group.add_argument("--world", type=int, help="processes (default 2)")
-    group.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
+    add_config_flags(parser.add_argument_group("host-ep"), HostStep)
 
 
-def _check(args: argparse.Namespace) -> None:
-    given = [n for n in FOREIGN if getattr(args, n, None) is not None] + (
-        ["assume"] if args.assume else []
-    )
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise UserError(f"{flag} does not apply to --mode host-ep (the profile fixes the model)")
+def _check(args: argparse.Namespace) -> HostStep:
+    wrong = given(args, FOREIGN) + (["assume"] if args.assume else [])
+    if wrong:
+        raise UserError(
+            f"{flag(wrong[0])} does not apply to --mode host-ep (the profile fixes the model)"
+        )
     if args.profile is None:
         raise UserError("--mode host-ep needs --profile RUN/host.toml (from longcat-sim calibrate)")
     if args.schedule is not None and args.schedule not in SCHEDULES:
         raise UserError(
             f"--schedule {args.schedule!r} is not a host-ep schedule; use {' or '.join(SCHEDULES)}"
         )
+    return HostStep(**set_values(args, HostStep))
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
-    _check(args)
-    profile = hoststep.load_host_profile(args.profile)
-    world = 2 if args.world is None else args.world
-    batch = 8 if args.batch_size is None else args.batch_size
+    host = _check(args)
+    profile = hoststep.load_host_profile(host.profile)
+    world, batch = host.nproc, host.batch_size
     schedule = args.schedule or "scmoe"
     step = hoststep.EpStep(world, batch, schedule == "scmoe")
     simulated = hoststep.simulate_step(profile, step)
@@ -59,8 +58,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
     closed = hoststep.step_closed_form(profile, step)
     results: dict[str, Any] = {
         "mode": "host-ep",
-        "profile": str(args.profile),
-        "world": world,
+        "profile": host.profile,
+        "nproc": world,
         "batch_size": batch,
         "schedule": schedule,
         **simulated,
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     )
     config = {
         "mode": "host-ep",
-        "world": world,
+        "nproc": world,
         "batch_size": batch,
         "schedule": schedule,
         "profile": {
@@ -84,12 +83,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
     }
     if args.trace is not None:
         try:
-            trace = chrome_trace_json(records, metadata={"mode": "host-ep", "world": world})
+            trace = chrome_trace_json(records, metadata={"mode": "host-ep", "nproc": world})
             write_text_atomic(args.trace, trace)
         except OSError as exc:
             raise UserError(
                 f"cannot write trace {str(args.trace)!r}: {exc.strerror or exc}"
             ) from None
         text += f"\ntrace written to {args.trace}"
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return CommandOutput(results=results, text=text, config=config, config_hash=digest)
+    return CommandOutput(results=results, text=text, config=config, config_hash=config_hash(config))

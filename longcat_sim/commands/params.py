@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.deployment import ModelChoice
+from longcat_sim.config.flags import add_config_flags, set_values
 from longcat_sim.model import costs
 from longcat_sim.model.config import load_model_config
 
@@ -12,13 +14,11 @@ HELP = "parameter counts (total, activated) and KV-cache bytes per token of a mo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="longcat-flash", help="preset name or TOML file (default longcat-flash)"
-    )
+    add_config_flags(parser, ModelChoice)
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
-    cfg = load_model_config(args.model)
+    cfg = load_model_config(ModelChoice(**set_values(args, ModelChoice)).model)
     k_lo = max(0, cfg.moe_topk - cfg.zero_expert_num)
     k_hi = min(cfg.moe_topk, cfg.n_routed_experts)
     results = {
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "mtp_params": costs.mtp_params(cfg),
         "activated_params_min": costs.activated_params(cfg, k_lo),
         "activated_params_max": costs.activated_params(cfg, k_hi),
-        "activated_params_expected": costs.activated_params(cfg, cfg.expected_ffn_experts),
-        "expected_ffn_experts": cfg.expected_ffn_experts,
+        "activated_params_expected": costs.activated_params(cfg, cfg.target_ffn_experts),
+        "target_ffn_experts": cfg.target_ffn_experts,
         "kv_cache_bytes_per_token": costs.kv_cache_bytes_per_token(cfg, dtype_bytes=2),
     }
     activated = [(k_lo, results["activated_params_min"])]
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         ("MTP module (not in total)", f"{results['mtp_params'] / 1e9:.3f} B"),
         *((f"activated, {k} FFN experts", f"{n / 1e9:.3f} B") for k, n in activated),
         (
-            f"activated, K_e = {cfg.expected_ffn_experts:g}",
+            f"activated, K_e = {cfg.target_ffn_experts:g}",
             f"{results['activated_params_expected'] / 1e9:.3f} B",
         ),
         ("KV cache, bf16", f"{results['kv_cache_bytes_per_token']:,d} B/token"),

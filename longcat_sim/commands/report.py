@@ -1,7 +1,7 @@
 """``longcat-sim report``: one self-contained HTML page (and PNG figures) from the simulator and
 from other commands' run directories.
 
-Writes ``DIR/report.html`` (``--out``, default ``runs/report/CONFIG_HASH``), ``DIR/figures/*.png``
+Writes ``DIR/report.html`` (``--run-dir``, default ``runs/report/CONFIG_HASH``), ``DIR/figures/*.png``
 when kaleido and a Chromium are present, and the simulations it ran under ``DIR/cache`` keyed
 by their inputs' hash, so a second report with the same settings simulates nothing.
 """
@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.flags import add_config_flags, set_values
+from longcat_sim.config.report import ReportConfig, load_report_config
 from longcat_sim.errors import UserError
 from longcat_sim.report import sections
+from longcat_sim.report.pngs import PNG_DIR, write_pngs
 from longcat_sim.reports import tables
 from longcat_sim.reports.inputs import ReportInputError
 from longcat_sim.reports.page import build_report
@@ -30,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="TOML file whose [report] table overrides the default settings",
+        help="TOML file whose [report] table overrides the default settings (options win)",
     )
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="same as --run-dir")
+    add_config_flags(parser, ReportConfig)
     parser.add_argument(
         "--train-run",
         type=Path,
@@ -66,8 +69,8 @@ def _summary(data: dict) -> dict:
             {"label": row["label"], **err}
             for row, err in zip(data["table6"]["rows"], t6, strict=True)
         ],
-        "training_non_overlapped_comm_share": {
-            s: overlap[s]["non_overlapped_comm_share"] for s in ("baseline", "scmoe")
+        "training_exposed_comm_share": {
+            s: overlap[s]["exposed_comm_share"] for s in ("baseline", "scmoe")
         },
         "timelines": {
             name: {k: v for k, v in s.items() if k != "events"}
@@ -87,7 +90,7 @@ def _text(summary: dict, run_dir: Path, seconds: float, gathered, pngs) -> str:
     )
     lines.append(f"  Table 7 rows       largest error {worst7 * 100:.1f} %")
     lines.append(f"  Table 6 rows       largest error {worst6 * 100:.1f} %")
-    share = summary["training_non_overlapped_comm_share"]
+    share = summary["training_exposed_comm_share"]
     lines.append(
         f"  training overlap   exposed comm {share['baseline'] * 100:.1f} % without ScMoE, "
         f"{share['scmoe'] * 100:.1f} % with (paper 25.3 % / 8.4 %)"
@@ -102,18 +105,16 @@ def _text(summary: dict, run_dir: Path, seconds: float, gathered, pngs) -> str:
     elif pngs.skipped:
         lines.append(f"  PNG figures        skipped: {pngs.skipped}")
     else:
-        lines.append(f"  PNG figures        {len(pngs.written)} under {run_dir / sections.PNG_DIR}")
+        lines.append(f"  PNG figures        {len(pngs.written)} under {run_dir / PNG_DIR}")
     lines.append(f"  built in           {seconds:.1f} s")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
     start = time.perf_counter()
-    config = sections.load_config(args.config)
+    config = load_report_config(args.config, set_values(args, ReportConfig))
     resolved = sections.resolve(config)
     config_hash = sections.config_hash(resolved)
-    if args.out is not None:
-        args.run_dir = args.out
     if args.run_dir is None:
         args.run_dir = Path("runs") / "report" / config_hash[:12]
     run_dir = Path(args.run_dir)
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     except ReportInputError as exc:
         raise UserError(f"cannot build the report: {exc}") from None
     write_text_atomic(run_dir / REPORT_NAME, report.html)
-    pngs = sections.write_pngs(report.figures, run_dir) if args.png else None
+    pngs = write_pngs(report.figures, run_dir) if args.png else None
     summary = _summary(gathered.data)
     seconds = time.perf_counter() - start
     results = {

@@ -9,8 +9,6 @@ class (transient, persistent, genuine) score the rerun attribution. Deterministi
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import sys
 
@@ -29,6 +27,7 @@ from longcat_sim.repro.campaign import (
 )
 from longcat_sim.repro.inject import SITES
 from longcat_sim.repro.moe_step import MoEStepConfig
+from longcat_sim.runs import config_hash
 
 HELP = "bit-flip SDC campaign on an MoE-layer step: detection per site, bit and detector"
 
@@ -147,12 +146,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
     results = result.to_json()
     results["model"] = cfg.name
     config = {"model": cfg.to_dict(), "tokens": args.tokens, "campaign": _plain(cc)}
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return CommandOutput(
         results=results,
         text=_text(results, cfg.name, args),
         config=config,
-        config_hash=hashlib.sha256(blob.encode()).hexdigest(),
+        config_hash=config_hash(config),
         seeds={"seed": args.seed},
     )
 

@@ -21,32 +21,27 @@ Defaults are the embedded deployments:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from longcat_sim.cluster.assumptions import assumption_names
-from longcat_sim.cluster.hardware import hardware_names
-from longcat_sim.cluster.schedules import DECODE_SCHEDULES, PIPELINES, TRAIN_SCHEDULES
 from longcat_sim.cluster.trace import chrome_trace_json
 from longcat_sim.commands import host_step
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
+from longcat_sim.config.fields import flag
+from longcat_sim.config.flags import add_config_flags, given, set_values
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import load_model_config
-from longcat_sim.runs import write_text_atomic
+from longcat_sim.runs import config_hash, write_text_atomic
 from longcat_sim.scenarios.decode import (
-    DECODE_DEFAULTS,
-    MTP_ACCEPT,
-    TABLE7_MTP_ACCEPT,
     decode_results,
-    decode_setup,
     resolve_assumptions,
+    resolve_decode,
     resolve_hardware,
     run_decode,
 )
-from longcat_sim.scenarios.train import TRAIN_DEFAULTS, run_train, train_trace_records
+from longcat_sim.scenarios.train import run_train, train_trace_records
 
 HELP = (
     "simulate one decode or training step of a GPU-cluster deployment, or one train --nproc "
@@ -54,25 +49,6 @@ HELP = (
 )
 
 MODES = ("decode", "train", "host-ep")
-
-DECODE_ONLY = (
-    "batch_per_device",
-    "context",
-    "attention_dtype",
-    "mtp_draft_tokens",
-    "mtp_accept",
-    "attention_tp",
-    "ffn_tp",
-)
-TRAIN_ONLY = (
-    "cp",
-    "pp",
-    "seq_len",
-    "tokens_per_microbatch",
-    "microbatches",
-    "moe_chunks",
-    "pipeline",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,33 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="decode",
         help="decode (default), train, or host-ep (train --nproc on a calibrated host)",
     )
-    parser.add_argument("--model", help="preset name or TOML file (default longcat-flash)")
-    parser.add_argument(
-        "--hardware",
-        help=f"catalogue name ({', '.join(hardware_names())}) or hardware TOML (default H800)",
-    )
-    parser.add_argument(
-        "--rdma-gb-s",
-        type=float,
-        help="override the RDMA bandwidth per GPU and direction, GB/s (train default 25)",
-    )
-    parser.add_argument("--gpus", type=int, help="GPUs in the deployment (decode default 128)")
-    parser.add_argument(
-        "--ep", type=int, help="expert-parallel group size (decode: --gpus; train: 32)"
-    )
-    parser.add_argument(
-        "--schedule",
-        help=f"decode: {', '.join(DECODE_SCHEDULES)} (default sbo); "
-        f"train: {', '.join(TRAIN_SCHEDULES)} (default scmoe; conventional: the MoE after "
-        "the second attention, beside FFN_1; baseline: the MoE in series, no overlap)",
-    )
-    parser.add_argument(
-        "--redundant-experts", type=int, help="expert replicas per layer (default 0)"
-    )
-    parser.add_argument(
-        "--assumptions",
-        help=f"assumption set: {', '.join(assumption_names())} (decode default, train train)",
-    )
+    add_config_flags(parser, DecodeDeployment, TrainDeployment)
     parser.add_argument(
         "--assume",
         action="append",
@@ -116,36 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TERM=VALUE",
         help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
     )
-    parser.add_argument("--seed", type=int, help="root seed of sampled routing and contexts (0)")
     parser.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace.json here")
-    decode = parser.add_argument_group("decode")
-    decode.add_argument("--batch-per-device", type=int, help="requests per GPU (default 96)")
-    decode.add_argument(
-        "--context", type=float, help="cached tokens each request attends to (default 5000)"
-    )
-    decode.add_argument("--attention-dtype", help="KV cache dtype: bf16 (default) or fp8")
-    decode.add_argument(
-        "--mtp-draft-tokens", type=int, help="MTP draft tokens per step (default 1; 0: none)"
-    )
-    decode.add_argument(
-        "--mtp-accept",
-        type=float,
-        help=f"draft acceptance (default {MTP_ACCEPT}; {TABLE7_MTP_ACCEPT} with table7)",
-    )
-    decode.add_argument("--attention-tp", type=int, help="attention tensor parallelism (default 1)")
-    decode.add_argument("--ffn-tp", type=int, help="dense FFN tensor parallelism (default 1)")
-    train = parser.add_argument_group("train")
-    train.add_argument("--cp", type=int, help="context parallelism of attention (default 8)")
-    train.add_argument("--pp", type=int, help="pipeline stages (default 1)")
-    train.add_argument("--seq-len", type=int, help="tokens per training sequence (default 8192)")
-    train.add_argument(
-        "--tokens-per-microbatch", type=int, help="tokens per GPU per micro-batch (default 4096)"
-    )
-    train.add_argument("--microbatches", type=int, help="micro-batches per step (default 8)")
-    train.add_argument("--moe-chunks", type=int, help="MoE token chunks (default 2)")
-    train.add_argument(
-        "--pipeline", help=f"pipeline schedule: {', '.join(PIPELINES)} (default none)"
-    )
     host_step.add_arguments(parser)
 
 
@@ -191,7 +112,7 @@ def _train_text(r: dict) -> str:
             f"  forward / backward / W    {r['forward_ms']:.1f} / {r['backward_ms']:.1f} / "
             f"{r['weight_grad_ms']:.1f} ms per micro-batch",
             f"  bubbles                   {r['bubble_ms']:10.1f} ms ({r['bubble_share']:.1%})",
-            f"  non-overlapped comm share {r['non_overlapped_comm_share']:10.1%}",
+            f"  exposed comm share        {r['exposed_comm_share']:10.1%}",
             f"  tokens/GPU/s              {r['tgs']:10.1f}",
         ]
     )
@@ -200,25 +121,15 @@ def _train_text(r: dict) -> str:
 # -- command ----------------------------------------------------------------------------------
 
 
-def _config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def _values(
-    args: argparse.Namespace, defaults: dict[str, Any], other_only: tuple[str, ...]
-) -> dict:
-    given = [name for name in other_only if getattr(args, name, None) is not None]
-    if given:
-        other = "train" if args.mode == "decode" else "decode"
-        flag = "--" + given[0].replace("_", "-")
-        raise UserError(f"{flag} applies to --mode {other}, not --mode {args.mode}")
-    values = {
-        k: getattr(args, k, None) for k in (*defaults, "gpus", "ep", "rdma_gb_s", "mtp_accept")
-    }
-    for key, default in defaults.items():
-        if values.get(key) is None:
-            values[key] = default
-    return values
+def _deployment(args: argparse.Namespace, cls: type, other: type) -> Any:
+    """The mode's deployment from the flags given; a flag of the other mode only is an error."""
+    own = {f.name for f in fields(cls)}
+    foreign = [f.name for f in fields(other) if f.name not in own]
+    wrong = given(args, foreign)
+    if wrong:
+        other_mode = "train" if args.mode == "decode" else "decode"
+        raise UserError(f"{flag(wrong[0])} applies to --mode {other_mode}, not --mode {args.mode}")
+    return cls(**set_values(args, cls))
 
 
 def _check_trace_path(path: Path | None) -> None:
@@ -234,8 +145,16 @@ def _check_trace_path(path: Path | None) -> None:
         raise UserError(f"--trace {str(path)!r} is a folder; give a file path such as trace.json")
 
 
-def _with_trace_line(text: str, path: Path | None) -> str:
-    return text if path is None else f"{text}\ntrace written to {path}"
+def _output(results: dict, text: str, config: dict, seed: int, trace: Path | None) -> CommandOutput:
+    """What the command line prints and saves; the text names the trace file when one was
+    written."""
+    return CommandOutput(
+        results=results,
+        text=text if trace is None else f"{text}\ntrace written to {trace}",
+        config=config,
+        config_hash=config_hash(config),
+        seeds={"routing": seed},
+    )
 
 
 def _write_trace(
@@ -252,31 +171,12 @@ def run(args: argparse.Namespace) -> CommandOutput:
     _check_trace_path(args.trace)
     if args.mode == "host-ep":
         return host_step.run(args)
-    host_only = [n for n in host_step.OWN if getattr(args, n, None) is not None]
+    host_only = given(args, host_step.OWN)
     if host_only:
-        flag = "--" + host_only[0].replace("_", "-")
-        raise UserError(f"{flag} applies to --mode host-ep, not --mode {args.mode}")
+        raise UserError(f"{flag(host_only[0])} applies to --mode host-ep, not --mode {args.mode}")
     if args.mode == "train":
         return _run_train(args)
-    v = _values(args, DECODE_DEFAULTS, TRAIN_ONLY)
-    assumptions = resolve_assumptions(v["assumptions"], args.assume)
-    setup = decode_setup(
-        cfg=load_model_config(v["model"]),
-        hw=resolve_hardware(v["hardware"], v["rdma_gb_s"]),
-        assumptions=assumptions,
-        gpus=v["gpus"],
-        ep=v["ep"],
-        batch_per_device=v["batch_per_device"],
-        context=v["context"],
-        attention_dtype=v["attention_dtype"],
-        mtp_draft_tokens=v["mtp_draft_tokens"],
-        mtp_accept=v["mtp_accept"],
-        schedule=v["schedule"],
-        redundant_experts=v["redundant_experts"],
-        attention_tp=v["attention_tp"],
-        ffn_tp=v["ffn_tp"],
-        seed=v["seed"],
-    )
+    setup = resolve_decode(_deployment(args, DecodeDeployment, TrainDeployment), args.assume)
     result, closed = run_decode(setup)
     results = decode_results(setup, result, closed)
     config = setup.config() | {
@@ -286,21 +186,15 @@ def run(args: argparse.Namespace) -> CommandOutput:
     }
     if args.trace is not None:
         _write_trace(args.trace, result.records, {k: results[k] for k in ("model", "schedule")})
-    return CommandOutput(
-        results=results,
-        text=_with_trace_line(_decode_text(results), args.trace),
-        config=config,
-        config_hash=_config_hash(config),
-        seeds={"routing": setup.seed},
-    )
+    return _output(results, _decode_text(results), config, setup.seed, args.trace)
 
 
 def _run_train(args: argparse.Namespace) -> CommandOutput:
-    v = _values(args, TRAIN_DEFAULTS, DECODE_ONLY)
-    cfg = load_model_config(v["model"])
-    hw = resolve_hardware(v["hardware"], v["rdma_gb_s"])
-    a = resolve_assumptions(v["assumptions"], args.assume)
-    result, config = run_train(v, cfg, hw, a)
+    dep = _deployment(args, TrainDeployment, DecodeDeployment)
+    cfg = load_model_config(dep.model)
+    hw = resolve_hardware(dep.hardware, dep.rdma_gb_s)
+    a = resolve_assumptions(dep.assumptions, args.assume)
+    result, config = run_train(dep, cfg, hw, a)
     results = config | {"assumptions_description": a.description} | result.summary()
     if args.trace is not None:
         names = {0: "one micro-batch, stage 0 (streams)"} | {
@@ -308,10 +202,4 @@ def _run_train(args: argparse.Namespace) -> CommandOutput:
         }
         _write_trace(args.trace, train_trace_records(result), {"model": cfg.name}, names)
     full_config = config | {"hardware_spec": asdict(hw), "model_config": cfg.to_dict()}
-    return CommandOutput(
-        results=results,
-        text=_with_trace_line(_train_text(results), args.trace),
-        config=full_config,
-        config_hash=_config_hash(full_config),
-        seeds={"routing": v["seed"]},
-    )
+    return _output(results, _train_text(results), full_config, dep.seed, args.trace)

@@ -1,26 +1,41 @@
 """``longcat-sim train``: train a runnable model on the standard-library corpus.
 
-The run directory (``--out``) receives ``metrics.jsonl`` (one JSON object per step), atomic
-checkpoints under ``checkpoints/`` and the usual ``manifest.json``/``results.json``. Torch runs
-on ``--threads`` threads (default 1): results are bitwise reproducible for a fixed thread count,
-and a different count may change the last bits of reductions (with ``--deterministic`` it does
-not: batch-invariant kernels and fixed-order sums).
+The run directory (``--run-dir``) receives ``metrics.jsonl`` (one JSON object per step), atomic
+checkpoints under ``checkpoints/`` and the usual ``manifest.json``/``results.json``. The run
+spans one process, ``--nproc N`` processes it spawns, or the processes of ``torchrun`` (read from
+``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; rank 0 prints and writes, the others leave quietly); FFN
+experts are sharded over the processes, every other parameter replicated. Torch runs on
+``--threads`` threads per process (default 1): results are bitwise reproducible for a fixed
+thread count and process count; with ``--deterministic`` (batch-invariant kernels, fixed-order
+sums) they are equal for any ``--threads`` and any process count.
 """
 
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
-from longcat_sim.model.determinism import DeterministicMode
-from longcat_sim.train import training
+from longcat_sim.model.determinism import deterministic_config
+from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
+from longcat_sim.train import config as training_config
+from longcat_sim.train import distributed
+from longcat_sim.train.checkpoint import latest_checkpoint, read_checkpoint_state
+from longcat_sim.train.metrics import TrainSummary
+from longcat_sim.train.training import load_data
+from longcat_sim.train.world import (
+    TRAIN_BACKEND,
+    World,
+    check_nproc,
+    env_world,
+    join_env_world,
+)
 
 HELP = "train a model with the expert-bias controller; metrics, checkpoints and --resume"
 
@@ -39,19 +54,20 @@ _FLAG_SETTINGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the settings of the run."""
     parser.add_argument(
         "--model",
         default=None,
         help="preset name or TOML file (default tiny; on --resume, the checkpoint's model)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="run directory (same as --run-dir)")
     parser.add_argument("--steps", type=int, default=None, help="steps of the whole run")
     parser.add_argument(
         "--target-ffn-experts",
         type=float,
         default=None,
-        metavar="K_E",
-        help="average FFN experts per token the bias controller steers to (expected_ffn_experts)",
+        metavar="TARGET",
+        help="average FFN experts per token the bias controller steers to (JSON key "
+        "target_ffn_experts)",
     )
     parser.add_argument("--seed", type=int, default=None, help="root seed (init and data streams)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
@@ -72,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a train setting (e.g. balance_alpha=0) or a model field (model.num_layers=1)",
     )
+    _add_run_arguments(parser)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a run starts and stops, and what it runs on."""
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest complete checkpoint"
     )
@@ -96,15 +117,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--deterministic",
         action="store_true",
         default=None,
-        help="deterministic mode: batch-invariant kernels, results equal for any --threads",
+        help="deterministic mode: batch-invariant kernels, results equal for any --threads "
+        "and any --nproc",
     )
     parser.add_argument(
         "--nproc",
         type=int,
         default=None,
-        help="expert-parallel training over N processes (gloo on CPU): dense parameters data "
-        "parallel, FFN experts sharded; no checkpoints; with --deterministic the parameters "
-        "are bitwise equal for any N",
+        help="train in N processes it spawns (over gloo): FFN experts sharded, "
+        "every other parameter replicated; with --deterministic the parameters are bitwise "
+        "equal for any N (under torchrun the world size comes from WORLD_SIZE)",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=("torch", "triton"),
+        default=None,
+        help="implementation of the MoE's kernels (the model config's kernels field)",
     )
     parser.add_argument(
         "--data-cache",
@@ -121,7 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _requested_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    train, model = training.parse_overrides(args.overrides)
+    train, model = training_config.parse_overrides(args.overrides)
+    if args.kernels is not None:
+        model["kernels"] = args.kernels
     for flag, name in _FLAG_SETTINGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -131,19 +161,19 @@ def _requested_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
 
 def _configs(
     args: argparse.Namespace, run_dir: Path | None
-) -> tuple[ModelConfig, training.TrainConfig, Path | None]:
+) -> tuple[ModelConfig, training_config.TrainConfig, Path | None]:
     """Model and train configs for a fresh run, or those of the checkpoint to resume."""
     train_changes, model_changes = _requested_settings(args)
     if args.resume:
         if run_dir is None:
-            raise UserError("--resume needs the run directory: pass --out DIR")
-        checkpoint = training.latest_checkpoint(run_dir)
+            raise UserError("--resume needs the run directory: pass --run-dir DIR")
+        checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise UserError(
                 f"--resume: {str(run_dir)!r} holds no complete checkpoint; run without --resume "
                 "to start training"
             )
-        state = training.read_checkpoint_state(checkpoint)
+        state = read_checkpoint_state(checkpoint)
         model_cfg: ModelConfig = state["model_config"]
         train_cfg = state["train_config"].replace(**train_changes)
         if args.model is not None or model_changes or args.target_ffn_experts is not None:
@@ -151,11 +181,12 @@ def _configs(
             if requested != model_cfg:
                 raise UserError(
                     f"--resume: the checkpoint in {str(run_dir)!r} was trained with a different "
-                    "model config; drop --model/--target-ffn-experts/--set model.* to resume it"
+                    "model config; drop --model/--kernels/--target-ffn-experts/--set model.* to "
+                    "resume it"
                 )
         return model_cfg, train_cfg, checkpoint
     base_cfg = _model_config(args, model_changes, None)
-    defaults = training.default_train_config(base_cfg)
+    defaults = training_config.default_train_config(base_cfg)
     if "steps" in train_changes and "warmup_steps" not in train_changes:
         # a short run keeps the default warmup only if it fits
         train_changes["warmup_steps"] = min(defaults.warmup_steps, train_changes["steps"])
@@ -167,55 +198,99 @@ def _configs(
 def _model_config(
     args: argparse.Namespace,
     changes: dict[str, Any],
-    train_cfg: training.TrainConfig | None,
+    train_cfg: training_config.TrainConfig | None,
 ) -> ModelConfig:
     cfg = load_model_config(args.model or "tiny")
     if changes:
         cfg = cfg.replace(**changes)
     if args.target_ffn_experts is not None and train_cfg is not None:
-        cfg = training.with_target_ffn_experts(
+        cfg = training_config.with_target_ffn_experts(
             cfg, args.target_ffn_experts, train_cfg.balance_alpha
         )
     return cfg
 
 
-def run(args: argparse.Namespace) -> CommandOutput:
+def _check_flags(args: argparse.Namespace) -> None:
     if args.threads <= 0:
         raise UserError(f"--threads must be positive, got {args.threads}")
     if args.resume and args.grow_from is not None:
         raise UserError("pass either --resume or --grow-from, not both")
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after must be a positive step, got {args.stop_after}")
-    if args.out is not None:
-        args.run_dir = args.out
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    _check_flags(args)
     model_cfg, train_cfg, checkpoint = _configs(args, args.run_dir)
-    config_hash = training.run_config_hash(model_cfg, train_cfg)
+    config_hash = training_config.run_config_hash(model_cfg, train_cfg)
     if args.run_dir is None:
         args.run_dir = Path("runs") / "train" / config_hash[:12]
     run_dir = Path(args.run_dir)
-    if checkpoint is None and training.latest_checkpoint(run_dir) is not None:
+    if checkpoint is None and latest_checkpoint(run_dir) is not None:
         raise UserError(
             f"{str(run_dir)!r} already holds checkpoints; pass --resume to continue it or choose "
-            "another --out"
+            "another --run-dir"
         )
-    if args.nproc is not None:
-        return _run_expert_parallel(args, model_cfg, train_cfg, config_hash)
+    world = env_world()
+    nproc = world.size if world is not None else (args.nproc or 1)
+    if world is not None and args.nproc not in (None, world.size):
+        raise UserError(f"--nproc {args.nproc} differs from torchrun's WORLD_SIZE={world.size}")
+    check_nproc(nproc, model_cfg, train_cfg.batch_size, train_cfg.slice_size)
+    _check_kernels(model_cfg, train_cfg)
+    rank_run = distributed.RankRun(
+        model_cfg, train_cfg, str(run_dir),
+        data_cache=None if args.data_cache is None else str(args.data_cache),
+        resume_from=None if checkpoint is None else str(checkpoint),
+        grow_from=None if args.grow_from is None else str(args.grow_from),
+        stop_after=args.stop_after, progress=args.progress,
+    )  # fmt: skip
+    summary = _train(rank_run, args.threads, nproc, world)
+    return _output(args, model_cfg, train_cfg, config_hash, summary)
+
+
+def _check_kernels(model_cfg: ModelConfig, train_cfg: training_config.TrainConfig) -> None:
+    """Refuse, before any work, kernels the trainer's CPU tensors cannot run."""
+    if train_cfg.deterministic:
+        deterministic_config(model_cfg)  # raises for kernels other than torch
+    if model_cfg.kernels == "triton" and not (triton_available() and triton_interpreting()):
+        raise UserError(
+            "--kernels triton: the trainer's tensors are on the CPU, where Triton kernels need "
+            "the triton package and TRITON_INTERPRET=1; use --kernels torch"
+        )
+
+
+def _train(run: distributed.RankRun, threads: int, nproc: int, world: World | None) -> TrainSummary:
+    """Train in this process (one process, or this rank of torchrun's world) or in ``nproc``
+    spawned processes; ranks of torchrun other than 0 leave once the run is complete."""
+    if world is None and nproc > 1:
+        load_data(run.model_cfg, run.train_cfg, run.data_cache)  # the cache, built once
+        ranks = distributed.launch(
+            distributed.train_rank, nproc, run, backend=TRAIN_BACKEND, threads=threads
+        )
+        assert ranks[0] is not None  # rank 0 returns the summary
+        return ranks[0]
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    mode = DeterministicMode(threads=args.threads) if train_cfg.deterministic else nullcontext()
+    torch.set_num_threads(threads)
     try:
-        with mode:
-            trainer = training.Trainer(
-                model_cfg, train_cfg, run_dir, data_cache=args.data_cache, progress=args.progress
-            )
-            if checkpoint is not None:
-                trainer.load_checkpoint(checkpoint)
-            elif args.grow_from is not None:
-                trainer.grow_from(args.grow_from)
-            summary = trainer.train(stop_after=args.stop_after)
+        if world is not None:
+            join_env_world(world)
+        summary = distributed.run_training(run, world)
     finally:
         torch.set_num_threads(previous_threads)
+        if world is not None and world.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    if world is not None and not world.is_main:
+        raise SystemExit(0)
+    return summary
 
+
+def _output(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    train_cfg: training_config.TrainConfig,
+    config_hash: str,
+    summary: TrainSummary,
+) -> CommandOutput:
     results = {
         "model": model_cfg.name,
         "steps": summary.step,
@@ -234,20 +309,24 @@ def run(args: argparse.Namespace) -> CommandOutput:
         "checkpoint": summary.checkpoint,
         "grown_from": summary.grown_from,
         "threads": args.threads,
+        "nproc": summary.nproc,
+        "kernels": model_cfg.kernels,
         "deterministic": train_cfg.deterministic,
         "data": summary.data,
     }
     avg = ", ".join(f"{x:.3f}" for x in summary.avg_ffn_experts_per_token)
     text = "\n".join(
         [
-            f"trained {model_cfg.name} to step {summary.step} (from {summary.start_step})",
+            f"trained {model_cfg.name} to step {summary.step} (from {summary.start_step}) on "
+            f"{summary.nproc} process(es)",
             f"  final train loss   {summary.final_loss:.4f} nats/token",
             f"  validation loss    {summary.val_loss:.4f} nats/token "
             f"(unigram entropy {summary.val_unigram_entropy:.4f}; train-fitted unigram "
             f"{summary.val_unigram_cross_entropy:.4f})",
             f"  FFN experts/token  [{avg}] per layer, target {summary.target_ffn_experts:g} "
             f"(mean of the last {summary.stats_window} steps)",
-            f"  throughput         {summary.tokens_per_s:,.0f} tokens/s on {args.threads} thread(s)",
+            f"  throughput         {summary.tokens_per_s:,.0f} tokens/s, {args.threads} "
+            "thread(s) per process",
             f"  parameters sha256  {summary.param_hash}",
             f"  checkpoint         {summary.checkpoint}",
         ]
@@ -257,57 +336,5 @@ def run(args: argparse.Namespace) -> CommandOutput:
         text=text,
         config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
         config_hash=config_hash,
-        seeds={"seed": train_cfg.seed, **training.derive_seeds(train_cfg.seed)},
-    )
-
-
-def _run_expert_parallel(
-    args: argparse.Namespace,
-    model_cfg: ModelConfig,
-    train_cfg: training.TrainConfig,
-    config_hash: str,
-) -> CommandOutput:
-    """``--nproc N``: :func:`longcat_sim.train.distributed.ep_train` on N spawned processes."""
-    from longcat_sim.train import distributed
-
-    if args.resume or args.grow_from is not None or args.stop_after is not None:
-        raise UserError("--nproc trains from scratch: drop --resume, --grow-from and --stop-after")
-    distributed.check_nproc(args.nproc, model_cfg, train_cfg.batch_size)
-    training.Trainer(model_cfg, train_cfg, args.run_dir, data_cache=args.data_cache)  # data cache
-    cache = None if args.data_cache is None else str(args.data_cache)
-    ranks = distributed.launch(
-        distributed.ep_train, args.nproc, model_cfg, train_cfg, cache, threads=args.threads
-    )
-    hashes = {r["param_hash"] for r in ranks}
-    if len(hashes) != 1:
-        raise UserError(f"ranks ended with different parameters ({len(hashes)} hashes)")
-    first = ranks[0]
-    step_s = [max(r["step_seconds"][i] for r in ranks) for i in range(train_cfg.steps)]
-    results = {
-        "model": model_cfg.name,
-        "steps": train_cfg.steps,
-        "nproc": args.nproc,
-        "deterministic": train_cfg.deterministic,
-        "final_loss": first["losses"][-1],
-        "losses": first["losses"],
-        "step_seconds": step_s,
-        "param_hash": first["param_hash"],
-        "state_hash": first["state_hash"],
-        "threads": args.threads,
-    }
-    text = "\n".join(
-        [
-            f"trained {model_cfg.name} for {train_cfg.steps} steps on {args.nproc} process(es), "
-            "experts sharded",
-            f"  final train loss   {first['losses'][-1]:.4f} nats/token (LM, batch mean)",
-            f"  step time          {sorted(step_s)[len(step_s) // 2]:.3f} s (median)",
-            f"  parameters sha256  {first['param_hash']}",
-        ]
-    )
-    return CommandOutput(
-        results=results,
-        text=text,
-        config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "nproc": args.nproc},
-        config_hash=config_hash,
-        seeds={"seed": train_cfg.seed, **training.derive_seeds(train_cfg.seed)},
+        seeds={"seed": train_cfg.seed, **training_config.derive_seeds(train_cfg.seed)},
     )

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longcat_sim.repro.moe_step import ExpertRows, grouped_gemm
+from longcat_sim.repro.moe_step import ExpertGemms, ExpertRows, grouped_gemm
 
 ABFT_ALARM_PROBABILITY = 1e-7
 
@@ -99,29 +99,23 @@ class AbftMonitor:
             self.alarms += count
             self.alarm_sites.append(name)
 
-    def on_expert_gemm(
-        self,
-        names: tuple[str, ...],
-        a_SX: torch.Tensor,
-        outputs: tuple[torch.Tensor, ...],
-        references: tuple[torch.Tensor, ...],
-        rows: ExpertRows,
-        scales: tuple[torch.Tensor, ...],
-        a_norms_S: torch.Tensor | None = None,
-        paddings: tuple[torch.Tensor, ...] | None = None,
-    ) -> None:
-        """Check GEMMs that share their input ``a_SX`` (its row norms taken once, or given);
-        ``paddings``: each GEMM's padding columns, which must be exactly zero."""
-        width = a_SX.shape[1]
-        owner = rows.expert_of_row
+    def on_expert_gemm(self, gemms: ExpertGemms) -> None:
+        """Check GEMMs that share their input (its row norms taken once, or given); the
+        padding columns, if given, must be exactly zero."""
+        g = gemms
+        width = g.a_SX.shape[1]
+        owner = g.rows.expert_of_row
         # rows of no expert (possible only under corrupted counts) are zero in C and reference
-        mask_S = (owner >= 0).to(a_SX.dtype)
+        mask_S = (owner >= 0).to(g.a_SX.dtype)
         own = owner.clamp_min(0)
+        a_norms_S = g.a_norms_S
         if a_norms_S is None:
-            a_norms_S = torch.linalg.vector_norm(a_SX, dim=1)
+            a_norms_S = torch.linalg.vector_norm(g.a_SX, dim=1)
         norms_S = a_norms_S * mask_S
-        unit = unit_roundoff(a_SX.dtype)
-        for name, c_SY, ref_S, scale_N in zip(names, outputs, references, scales, strict=True):
+        unit = unit_roundoff(g.a_SX.dtype)
+        for name, c_SY, ref_S, scale_N in zip(
+            g.names, g.outputs, g.references, g.scales, strict=True
+        ):
             out_width = c_SY.shape[1]
             # rounding of C (dot length X + 1), of C's row sum (Y), of a . s (X + 1) and of s (Y)
             lam = abft_lambda(2 * (width + 2) * out_width, self.alarm_probability)
@@ -131,9 +125,9 @@ class AbftMonitor:
             self._verify(f"expert_gemm.{name}", (sums_S - ref_S).abs(), factor * magnitude_S)
             if name == "down":  # the combine's check reuses the expert outputs' row sums
                 self._down = (sums_S, magnitude_S)
-        if paddings is None:
+        if g.paddings is None:
             return
-        for name, pad_SP in zip(names, paddings, strict=True):
+        for name, pad_SP in zip(g.names, g.paddings, strict=True):
             # a zero weight row gives an exactly zero column (unless A holds inf or NaN,
             # which the row checksum flags anyway): one reduction, no tolerance
             if bool(pad_SP.any()):
@@ -186,7 +180,7 @@ class RecomputeMonitor:
     checks: int = 0
     sampled: list[int] = field(default_factory=list)
 
-    def on_expert_gemm(self, *args: object, **kwargs: object) -> None:
+    def on_expert_gemm(self, gemms: ExpertGemms) -> None:
         return None
 
     def on_combine(self, *args: object, **kwargs: object) -> None:

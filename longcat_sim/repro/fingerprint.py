@@ -259,7 +259,8 @@ class RunRecord:
 
 
 def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
-    """The Trainer a spec describes (deterministic model and settings when asked)."""
+    """The Trainer a spec describes (deterministic model and settings when asked), in a world of
+    one with the model's own modules running the MoE, so every module's output is hooked."""
     from longcat_sim.model.config import load_model_config
     from longcat_sim.model.determinism import deterministic_config
     from longcat_sim.train import training
@@ -283,7 +284,7 @@ def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
         split_seed=tc.split_seed,
         cache_dir=spec.data_cache,
     )
-    return training.Trainer(cfg, tc, run_dir, data=data)
+    return training.Trainer(cfg, tc, run_dir, data=data, expert_parallel=False)
 
 
 def fingerprint_run(spec: RunSpec) -> RunRecord:

@@ -188,24 +188,28 @@ class ExpertRows:
     uncovered: bool = False  # some row belongs to no expert (only under corrupted counts)
 
 
+@dataclass(frozen=True)
+class ExpertGemms:
+    """GEMMs ``names`` (outputs ``C = A W^T``) that all read ``a_SX``: ``references`` are the
+    checksum columns their encoded weights produced, ``paddings`` the padding columns (exactly
+    zero unless a padding row is corrupted), ``scales`` the experts' error scales, ``a_norms_S``
+    the rows' L2 norms if the caller has them."""
+
+    names: tuple[str, ...]
+    a_SX: torch.Tensor
+    outputs: tuple[torch.Tensor, ...]
+    references: tuple[torch.Tensor, ...]
+    rows: ExpertRows
+    scales: tuple[torch.Tensor, ...]
+    a_norms_S: torch.Tensor | None = None
+    paddings: tuple[torch.Tensor, ...] | None = None
+
+
 class StepMonitor(Protocol):
     """A check riding along a step (ABFT, in-place recompute)."""
 
-    def on_expert_gemm(
-        self,
-        names: tuple[str, ...],
-        a_SX: torch.Tensor,
-        outputs: tuple[torch.Tensor, ...],
-        references: tuple[torch.Tensor, ...],
-        rows: ExpertRows,
-        scales: tuple[torch.Tensor, ...],
-        a_norms_S: torch.Tensor | None = None,
-        paddings: tuple[torch.Tensor, ...] | None = None,
-    ) -> None:
-        """The GEMMs ``names`` (outputs ``C = A W^T``) all read ``a_SX``; ``references`` are
-        the checksum columns their encoded weights produced, ``paddings`` the padding columns
-        (exactly zero unless a padding row is corrupted), ``scales`` the experts' error scales,
-        ``a_norms_S`` the rows' L2 norms if the caller has them."""
+    def on_expert_gemm(self, gemms: ExpertGemms) -> None:
+        """Expert GEMMs that share their input (:class:`ExpertGemms`)."""
 
     def on_expert_ffn(
         self,
@@ -322,14 +326,16 @@ def swiglu_ffn(
     for m in monitors:
         for name, a_SX, c_SY, a_norms_S in gemms:
             m.on_expert_gemm(
-                (name,),
-                a_SX.detach(),
-                (c_SY.detach(),),
-                (refs[name],),
-                rows,
-                (scales[name],),
-                a_norms_S=a_norms_S,
-                paddings=(pads[name],),
+                ExpertGemms(
+                    (name,),
+                    a_SX.detach(),
+                    (c_SY.detach(),),
+                    (refs[name],),
+                    rows,
+                    (scales[name],),
+                    a_norms_S=a_norms_S,
+                    paddings=(pads[name],),
+                )
             )
     stages["down"] = y
     return stages

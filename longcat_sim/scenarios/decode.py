@@ -15,30 +15,10 @@ from longcat_sim.cluster.hardware import Hardware, get_hardware
 from longcat_sim.cluster.schedules import DECODE_SCHEDULES
 from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
 from longcat_sim.cluster.streams import EventRecord
+from longcat_sim.cluster.workload import DecodeWorkload
+from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ModelConfig
-
-MTP_ACCEPT = 0.9  # LongCat-Flash MTP acceptance, ~90 % on test sets (paper sec. 6.1.2)
-
-
-TABLE7_MTP_ACCEPT = 0.8  # Table 7's assumption (paper sec. 6.3.2)
-
-
-DECODE_DEFAULTS: dict[str, Any] = {
-    "model": "longcat-flash",
-    "hardware": "H800",
-    "gpus": 128,
-    "batch_per_device": 96,
-    "context": 5000.0,
-    "attention_dtype": "bf16",
-    "mtp_draft_tokens": 1,
-    "schedule": "sbo",
-    "redundant_experts": 0,
-    "assumptions": "default",
-    "attention_tp": 1,
-    "ffn_tp": 1,
-    "seed": 0,
-}
+from longcat_sim.model.config import ModelConfig, load_model_config
 
 
 @dataclass(frozen=True)
@@ -71,17 +51,21 @@ class DecodeSetup:
         return out
 
 
-def check_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(
-            f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}"
-        )
-
-
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """A name resolved against an engine's catalogue (schedules, pipelines)."""
     if value not in choices:
         raise UserError(
             f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}"
+        )
+
+
+def check_expert_split(cfg: ModelConfig, ep: int, redundant_experts: int) -> None:
+    """EP groups hold whole experts: (FFN experts + replicas) % EP == 0."""
+    if cfg.n_routed_experts and (cfg.n_routed_experts + redundant_experts) % ep:
+        raise UserError(
+            f"--ep {ep} does not divide {cfg.name}'s {cfg.n_routed_experts} experts + "
+            f"{redundant_experts} redundant; choose --redundant-experts R with "
+            f"(experts + R) % EP == 0 (e.g. R = {(-cfg.n_routed_experts) % ep})"
         )
 
 
@@ -123,74 +107,56 @@ def resolve_hardware(name: str, rdma_gb_s: float | None) -> Hardware:
     return hw
 
 
+def resolve_decode(dep: DecodeDeployment, assume: Sequence[str] = ()) -> DecodeSetup:
+    """A decode deployment with its names resolved (``assume``: TERM=VALUE overrides)."""
+    return decode_setup(
+        dep,
+        load_model_config(dep.model),
+        resolve_hardware(dep.hardware, dep.rdma_gb_s),
+        resolve_assumptions(dep.assumptions, assume),
+    )
+
+
 def decode_setup(
-    *,
-    cfg: ModelConfig,
-    hw: Hardware,
-    assumptions: Assumptions,
-    gpus: int,
-    ep: int | None,
-    batch_per_device: int,
-    context: float,
-    attention_dtype: str,
-    mtp_draft_tokens: int,
-    mtp_accept: float | None,
-    schedule: str,
-    redundant_experts: int,
-    attention_tp: int,
-    ffn_tp: int,
-    seed: int,
+    dep: DecodeDeployment, cfg: ModelConfig, hw: Hardware, assumptions: Assumptions
 ) -> DecodeSetup:
-    """Check a decode deployment's command-line values and resolve the defaults that depend on
-    others (EP = all GPUs, MTP acceptance by assumption set)."""
-    check_int("gpus", gpus)
-    ep = gpus if ep is None else ep
-    check_int("ep", ep)
+    """Check what ties a deployment's values together and resolve the defaults that depend on
+    others (EP = all GPUs, MTP acceptance from the assumption set); each value was checked by
+    its field."""
+    gpus = dep.gpus
+    ep = gpus if dep.ep is None else dep.ep
     if gpus % ep:
         raise UserError(f"--gpus {gpus} is not a multiple of --ep {ep}; GPUs form whole EP groups")
-    check_int("batch_per_device", batch_per_device)
-    check_int("mtp_draft_tokens", mtp_draft_tokens, 0)
-    check_int("redundant_experts", redundant_experts, 0)
-    check_int("attention_tp", attention_tp)
-    check_int("ffn_tp", ffn_tp)
-    check_int("seed", seed, 0)
-    check_choice("schedule", schedule, DECODE_SCHEDULES)
-    check_choice("attention dtype", attention_dtype, ("bf16", "fp8"))
-    if not (isinstance(context, int | float) and np.isfinite(context) and context >= 1):
-        raise UserError(f"--context must be a number of cached tokens >= 1, got {context!r}")
-    if mtp_accept is None:
-        table7 = assumptions.name.split("+")[0] == "table7"
-        mtp_accept = TABLE7_MTP_ACCEPT if table7 else MTP_ACCEPT
-    if not 0.0 <= mtp_accept <= 1.0:
-        raise UserError(f"--mtp-accept must lie in [0, 1], got {mtp_accept}")
-    if cfg.n_routed_experts and (cfg.n_routed_experts + redundant_experts) % ep:
-        raise UserError(
-            f"--ep {ep} does not divide {cfg.name}'s {cfg.n_routed_experts} experts + "
-            f"{redundant_experts} redundant; choose --redundant-experts R with "
-            f"(experts + R) % EP == 0 (e.g. R = {(-cfg.n_routed_experts) % ep})"
-        )
+    check_choice("schedule", dep.schedule, DECODE_SCHEDULES)
+    check_expert_split(cfg, ep, dep.redundant_experts)
+    accept = assumptions.mtp_accept if dep.mtp_accept is None else dep.mtp_accept
     return DecodeSetup(
         cfg=cfg,
         hw=hw,
         assumptions=assumptions,
         gpus=gpus,
         ep=ep,
-        batch_per_device=batch_per_device,
-        context=float(context),
-        attention_dtype=attention_dtype,
-        mtp_draft_tokens=mtp_draft_tokens,
-        mtp_accept=float(mtp_accept),
-        schedule=schedule,
-        redundant_experts=redundant_experts,
-        attention_tp=attention_tp,
-        ffn_tp=ffn_tp,
-        seed=seed,
+        batch_per_device=dep.batch_per_device,
+        context=float(dep.context),
+        attention_dtype=dep.attention_dtype,
+        mtp_draft_tokens=dep.mtp_draft_tokens,
+        mtp_accept=float(accept),
+        schedule=dep.schedule,
+        redundant_experts=dep.redundant_experts,
+        attention_tp=dep.attention_tp,
+        ffn_tp=dep.ffn_tp,
+        seed=dep.seed,
     )
 
 
-def run_decode(setup: DecodeSetup) -> tuple[DecodeResult, float]:
-    """Price and simulate one decode step; also return the schedule's closed-form step (s)."""
-    workload = bridge.decode_workload(
+def decode_workload(
+    setup: DecodeSetup, micro_batches: tuple[int, ...] | None = None
+) -> DecodeWorkload:
+    """The priced decode step of a deployment (``micro_batches``: default by schedule, 2 for
+    TBO, else 1)."""
+    if micro_batches is None:
+        micro_batches = (2,) if setup.schedule == "tbo" else (1,)
+    return bridge.decode_workload(
         setup.cfg,
         hardware=setup.hw,
         assumptions=setup.assumptions,
@@ -204,8 +170,13 @@ def run_decode(setup: DecodeSetup) -> tuple[DecodeResult, float]:
         rng=np.random.default_rng(setup.seed),
         attention_tp=setup.attention_tp,
         ffn_tp=setup.ffn_tp,
-        micro_batches=(2,) if setup.schedule == "tbo" else (1,),
+        micro_batches=micro_batches,
     )
+
+
+def run_decode(setup: DecodeSetup) -> tuple[DecodeResult, float]:
+    """Price and simulate one decode step; also return the schedule's closed-form step (s)."""
+    workload = decode_workload(setup)
     result = simulate_decode(workload, setup.schedule)
     return result, closedform.step_time(workload, setup.schedule)
 

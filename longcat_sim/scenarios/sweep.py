@@ -6,13 +6,15 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import fields
 from typing import Any
 
 from tqdm import tqdm
 
 from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, load_model_config
 from longcat_sim.scenarios.decode import (
@@ -24,42 +26,40 @@ from longcat_sim.scenarios.decode import (
     run_decode,
 )
 
+# where a sweep's default grid differs from the one-point deployment default
+SWEEP_GRID: dict[str, tuple[Any, ...]] = {
+    "schedule": ("sbo", "tbo"),
+    "batch_per_device": (8, 16, 32, 48, 64, 96, 128),
+}
 
-def grid_setups(axes: dict[str, list[Any]], settings: dict[str, Any]) -> list[DecodeSetup]:
-    """Every grid point, checked before any simulation runs, in grid order."""
-    assumptions = resolve_assumptions(settings["assumptions"], settings["assume"])
-    models = {name: load_model_config(name) for name in axes["models"]}
-    hardware = {name: resolve_hardware(name, settings["rdma_gb_s"]) for name in axes["hardware"]}
-    setups = []
-    for model, hw, ep, schedule, dtype, context, batch in itertools.product(
-        axes["models"],
-        axes["hardware"],
-        axes["ep"],
-        axes["schedules"],
-        axes["attention_dtypes"],
-        axes["contexts"],
-        axes["batch_per_device"],
-    ):
-        setups.append(
-            decode_setup(
-                cfg=models[model],
-                hw=hardware[hw],
-                assumptions=assumptions,
-                gpus=settings["gpus"],
-                ep=ep,
-                batch_per_device=batch,
-                context=context,
-                attention_dtype=dtype,
-                mtp_draft_tokens=settings["mtp_draft_tokens"],
-                mtp_accept=settings["mtp_accept"],
-                schedule=schedule,
-                redundant_experts=settings["redundant_experts"],
-                attention_tp=settings["attention_tp"],
-                ffn_tp=settings["ffn_tp"],
-                seed=settings["seed"],
-            )
-        )
-    return setups
+
+def grid_setups(grid: Mapping[str, Sequence[Any]], assume: Sequence[str] = ()) -> list[DecodeSetup]:
+    """Every point of the product of ``grid``'s value lists (keys: ``DecodeDeployment``
+    fields, varied in field order except ``batch_per_device``, which varies fastest so that each
+    run of consecutive points is one deployment's batch curve; a field not in ``grid`` keeps its
+    default), checked before any simulation runs, in grid order."""
+    order = [f.name for f in fields(DecodeDeployment) if f.name != "batch_per_device"]
+    order.append("batch_per_device")
+    unknown = sorted(set(grid) - set(order))
+    if unknown:
+        raise UserError(f"unknown grid key {unknown[0]!r}; valid keys: {', '.join(order)}")
+    names = [n for n in order if n in grid]
+    empty = [n for n in names if not list(grid[n])]
+    if empty:
+        raise UserError(f"grid key {empty[0]!r} needs at least one value")
+    deployments = [
+        DecodeDeployment(**dict(zip(names, values, strict=True)))
+        for values in itertools.product(*(grid[n] for n in names))
+    ]
+    models = {d.model: load_model_config(d.model) for d in deployments}
+    hardware = {
+        (d.hardware, d.rdma_gb_s): resolve_hardware(d.hardware, d.rdma_gb_s) for d in deployments
+    }
+    sets = {d.assumptions: resolve_assumptions(d.assumptions, assume) for d in deployments}
+    return [
+        decode_setup(d, models[d.model], hardware[d.hardware, d.rdma_gb_s], sets[d.assumptions])
+        for d in deployments
+    ]
 
 
 def point_record(setup: DecodeSetup) -> dict[str, Any]:

@@ -15,6 +15,7 @@ torch ops for either backend.
 from __future__ import annotations
 
 import torch
+
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
 

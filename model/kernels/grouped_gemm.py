@@ -10,6 +10,7 @@ float32, one GEMM per expert, deterministic) from the saved pre-activations.
 from __future__ import annotations
 
 import torch
+
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
 
@@ -62,12 +63,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_SD):  # type: ignore[override]
-        x_SD, gate_NID, up_NID, down_NDI, pre_gate, pre_up = ctx.saved_tensors
-        grads = torch_ref.grouped_swiglu_backward_ref(
-            grad_y_SD, x_SD, gate_NID, up_NID, down_NDI, pre_gate, pre_up, ctx.counts
-        )
-        inputs = (x_SD, gate_NID, up_NID, down_NDI)
-        return (*(g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)), None, None)
+        saved = ctx.saved_tensors  # x, gate, up, down, then the two pre-activations
+        grads = torch_ref.grouped_swiglu_backward_ref(grad_y_SD, *saved, ctx.counts)
+        return (*(g.to(t.dtype) for g, t in zip(grads, saved[:4], strict=True)), None, None)
 
 
 def grouped_swiglu(

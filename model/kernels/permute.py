@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
 
@@ -33,14 +34,6 @@ class Permutation:
     @property
     def num_rows(self) -> int:
         return self.slot_S.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.row_of_slot_TK.shape[0]
-
-    @property
-    def topk(self) -> int:
-        return self.row_of_slot_TK.shape[1]
 
 
 def _check_routing(topk_idx_TK: torch.Tensor, n_routed: int) -> None:
@@ -103,7 +96,7 @@ class _UnpermuteRows(torch.autograd.Function):
     def forward(ctx, y_SD, perm: Permutation, backend: Backend):  # type: ignore[override]
         ctx.perm = perm
         rows = _gather_rows(y_SD, perm.row_of_slot_TK.reshape(-1), backend)
-        return rows.view(perm.num_tokens, perm.topk, y_SD.shape[1])
+        return rows.view(*perm.row_of_slot_TK.shape, y_SD.shape[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+
 from longcat_sim.model.config import ModelConfig
 
 

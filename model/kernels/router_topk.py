@@ -14,29 +14,38 @@ logits through ``scores_TE`` and ``topk_gate_TK`` (backward in torch ops for eit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.backend import Backend, check_backend, require_triton
-from longcat_sim.model.router import RouterOutput, TopkRouter
+
+if TYPE_CHECKING:
+    from longcat_sim.model.router import TopkRouter
+
+
+@dataclass
+class RouterOutput:
+    """Routing of T tokens to K of the N + Z experts; indices >= N are zero experts."""
+
+    topk_idx_TK: torch.Tensor
+    topk_gate_TK: torch.Tensor
+    scores_TE: torch.Tensor
+    counts_E: torch.Tensor
 
 
 class _TritonRouterTopk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, bias_E, topk, n_routed, scaling, scale_zero):  # type: ignore[override]
+    def forward(ctx, logits_TE, bias_E, opts: torch_ref.TopkOptions):  # type: ignore[override]
         from longcat_sim.model.kernels import triton_router_topk
 
-        idx, gate, scores, counts = triton_router_topk.router_topk(
-            logits_TE,
-            bias_E,
-            topk=topk,
-            n_routed=n_routed,
-            routed_scaling_factor=scaling,
-            scale_zero_expert_gates=scale_zero,
-        )
-        factor_TK = torch.full_like(gate, scaling)
-        if not scale_zero:
-            factor_TK = torch.where(idx >= n_routed, 1.0, factor_TK)
+        idx, gate, scores, counts = triton_router_topk.router_topk(logits_TE, bias_E, opts)
+        factor_TK = torch.full_like(gate, opts.routed_scaling_factor)
+        if not opts.scale_zero_expert_gates:
+            factor_TK = torch.where(idx >= opts.n_routed, 1.0, factor_TK)
         ctx.save_for_backward(scores, idx, factor_TK)
         ctx.mark_non_differentiable(idx, counts)
         return idx, gate, scores, counts
@@ -49,7 +58,7 @@ class _TritonRouterTopk(torch.autograd.Function):
         if grad_gate_TK is not None:  # picks within a token are distinct: no index repeats
             grad_s = grad_s + torch.zeros_like(scores).scatter(1, idx, grad_gate_TK * factor_TK)
         dot_T = (grad_s * scores).sum(dim=-1, keepdim=True)
-        return scores * (grad_s - dot_T), None, None, None, None, None
+        return scores * (grad_s - dot_T), None, None
 
 
 def router_topk(
@@ -75,19 +84,14 @@ def router_topk(
             f"need 1 <= topk <= {num_experts} experts and 1 <= n_routed <= {num_experts}, "
             f"got topk={topk}, n_routed={n_routed}"
         )
-    args = (topk, n_routed, float(routed_scaling_factor), bool(scale_zero_expert_gates))
+    opts = torch_ref.TopkOptions(
+        topk, n_routed, float(routed_scaling_factor), bool(scale_zero_expert_gates)
+    )
     if backend == "triton":
         require_triton(logits_TE, bias_E)
-        idx, gate, scores, counts = _TritonRouterTopk.apply(logits_TE.float(), bias_E, *args)
+        idx, gate, scores, counts = _TritonRouterTopk.apply(logits_TE.float(), bias_E, opts)
     else:
-        idx, gate, scores, counts = torch_ref.router_topk_ref(
-            logits_TE,
-            bias_E,
-            topk=topk,
-            n_routed=n_routed,
-            routed_scaling_factor=routed_scaling_factor,
-            scale_zero_expert_gates=scale_zero_expert_gates,
-        )
+        idx, gate, scores, counts = torch_ref.router_topk_ref(logits_TE, bias_E, opts)
     return RouterOutput(topk_idx_TK=idx, topk_gate_TK=gate, scores_TE=scores, counts_E=counts)
 
 

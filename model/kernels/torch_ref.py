@@ -8,6 +8,8 @@ permuted [S, ...] layout, or -1 for slots routed to zero (identity) experts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -173,14 +175,20 @@ def combine_ref(
 # --- router -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TopkOptions:
+    """How a router picks and weighs experts: ``topk`` picks per token among experts whose ids
+    below ``n_routed`` are FFN experts (the rest zero experts); gates scaled by
+    ``routed_scaling_factor`` (zero-expert gates only if ``scale_zero_expert_gates``)."""
+
+    topk: int
+    n_routed: int
+    routed_scaling_factor: float
+    scale_zero_expert_gates: bool
+
+
 def router_topk_ref(
-    logits_TE: torch.Tensor,
-    bias_E: torch.Tensor,
-    *,
-    topk: int,
-    n_routed: int,
-    routed_scaling_factor: float,
-    scale_zero_expert_gates: bool,
+    logits_TE: torch.Tensor, bias_E: torch.Tensor, opts: TopkOptions
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(topk_idx_TK, topk_gate_TK, scores_TE, counts_E)`` exactly as ``TopkRouter`` computes them.
 
@@ -189,10 +197,29 @@ def router_topk_ref(
     """
     scores_TE = logits_TE.float().softmax(dim=-1)
     with torch.no_grad():
-        topk_idx_TK = torch.topk(scores_TE + bias_E, topk, dim=-1, sorted=True).indices
+        topk_idx_TK = torch.topk(scores_TE + bias_E, opts.topk, dim=-1, sorted=True).indices
+    gate_TK, counts_E = gates_of_picks(
+        scores_TE,
+        topk_idx_TK,
+        opts.n_routed,
+        opts.routed_scaling_factor,
+        opts.scale_zero_expert_gates,
+    )
+    return topk_idx_TK, gate_TK, scores_TE, counts_E
+
+
+def gates_of_picks(
+    scores_TE: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    n_routed: int,
+    routed_scaling_factor: float,
+    scale_zero_expert_gates: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(topk_gate_TK, counts_E)``: the picked unbiased scores times the scaling factor (zero
+    experts unscaled unless ``scale_zero_expert_gates``) and the picks per expert."""
     probs_TK = scores_TE.gather(1, topk_idx_TK)
     topk_gate_TK = probs_TK * routed_scaling_factor
     if not scale_zero_expert_gates:
         topk_gate_TK = torch.where(topk_idx_TK >= n_routed, probs_TK, topk_gate_TK)
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=logits_TE.shape[1])
-    return topk_idx_TK, topk_gate_TK, scores_TE, counts_E
+    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=scores_TE.shape[1])
+    return topk_gate_TK, counts_E

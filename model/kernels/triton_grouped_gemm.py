@@ -3,11 +3,11 @@
 Rows arrive sorted by expert. The host cuts every non-empty group into row tiles of
 ``block_m`` rows that never straddle two experts; each program owns one (row tile, column
 tile) pair, so empty experts cost nothing and no program reads another expert's rows. Two
-kernels run back to back: ``gate_up`` writes ``silu(x Wg^T) * (x Wu^T)`` (and the two
-pre-activations for the backward pass), ``down`` multiplies by ``Wd^T``. Both accumulate in
-float32. On CPU (Triton's interpreter) operands are upcast to float32 before ``tl.dot``; on
-CUDA, fp16/bf16 operands go to ``tl.dot`` as they are with a float32 accumulator, and float32
-operands use IEEE (not TF32) precision.
+launches of one kernel run back to back: the ``SWIGLU`` one writes ``silu(x Wg^T) * (x Wu^T)``
+(and the two pre-activations for the backward pass), the plain one multiplies by ``Wd^T``.
+Both accumulate in float32. On CPU (Triton's interpreter) operands are upcast to float32
+before ``tl.dot``; on CUDA, fp16/bf16 operands go to ``tl.dot`` as they are with a float32
+accumulator, and float32 operands use IEEE (not TF32) precision.
 """
 
 from __future__ import annotations
@@ -39,88 +39,68 @@ def default_config(device: torch.device) -> GemmConfig:
 
 
 @triton.jit
-def _gate_up_kernel(
-    x_ptr, gate_ptr, up_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr,
-    hidden_ptr, pre_gate_ptr, pre_up_ptr,
-    width, inter,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+def _tile_rows_cols(
+    tile_expert_ptr, tile_row_ptr, tile_end_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """This program's expert, its row tile (with the in-expert mask) and its column tile."""
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
     rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_rows = rows < row_end
-    in_cols = cols < inter
-    w_offset = expert * inter * width
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        in_k = ks < width
-        x = tl.load(
-            x_ptr + rows[:, None] * width + ks[None, :],
-            mask=in_rows[:, None] & in_k[None, :],
-            other=0.0,
-        )
-        w_kn = w_offset + cols[None, :] * width + ks[:, None]
-        w_mask = in_k[:, None] & in_cols[None, :]
-        wg = tl.load(gate_ptr + w_kn, mask=w_mask, other=0.0)
-        wu = tl.load(up_ptr + w_kn, mask=w_mask, other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            wg = wg.to(tl.float32)
-            wu = wu.to(tl.float32)
-        acc_gate = tl.dot(x, wg, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(x, wu, acc_up, input_precision=DOT_PRECISION)
-    hidden = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    out_offsets = rows[:, None] * inter + cols[None, :]
-    out_mask = in_rows[:, None] & in_cols[None, :]
-    out_ty = hidden_ptr.dtype.element_ty
-    tl.store(hidden_ptr + out_offsets, hidden.to(out_ty), mask=out_mask)
-    tl.store(pre_gate_ptr + out_offsets, acc_gate.to(out_ty), mask=out_mask)
-    tl.store(pre_up_ptr + out_offsets, acc_up.to(out_ty), mask=out_mask)
+    return expert, rows, rows < tl.load(tile_end_ptr + tile), cols
 
 
 @triton.jit
-def _down_kernel(
-    hidden_ptr, down_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr, y_ptr,
-    width, inter,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _row_tile(a_ptr, rows, in_rows, ks, depth, UPCAST: tl.constexpr):
+    """``a[rows, ks]`` of a row-major [*, depth] matrix (zero outside)."""
+    mask = in_rows[:, None] & (ks < depth)[None, :]
+    a = tl.load(a_ptr + rows[:, None] * depth + ks[None, :], mask=mask, other=0.0)
+    return a.to(tl.float32) if UPCAST else a
+
+
+@triton.jit
+def _weight_tile(w_ptr, cols, in_cols, ks, depth, UPCAST: tl.constexpr):
+    """``w[cols, ks]^T`` of a row-major [*, depth] weight (zero outside)."""
+    mask = (ks < depth)[:, None] & in_cols[None, :]
+    w = tl.load(w_ptr + cols[None, :] * depth + ks[:, None], mask=mask, other=0.0)
+    return w.to(tl.float32) if UPCAST else w
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr, w_ptr, w2_ptr, tile_expert_ptr, tile_row_ptr, tile_end_ptr,
+    out_ptr, pre_gate_ptr, pre_up_ptr,
+    depth, n_cols,
+    SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_rows = rows < row_end
-    in_cols = cols < width
-    w_offset = expert * width * inter
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        in_k = ks < inter
-        h = tl.load(
-            hidden_ptr + rows[:, None] * inter + ks[None, :],
-            mask=in_rows[:, None] & in_k[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            down_ptr + w_offset + cols[None, :] * inter + ks[:, None],
-            mask=in_k[:, None] & in_cols[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    tl.store(
-        y_ptr + rows[:, None] * width + cols[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=in_rows[:, None] & in_cols[None, :],
+    """One (row tile, column tile) of ``a W[expert]^T``: ``a`` [rows, depth], ``W`` [N, n_cols,
+    depth]. ``SWIGLU``: ``W`` is the gate and ``w2`` the up weight; ``out`` gets
+    ``silu(a Wg^T) * (a Wu^T)``, ``pre_gate``/``pre_up`` the two products. Otherwise ``out``
+    gets the product (``w2``, ``pre_gate``, ``pre_up`` unused)."""
+    expert, rows, in_rows, cols = _tile_rows_cols(
+        tile_expert_ptr, tile_row_ptr, tile_end_ptr, BLOCK_M, BLOCK_N
     )
+    in_cols = cols < n_cols
+    w_offset = expert * n_cols * depth
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, depth, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = _row_tile(a_ptr, rows, in_rows, ks, depth, UPCAST)
+        w = _weight_tile(w_ptr + w_offset, cols, in_cols, ks, depth, UPCAST)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            wu = _weight_tile(w2_ptr + w_offset, cols, in_cols, ks, depth, UPCAST)
+            acc_up = tl.dot(a, wu, acc_up, input_precision=DOT_PRECISION)
+    out_offsets = rows[:, None] * n_cols + cols[None, :]
+    out_mask = in_rows[:, None] & in_cols[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    if SWIGLU:
+        tl.store(pre_gate_ptr + out_offsets, acc.to(out_ty), mask=out_mask)
+        tl.store(pre_up_ptr + out_offsets, acc_up.to(out_ty), mask=out_mask)
+        acc = acc * tl.sigmoid(acc) * acc_up
+    tl.store(out_ptr + out_offsets, acc.to(out_ty), mask=out_mask)
 
 
 def row_tiles(
@@ -177,11 +157,11 @@ def grouped_swiglu_forward(
         num_stages=cfg.num_stages,
         enable_fp_fusion=True,
     )
-    _gate_up_kernel[(num_tiles, triton.cdiv(inter, cfg.block_n))](
-        x, gate, up, tile_expert, tile_row, tile_end, hidden, pre_gate, pre_up,
-        width, inter, **launch,
-    )  # fmt: skip
-    _down_kernel[(num_tiles, triton.cdiv(width, cfg.block_n))](
-        hidden, down, tile_expert, tile_row, tile_end, y, width, inter, **launch
+    tiles = (tile_expert, tile_row, tile_end)
+    _expert_gemm_kernel[(num_tiles, triton.cdiv(inter, cfg.block_n))](
+        x, gate, up, *tiles, hidden, pre_gate, pre_up, width, inter, SWIGLU=True, **launch
+    )
+    _expert_gemm_kernel[(num_tiles, triton.cdiv(width, cfg.block_n))](  # w2, pre_* unused
+        hidden, down, down, *tiles, y, y, y, inter, width, SWIGLU=False, **launch
     )
     return y, pre_gate, pre_up

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longcat_sim.model.kernels.torch_ref import TopkOptions
+
 TILE = 4096  # elements per program
 
 
@@ -51,13 +53,7 @@ def _router_topk_kernel(
 
 
 def router_topk(
-    logits_TE: torch.Tensor,
-    bias_E: torch.Tensor,
-    *,
-    topk: int,
-    n_routed: int,
-    routed_scaling_factor: float,
-    scale_zero_expert_gates: bool,
+    logits_TE: torch.Tensor, bias_E: torch.Tensor, opts: TopkOptions
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(topk_idx_TK, topk_gate_TK, scores_TE, counts_E)`` for float32 ``logits_TE``."""
     logits = logits_TE.float().contiguous()
@@ -65,16 +61,17 @@ def router_topk(
     num_tokens, num_experts = logits.shape
     device = logits.device
     scores = torch.empty_like(logits)
-    idx = torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
-    gate = torch.empty(num_tokens, topk, dtype=torch.float32, device=device)
+    idx = torch.empty(num_tokens, opts.topk, dtype=torch.int64, device=device)
+    gate = torch.empty(num_tokens, opts.topk, dtype=torch.float32, device=device)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     if num_tokens:
         block_e = triton.next_power_of_2(num_experts)
         block_t = min(max(1, TILE // block_e), triton.next_power_of_2(num_tokens))
         _router_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
             logits, bias, scores, idx, gate, counts,
-            num_tokens, num_experts, n_routed, float(routed_scaling_factor),
-            TOPK=topk, BLOCK_T=block_t, BLOCK_E=block_e, SCALE_ZERO=bool(scale_zero_expert_gates),
+            num_tokens, num_experts, opts.n_routed, float(opts.routed_scaling_factor),
+            TOPK=opts.topk, BLOCK_T=block_t, BLOCK_E=block_e,
+            SCALE_ZERO=bool(opts.scale_zero_expert_gates),
             num_warps=4 if block_e <= 1024 else 8, enable_fp_fusion=False,
         )  # fmt: skip
     return idx, gate, scores, counts.long()

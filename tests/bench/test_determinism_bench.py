@@ -35,7 +35,7 @@ from longcat_sim.repro.moe_step import (
     stable_topk,
     swiglu_ffn,
 )
-from longcat_sim.train import training
+from longcat_sim.train.config import default_train_config
 
 ROUNDS = 15
 GEMM_REPEATS = 5
@@ -77,85 +77,82 @@ def plain_expert_ffn(x_SD, plain, rows) -> None:
         torch.mm(hidden[s:t], plain["down"][e].t(), out=y[s:t])
 
 
+def abft_workloads() -> dict[str, Callable[[], None]]:
+    """The small MoE's expert GEMMs on plain weights (``gemms``), the same GEMMs on checksum-
+    encoded weights with every check (``abft``) and the re-encoding of the weights
+    (``encode``), each repeated ``GEMM_REPEATS`` times."""
+    rows, x_SD, gates, state, slot_S, is_zero_S = moe_operands()
+    encoded = {name: state.params[name] for name in EXPERT_WEIGHTS}
+    plain = {name: plain_weight(w).contiguous() for name, w in encoded.items()}
+    tokens, k = gates.shape
+    with torch.no_grad():  # the combine's operands, as the MoE step builds them
+        y_SD = swiglu_ffn(x_SD, encoded, rows)["down"]
+        x_TD = state.x_TD
+        y_slots = x_TD.new_zeros(tokens * k, x_TD.shape[1]).index_copy(0, slot_S, y_SD)
+        x_slots = x_TD.repeat_interleave(k, dim=0)
+        y_TKD = torch.where(is_zero_S.unsqueeze(-1), x_slots, y_slots).view(tokens, k, -1)
+        out_TD = gates[:, 0:1] * y_TKD[:, 0]
+        for slot in range(1, k):
+            out_TD = out_TD + gates[:, slot : slot + 1] * y_TKD[:, slot]
+    scratch = {name: w.clone() for name, w in encoded.items()}
+
+    def gemms() -> None:
+        for _ in range(GEMM_REPEATS):
+            plain_expert_ffn(x_SD, plain, rows)
+
+    def abft() -> None:
+        for _ in range(GEMM_REPEATS):
+            monitor = AbftMonitor()
+            norms = torch.linalg.vector_norm(x_TD, dim=1)[slot_S // k]
+            swiglu_ffn(x_SD, encoded, rows, None, (monitor,), state.scales, norms)
+            monitor.on_combine(out_TD, gates, y_TKD, (slot_S, x_TD))
+            assert monitor.alarms == 0
+
+    def encode() -> None:
+        for _ in range(GEMM_REPEATS):
+            for name in EXPERT_WEIGHTS:
+                reencode_(scratch[name])
+
+    return {"gemms": gemms, "abft": abft, "encode": encode}
+
+
 @pytest.mark.slow
-def test_overhead_of_deterministic_mode_and_of_abft(
-    benchmark, tmp_path_factory, small_training
-) -> None:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        small, tc, data = small_training
-        trainers = {
-            "default": training.Trainer(small, tc, tmp_path_factory.mktemp("d"), data=data),
-            "deterministic": training.Trainer(
-                small, tc.replace(deterministic=True), tmp_path_factory.mktemp("x"), data=data
-            ),
-        }
+@pytest.mark.usefixtures("one_thread")
+def test_overhead_of_deterministic_mode_and_of_abft(benchmark, small_trainers) -> None:
+    # the batch as one slice, so that the ratio prices the kernels, not the slicing (with one
+    # sequence per slice, deterministic mode also pads each slice's expert rows to whole tiles)
+    whole = {"slice_size": default_train_config(get_preset("small")).batch_size}
+    trainers = small_trainers(
+        default=({}, whole), deterministic=({}, {**whole, "deterministic": True})
+    )
 
-        def step(name: str) -> None:
-            if name == "deterministic":
-                with DeterministicMode():
-                    trainers[name].train_step()
-            else:
+    def step(name: str) -> None:
+        if name == "deterministic":
+            with DeterministicMode():
                 trainers[name].train_step()
+        else:
+            trainers[name].train_step()
 
-        for name in trainers:  # warm-up (allocator, first-touch pages)
-            step(name)
+    for name in trainers:  # warm-up (allocator, first-touch pages)
+        step(name)
+    work = abft_workloads()
+    ratios: dict[str, list[float]] = {"deterministic": [], "abft": [], "abft_encode": []}
+    rounds = iter(range(10**6))
 
-        rows, x_SD, gates, state, slot_S, is_zero_S = moe_operands()
-        encoded = {name: state.params[name] for name in EXPERT_WEIGHTS}
-        plain = {name: plain_weight(w).contiguous() for name, w in encoded.items()}
-        tokens, k = gates.shape
-        with torch.no_grad():  # the combine's operands, as the MoE step builds them
-            y_SD = swiglu_ffn(x_SD, encoded, rows)["down"]
-            x_TD = state.x_TD
-            y_slots = x_TD.new_zeros(tokens * k, x_TD.shape[1]).index_copy(0, slot_S, y_SD)
-            x_slots = x_TD.repeat_interleave(k, dim=0)
-            y_TKD = torch.where(is_zero_S.unsqueeze(-1), x_slots, y_slots).view(tokens, k, -1)
-            out_TD = gates[:, 0:1] * y_TKD[:, 0]
-            for slot in range(1, k):
-                out_TD = out_TD + gates[:, slot : slot + 1] * y_TKD[:, slot]
+    def one_round() -> None:
+        flip = next(rounds) % 2
+        order = ("default", "deterministic")[:: -1 if flip else 1]
+        seconds = {name: cpu_seconds(lambda n=name: step(n)) for name in order}
+        ratios["deterministic"].append(seconds["deterministic"] / seconds["default"] - 1)
+        with torch.no_grad():
+            if flip:
+                t_abft, t_gemm = cpu_seconds(work["abft"]), cpu_seconds(work["gemms"])
+            else:
+                t_gemm, t_abft = cpu_seconds(work["gemms"]), cpu_seconds(work["abft"])
+        ratios["abft"].append(t_abft / t_gemm - 1)
+        ratios["abft_encode"].append(cpu_seconds(work["encode"]) / t_gemm)
 
-        def gemms() -> None:
-            for _ in range(GEMM_REPEATS):
-                plain_expert_ffn(x_SD, plain, rows)
-
-        def gemms_with_abft() -> None:
-            """The same GEMMs on checksum-encoded weights (8 more output columns) with every
-            check."""
-            for _ in range(GEMM_REPEATS):
-                monitor = AbftMonitor()
-                norms = torch.linalg.vector_norm(x_TD, dim=1)[slot_S // k]
-                swiglu_ffn(x_SD, encoded, rows, None, (monitor,), state.scales, norms)
-                monitor.on_combine(out_TD, gates, y_TKD, (slot_S, x_TD))
-                assert monitor.alarms == 0
-
-        scratch = {name: w.clone() for name, w in encoded.items()}
-
-        def encode() -> None:
-            for _ in range(GEMM_REPEATS):
-                for name in EXPERT_WEIGHTS:
-                    reencode_(scratch[name])
-
-        ratios: dict[str, list[float]] = {"deterministic": [], "abft": [], "abft_encode": []}
-        rounds = iter(range(10**6))
-
-        def one_round() -> None:
-            flip = next(rounds) % 2
-            order = ("default", "deterministic")[:: -1 if flip else 1]
-            seconds = {name: cpu_seconds(lambda n=name: step(n)) for name in order}
-            ratios["deterministic"].append(seconds["deterministic"] / seconds["default"] - 1)
-            with torch.no_grad():
-                if flip:
-                    t_abft, t_gemm = cpu_seconds(gemms_with_abft), cpu_seconds(gemms)
-                else:
-                    t_gemm, t_abft = cpu_seconds(gemms), cpu_seconds(gemms_with_abft)
-            ratios["abft"].append(t_abft / t_gemm - 1)
-            ratios["abft_encode"].append(cpu_seconds(encode) / t_gemm)
-
-        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    finally:
-        torch.set_num_threads(previous)
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
 
     medians = {name: statistics.median(values) for name, values in ratios.items()}
     benchmark.extra_info.update({f"{k}_overhead": v for k, v in medians.items()})

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.combine import combine
@@ -22,7 +23,6 @@ from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
 from longcat_sim.model.kernels.permute import permute
 from longcat_sim.model.kernels.router_topk import router_topk
 from longcat_sim.model.moe import MoE
-
 from tests.kernels import BACKENDS, moe_with_kernels
 
 ON_CUDA = torch.cuda.is_available()
@@ -150,7 +150,7 @@ def test_bench_moe_forward(benchmark: Any, backend: str) -> None:
     cfg = get_preset("tiny").replace(
         hidden_size=s.hidden, expert_ffn_hidden_size=s.inter, n_routed_experts=s.n_routed,
         zero_expert_num=s.n_zero, moe_topk=s.topk,
-        expected_ffn_experts=float(min(s.topk, s.n_routed)) * 2 / 3,
+        target_ffn_experts=float(min(s.topk, s.n_routed)) * 2 / 3,
     )  # fmt: skip
     moe = MoE(cfg, generator=torch.Generator().manual_seed(1)).to(DEVICE, s.dtype)
     x = torch.randn(s.tokens, s.hidden, generator=torch.Generator().manual_seed(2)).to(

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.kernels.reference import moe_reference_from_module
 from longcat_sim.model.moe import MoE
-
 from tests.strategies import forced_bias
 
 pytestmark = pytest.mark.slow
@@ -45,14 +45,6 @@ SHARE_TOLERANCE = 0.15
 NAIVE_TOKENS = 512
 NAIVE_ROUNDS = 3
 MIN_SPEEDUP = 5.0
-
-
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def zero_share_bias(cfg, zero_slots: int) -> torch.Tensor:

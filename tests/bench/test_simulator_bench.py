@@ -8,6 +8,7 @@ import time
 
 from longcat_sim.cluster.simulator import simulate_decode, simulate_train
 from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from tests.cluster import make_decode_workload
 
 US = 1e-6
 STEP_BUDGET_S = 0.050
@@ -39,16 +40,8 @@ def longcat_layer(scale: float = 1.0) -> StageTimes:
 
 
 def longcat_workload(scale: float = 1.0) -> DecodeWorkload:
-    return DecodeWorkload(
-        layers=(longcat_layer(scale),) * 28,
-        layers_half=(longcat_layer(0.55 * scale),) * 28,
-        batch_per_device=96,
-        tokens_per_step=192,
-        mtp_draft_tokens=1,
-        mtp_accept=0.8,
-        gpu_hour_usd=2.0,
-        overhead_s=500 * US,
-    )
+    half = (longcat_layer(0.55 * scale),) * 28
+    return make_decode_workload([longcat_layer(scale)] * 28, layers_half=half, overhead_s=500 * US)
 
 
 def best_of(fn, repeats: int = 5) -> float:

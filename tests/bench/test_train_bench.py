@@ -11,46 +11,31 @@ import statistics
 import time
 
 import pytest
-import torch
-
-from longcat_sim.train import training
 
 TOPOLOGIES = ("shortcut", "conventional")
 ROUNDS = 3
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_small_training_step_tokens_per_s_shortcut_vs_conventional(
-    benchmark, tmp_path_factory, small_training
+    benchmark, small_training, small_trainers
 ) -> None:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        small, tc, data = small_training
-        trainers = {
-            topology: training.Trainer(
-                small.replace(topology=topology),
-                tc,
-                tmp_path_factory.mktemp(topology),
-                data=data,
-            )
-            for topology in TOPOLOGIES
-        }
-        for trainer in trainers.values():  # warm-up step (allocator, first-touch pages)
-            trainer.train_step()
-        seconds: dict[str, list[float]] = {t: [] for t in TOPOLOGIES}
-        rounds = iter(range(10**6))
+    _, tc, _ = small_training
+    trainers = small_trainers(**{t: ({"topology": t}, {}) for t in TOPOLOGIES})
+    for trainer in trainers.values():  # warm-up step (allocator, first-touch pages)
+        trainer.train_step()
+    seconds: dict[str, list[float]] = {t: [] for t in TOPOLOGIES}
+    rounds = iter(range(10**6))
 
-        def one_step_each() -> None:
-            order = TOPOLOGIES if next(rounds) % 2 == 0 else TOPOLOGIES[::-1]
-            for topology in order:
-                start = time.perf_counter()
-                trainers[topology].train_step()
-                seconds[topology].append(time.perf_counter() - start)
+    def one_step_each() -> None:
+        order = TOPOLOGIES if next(rounds) % 2 == 0 else TOPOLOGIES[::-1]
+        for topology in order:
+            start = time.perf_counter()
+            trainers[topology].train_step()
+            seconds[topology].append(time.perf_counter() - start)
 
-        benchmark.pedantic(one_step_each, rounds=ROUNDS, iterations=1)
-    finally:
-        torch.set_num_threads(previous)
+    benchmark.pedantic(one_step_each, rounds=ROUNDS, iterations=1)
 
     tokens = tc.batch_size * tc.seq_len
     tokens_per_s = {t: tokens / statistics.median(s) for t, s in seconds.items()}

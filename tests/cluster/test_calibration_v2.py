@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from longcat_sim.bridge import decode_workload
 from longcat_sim.cluster import closedform
 from longcat_sim.cluster.assumptions import DEFAULT, FITTED_EXPERT_POPULARITY_SIGMA, TABLE7
 from longcat_sim.cluster.hardware import get_hardware
 from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
 from longcat_sim.cluster.workload import DecodeWorkload
 from longcat_sim.model.config import get_preset
-
-from longcat_sim.bridge import decode_workload
 from tests.cluster.published import (
     DEEPSEEK_PROFILE_BATCH,
     DEEPSEEK_PROFILE_CONTEXT,

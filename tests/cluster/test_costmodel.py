@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.cluster import closedform
 from longcat_sim.cluster.assumptions import (
     DEFAULT,
@@ -438,14 +439,9 @@ def test_decode_workload_from_hand_ops() -> None:
         seen.append(tokens)
         return _scmoe_ops(tokens)
 
+    draft = dict(mtp_draft_tokens=1, mtp_accept=0.8)
     w = decode_workload(
-        ops_for,
-        hardware=H800,
-        assumptions=TABLE7,
-        ep=128,
-        batch_per_device=95,
-        mtp_draft_tokens=1,
-        mtp_accept=0.8,
+        ops_for, hardware=H800, assumptions=TABLE7, ep=128, batch_per_device=95, **draft
     )
     assert seen == [190, 96]  # whole batch, then the larger micro-batch (48 requests)
     assert w.tokens_per_step == 190 and len(w.layers) == len(w.layers_half) == 3

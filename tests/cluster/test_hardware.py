@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Hardware, get_hardware, hardware_from_dict, hardware_names
 
@@ -89,9 +90,9 @@ def test_user_file_without_base_needs_every_field(tmp_path: Path) -> None:
         ('base = "H800"\nhbm_bandwith = 3\n', "unknown hardware field 'hbm_bandwith'"),
         ('base = "H800"\nrdma_gb_s = -50\n', "rdma_gb_s must be positive"),
         ('base = "H800"\nnvlink_gb_s = 0\n', "nvlink_gb_s must be positive"),
-        ('base = "H800"\nhbm_tb_s = "fast"\n', "hbm_tb_s must be a number"),
-        ('base = "H800"\ngpus_per_node = 0\n', "gpus_per_node must be positive"),
-        ('base = "H800"\nrdma_latency_us = -1\n', "rdma_latency_us must be >= 0"),
+        ('base = "H800"\nhbm_tb_s = "fast"\n', "hbm_tb_s must be positive"),
+        ('base = "H800"\ngpus_per_node = 0\n', "gpus_per_node must be an integer >= 1"),
+        ('base = "H800"\nrdma_latency_us = -1\n', "rdma_latency_us must be a number >= 0"),
         ('base = "B9000"\n', "unknown hardware 'B9000'"),
         ("base = [\n", "not valid TOML"),
     ],

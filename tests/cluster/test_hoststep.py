@@ -9,6 +9,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hoststep import (
     EpModelTerms,

@@ -8,6 +8,7 @@ import itertools
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.cluster import closedform
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.schedules import (

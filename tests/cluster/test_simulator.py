@@ -9,38 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.cluster import closedform, metrics
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.schedules import bubble_1f1b, bubble_zb1p, decode_tasks
 from longcat_sim.cluster.simulator import simulate_decode, simulate_train
 from longcat_sim.cluster.streams import Task, run_tasks
 from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from tests.cluster import make_decode_workload
 
 US = 1e-6
 micros = st.integers(min_value=0, max_value=500).map(lambda n: n * US)
 RDMA = {"dispatch": "rdma", "combine": "rdma"}
-
-
-def _halve(layer: StageTimes, factor: float = 0.5) -> StageTimes:
-    return StageTimes(
-        layer.kind,
-        {k: v * factor for k, v in layer.compute.items()},
-        {k: v * factor for k, v in layer.comm.items()},
-        layer.comm_link,
-    )
-
-
-def _workload(layers, half_factor: float = 0.5, **overrides) -> DecodeWorkload:
-    fields = dict(
-        layers=tuple(layers),
-        layers_half=tuple(_halve(layer, half_factor) for layer in layers),
-        batch_per_device=96,
-        tokens_per_step=192,
-        mtp_draft_tokens=1,
-        mtp_accept=0.8,
-        gpu_hour_usd=2.0,
-    )
-    return DecodeWorkload(**(fields | overrides))
 
 
 @st.composite
@@ -67,7 +47,7 @@ def moe_layers(draw):
 def workloads(draw):
     layers = draw(st.lists(st.one_of(scmoe_layers(), moe_layers()), min_size=1, max_size=4))
     layers[0] = dataclasses.replace(layers[0], compute={**layers[0].compute, "moe": 10 * US})
-    return _workload(layers, overhead_s=draw(micros))
+    return make_decode_workload(layers, overhead_s=draw(micros))
 
 
 # ----------------------------------------------------------------------------- anchors
@@ -90,7 +70,7 @@ def test_table7_longcat_row():
         {"dispatch": 236 * US, "combine": 472 * US},
         RDMA,
     )
-    result = simulate_decode(_workload([layer] * 28), "sbo")
+    result = simulate_decode(make_decode_workload([layer] * 28), "sbo")
     assert result.tpl_us == pytest.approx(1032.0, rel=1e-12)
     assert result.tpot_ms == pytest.approx(28 * 1032 / 1000 / 1.8, rel=1e-12)
     assert round(result.tpot_ms) == 16
@@ -103,7 +83,7 @@ def test_metric_definitions():
     """TPOT = step / (1 + draft x accept); TPS/user = 1000 / TPOT; tgs = batch / TPOT;
     $/M = $/h / (tgs x 3600) x 1e6."""
     layer = StageTimes("dense", {"attn_qkv": 100 * US, "ffn": 200 * US})
-    result = simulate_decode(_workload([layer] * 10, overhead_s=1e-3), "sequential")
+    result = simulate_decode(make_decode_workload([layer] * 10, overhead_s=1e-3), "sequential")
     assert result.step_ms == pytest.approx(4.0)
     assert result.tpl_us == pytest.approx(300.0)
     assert result.tpot_ms == pytest.approx(4.0 / 1.8)
@@ -111,7 +91,7 @@ def test_metric_definitions():
     assert result.tgs == pytest.approx(96 / (result.tpot_ms / 1000))
     assert result.cost_per_m_tokens == pytest.approx(2.0 / (result.tgs * 3600) * 1e6)
     assert result.per_layer_us["attention"] == pytest.approx(100.0)
-    assert result.per_layer_us["ffn"] == pytest.approx(200.0)
+    assert result.per_layer_us["dense_ffn"] == pytest.approx(200.0)
     assert result.exposed_comm_share == 0.0
 
 
@@ -124,16 +104,16 @@ def test_exposed_and_hidden_communication():
         {"dispatch": 60 * US, "combine": 50 * US},
         RDMA,
     )  # fmt: skip
-    seq = simulate_decode(_workload([layer]), "sequential")
+    seq = simulate_decode(make_decode_workload([layer]), "sequential")
     assert seq.exposed_comm_us == pytest.approx(110.0)
-    sbo = simulate_decode(_workload([layer]), "sbo")
+    sbo = simulate_decode(make_decode_workload([layer]), "sbo")
     assert sbo.hidden_comm_us == pytest.approx(40.0 + 50.0)
     assert sbo.exposed_comm_us == pytest.approx(20.0)
     assert sbo.exposed_comm_share == pytest.approx(20.0 / (sbo.step_ms * 1e3))
 
 
 def test_unknown_schedule_names():
-    w = _workload([StageTimes("dense", {"ffn": 1e-4})])
+    w = make_decode_workload([StageTimes("dense", {"ffn": 1e-4})])
     with pytest.raises(ClusterInputError, match="sbo, sequential, tbo"):
         simulate_decode(w, "dualpipe")
     tw = _train_workload(1, chunks=1, microbatches=1, stages=1)
@@ -144,7 +124,7 @@ def test_unknown_schedule_names():
 
 
 def test_jitter_needs_rng_and_valid_size():
-    w = _workload([StageTimes("dense", {"ffn": 1e-4})])
+    w = make_decode_workload([StageTimes("dense", {"ffn": 1e-4})])
     with pytest.raises(ClusterInputError, match="rng"):
         simulate_decode(w, "sbo", jitter=0.1)
     with pytest.raises(ClusterInputError, match="jitter"):
@@ -169,7 +149,7 @@ def test_negative_control_costly_micro_batches_can_lose():
     use the GPU poorly), TBO can be slower than running the batch in sequence."""
 
     def tbo_slower(layers):
-        w = _workload(layers, half_factor=0.9)
+        w = make_decode_workload(layers, half_factor=0.9)
         return simulate_decode(w, "tbo").step_ms > simulate_decode(w, "sequential").step_ms
 
     found = find(workloads(), lambda w: tbo_slower(list(w.layers)))
@@ -270,7 +250,7 @@ def test_same_seed_same_result(workload, seed):
 
 def test_different_seeds_differ_and_jitter_zero_is_deterministic():
     layer = StageTimes("moe", {"attn_qkv": 1e-4, "moe": 1e-4}, {"dispatch": 1e-4}, RDMA)
-    w = _workload([layer] * 4)
+    w = make_decode_workload([layer] * 4)
     a = simulate_decode(w, "tbo", rng=np.random.default_rng(1), jitter=0.2)
     b = simulate_decode(w, "tbo", rng=np.random.default_rng(2), jitter=0.2)
     assert a.step_ms != b.step_ms
@@ -285,7 +265,7 @@ def test_records_carry_layers_and_streams():
         {"dispatch": 1e-4, "ffn0_tp": 1e-5},
         {"dispatch": "rdma", "ffn0_tp": "nvlink"},
     )
-    result = simulate_decode(_workload([layer] * 3, overhead_s=1e-4), "tbo")
+    result = simulate_decode(make_decode_workload([layer] * 3, overhead_s=1e-4), "tbo")
     assert {r.stream for r in result.records} == {"compute", "rdma", "nvlink"}
     assert {r.layer for r in result.records if r.name != "overhead"} == {0, 1, 2}
     assert {r.microbatch for r in result.records} == {0, 1}
@@ -295,14 +275,24 @@ def test_records_carry_layers_and_streams():
 # ----------------------------------------------------------------------------- training
 
 
+SCMOE_STAGES = ("attn0", "router", "ffn0", "attn1_qkv", "attn1_core", "ffn1", "moe")
+
+
+def _scmoe_forward(compute: tuple[float, ...], dispatch: float, combine: float) -> StageTimes:
+    """A ScMoE layer's forward: ``compute`` in the order of ``SCMOE_STAGES``, RDMA links."""
+    compute_times = dict(zip(SCMOE_STAGES, compute, strict=True))
+    return StageTimes("scmoe", compute_times, {"dispatch": dispatch, "combine": combine}, RDMA)
+
+
+def _train(
+    layers: tuple[TrainLayerTimes, ...], chunks: int, mb: int, stages: int, tokens: int
+) -> TrainWorkload:
+    """A training workload on one GPU per pipeline stage, at $2 per GPU-hour."""
+    return TrainWorkload(layers, chunks, mb, stages, tokens, gpus=stages, gpu_hour_usd=2.0)
+
+
 def _train_workload(n_layers, *, chunks, microbatches, stages, weight_share=0.0):
-    fwd = StageTimes(
-        "scmoe",
-        {"attn0": 1.0, "router": 0.125, "ffn0": 1.5, "attn1_qkv": 0.25, "attn1_core": 0.75,
-         "ffn1": 1.5, "moe": 2.0},
-        {"dispatch": 1.5, "combine": 1.5},
-        RDMA,
-    )  # fmt: skip
+    fwd = _scmoe_forward((1.0, 0.125, 1.5, 0.25, 0.75, 1.5, 2.0), dispatch=1.5, combine=1.5)
     bwd = StageTimes("scmoe", {k: 2 * v for k, v in fwd.compute.items()}, fwd.comm, RDMA)
     weight = {k: weight_share * v for k, v in bwd.compute.items() if k != "attn1_core"}
     if weight_share:
@@ -310,15 +300,7 @@ def _train_workload(n_layers, *, chunks, microbatches, stages, weight_share=0.0)
             bwd, compute={k: v - weight.get(k, 0.0) for k, v in bwd.compute.items()}
         )
     layer = TrainLayerTimes(fwd, bwd, weight)
-    return TrainWorkload(
-        layers=(layer,) * n_layers,
-        moe_chunks=chunks,
-        microbatches=microbatches,
-        pipeline_stages=stages,
-        tokens_per_step=4096 * microbatches,
-        gpus=stages,
-        gpu_hour_usd=2.0,
-    )
+    return _train((layer,) * n_layers, chunks, microbatches, stages, 4096 * microbatches)
 
 
 @pytest.mark.parametrize("schedule", ["scmoe", "conventional", "baseline"])
@@ -340,9 +322,7 @@ def test_train_pipeline_bubbles_match_closed_forms(schedule):
 def test_train_result_accounting():
     w = _train_workload(2, chunks=2, microbatches=4, stages=1)
     result = simulate_train(w, "baseline")
-    assert result.non_overlapped_comm_share == pytest.approx(
-        result.exposed_comm_ms / result.step_ms
-    )
+    assert result.exposed_comm_share == pytest.approx(result.exposed_comm_ms / result.step_ms)
     assert 0 < result.exposed_comm_ms <= result.comm_ms
     assert result.tgs == pytest.approx(w.tokens_per_step / w.gpus / (result.step_ms / 1e3))
     phases = {r.phase for r in result.records}
@@ -388,15 +368,7 @@ def test_scmoe_never_slower_than_conventional(layers, chunks, pipeline):
         first, compute={**first.compute, "attn0": 1.0 + first.get("attn0")}
     )
     layers[0] = dataclasses.replace(layers[0], forward=longer)  # a step never takes no time
-    w = TrainWorkload(
-        layers=tuple(layers),
-        moe_chunks=chunks,
-        microbatches=4,
-        pipeline_stages=2,
-        tokens_per_step=1024,
-        gpus=2,
-        gpu_hour_usd=2.0,
-    )
+    w = _train(tuple(layers), chunks, mb=4, stages=2, tokens=1024)
     scmoe = simulate_train(w, "scmoe", pipeline)
     conventional = simulate_train(w, "conventional", pipeline)
     assert scmoe.step_ms <= conventional.step_ms * (1 + 1e-12)
@@ -409,23 +381,9 @@ def test_scmoe_can_lose_when_ffn1_outweighs_ffn0():
     under the shortcut but an FFN_1 as long as the dispatch, the conventional topology hides it
     and the shortcut does not. One chunk: ScMoE 1 + 4 + 4 = 9 s (SBO order), conventional
     1 + max(4, 4) = 5 s, serial baseline 1 + 4 + 4 = 9 s."""
-    fwd = StageTimes(
-        "scmoe",
-        {"attn0": 1.0, "router": 0.0, "ffn0": 0.0, "attn1_qkv": 0.0, "attn1_core": 0.0,
-         "ffn1": 4.0, "moe": 0.0},
-        {"dispatch": 4.0, "combine": 0.0},
-        RDMA,
-    )  # fmt: skip
+    fwd = _scmoe_forward((1.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0), dispatch=4.0, combine=0.0)
     layer = TrainLayerTimes(fwd, fwd)
-    w = TrainWorkload(
-        layers=(layer,),
-        moe_chunks=1,
-        microbatches=1,
-        pipeline_stages=1,
-        tokens_per_step=1024,
-        gpus=1,
-        gpu_hour_usd=2.0,
-    )
+    w = _train((layer,), chunks=1, mb=1, stages=1, tokens=1024)
     assert simulate_train(w, "scmoe").forward_ms == pytest.approx(9e3)
     assert simulate_train(w, "conventional").forward_ms == pytest.approx(5e3)
     assert simulate_train(w, "baseline").forward_ms == pytest.approx(9e3)

@@ -6,10 +6,12 @@ import json
 import random
 
 import pytest
+
 from longcat_sim.cluster.simulator import simulate_decode, simulate_train
 from longcat_sim.cluster.streams import EventRecord
 from longcat_sim.cluster.trace import STREAM_TIDS, chrome_trace, chrome_trace_json
-from longcat_sim.cluster.workload import DecodeWorkload, StageTimes, TrainLayerTimes, TrainWorkload
+from longcat_sim.cluster.workload import StageTimes, TrainLayerTimes, TrainWorkload
+from tests.cluster import make_decode_workload
 
 US = 1e-6
 
@@ -21,16 +23,8 @@ def _decode_records():
         {"dispatch": 236 * US, "combine": 472 * US, "ffn0_tp": 20 * US},
         {"dispatch": "rdma", "combine": "rdma", "ffn0_tp": "nvlink"},
     )
-    w = DecodeWorkload(
-        layers=(layer,) * 2,
-        layers_half=(layer,) * 2,
-        batch_per_device=8,
-        tokens_per_step=8,
-        mtp_draft_tokens=0,
-        mtp_accept=0.0,
-        gpu_hour_usd=2.0,
-        overhead_s=30 * US,
-    )
+    no_mtp = dict(batch_per_device=8, tokens_per_step=8, mtp_draft_tokens=0, mtp_accept=0.0)
+    w = make_decode_workload([layer] * 2, half_factor=1.0, overhead_s=30 * US, **no_mtp)
     return simulate_decode(w, "sbo").records
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,26 +27,31 @@ print(json.dumps({
 """
 
 
+_NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "runs",
+    "build",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    ".benchmarks",
+)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip install .`` would install, built from a copy of the sources (links kept),
+    so no earlier build folder can leak stale modules into it."""
+    tree = tmp_path_factory.mktemp("tree") / "longcat-sim"
+    shutil.copytree(ROOT, tree, symlinks=True, ignore=_NOT_SOURCES)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(out),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=out,
-    )
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(out), str(tree)],
+        check=True, capture_output=True, cwd=out,
+    )  # fmt: skip
     (found,) = out.glob("longcat_sim-*.whl")
     return found
 
@@ -63,7 +69,8 @@ def test_the_wheel_has_one_top_level_name_and_every_source_module(wheel: Path) -
         for p in (ROOT / folder).rglob("*.py")
         if "__pycache__" not in p.parts
     }
-    assert sources <= set(names), sorted(sources - set(names))
+    modules = {n for n in names if n.endswith(".py")}
+    assert modules == sources, sorted(modules ^ sources)
 
 
 def test_installed_subpackages_import_and_bare_model_is_not_ours(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from hypothesis import strategies as st
+
 from longcat_sim.model.kernels.backend import triton_available
 from longcat_sim.model.kernels.combine import combine
 from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from longcat_sim.model.kernels.backend import check_backend, require_triton
 from longcat_sim.model.kernels.permute import plan_permutation
-
 from tests.kernels import requires_triton
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,15 +122,12 @@ def test_kernels_compile_for_cuda(tmp_path: Path) -> None:
         for dt, precision in (("bf16", "tf32"), ("fp32", "ieee")):
             tiles = dict(tile_expert_ptr=i64, tile_row_ptr=i64, tile_end_ptr=i64)
             blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False, DOT_PRECISION=precision)
-            compile_for_h100(tg._gate_up_kernel, dict(
-                x_ptr=f"*{dt}", gate_ptr=f"*{dt}", up_ptr=f"*{dt}", **tiles,
-                hidden_ptr=f"*{dt}", pre_gate_ptr=f"*{dt}", pre_up_ptr=f"*{dt}",
-                width="i32", inter="i32", **blocks,
-            ), num_warps=4, num_stages=3, enable_fp_fusion=True)
-            compile_for_h100(tg._down_kernel, dict(
-                hidden_ptr=f"*{dt}", down_ptr=f"*{dt}", **tiles, y_ptr=f"*{dt}",
-                width="i32", inter="i32", **blocks,
-            ), num_warps=4, num_stages=3, enable_fp_fusion=True)
+            for swiglu in (True, False):  # gate/up, then down
+                compile_for_h100(tg._expert_gemm_kernel, dict(
+                    a_ptr=f"*{dt}", w_ptr=f"*{dt}", w2_ptr=f"*{dt}", **tiles,
+                    out_ptr=f"*{dt}", pre_gate_ptr=f"*{dt}", pre_up_ptr=f"*{dt}",
+                    depth="i32", n_cols="i32", SWIGLU=swiglu, **blocks,
+                ), num_warps=4, num_stages=3, enable_fp_fusion=True)
         print("compiled")
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

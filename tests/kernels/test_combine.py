@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.combine import combine
 from longcat_sim.model.kernels.permute import permute
 from longcat_sim.model.kernels.reference import moe_reference_from_module
 from longcat_sim.model.moe import MoE
-
 from tests.kernels import BACKENDS, DEVICE, Routing, moe_with_kernels, random_gates, routings
 
 WIDTH = 24

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.experts import GroupedExperts
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
-
 from tests.kernels import BACKENDS, DEVICE, requires_triton
 
 TOLERANCE = {

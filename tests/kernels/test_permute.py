@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.permute import Permutation, permute, plan_permutation, unpermute
 from longcat_sim.model.moe import plan_dispatch
-
 from tests.kernels import BACKENDS, DEVICE, Routing, routings
 
 EXAMPLES = settings(max_examples=25)

@@ -13,12 +13,13 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.kernels import torch_ref
 from longcat_sim.model.kernels.reference import reference_route
 from longcat_sim.model.kernels.router_topk import route, router_topk
+from longcat_sim.model.kernels.torch_ref import TopkOptions
 from longcat_sim.model.router import TopkRouter
-
 from tests.kernels import BACKENDS, DEVICE, requires_triton
 
 SCORE_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -52,7 +53,9 @@ def kth_margin(scores: torch.Tensor, bias: torch.Tensor, k: int) -> float:
 @given(problem=router_problems())
 def test_triton_matches_reference(scale_zero: bool, problem) -> None:
     logits, bias, kw = problem
-    ref = torch_ref.router_topk_ref(logits, bias, scale_zero_expert_gates=scale_zero, **kw)
+    ref = torch_ref.router_topk_ref(
+        logits, bias, TopkOptions(scale_zero_expert_gates=scale_zero, **kw)
+    )
     assume(kth_margin(ref[2], bias, kw["topk"]) > 1e-5)
     out = router_topk(logits, bias, scale_zero_expert_gates=scale_zero, backend="triton", **kw)
     assert torch.equal(out.topk_idx_TK, ref[0])
@@ -81,8 +84,7 @@ def test_triton_breaks_exact_ties_towards_lower_expert_id() -> None:
                       scale_zero_expert_gates=True, backend="triton")  # fmt: skip
     assert out.topk_idx_TK.tolist()[0] == [0, 1, 2, 3, 4]
     assert is_ranked_with_low_id_ties(out.topk_idx_TK.cpu(), (out.scores_TE + bias).cpu())
-    ref_idx = torch_ref.router_topk_ref(logits, bias, topk=5, n_routed=12,
-                                        routed_scaling_factor=2.0, scale_zero_expert_gates=True)[0]  # fmt: skip
+    ref_idx = torch_ref.router_topk_ref(logits, bias, TopkOptions(5, 12, 2.0, True))[0]
     # torch.topk picks equally good experts, but in its own order (the negative control:
     # the tie-rule check rejects it on CPU, where it does not favour low ids)
     ref_biased = logits.softmax(-1) + bias
@@ -142,7 +144,7 @@ def test_gradients_reach_the_logits(backend: str, scale_zero: bool) -> None:
     out = router_topk(leaf, bias, backend=backend, **kw)
     ((out.topk_gate_TK * w_gate).sum() + (out.scores_TE * w_scores).sum()).backward()
     ref_leaf = logits.double().requires_grad_()
-    ref = torch_ref.router_topk_ref(ref_leaf, bias.double(), **kw)
+    ref = torch_ref.router_topk_ref(ref_leaf, bias.double(), TopkOptions(**kw))
     ref_scores = ref_leaf.softmax(-1)  # float64 for the oracle
     ref_gate = ref_scores.gather(1, ref[0]) * torch.where((ref[0] < 14) | scale_zero, 3.0, 1.0)
     ((ref_gate * w_gate.double()).sum() + (ref_scores * w_scores.double()).sum()).backward()

@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
+
 from longcat_sim.model.balance import (
     BiasController,
     BiasRateSchedule,
@@ -27,11 +29,10 @@ from longcat_sim.model.balance import (
 )
 from longcat_sim.model.config import ConfigError, ModelConfig
 from longcat_sim.model.router import RouterOutput, TopkRouter
-from torch import nn
 
 
 def routing_config(n: int = 16, z: int = 8, k: int = 4, k_e: float = 2.0) -> ModelConfig:
-    return ModelConfig(n_routed_experts=n, zero_expert_num=z, moe_topk=k, expected_ffn_experts=k_e)
+    return ModelConfig(n_routed_experts=n, zero_expert_num=z, moe_topk=k, target_ffn_experts=k_e)
 
 
 def make_output(topk_idx_TK: torch.Tensor, scores_TE: torch.Tensor) -> RouterOutput:
@@ -214,7 +215,7 @@ def test_two_ranks_apply_the_update_of_the_global_batch(tmp_path) -> None:
 
 def balance_loss_oracle(out: RouterOutput, cfg: ModelConfig, n_groups: int, alpha: float) -> float:
     """Eqs. 3-5 by loops over tokens, choices and experts."""
-    n, z, k, k_e = cfg.n_routed_experts, cfg.zero_expert_num, cfg.moe_topk, cfg.expected_ffn_experts
+    n, z, k, k_e = cfg.n_routed_experts, cfg.zero_expert_num, cfg.moe_topk, cfg.target_ffn_experts
     size = n // n_groups
     n_tokens = out.scores_TE.shape[0]
     scores = out.scores_TE.tolist()

@@ -6,6 +6,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from longcat_sim import model as model_pkg
 from longcat_sim.model.checkpoint import (
     INDEX_NAME,
     config_from_hf,
@@ -15,9 +18,6 @@ from longcat_sim.model.checkpoint import (
 )
 from longcat_sim.model.config import ConfigError, get_preset
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
-from safetensors.torch import save_file
-
-from longcat_sim import model as model_pkg
 
 # The released LongCat-Flash config.json fields (HF meituan-longcat/LongCat-Flash-Chat, spec §1.1).
 RELEASED_CONFIG = {
@@ -137,6 +137,17 @@ def test_released_config_maps_onto_the_preset() -> None:
     cfg = config_from_hf(RELEASED_CONFIG, has_mtp=True)
     preset = get_preset("longcat-flash")
     assert cfg.replace(name=preset.name) == preset  # K_e = 12 * 512 / 768 = 8 under uniform routing
+
+
+def test_our_config_round_trips_and_reads_the_old_target_name() -> None:
+    """Every field survives config.json, ``kernels`` included; a config saved before
+    ``target_ffn_experts`` was renamed (``expected_ffn_experts``) still loads."""
+    cfg = get_preset("tiny").replace(kernels="triton", target_ffn_experts=1.5)
+    doc = config_to_hf(cfg)
+    assert config_from_hf(doc) == cfg
+    extra = dict(doc["longcat_sim"])
+    extra["expected_ffn_experts"] = extra.pop("target_ffn_experts")
+    assert config_from_hf({**doc, "longcat_sim": extra}) == cfg
 
 
 @pytest.mark.parametrize(

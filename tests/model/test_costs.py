@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.model import costs
 from longcat_sim.model.config import ConfigError, ModelConfig, get_preset
 
@@ -197,7 +198,7 @@ PHASES = [("decode", True), ("prefill", False), ("train", False), ("prefill", Tr
 @pytest.mark.parametrize(("phase", "absorbed"), PHASES)
 def test_weight_gemm_flops_are_twice_activated_matmul_params(preset, phase, absorbed) -> None:
     cfg = get_preset(preset)
-    tokens, k = 96, cfg.expected_ffn_experts
+    tokens, k = 96, cfg.target_ffn_experts
     model = costs.model_costs(
         cfg, tokens=tokens, context=4096, phase=phase, k_ffn=k, absorbed=absorbed
     )
@@ -443,7 +444,7 @@ def model_configs(draw) -> ModelConfig:
         n_routed_experts=n,
         zero_expert_num=z,
         moe_topk=k,
-        expected_ffn_experts=float(draw(st.integers(lo, hi))),
+        target_ffn_experts=float(draw(st.integers(lo, hi))),
         q_lora_rank=draw(st.sampled_from([0, 16, 32])),
     )
     if layer_type == "standard":
@@ -511,7 +512,7 @@ def _fingerprint(model: costs.ModelCost) -> tuple:
 @given(cfg=model_configs(), phase=phases, extra=st.integers(1, 64), tokens=st.integers(1, 64))
 def test_zero_experts_cost_nothing_outside_the_router(cfg, phase, extra, tokens) -> None:
     more = cfg.replace(zero_expert_num=cfg.zero_expert_num + extra)
-    args = dict(tokens=tokens, context=32, phase=phase, k_ffn=cfg.expected_ffn_experts)
+    args = dict(tokens=tokens, context=32, phase=phase, k_ffn=cfg.target_ffn_experts)
     a, b = costs.model_costs(cfg, **args), costs.model_costs(more, **args)
     assert _without_router(a) == _without_router(b)
     # negative control: the same comparison over every stage does see the wider router

@@ -7,30 +7,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from longcat_sim.model.balance import (
-    BiasController,
-    find_routers,
-    hidden_z_loss,
-    total_balance_loss,
-)
-from longcat_sim.model.config import ConfigError, get_preset
-from longcat_sim.model.growth import (
-    grow_config,
-    grow_model,
-    grow_optimizer_state,
-    grow_state_dict,
-    source_name,
-)
+
+from longcat_sim.model import balance, growth
+from longcat_sim.model.config import ConfigError
 from longcat_sim.model.optim import build_adamw
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
+from tests.model import tiny_mtp_model
 
 
 @pytest.fixture(scope="module")
 def small() -> LongcatFlashForCausalLM:
-    cfg = get_preset("tiny").replace(num_layers=2, mtp_layers=1)
-    model = LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(7))
+    model = tiny_mtp_model(seed=7)
     with torch.no_grad():  # distinct, non-zero router biases so their copying is visible
-        for i, router in enumerate(find_routers(model)):
+        for i, router in enumerate(balance.find_routers(model)):
             router.e_score_correction_bias.copy_(torch.linspace(-0.01, 0.01, 12) * (i + 1))
     return model
 
@@ -48,17 +37,19 @@ def token_batch(vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_grown_keys_shapes_and_sources(small) -> None:
-    grown_state = grow_state_dict(small.state_dict(), small_layers=2)
-    fresh = LongcatFlashForCausalLM(grow_config(small.config)).state_dict()
+    grown_state = growth.grow_state_dict(small.state_dict(), small_layers=2)
+    fresh = LongcatFlashForCausalLM(growth.grow_config(small.config)).state_dict()
     assert sorted(grown_state) == sorted(fresh)
     assert all(grown_state[k].shape == fresh[k].shape for k in fresh)
     small_state = small.state_dict()
     for key, tensor in grown_state.items():
-        assert torch.equal(tensor, small_state[source_name(key, 2)])
-    assert source_name("model.layers.3.mlp.router.e_score_correction_bias", 2) == (
+        assert torch.equal(tensor, small_state[growth.source_name(key, 2)])
+    assert growth.source_name("model.layers.3.mlp.router.e_score_correction_bias", 2) == (
         "model.layers.1.mlp.router.e_score_correction_bias"
     )
-    assert source_name("model.mtp.layers.0.mlp.up_proj.weight", 2).startswith("model.mtp.layers.0")
+    assert growth.source_name("model.mtp.layers.0.mlp.up_proj.weight", 2).startswith(
+        "model.mtp.layers.0"
+    )
 
 
 def stacked_forward(small: LongcatFlashForCausalLM, ids: torch.Tensor, order: list[int]):
@@ -75,7 +66,7 @@ def stacked_forward(small: LongcatFlashForCausalLM, ids: torch.Tensor, order: li
 
 @torch.no_grad()
 def test_grown_forward_equals_small_layers_run_twice_in_order(small) -> None:
-    grown = grow_model(small)
+    grown = growth.grow_model(small)
     assert grown.config.num_layers == 4
     ids = token_batch(small.config.vocab_size)
     out = grown.forward_detailed(ids)
@@ -90,31 +81,31 @@ def test_grown_forward_equals_small_layers_run_twice_in_order(small) -> None:
 
 def test_training_steps_run_from_the_grown_model(small) -> None:
     small = copy.deepcopy(small)
-    cfg = grow_config(small.config)
+    cfg = growth.grow_config(small.config)
     small_opt = build_adamw(small, 1e-3)
     ids = token_batch(cfg.vocab_size, seed=1)
     training_loss(small, ids)[0].backward()
     small_opt.step()
     small_opt.zero_grad()
-    grown = grow_model(small)  # from the trained weights
+    grown = growth.grow_model(small)  # from the trained weights
     opt = build_adamw(grown, 1e-3)
-    copied = grow_optimizer_state(small, small_opt, grown, opt, small_layers=2)
+    copied = growth.grow_optimizer_state(small, small_opt, grown, opt, small_layers=2)
     assert copied == sum(1 for _ in grown.parameters())
     source = small.model.layers[1].mlp.experts.down_proj
     state = opt.state[grown.model.layers[3].mlp.experts.down_proj]
     assert torch.equal(state["exp_avg"], small_opt.state[source]["exp_avg"])
 
-    controller = BiasController(cfg, 1e-3)
+    controller = balance.BiasController(cfg, 1e-3)
     before = [p.detach().clone() for p in grown.parameters()]
     losses = []
     for step in range(2):
         lm, out = training_loss(grown, ids)
-        loss = lm + total_balance_loss(out.router, cfg, 2, 1e-2)
-        loss = loss + hidden_z_loss(out.hidden_pre_norm, 1e-6)
+        loss = lm + balance.total_balance_loss(out.router, cfg, 2, 1e-2)
+        loss = loss + balance.hidden_z_loss(out.hidden_pre_norm, 1e-6)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        controller.update(find_routers(grown), [o.counts_E for o in out.router], step)
+        controller.update(balance.find_routers(grown), [o.counts_E for o in out.router], step)
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(not torch.equal(b, p) for b, p in zip(before, grown.parameters(), strict=True))
@@ -127,6 +118,6 @@ def test_training_steps_run_from_the_grown_model(small) -> None:
 
 def test_growth_rejects_a_wrong_layer_count(small) -> None:
     with pytest.raises(ConfigError, match="layers"):
-        grow_state_dict(small.state_dict(), small_layers=3)
+        growth.grow_state_dict(small.state_dict(), small_layers=3)
     with pytest.raises(ConfigError, match="factor"):
-        grow_config(small.config, 0)
+        growth.grow_config(small.config, 0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.model.layers import DenseMLP, RMSNorm, RotaryEmbedding, apply_rope_interleaved
 
 

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.kv_cache import LatentKVCache
 from longcat_sim.model.layers import RMSNorm, RotaryEmbedding
 from longcat_sim.model.mla import MLA
-from torch import nn
 
 TINY = get_preset("tiny")
 

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
 from longcat_sim.model.config import ModelConfig, get_preset
 from longcat_sim.model.experts import GroupedExperts
 from longcat_sim.model.kernels.batch_invariant import ROWS
@@ -24,9 +27,6 @@ from longcat_sim.model.kernels.reference import (
 )
 from longcat_sim.model.moe import MoE, plan_dispatch
 from longcat_sim.model.router import TopkRouter
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
-
 from tests.strategies import forced_bias, moe_configs, routing_cases, seeds, token_counts
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -163,7 +163,7 @@ def test_router_keeps_exact_float32_values_under_module_casts():
 def test_all_zero_routing_returns_x_times_summed_gates_exactly(cfg, tokens, seed, data):
     n, z = cfg.n_routed_experts, cfg.zero_expert_num
     k = data.draw(st.integers(1, z))
-    cfg = cfg.replace(moe_topk=k, expected_ffn_experts=0.0)
+    cfg = cfg.replace(moe_topk=k, target_ffn_experts=0.0)
     chosen = data.draw(st.permutations(range(n, n + z)))[:k]
     moe = make_moe(cfg, seed, forced_bias(n + z, chosen))
     x = make_x(cfg, tokens, seed)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from longcat_sim.model.config import ConfigError, get_preset
 from longcat_sim.model.optim import (
     GROUP_NAMES,
@@ -23,12 +24,12 @@ from longcat_sim.model.optim import (
     uniform_hyperparameters,
 )
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
+from tests.model import tiny_mtp_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> LongcatFlashForCausalLM:
-    cfg = get_preset("tiny").replace(mtp_layers=1)
-    return LongcatFlashForCausalLM(cfg, generator=torch.Generator().manual_seed(0))
+    return tiny_mtp_model(seed=0)
 
 
 def names(groups, group: str) -> set[str]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from longcat_sim.model import costs
 from longcat_sim.model.config import ModelConfig, get_preset
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
@@ -15,7 +16,7 @@ VARIANTS = {
     "tiny": TINY,
     "small": get_preset("small"),
     "tiny-mtp": TINY.replace(mtp_layers=1),
-    "tiny-no-zero-experts": TINY.replace(zero_expert_num=0, expected_ffn_experts=3.0),
+    "tiny-no-zero-experts": TINY.replace(zero_expert_num=0, target_ffn_experts=3.0),
     "tiny-tied": TINY.replace(tie_word_embeddings=True),
     "tiny-no-q-lora": TINY.replace(q_lora_rank=0),
     "tiny-conventional": TINY.replace(topology="conventional"),
@@ -75,7 +76,7 @@ def test_activated_params_are_the_model_minus_experts_and_input_embedding(
     lookup = 0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel()
     non_expert = _numel(model) - experts - lookup
     assert lm_head == costs.embedding_params(cfg)
-    for k in (0, 1, cfg.expected_ffn_experts):
+    for k in (0, 1, cfg.target_ffn_experts):
         expected = non_expert + k * cfg.num_layers * one_expert
         assert costs.activated_params(cfg, k) == expected
 

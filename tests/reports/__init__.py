@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from tests.cluster.published import TABLE7
+
 
 def _events(schedule: str) -> list[dict[str, Any]]:
     """Two layers of an ScMoE decode with made-up but consistent times (µs)."""
@@ -35,7 +37,7 @@ def _events(schedule: str) -> list[dict[str, Any]]:
                 },
                 {
                     "name": "moe",
-                    "group": "moe",
+                    "group": "routed_experts",
                     "stream": "compute",
                     "start_us": t + 400,
                     "end_us": t + 450,
@@ -56,6 +58,19 @@ def _events(schedule: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _paper(model: str) -> dict[str, float]:
+    """The published Table 7 row of ``model`` as a report's ``paper`` record."""
+    row = TABLE7[model]
+    return {
+        "attention_us": row.attention_us,
+        "dispatch_us": row.dispatch_us,
+        "experts_us": row.moe_us,
+        "combine_us": row.combine_us,
+        "tpot_ms": row.tpot_ms,
+        "cost_per_m_tokens": row.cost_per_m_tokens,
+    }
+
+
 _SAMPLE: dict[str, Any] = {
     "meta": {
         "title": "Sample report",
@@ -68,18 +83,11 @@ _SAMPLE: dict[str, Any] = {
             {
                 "model": "longcat-flash",
                 "overlap": "sbo",
-                "paper": {
-                    "attention_us": 264,
-                    "dispatch_us": 236,
-                    "moe_us": 60,
-                    "combine_us": 472,
-                    "tpot_ms": 16,
-                    "cost_per_m_tokens": 0.09,
-                },
+                "paper": _paper("longcat-flash"),
                 "simulated": {
                     "attention_us": 220.0,
                     "dispatch_us": 236.0,
-                    "moe_us": 61.0,
+                    "experts_us": 61.0,
                     "combine_us": 472.0,
                     "tpot_ms": 15.5,
                     "cost_per_m_tokens": 0.089,
@@ -88,18 +96,11 @@ _SAMPLE: dict[str, Any] = {
             {
                 "model": "deepseek-v3",
                 "overlap": "tbo",
-                "paper": {
-                    "attention_us": 471,
-                    "dispatch_us": 275,
-                    "moe_us": 77,
-                    "combine_us": 551,
-                    "tpot_ms": 30,
-                    "cost_per_m_tokens": 0.17,
-                },
+                "paper": _paper("deepseek-v3"),
                 "simulated": {
                     "attention_us": 441.0,
                     "dispatch_us": 275.0,
-                    "moe_us": 77.0,
+                    "experts_us": 77.0,
                     "combine_us": 551.0,
                     "tpot_ms": 30.3,
                     "cost_per_m_tokens": 0.175,
@@ -184,13 +185,13 @@ _SAMPLE: dict[str, Any] = {
         "paper": {"baseline": 0.253, "scmoe": 0.084},
         "simulated": {
             "baseline": {
-                "non_overlapped_comm_share": 0.3,
+                "exposed_comm_share": 0.3,
                 "step_ms": 100.0,
                 "comm_ms": 40.0,
                 "exposed_comm_ms": 30.0,
             },
             "scmoe": {
-                "non_overlapped_comm_share": 0.1,
+                "exposed_comm_share": 0.1,
                 "step_ms": 80.0,
                 "comm_ms": 40.0,
                 "exposed_comm_ms": 8.0,

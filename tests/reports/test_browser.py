@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from longcat_sim.reports.page import build_report
 
+from longcat_sim.reports.page import build_report
 from tests.reports import sample_report_data
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.reports import figures, tables
 from longcat_sim.reports.html import figure_json
 from longcat_sim.reports.inputs import ReportInputError, check_report_data
-
 from tests.reports import sample_report_data
 
 # -- timelines ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ recomputes, attribution names the fault class, and a small campaign adds up."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.moe import MoE
-
 from longcat_sim.repro.campaign import (
     DETECTORS,
     CampaignConfig,
@@ -37,6 +38,7 @@ from longcat_sim.repro.detectors import (
 from longcat_sim.repro.inject import Fault, FaultPlan, StepInjector
 from longcat_sim.repro.moe_step import (
     CHECK_ROWS,
+    ExpertGemms,
     ExpertRows,
     MoEStepConfig,
     StepCrash,
@@ -145,9 +147,9 @@ def test_abft_tolerance_covers_float32_rounding_of_a_gemm(seed, rows, k) -> None
     with torch.no_grad():
         c_enc, reference, padding = grouped_gemm(a, encoded, rows_of)
     assert padding.shape == (rows, CHECK_ROWS - 1) and not padding.any()
-    monitor.on_expert_gemm(("gate",), a, (c,), (reference,), rows_of, (scale,))
+    monitor.on_expert_gemm(ExpertGemms(("gate",), a, (c,), (reference,), rows_of, (scale,)))
     monitor.on_expert_gemm(
-        ("gate",), a, (c_enc,), (reference,), rows_of, (scale,), paddings=(padding,)
+        ExpertGemms(("gate",), a, (c_enc,), (reference,), rows_of, (scale,), paddings=(padding,))
     )
     assert monitor.alarms == 0 and monitor.checks == 2 * rows
     assert monitor.worst_ratio < 0.5
@@ -203,8 +205,8 @@ def test_negative_control_without_the_padding_check_a_padding_fault_is_invisible
     fault = Fault(site="weight", bit=30, index=index, target="down")
 
     class RowChecksumOnly(AbftMonitor):
-        def on_expert_gemm(self, *args, paddings=None, **kwargs) -> None:
-            super().on_expert_gemm(*args, **kwargs)
+        def on_expert_gemm(self, gemms: ExpertGemms) -> None:
+            super().on_expert_gemm(dataclasses.replace(gemms, paddings=None))
 
     monitor = RowChecksumOnly()
     moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))

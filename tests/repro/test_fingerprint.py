@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from longcat_sim.model.router import RouterOutput
 
+from longcat_sim.model.router import RouterOutput
 from longcat_sim.repro.compare import Divergence, first_divergence, measured, ulp_difference
 from longcat_sim.repro.fingerprint import (
     Entry,

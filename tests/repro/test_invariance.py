@@ -13,8 +13,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from longcat_sim.model.config import get_preset
 
+from longcat_sim.model.config import get_preset
 from tests.repro.cases import (
     bitwise_equal,
     differing,
@@ -25,7 +25,7 @@ from tests.repro.cases import (
 )
 from tests.repro.conftest import threads
 from tests.repro.thread_worker import ThreadWorker
-from tests.strategies import moe_configs, seeds
+from tests.strategies import moe_configs, placements, seeds
 
 MODEL_SEEDS = st.integers(0, 2)  # few distinct models, so built models are reused
 
@@ -48,20 +48,12 @@ def batch_case(cfg: dict, seed: int, t: int, batch: int, pos: int, pad: int):
 
 
 @settings(max_examples=30)
-@given(
-    cfg=small_model_dicts(),
-    model_seed=MODEL_SEEDS,
-    seed=seeds,
-    t=st.integers(1, 24),
-    batch=st.integers(1, 4),
-    pad=st.integers(0, 40),
-    data=st.data(),
-)
+@given(cfg=small_model_dicts(), model_seed=MODEL_SEEDS, seed=seeds, at=placements(24, 4, 40))
 def test_sequence_logits_are_bitwise_equal_alone_or_inside_any_batch(
-    cfg, model_seed, seed, t, batch, pad, data
+    cfg, model_seed, seed, at
 ) -> None:
     """Any batch size, any row position, any amount of trailing padding (other tokens)."""
-    pos = data.draw(st.integers(0, batch - 1))
+    t, batch, pos, pad = at
     alone, rows = batch_case(cfg, seed, t, batch, pos, pad)
     with threads(1):
         expected = logits(cfg, model_seed, alone)[0]

@@ -1,0 +1,121 @@
+"""Deployment configs: what ``simulate``, ``sweep`` and the report deploy, one field per value.
+
+Names (model, hardware, assumptions, schedule, pipeline) are checked here to be names; the
+scenarios resolve them against the engines' catalogues (``model.config`` presets,
+``cluster.hardware``, ``cluster.assumptions``, ``cluster.schedules``), which own those lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from longcat_sim.config.fields import choice, flag, integer, name, number, optional, setting
+from longcat_sim.config.fields import validate as _validate
+from longcat_sim.errors import UserError
+
+ATTENTION_DTYPES = ("bf16", "fp8")
+
+
+def _rdma_gb_s(default: float | None) -> Any:
+    return setting(
+        default,
+        "override of the RDMA bandwidth per GPU and direction (unset: the hardware's own)",
+        unit="GB/s",
+        check=optional(number(0.0, open_low=True)),
+        kind=float,
+    )
+
+
+def _gpus(default: int | None, help: str, *, unset: bool = True) -> Any:
+    """A GPU count (``unset``: None is allowed and means the ``help``'s fallback)."""
+    check = optional(integer(1)) if unset else integer(1)
+    return setting(default, help, unit="GPUs", check=check, kind=int)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model: what ``params`` reads, and the first value of every deployment."""
+
+    model: str = setting("longcat-flash", "model preset name or TOML file", check=name())
+
+    def __post_init__(self) -> None:
+        _validate(self, flag, UserError)
+
+
+@dataclass(frozen=True)
+class Deployment(ModelChoice):
+    """Values every deployment has (the decode and training defaults differ)."""
+
+    hardware: str = setting("H800", "hardware catalogue name or TOML file", check=name())
+    rdma_gb_s: float | None = _rdma_gb_s(None)
+    gpus: int | None = _gpus(None, "GPUs in the deployment")
+    ep: int | None = _gpus(None, "expert-parallel group size")
+    schedule: str = setting("sbo", "overlap schedule of a layer", check=name())
+    redundant_experts: int = setting(
+        0, "expert replicas per layer", unit="experts", check=integer(0)
+    )
+    assumptions: str = setting("default", "assumption set name", check=name())
+    seed: int = setting(0, "root seed of sampled routing and contexts", check=integer(0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeDeployment(Deployment):
+    """One decode step: the embedded default is LongCat-Flash on 128 H800, EP128, SBO."""
+
+    gpus: int = _gpus(128, "GPUs in the deployment", unset=False)
+    ep: int | None = _gpus(None, "expert-parallel group size (unset: all GPUs)")
+    batch_per_device: int = setting(96, "requests per GPU", unit="requests", check=integer(1))
+    context: float = setting(
+        5000.0, "cached tokens each request attends to", unit="tokens", check=number(1.0)
+    )
+    attention_dtype: str = setting("bf16", "KV cache dtype", check=choice(*ATTENTION_DTYPES))
+    mtp_draft_tokens: int = setting(
+        1, "MTP draft tokens per step (0: no speculative decoding)", check=integer(0)
+    )
+    mtp_accept: float | None = setting(
+        None,
+        "share of draft tokens accepted (unset: the assumption set's mtp_accept)",
+        check=optional(number(0.0, 1.0)),
+        kind=float,
+    )
+    attention_tp: int = setting(1, "attention tensor parallelism", check=integer(1))
+    ffn_tp: int = setting(1, "dense FFN tensor parallelism", check=integer(1))
+
+
+@dataclass(frozen=True)
+class TrainDeployment(Deployment):
+    """One training step: the paper's sec. 5 setting (EP32, CP8, 200 Gb/s RDMA, ScMoE)."""
+
+    rdma_gb_s: float | None = _rdma_gb_s(25.0)  # 200 Gb/s RDMA per GPU (paper sec. 5.3)
+    gpus: int | None = _gpus(None, "GPUs in the deployment (unset: EP x PP)")
+    ep: int = _gpus(32, "expert-parallel group size", unset=False)
+    cp: int = setting(8, "context parallelism of attention", check=integer(1))
+    pp: int = setting(1, "pipeline stages", check=integer(1))
+    seq_len: int = setting(8192, "tokens per training sequence", unit="tokens", check=integer(1))
+    tokens_per_microbatch: int = setting(
+        4096, "tokens per GPU per micro-batch", unit="tokens", check=integer(1)
+    )
+    microbatches: int = setting(8, "micro-batches per step", check=integer(1))
+    moe_chunks: int = setting(2, "MoE token chunks", check=integer(1))
+    schedule: str = setting("scmoe", "overlap schedule of a layer", check=name())
+    pipeline: str = setting("none", "pipeline schedule", check=name())
+    assumptions: str = setting("train", "assumption set name", check=name())
+
+
+@dataclass(frozen=True)
+class HostStep:
+    """One ``train --nproc`` step on the host a calibration profile describes
+    (``simulate --mode host-ep``); its schedule is ``simulate``'s ``--schedule``."""
+
+    profile: str | None = setting(
+        None, "host.toml written by longcat-sim calibrate", check=optional(name()), kind=str
+    )
+    nproc: int = setting(2, "processes", unit="processes", check=integer(1))
+    batch_size: int = setting(8, "sequences per step", unit="sequences", check=integer(1))
+
+    def __post_init__(self) -> None:
+        _validate(self, flag, UserError)

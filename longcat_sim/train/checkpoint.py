@@ -1,0 +1,176 @@
+"""Training checkpoints: find, read, write (atomically), resume from and grow from.
+
+Layout: ``RUN/checkpoints/step-00000100/`` with ``config.json`` and ``model.safetensors``
+(Hugging Face format), ``trainer_state.pt`` (optimizer, controller, step, configs) and the
+marker ``COMPLETE``, written last. The directory is assembled under a temporary name and renamed
+into place, so a crash never leaves a checkpoint that looks complete. Every process of a run
+holds the whole model and optimizer state, so one process writes and any number can read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longcat_sim.errors import UserError
+from longcat_sim.model.balance import BiasController
+from longcat_sim.model.checkpoint import load_pretrained, save_pretrained
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.growth import grow_config, grow_optimizer_state, grow_state_dict
+from longcat_sim.model.hashing import parameter_hash
+from longcat_sim.model.optim import build_adamw
+from longcat_sim.model.transformer import LongcatFlashForCausalLM
+from longcat_sim.runs import write_bytes_atomic, write_json_atomic
+from longcat_sim.train.config import RESUMABLE_CHANGES, TrainConfig
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "trainer_state.pt"
+MARKER_NAME = "COMPLETE"
+STATE_FORMAT = "longcat-sim-train-state-v1"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of ``run_dir`` (those with the marker), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.name.startswith("step-") and (p / MARKER_NAME).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the latest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / MARKER_NAME).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(
+            f"{str(path)!r} holds no complete checkpoint; give a run directory written by "
+            "'longcat-sim train' or one of its checkpoints/step-* folders"
+        )
+    return latest
+
+
+def read_checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint (configs as objects, tensors on CPU)."""
+    path = Path(checkpoint)
+    try:
+        state = torch.load(io.BytesIO((path / STATE_NAME).read_bytes()), weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot read {str(path / STATE_NAME)!r}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{str(path)!r} is not a {STATE_FORMAT} checkpoint")
+    state["model_config"] = ModelConfig.from_dict(state["model_config"])
+    state["train_config"] = TrainConfig.from_dict(state["train_config"])
+    return state
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Temporary folders left by a crash mid-save (one writer per run)."""
+    for stale in (run_dir / CHECKPOINTS_DIR).glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    run_dir: Path, model: LongcatFlashForCausalLM, state: dict[str, Any], keep: int
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temporary folder, marker last, rename) and
+    keep the newest ``keep``; ``state`` is the trainer state (its ``step`` names the folder)."""
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    step = int(state["step"])
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(model, tmp)
+    buffer = io.BytesIO()
+    torch.save({"format": STATE_FORMAT, **state}, buffer)
+    write_bytes_atomic(tmp / STATE_NAME, buffer.getvalue())
+    write_json_atomic(tmp / MARKER_NAME, {"step": step, "param_hash": parameter_hash(model)})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def check_resumable(state: dict[str, Any], model_cfg: ModelConfig, tc: TrainConfig, path) -> None:
+    """The checkpoint's model config must equal ``model_cfg``, and its train config ``tc``
+    except for :data:`RESUMABLE_CHANGES`."""
+    if state["model_config"] != model_cfg:
+        raise UserError(f"checkpoint {str(path)!r} was written for a different model config")
+    saved, ours = state["train_config"].to_dict(), tc.to_dict()
+    differ = sorted(k for k in ours if ours[k] != saved[k] and k not in RESUMABLE_CHANGES)
+    if differ:
+        raise UserError(
+            f"cannot resume with changed train settings ({', '.join(differ)}); use the "
+            "checkpoint's settings or start a new run directory"
+        )
+
+
+def check_growable(small_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
+    """The depth factor from ``small_cfg`` to ``target_cfg``, or a one-line error."""
+    factor, rest = divmod(target_cfg.num_layers, small_cfg.num_layers)
+    expected = grow_config(small_cfg, max(factor, 1)).to_dict()
+    target = target_cfg.to_dict()
+    differ = sorted(k for k in target if k != "name" and target[k] != expected[k])
+    if rest or factor < 2 or differ:
+        raise UserError(
+            f"cannot grow {small_cfg.name!r} ({small_cfg.num_layers} layers) into "
+            f"{target_cfg.name!r} ({target_cfg.num_layers} layers): the target must "
+            "have a whole multiple (>= 2) of its layers and otherwise the same fields"
+            + (f" (differs in {', '.join(differ)})" if differ else "")
+        )
+    return factor
+
+
+def grow_into(
+    path: Path,
+    state: dict[str, Any],
+    model: LongcatFlashForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    controller: BiasController,
+) -> None:
+    """Stack the checkpoint's weights, Adam moments and controller state into ``model``'s depth
+    (layer ``i`` from layer ``i mod L_small``, spec §3.4)."""
+    small_cfg: ModelConfig = state["model_config"]
+    factor = model.config.num_layers // small_cfg.num_layers
+    small = load_pretrained(path).train()
+    model.load_state_dict(grow_state_dict(small.state_dict(), small_cfg.num_layers, factor))
+    small_optimizer = build_adamw(small, 1.0)
+    small_optimizer.load_state_dict(state["optimizer"])
+    grow_optimizer_state(small, small_optimizer, model, optimizer, small_cfg.num_layers)
+    controller.load_state_dict(
+        {
+            key: None if value is None else value.repeat(factor, 1)
+            for key, value in state["bias_controller"].items()
+        }
+    )

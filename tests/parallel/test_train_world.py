@@ -1,0 +1,149 @@
+"""``longcat-sim train`` in one process, in ``--nproc 2`` processes it spawns and under torchrun:
+one trainer, bitwise equal parameters in deterministic mode, checkpoints that move between
+world sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from longcat_sim.cli import main
+from longcat_sim.errors import UserError
+from longcat_sim.model.config import get_preset
+from longcat_sim.train.data import build_corpus_data
+from longcat_sim.train.world import World, check_nproc, env_world
+
+BYTE_BUDGET = 2**18
+SHAPE = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("data-cache")
+    build_corpus_data(get_preset("tiny").vocab_size, 32, byte_budget=BYTE_BUDGET, cache_dir=folder)
+    return str(folder)
+
+
+def train_args(cache: str, run_dir, *extra: str) -> list[str]:
+    return [
+        "train", "--model", "tiny", "--run-dir", str(run_dir), "--data-cache", cache,
+        "--set", f"byte_budget={BYTE_BUDGET}", "--set", "warmup_steps=1", "--deterministic",
+        "--json", *SHAPE, *extra,
+    ]  # fmt: skip
+
+
+def in_process(argv: list[str], capsys) -> dict:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def records(run_dir) -> list[dict]:
+    """metrics.jsonl without its timings."""
+    timings = {"step_seconds", "tokens_per_s", "slices_seconds", "exchange_seconds"}
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def one_process(cache, tmp_path_factory) -> tuple[dict, object]:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    code = subprocess.run(
+        [sys.executable, "-m", "longcat_sim", *train_args(cache, run_dir)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert code.returncode == 0, code.stderr
+    return json.loads(code.stdout), run_dir
+
+
+def test_nproc_2_ends_where_one_process_does(one_process, cache, tmp_path, capsys) -> None:
+    single, single_dir = one_process
+    results = in_process(train_args(cache, tmp_path / "two", "--nproc", "2"), capsys)
+    assert results["nproc"] == 2 and single["nproc"] == 1
+    assert results["param_hash"] == single["param_hash"]
+    assert results["val_loss"] == single["val_loss"]
+    assert records(tmp_path / "two") == records(single_dir)
+
+
+def test_torchrun_ends_where_one_process_does(one_process, cache, tmp_path) -> None:
+    single, _ = one_process
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    argv = [*torchrun, "--nproc-per-node", "2", "-m", "longcat_sim"]
+    done = subprocess.run(
+        [*argv, *train_args(cache, tmp_path / "torchrun")],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)  # rank 0 alone prints
+    assert results["nproc"] == 2 and results["param_hash"] == single["param_hash"]
+    assert json.loads((tmp_path / "torchrun" / "results.json").read_text()) == results
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_end_where_one_process_does(one_process, cache, tmp_path) -> None:
+    """Two torchrun agents, one per "host" (``--nnodes 2``, c10d rendezvous on loopback, a
+    shared run directory): the same parameters as one process."""
+    single, _ = one_process
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    run_dir = tmp_path / "two-nodes"
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "-m", "longcat_sim",
+             *train_args(cache, run_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    outputs = [agent.communicate(timeout=300) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, err
+    results = json.loads(outputs[0][0])  # node 0 holds global rank 0, which alone prints
+    assert outputs[1][0].strip() == ""
+    assert results["nproc"] == 2 and results["param_hash"] == single["param_hash"]
+
+
+def test_a_world_2_checkpoint_resumes_at_world_1_bitwise(
+    one_process, cache, tmp_path, capsys
+) -> None:
+    single, single_dir = one_process
+    run_dir = tmp_path / "split"
+    half = in_process(train_args(cache, run_dir, "--nproc", "2", "--stop-after", "2"), capsys)
+    assert half["steps"] == 2 and half["param_hash"] != single["param_hash"]  # control
+    resumed = in_process(
+        ["train", "--run-dir", str(run_dir), "--resume", "--data-cache", cache, "--json"], capsys
+    )
+    assert resumed["start_step"] == 2 and resumed["nproc"] == 1
+    assert resumed["param_hash"] == single["param_hash"]
+    assert resumed["val_loss"] == single["val_loss"]
+    assert records(run_dir) == records(single_dir)
+
+
+def test_world_sizes_that_cannot_shard_are_refused(monkeypatch, tmp_path, capsys) -> None:
+    with pytest.raises(UserError, match="must divide the 2 slices"):
+        check_nproc(4, get_preset("tiny"), 8, slice_size=4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert env_world() == World(1, 2, 1)
+    code = main(["train", "--nproc", "4", "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and "differs from torchrun's WORLD_SIZE=2" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(UserError, match="RANK=2 is not in a world of WORLD_SIZE=2"):
+        env_world()
+    monkeypatch.delenv("RANK")
+    assert env_world() is None
