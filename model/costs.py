@@ -264,21 +264,13 @@ class _OpTotals:
     def _each_op(self) -> Iterable[OpCost]:
         raise NotImplementedError
 
-    @property
-    def flops(self) -> float:
-        return sum(op.flops for op in self._each_op())
+    def _total(self, quantity: str) -> float:
+        return sum(getattr(op, quantity) for op in self._each_op())
 
-    @property
-    def weight_bytes(self) -> float:
-        return sum(op.weight_bytes for op in self._each_op())
-
-    @property
-    def act_bytes(self) -> float:
-        return sum(op.act_bytes for op in self._each_op())
-
-    @property
-    def kv_bytes(self) -> float:
-        return sum(op.kv_bytes for op in self._each_op())
+    flops = property(lambda self: self._total("flops"), doc="FLOPs of every op")
+    weight_bytes = property(lambda self: self._total("weight_bytes"), doc="weight bytes read")
+    act_bytes = property(lambda self: self._total("act_bytes"), doc="activation bytes moved")
+    kv_bytes = property(lambda self: self._total("kv_bytes"), doc="KV-cache bytes read")
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,19 @@ def _rows(section: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[
         yield where, mapping(row, where)
 
 
+def _entries(
+    section: Mapping[str, Any], key: str, path: str
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path, mapping) of each entry of a section's ``key`` mapping (plural noun), which must
+    name at least one."""
+    entries = mapping(field(section, key, path), _where(path, key))
+    if not entries:
+        raise ReportInputError(f"{path}.{key} must name at least one {key.removesuffix('s')}")
+    for name, entry in entries.items():
+        where = _where(_where(path, key), name)
+        yield where, mapping(entry, where)
+
+
 # -- checks of each section ----------------------------------------------------------------------
 
 
@@ -176,12 +189,7 @@ def check_timelines(section: Any, path: str = "timelines") -> None:
     integer(field(section, "batch_per_device", path), _where(path, "batch_per_device"))
     for i, layer in enumerate(items(field(section, "layers", path), _where(path, "layers"))):
         integer(layer, _where(_where(path, "layers"), i))
-    schedules = mapping(field(section, "schedules", path), _where(path, "schedules"))
-    if not schedules:
-        raise ReportInputError(f"{path}.schedules must name at least one schedule")
-    for name, schedule in schedules.items():
-        where = _where(_where(path, "schedules"), name)
-        schedule = mapping(schedule, where)
+    for where, schedule in _entries(section, "schedules", path):
         numbers_at(schedule, ("tpl_us", "tpot_ms", "exposed_comm_share"), where)
         events = items(field(schedule, "events", where), _where(where, "events"), non_empty=True)
         for j, event in enumerate(events):
@@ -190,12 +198,7 @@ def check_timelines(section: Any, path: str = "timelines") -> None:
 
 def check_pareto(section: Any, path: str = "pareto") -> None:
     section = mapping(section, path)
-    models = mapping(field(section, "models", path), _where(path, "models"))
-    if not models:
-        raise ReportInputError(f"{path}.models must name at least one model")
-    for name, model in models.items():
-        where = _where(_where(path, "models"), name)
-        model = mapping(model, where)
+    for where, model in _entries(section, "models", path):
         text(field(model, "schedule", where), _where(where, "schedule"))
         points = items(field(model, "points", where), _where(where, "points"), non_empty=True)
         for j, point in enumerate(points):

@@ -51,7 +51,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longcat_sim.repro.moe_step import ExpertGemms, ExpertRows, grouped_gemm
+from longcat_sim.repro.moe_step import (
+    CombineOutputs,
+    ExpertFfn,
+    ExpertGemms,
+    ExpertRows,
+    grouped_gemm,
+)
 
 ABFT_ALARM_PROBABILITY = 1e-7
 
@@ -134,19 +140,19 @@ class AbftMonitor:
                 self.alarms += int(pad_SP.ne(0).any(dim=1).sum())
                 self.alarm_sites.append(f"expert_gemm.{name}.padding")
 
-    def on_expert_ffn(self, *args: object, **kwargs: object) -> None:
+    def on_expert_ffn(self, ffn: ExpertFfn) -> None:
         return None
 
-    def on_combine(
-        self,
-        out_TD: torch.Tensor,
-        gate_TK: torch.Tensor,
-        y_TKD: torch.Tensor,
-        dispatch: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
+    def on_combine(self, combine: CombineOutputs) -> None:
         """Check ``sum_h out[t] = sum_k g[t, k] sum_h y[t, k]``. With ``dispatch`` =
         ``(slot_S, x_TD)`` the per-slot row sums and magnitude bounds come from the down GEMM's
         check (FFN slots) and from x (zero-expert slots) instead of another pass over y."""
+        out_TD, gate_TK, y_TKD, dispatch = (
+            combine.out_TD,
+            combine.gate_TK,
+            combine.y_TKD,
+            combine.dispatch,
+        )
         tokens, k = gate_TK.shape
         width = out_TD.shape[1]
         if dispatch is not None and self._down is not None:
@@ -183,18 +189,13 @@ class RecomputeMonitor:
     def on_expert_gemm(self, gemms: ExpertGemms) -> None:
         return None
 
-    def on_combine(self, *args: object, **kwargs: object) -> None:
+    def on_combine(self, combine: CombineOutputs) -> None:
         return None
 
     @torch.no_grad()
-    def on_expert_ffn(
-        self,
-        x_SD: torch.Tensor,
-        weights: dict[str, torch.Tensor],
-        stages: dict[str, torch.Tensor],
-        rows: ExpertRows,
-        step: int,
-    ) -> None:
+    def on_expert_ffn(self, ffn: ExpertFfn) -> None:
+        x_SD, weights, stages, rows = ffn.x_SD, ffn.weights, ffn.stages, ffn.rows
+        step = ffn.step
         active = [e for e, (s, t) in enumerate(zip(rows.starts, rows.ends, strict=True)) if t > s]
         if not active:
             return

@@ -205,30 +205,40 @@ class ExpertGemms:
     paddings: tuple[torch.Tensor, ...] | None = None
 
 
+@dataclass(frozen=True)
+class ExpertFfn:
+    """The expert FFN of step ``step``: its input rows, weights, stage outputs (``gate_up``,
+    ``hidden``, ``down``, ...) and the rows of each expert."""
+
+    x_SD: torch.Tensor
+    weights: dict[str, torch.Tensor]
+    stages: dict[str, torch.Tensor]
+    rows: ExpertRows
+    step: int
+
+
+@dataclass(frozen=True)
+class CombineOutputs:
+    """The combine's output, gates and per-slot expert outputs; ``dispatch`` is
+    ``(slot_S, x_TD)``: where each dispatched row's output went, and the tokens."""
+
+    out_TD: torch.Tensor
+    gate_TK: torch.Tensor
+    y_TKD: torch.Tensor
+    dispatch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class StepMonitor(Protocol):
     """A check riding along a step (ABFT, in-place recompute)."""
 
     def on_expert_gemm(self, gemms: ExpertGemms) -> None:
         """Expert GEMMs that share their input (:class:`ExpertGemms`)."""
 
-    def on_expert_ffn(
-        self,
-        x_SD: torch.Tensor,
-        weights: dict[str, torch.Tensor],
-        stages: dict[str, torch.Tensor],
-        rows: ExpertRows,
-        step: int,
-    ) -> None: ...
+    def on_expert_ffn(self, ffn: ExpertFfn) -> None:
+        """The expert FFN of a step (:class:`ExpertFfn`)."""
 
-    def on_combine(
-        self,
-        out_TD: torch.Tensor,
-        gate_TK: torch.Tensor,
-        y_TKD: torch.Tensor,
-        dispatch: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """The combine's output, gates and per-slot expert outputs; ``dispatch`` is
-        ``(slot_S, x_TD)``: where each dispatched row's output went, and the tokens."""
+    def on_combine(self, combine: CombineOutputs) -> None:
+        """The combine (:class:`CombineOutputs`)."""
 
 
 def stable_topk(values_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -389,7 +399,9 @@ def _combine(
     if injector is not None:
         out_TD = injector.at("combine", out_TD)
     for m in monitors:
-        m.on_combine(out_TD.detach(), gate_TK.detach(), y_TKD.detach(), (slot_S, x_TD))
+        m.on_combine(
+            CombineOutputs(out_TD.detach(), gate_TK.detach(), y_TKD.detach(), (slot_S, x_TD))
+        )
     return out_TD
 
 
@@ -455,7 +467,7 @@ def moe_step(
     x_norms_S = torch.linalg.vector_norm(x_TD, dim=1)[token_S] if monitors else None
     stages = swiglu_ffn(x_SD, weights, rows, injector, monitors, work.scales, x_norms_S)
     for m in monitors:
-        m.on_expert_ffn(x_SD.detach(), weights, stages, rows, work.step)
+        m.on_expert_ffn(ExpertFfn(x_SD.detach(), weights, stages, rows, work.step))
     out_TD = _combine(x_TD, idx_TK, gate_TK, slot_S, stages["down"], n, injector, monitors)
 
     # loss and backward

@@ -27,6 +27,7 @@ from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.repro.detectors import AbftMonitor
 from longcat_sim.repro.moe_step import (
     EXPERT_WEIGHTS,
+    CombineOutputs,
     MoEStepConfig,
     expert_rows,
     initial_state,
@@ -105,7 +106,7 @@ def abft_workloads() -> dict[str, Callable[[], None]]:
             monitor = AbftMonitor()
             norms = torch.linalg.vector_norm(x_TD, dim=1)[slot_S // k]
             swiglu_ffn(x_SD, encoded, rows, None, (monitor,), state.scales, norms)
-            monitor.on_combine(out_TD, gates, y_TKD, (slot_S, x_TD))
+            monitor.on_combine(CombineOutputs(out_TD, gates, y_TKD, (slot_S, x_TD)))
             assert monitor.alarms == 0
 
     def encode() -> None:
