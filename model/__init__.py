@@ -1,6 +1,6 @@
 """LongCat-Flash in PyTorch, plus its torch-free configuration and analytic cost model.
 
-Importing ``model`` does not import torch: ``model.config`` and ``model.costs`` stay
+Importing ``longcat_sim.model`` does not import torch: its ``config`` and ``costs`` stay
 usable by the simulator bridge. Torch-backed names load on first use.
 """
 
@@ -31,4 +31,4 @@ def __getattr__(name: str) -> Any:
         from longcat_sim.model.checkpoint import load_pretrained
 
         return load_pretrained
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
+    raise AttributeError(f"module 'longcat_sim.model' has no attribute {name!r}")

@@ -66,6 +66,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from longcat_sim import stages as S
 from longcat_sim.model.config import ConfigError, ModelConfig
 
 Phase = Literal["decode", "prefill", "train"]
@@ -548,7 +549,7 @@ def _moe_ops(
     ops = [
         _op(
             "router.classifier",
-            "router",
+            S.ROUTER,
             "router",
             2 * tokens * h * e,
             weight=h * e * ROUTER_WEIGHT_BYTES,
@@ -556,23 +557,23 @@ def _moe_ops(
         ),
         _op(
             "router.topk",
-            "router",
+            S.ROUTER,
             "memory",
             6 * tokens * e,
             act=tokens * e * 4 + tokens * cfg.moe_topk * 12,  # fp32 scores; index + gate out
         ),
         _op(
             "experts.gate_up_proj",
-            "moe",
+            S.ROUTED_EXPERTS,
             "grouped_gemm",
             2 * pairs * h * 2 * inter,
             weight=distinct * 2 * h * inter * b.weight,
             act=pairs * (h + 2 * inter) * b.act,
         ),
-        _swiglu("experts.act", "moe", pairs, inter, b),
+        _swiglu("experts.act", S.ROUTED_EXPERTS, pairs, inter, b),
         _op(
             "experts.down_proj",
-            "moe",
+            S.ROUTED_EXPERTS,
             "grouped_gemm",
             2 * pairs * inter * h,
             weight=distinct * inter * h * b.weight,
@@ -580,8 +581,8 @@ def _moe_ops(
         ),
     ]
     comms = [
-        CommCost("dispatch", "dispatch", pairs * h * b.dispatch),
-        CommCost("combine", "combine", pairs * h * b.combine),
+        CommCost("dispatch", S.DISPATCH, pairs * h * b.dispatch),
+        CommCost("combine", S.COMBINE, pairs * h * b.combine),
     ]
     return ops, comms
 
@@ -613,7 +614,7 @@ def _backward(
     for comm in reversed(comms):
         volume = comm.bytes
         if comm.collective == "all_to_all":  # gradients travel at the combine precision
-            per_element = b.dispatch if comm.stage == "dispatch" else b.combine
+            per_element = b.dispatch if comm.stage == S.DISPATCH else b.combine
             volume = comm.bytes / per_element * b.combine
         bwd_comms.append(
             replace(
@@ -696,23 +697,23 @@ def _layer(
     ops: list[OpCost] = []
     comms: list[CommCost] = []
     if kind == "scmoe":
-        ops += _attention_ops(cfg, s, b, "attn0", "attn0", "attn0")
-        ops.append(_norm("attn0.post_attention_norm", "attn0", t, h, b))
-        ops += _ffn_ops("ffn0", "ffn0", t, h, cfg.ffn_hidden_size, tp, b)
-        ops += _attention_ops(cfg, s, b, "attn1", "attn1_qkv", "attn1_core")
-        ops.append(_norm("attn1.post_attention_norm", "ffn1", t, h, b))
-        ops += _ffn_ops("ffn1", "ffn1", t, h, cfg.ffn_hidden_size, tp, b)
-        comms += _tp_comms("ffn0", "ffn0_tp", t, h, tp, b)
-        comms += _tp_comms("ffn1", "ffn1_tp", t, h, tp, b)
+        ops += _attention_ops(cfg, s, b, "attn0", S.ATTENTION_0, S.ATTENTION_0)
+        ops.append(_norm("attn0.post_attention_norm", S.ATTENTION_0, t, h, b))
+        ops += _ffn_ops("ffn0", S.DENSE_FFN_0, t, h, cfg.ffn_hidden_size, tp, b)
+        ops += _attention_ops(cfg, s, b, "attn1", S.ATTENTION_1_QKV, S.ATTENTION_1_CORE)
+        ops.append(_norm("attn1.post_attention_norm", S.DENSE_FFN_1, t, h, b))
+        ops += _ffn_ops("ffn1", S.DENSE_FFN_1, t, h, cfg.ffn_hidden_size, tp, b)
+        comms += _tp_comms("ffn0", S.DENSE_FFN_0_TP, t, h, tp, b)
+        comms += _tp_comms("ffn1", S.DENSE_FFN_1_TP, t, h, tp, b)
     else:
-        ops += _attention_ops(cfg, s, b, "attn", "attn_qkv", "attn_core")
-        ops.append(_norm("attn.post_attention_norm", "attn_core", t, h, b))
+        ops += _attention_ops(cfg, s, b, "attn", S.ATTENTION_QKV, S.ATTENTION_CORE)
+        ops.append(_norm("attn.post_attention_norm", S.ATTENTION_CORE, t, h, b))
         if kind == "dense":
-            ops += _ffn_ops("ffn", "ffn", t, h, cfg.ffn_hidden_size, tp, b)
-            comms += _tp_comms("ffn", "ffn_tp", t, h, tp, b)
+            ops += _ffn_ops("ffn", S.DENSE_FFN, t, h, cfg.ffn_hidden_size, tp, b)
+            comms += _tp_comms("ffn", S.DENSE_FFN_TP, t, h, tp, b)
         elif cfg.n_shared_experts:
             inter = cfg.n_shared_experts * cfg.expert_ffn_hidden_size
-            ops += _ffn_ops("shared_experts", "shared", t, h, inter, 1, b)
+            ops += _ffn_ops("shared_experts", S.SHARED_EXPERTS, t, h, inter, 1, b)
     pairs = 0.0
     if kind != "dense":
         moe_ops, moe_comms = _moe_ops(cfg, t, k, b)

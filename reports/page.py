@@ -182,8 +182,8 @@ def _subtitle(config: Mapping[str, Any]) -> str:
     parts = []
     if "gpus" in config:
         parts.append(f"EP{config['gpus']}")
-    if "timeline_batch" in config:
-        parts.append(f"{config['timeline_batch']} requests per GPU")
+    if "timeline_batch_per_device" in config:
+        parts.append(f"{config['timeline_batch_per_device']} requests per GPU")
     if "context" in config:
         parts.append(f"{config['context']}-token contexts")
     if "attention_dtype" in config:

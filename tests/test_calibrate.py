@@ -161,7 +161,7 @@ def test_contention_probe_sees_ranks_share_the_cores():
 
 
 def test_load_probe_over_gloo_measures_every_term():
-    probe = measure.LoadProbe((64, 32768), (4096, 65536), 20, 64, 4, 2, (40, 5), 32768)
+    probe = measure.LoadProbe((64, 32768), (4096, 65536), 20, 128, 4, 2, (40, 5), 32768)
     probes = launch(measure.load_probe, 2, probe)
     for probe in probes:
         assert probe["compute_s"] > 0

@@ -163,7 +163,7 @@ def test_a_corrupt_cache_entry_is_recomputed(default_run: dict, tmp_path: Path, 
 def test_sections_are_cached_by_what_they_read(default_run: dict, tmp_path: Path, capsys) -> None:
     out = _copy(default_run, tmp_path)
     config = tmp_path / "report.toml"
-    config.write_text('[report]\nbatch_sizes = [16, 8]\ncompare_models = ["longcat-flash"]\n')
+    config.write_text('[report]\nbatch_per_device = [16, 8]\ncompare_models = ["longcat-flash"]\n')
     code, stdout, err = _run(
         ["report", "--config", str(config), "--run-dir", str(out), "--no-png", "--json"], capsys
     )
@@ -272,8 +272,8 @@ def test_png_export_is_skipped_cleanly_without_kaleido(
          "is not valid TOML"),
         (lambda d: (d / "c.toml").write_text("gpus = 8\n"), ["--config", "c.toml"],
          "put settings under [report]"),
-        (lambda d: (d / "c.toml").write_text("[report]\nbatch_sizes = [0]\n"),
-         ["--config", "c.toml"], "'batch_sizes' must be a non-empty list of distinct values, each an integer >= 1"),
+        (lambda d: (d / "c.toml").write_text("[report]\nbatch_per_device = [0]\n"),
+         ["--config", "c.toml"], "'batch_per_device' must be a non-empty list of distinct values, each an integer >= 1"),
         (lambda d: (d / "c.toml").write_text('[report]\nmodel = "nope"\n'),
          ["--config", "c.toml"], "unknown model 'nope'"),
         (lambda d: None, ["--config", "missing.toml"], "does not exist"),

@@ -33,6 +33,7 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.runs import config_hash, write_text_atomic
 from longcat_sim.train import distributed, training
+from longcat_sim.train.world import check_nproc
 
 WARMUP_STEPS = 2
 EXCHANGES_PER_LAYER = 5  # counts, dispatch, combine forward; two reverses in backward
@@ -167,7 +168,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[int], ModelCo
                         f"{cfg.topology!r}: use a preset without topology='conventional'")  # fmt: skip
     for world in nprocs:
         for batch in batches:
-            distributed.check_nproc(world, cfg, batch)
+            check_nproc(world, cfg, batch)
     return nprocs, batches, cfg
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.flags import add_config_flags, set_values
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.model.determinism import deterministic_config
@@ -27,6 +28,7 @@ from longcat_sim.model.kernels.backend import triton_available, triton_interpret
 from longcat_sim.train import config as training_config
 from longcat_sim.train import distributed
 from longcat_sim.train.checkpoint import latest_checkpoint, read_checkpoint_state
+from longcat_sim.train.config import TrainConfig
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import load_data
 from longcat_sim.train.world import (
@@ -39,28 +41,26 @@ from longcat_sim.train.world import (
 
 HELP = "train a model with the expert-bias controller; metrics, checkpoints and --resume"
 
-# CLI flag -> TrainConfig field
-_FLAG_SETTINGS = {
-    "steps": "steps",
-    "seed": "seed",
-    "batch_size": "batch_size",
-    "seq_len": "seq_len",
-    "lr": "lr",
-    "bias_rate": "bias_rate",
-    "eval_every": "eval_every",
-    "checkpoint_every": "checkpoint_every",
-    "deterministic": "deterministic",
-}
+
+def _preset_defaults() -> dict[str, str]:
+    """A train setting's default as ``--help`` shows it: tiny's, then the presets' own."""
+    tiny = TrainConfig()
+    shown: dict[str, list[str]] = {}
+    for preset, values in training_config.PRESET_TRAIN_DEFAULTS.items():
+        for name, value in values.items():
+            if value != getattr(tiny, name):
+                shown.setdefault(name, [f"{getattr(tiny, name):g}"]).append(f"{preset} {value:g}")
+    return {name: "; ".join(parts) for name, parts in shown.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and the settings of the run."""
+    """The model, every train setting (a ``TrainConfig`` field) and the run's options."""
     parser.add_argument(
         "--model",
         default=None,
         help="preset name or TOML file (default tiny; on --resume, the checkpoint's model)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="steps of the whole run")
+    add_config_flags(parser, TrainConfig, defaults=_preset_defaults())
     parser.add_argument(
         "--target-ffn-experts",
         type=float,
@@ -68,17 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TARGET",
         help="average FFN experts per token the bias controller steers to (JSON key "
         "target_ffn_experts)",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="root seed (init and data streams)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    parser.add_argument(
-        "--bias-rate", type=float, default=None, help="bias adaptation rate μ (0: controller off)"
-    )
-    parser.add_argument("--eval-every", type=int, default=None, help="validate every N steps")
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=None, help="checkpoint every N steps"
     )
     parser.add_argument(
         "--set",
@@ -114,13 +103,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=1, help="torch CPU threads (default 1, reproducible)"
     )
     parser.add_argument(
-        "--deterministic",
-        action="store_true",
-        default=None,
-        help="deterministic mode: batch-invariant kernels, results equal for any --threads "
-        "and any --nproc",
-    )
-    parser.add_argument(
         "--nproc",
         type=int,
         default=None,
@@ -152,10 +134,7 @@ def _requested_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
     train, model = training_config.parse_overrides(args.overrides)
     if args.kernels is not None:
         model["kernels"] = args.kernels
-    for flag, name in _FLAG_SETTINGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            train[name] = value
+    train.update(set_values(args, TrainConfig))  # a flag wins over --set
     return train, model
 
 
@@ -236,7 +215,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     if world is not None and args.nproc not in (None, world.size):
         raise UserError(f"--nproc {args.nproc} differs from torchrun's WORLD_SIZE={world.size}")
     check_nproc(nproc, model_cfg, train_cfg.batch_size, train_cfg.slice_size)
-    _check_kernels(model_cfg, train_cfg)
+    _check_kernels(model_cfg, train_cfg, nproc)
     rank_run = distributed.RankRun(
         model_cfg, train_cfg, str(run_dir),
         data_cache=None if args.data_cache is None else str(args.data_cache),
@@ -248,10 +227,18 @@ def run(args: argparse.Namespace) -> CommandOutput:
     return _output(args, model_cfg, train_cfg, config_hash, summary)
 
 
-def _check_kernels(model_cfg: ModelConfig, train_cfg: training_config.TrainConfig) -> None:
-    """Refuse, before any work, kernels the trainer's CPU tensors cannot run."""
+def _check_kernels(
+    model_cfg: ModelConfig, train_cfg: training_config.TrainConfig, nproc: int
+) -> None:
+    """Refuse, before any work, kernels the trainer cannot run: Triton runs the model's own
+    MoE, in one process, and on the CPU only under the interpreter."""
     if train_cfg.deterministic:
         deterministic_config(model_cfg)  # raises for kernels other than torch
+    if model_cfg.kernels == "triton" and nproc > 1:
+        raise UserError(
+            f"--kernels triton runs in one process; with {nproc} processes the experts run in "
+            "the expert-parallel exchange: use --kernels torch or one process"
+        )
     if model_cfg.kernels == "triton" and not (triton_available() and triton_interpreting()):
         raise UserError(
             "--kernels triton: the trainer's tensors are on the CPU, where Triton kernels need "

@@ -6,6 +6,7 @@ exit code 2 (``cli._Parser``), several commands share one parser per mode, and a
 validator must run once, at config construction, with the same message whatever the source
 (flag, TOML key or JSON key). Each option is ``--field-name``; its help is the field's help,
 unit and default; it defaults to None so a config built from arguments knows what was given.
+A boolean field is a switch, ``--field-name`` / ``--no-field-name``.
 """
 
 from __future__ import annotations
@@ -90,13 +91,19 @@ def add_config_flags(
         kind = field.metadata["kind"]
         target = parser if len(owned_by) == len(classes) else groups[owned_by[0]]
         listed = as_lists or isinstance(field.default, tuple)
+        text = _help(field, owned_by, defaults or {})
+        if kind is bool and not listed:  # a switch: --name / --no-name
+            target.add_argument(
+                flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text
+            )
+            continue
         target.add_argument(
             flag(name),
             dest=name,
             type=list_of(kind) if listed else kind,
             default=None,
             metavar="A,B,..." if listed else None,
-            help=_help(field, owned_by, defaults or {}),
+            help=text,
         )
 
 

@@ -46,7 +46,7 @@ class ReportConfig:
         check=optional(number(0.0, 1.0)),
         kind=float,
     )
-    timeline_batch: int = setting(
+    timeline_batch_per_device: int = setting(
         96, "requests per GPU in the timelines", unit="requests", check=integer(1)
     )
     timeline_layers: int = setting(
@@ -58,7 +58,7 @@ class ReportConfig:
         check=names(name()),
         kind=str,
     )
-    batch_sizes: tuple[int, ...] = setting(
+    batch_per_device: tuple[int, ...] = setting(
         (4, 8, 16, 32, 48, 64, 96, 128, 192, 256),
         "requests per GPU on the Pareto front",
         unit="requests",

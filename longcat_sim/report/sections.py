@@ -349,7 +349,7 @@ def timelines_section(r: Resolved) -> dict[str, Any]:
     wanted = set(layers)
     schedules = {}
     for schedule in ("sequential", "tbo", "sbo"):
-        result, _ = run_decode(_setup(r, r.model, c.timeline_batch, schedule))
+        result, _ = run_decode(_setup(r, r.model, c.timeline_batch_per_device, schedule))
         schedules[schedule] = {
             "tpl_us": result.tpl_us,
             "tpot_ms": result.tpot_ms,
@@ -360,7 +360,7 @@ def timelines_section(r: Resolved) -> dict[str, Any]:
         }
     return {
         "model": r.model.name,
-        "batch_per_device": c.timeline_batch,
+        "batch_per_device": c.timeline_batch_per_device,
         "layers": layers,
         "schedules": schedules,
     }
@@ -368,7 +368,7 @@ def timelines_section(r: Resolved) -> dict[str, Any]:
 
 def pareto_section(r: Resolved) -> dict[str, Any]:
     """Every compared model at every batch size, on its own overlap schedule."""
-    batches = sorted(r.config.batch_sizes)
+    batches = sorted(r.config.batch_per_device)
     setups = [_setup(r, cfg, batch, _deployment(cfg)[0]) for cfg in r.compare for batch in batches]
     records = iter(_points(setups))
     models = {}
@@ -431,11 +431,13 @@ SECTIONS: dict[str, tuple[Callable[[Resolved], dict[str, Any]], Callable[[Resolv
     ),
     "timelines": (
         timelines_section,
-        lambda r: _reads(r, *_DEPLOYMENT_SETTINGS, "timeline_batch", "timeline_layers", model=True),
+        lambda r: _reads(
+            r, *_DEPLOYMENT_SETTINGS, "timeline_batch_per_device", "timeline_layers", model=True
+        ),
     ),
     "pareto": (
         pareto_section,
-        lambda r: _reads(r, *_DEPLOYMENT_SETTINGS, "batch_sizes", compare=True),
+        lambda r: _reads(r, *_DEPLOYMENT_SETTINGS, "batch_per_device", compare=True),
     ),
     "training_overlap": (
         training_overlap_section,

@@ -4,8 +4,6 @@ the FFN-expert target, seed streams and the memory check."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from longcat_sim.config.fields import Check, integer, number, setting, validate
+from longcat_sim.config.hashing import config_hash
 from longcat_sim.errors import UserError
 from longcat_sim.model import costs
 from longcat_sim.model.balance import BiasRateSchedule
@@ -22,6 +22,16 @@ from longcat_sim.model.optim import PAPER_ADAM_EPS
 from longcat_sim.train.data import DEFAULT_BYTE_BUDGET
 
 SEED_STREAMS = ("init", "data")
+RATE_KINDS = ("constant", "cosine", "exponential")
+
+_COUNT, _SIZE = integer(1), integer(0)
+_POS, _NON_NEG, _SHARE = number(0.0, open_low=True), number(0.0), number(0.0, 1.0)
+_OPEN_SHARE = Check(
+    "must lie strictly between 0 and 1",
+    lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0.0 < v < 1.0,
+)
+_RATE_KINDS = Check("must be constant, cosine or exponential", lambda v: v in RATE_KINDS)
+_BOOL = Check("must be true or false", lambda v: isinstance(v, bool))
 
 # -- settings ------------------------------------------------------------------------------------
 
@@ -39,46 +49,68 @@ class TrainConfig:
     batch. Gradients do not depend on how the slices are spread over processes.
     """
 
-    steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 64
-    slice_size: int = 1
-    seed: int = 0
+    steps: int = setting(
+        300, "steps of the whole run (the LR schedule's length)", unit="steps", check=_COUNT
+    )
+    batch_size: int = setting(8, "sequences per step", unit="sequences", check=_COUNT)
+    seq_len: int = setting(64, "tokens per sequence", unit="tokens", check=_COUNT)
+    slice_size: int = setting(
+        1,
+        "sequences per forward/backward slice (divides batch_size)",
+        unit="sequences",
+        check=_COUNT,
+    )
+    seed: int = setting(0, "root seed (init and data streams)", check=_SIZE)
     # optimizer and schedule
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = PAPER_ADAM_EPS
-    grad_clip: float = 1.0
-    proxy_width: int = 0  # > 0: transfer lr and init variance from this width (Table 1)
+    lr: float = setting(3e-3, "peak learning rate", check=_POS)
+    warmup_steps: int = setting(20, "linear LR warmup (at most steps)", unit="steps", check=_SIZE)
+    min_lr_ratio: float = setting(0.1, "final LR as a share of the peak", check=_SHARE)
+    weight_decay: float = setting(0.1, "AdamW weight decay", check=_NON_NEG)
+    beta1: float = setting(0.9, "Adam first-moment decay", check=_SHARE)
+    beta2: float = setting(0.95, "Adam second-moment decay", check=_SHARE)
+    adam_eps: float = setting(PAPER_ADAM_EPS, "Adam epsilon", check=_NON_NEG)
+    grad_clip: float = setting(1.0, "global gradient-norm clip", check=_NON_NEG)
+    proxy_width: int = setting(
+        0, "transfer lr and init variance from this width (0: off; Table 1)", check=_SIZE
+    )
     # expert-bias controller (Eq. 2); bias_rate 0 switches it off
-    bias_rate: float = 0.1
-    bias_rate_kind: str = "constant"
-    bias_rate_final: float = 0.0
-    bias_rate_decay: float = 1.0
+    bias_rate: float = setting(0.1, "bias adaptation rate μ (0: controller off)", check=_NON_NEG)
+    bias_rate_kind: str = setting("constant", "schedule of μ", check=_RATE_KINDS)
+    bias_rate_final: float = setting(
+        0.0, "μ at the end of a cosine/exponential schedule", check=_NON_NEG
+    )
+    bias_rate_decay: float = setting(
+        1.0, "per-step factor of an exponential μ schedule", check=number(0.0, 1.0, open_low=True)
+    )
     # auxiliary losses
-    balance_alpha: float = 1e-3
-    balance_groups: int = 4
-    z_loss: float = 1e-6
-    mtp_weight: float = 0.3
+    balance_alpha: float = setting(1e-3, "balance-loss weight α", check=_NON_NEG)
+    balance_groups: int = setting(4, "device groups of the balance loss", check=_COUNT)
+    z_loss: float = setting(1e-6, "hidden z-loss weight λ", check=_NON_NEG)
+    mtp_weight: float = setting(0.3, "multi-token-prediction loss weight", check=_NON_NEG)
     # bookkeeping
-    eval_every: int = 50
-    eval_batches: int = 8  # 0: the whole validation split
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    stats_window: int = 50
+    eval_every: int = setting(50, "validate every N steps", unit="steps", check=_COUNT)
+    eval_batches: int = setting(
+        8, "validation batches (0: the whole validation split)", unit="batches", check=_SIZE
+    )
+    checkpoint_every: int = setting(100, "checkpoint every N steps", unit="steps", check=_COUNT)
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk", check=_COUNT)
+    stats_window: int = setting(
+        50, "steps the FFN-experts statistics average over", unit="steps", check=_COUNT
+    )
     # data
-    byte_budget: int = DEFAULT_BYTE_BUDGET
-    val_fraction: float = 0.05
-    split_seed: int = 0
+    byte_budget: int = setting(DEFAULT_BYTE_BUDGET, "corpus bytes read", unit="bytes", check=_COUNT)
+    val_fraction: float = setting(0.05, "share of the corpus held out", check=_OPEN_SHARE)
+    split_seed: int = setting(0, "seed of the train/validation split", check=_SIZE)
     # reproducibility: batch-invariant kernels and a fixed-order gradient norm
-    deterministic: bool = False
+    deterministic: bool = setting(
+        False,
+        "batch-invariant kernels and fixed-order sums: results equal for any --threads and "
+        "any --nproc",
+        check=_BOOL,
+    )
 
     def __post_init__(self) -> None:
-        _validate_train_config(self)
+        _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,37 +170,15 @@ def default_train_config(model_cfg: ModelConfig) -> TrainConfig:
     return TrainConfig(**PRESET_TRAIN_DEFAULTS.get(model_cfg.name, {}))
 
 
-def _validate_train_config(tc: TrainConfig) -> None:
-    positive = ("steps", "batch_size", "seq_len", "slice_size", "eval_every", "checkpoint_every",
-                "keep_checkpoints", "stats_window", "byte_budget", "balance_groups")  # fmt: skip
-    for name in positive:
-        value = getattr(tc, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"train setting {name!r} must be a positive integer, got {value!r}")
-    for name in ("warmup_steps", "seed", "proxy_width", "split_seed", "eval_batches"):
-        value = getattr(tc, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"train setting {name!r} must be an integer >= 0, got {value!r}")
-    non_negative = ("lr", "weight_decay", "adam_eps", "grad_clip", "bias_rate",
-                    "bias_rate_final", "balance_alpha", "z_loss", "mtp_weight")  # fmt: skip
-    for name in non_negative:
-        value = getattr(tc, name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
-            raise UserError(f"train setting {name!r} must be a number >= 0, got {value!r}")
-    if tc.lr <= 0:
-        raise UserError(f"lr must be positive, got {tc.lr}")
+def _validate(tc: TrainConfig) -> None:
+    validate(tc, lambda n: f"train setting {n!r}", UserError)
     if tc.warmup_steps > tc.steps:
         raise UserError(
             f"warmup_steps={tc.warmup_steps} exceeds steps={tc.steps}; lower it with "
             "--set warmup_steps=N"
         )
-    for name in ("beta1", "beta2", "min_lr_ratio"):
-        if not 0.0 <= getattr(tc, name) <= 1.0:
-            raise UserError(f"train setting {name!r} must lie in [0, 1], got {getattr(tc, name)}")
     if tc.batch_size % tc.slice_size:
         raise UserError(f"slice_size={tc.slice_size} must divide batch_size={tc.batch_size}")
-    if not 0.0 < tc.val_fraction < 1.0:
-        raise UserError(f"val_fraction must lie strictly between 0 and 1, got {tc.val_fraction}")
 
 
 def _coerce_setting(kind: str, key: str, text: str) -> Any:
@@ -248,10 +258,8 @@ def derive_seeds(seed: int) -> dict[str, int]:
 
 
 def run_config_hash(model_cfg: ModelConfig, tc: TrainConfig) -> str:
-    blob = json.dumps(
-        {"model": model_cfg.to_dict(), "train": tc.to_dict()}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """The run's config hash: model and train settings, as the manifest records them."""
+    return config_hash({"model": model_cfg.to_dict(), "train": tc.to_dict()})
 
 
 def training_bytes(cfg: ModelConfig) -> int:

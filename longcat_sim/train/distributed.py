@@ -1,7 +1,7 @@
 """Process launch for multi-process runs, and the entry points their ranks run.
 
 :func:`launch` spawns ``world`` processes (``torch.multiprocessing`` spawn context), each joining
-one process group (gloo on CPU, NCCL on GPU) through a TCP rendezvous on a port picked by
+one process group (gloo by default: the trainer's tensors are on the CPU; NCCL when asked) through a TCP rendezvous on a port picked by
 binding a socket to port 0; the function each rank runs returns a picklable result, collected
 in rank order. A failing rank's traceback is re-raised in the parent.
 
@@ -36,8 +36,7 @@ from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.train.config import TrainConfig
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import Trainer
-from longcat_sim.train.world import World
-from longcat_sim.train.world import check_nproc as check_nproc
+from longcat_sim.train.world import TRAIN_BACKEND, World
 
 LAUNCH_TIMEOUT_S = 600.0
 
@@ -47,10 +46,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -109,7 +104,7 @@ def launch(
     """
     if not isinstance(world, int) or world < 1:
         raise UserError(f"the number of processes must be a positive integer, got {world!r}")
-    backend = backend or default_backend()
+    backend = backend or TRAIN_BACKEND  # the trainer's tensors live on the CPU
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

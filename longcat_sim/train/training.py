@@ -127,8 +127,11 @@ class Trainer:
         progress: bool | None = False,
         world: World | None = None,
         overlap: bool | tuple[bool, ...] = True,
-        expert_parallel: bool = True,
+        expert_parallel: bool | None = None,
     ) -> None:
+        """``expert_parallel`` unset: the expert-parallel MoE (the same numerics at every
+        world size) with the torch kernels, the model's own MoE with the Triton kernels, which
+        run in one process only."""
         if train_cfg.deterministic:
             model_cfg = deterministic_config(model_cfg)
         self.model_cfg, self.tc, self.run_dir = model_cfg, train_cfg, Path(run_dir)
@@ -150,6 +153,8 @@ class Trainer:
             )
         self.model, self.optimizer = build_model(model_cfg, train_cfg)
         self.controller = BiasController(model_cfg, train_cfg.rate_schedule())
+        if expert_parallel is None:
+            expert_parallel = model_cfg.kernels == "torch"
         self.stepper = TrainStep(
             self.model, self.optimizer, self.controller, train_cfg, self.world,
             overlap=overlap, expert_parallel=expert_parallel,

@@ -3,7 +3,6 @@ smallest input and the keys of its real output, nested ones included, are looked
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -50,13 +49,14 @@ def _host_profile(folder: Path) -> str:
 
 
 def _calibrate(folder: Path, cache: str) -> list[str]:
-    """The smallest calibration; its process-count option under whichever name it has."""
-    from longcat_sim.commands import calibrate
-
-    parser = argparse.ArgumentParser()
-    calibrate.add_arguments(parser)
-    nproc = "--nproc" if "--nproc" in parser.format_help() else "--worlds"
-    return ["calibrate", nproc, *split("2 --batch-sizes 2 --seq-len 16 --steps 4"), CACHE, cache]
+    """The smallest calibration."""
+    return [
+        "calibrate",
+        "--nproc",
+        *split("2 --batch-sizes 2 --seq-len 16 --steps 4"),
+        CACHE,
+        cache,
+    ]
 
 
 CACHE = "--data-cache"
@@ -70,7 +70,7 @@ COMMANDS: dict[str, Any] = {
         _host_profile(d),
     ],
     "sweep": lambda d, c: split("sweep --batch-per-device 8 --workers 1 --no-progress"),
-    "report": lambda d, c: split("report --no-png --batch-sizes 8,16"),
+    "report": lambda d, c: split("report --no-png --batch-per-device 8,16"),
     "sdc": lambda d, c: split(
         "sdc --sites combine --bits 31 --trials 1 --clean-runs 2 --attribution-events 1"
     ),

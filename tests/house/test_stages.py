@@ -138,14 +138,20 @@ def test_a_reordered_or_other_topology_order_is_told_apart():
     assert not stages.follows_flow(shortcut[:-1], stages.LAYER_FLOW["scmoe"])
 
 
+@pytest.mark.parametrize("phase", ["decode", "train"])
 @pytest.mark.parametrize("preset", ["longcat-flash", "deepseek-v3"])
-def test_the_cost_model_speaks_the_vocabulary(preset):
+def test_the_cost_model_speaks_the_vocabulary(preset, phase):
+    """Every layer kind's costs name exactly the stages of its flow (with ``ffn_tp=2`` the
+    tensor-parallel stages are there too): none missing, none extra."""
     from longcat_sim.model import costs
 
-    for layer in costs.layer_costs(get_preset(preset), tokens=8, context=64, phase="decode",
-                                   ffn_tp=2):  # fmt: skip
+    layers = costs.layer_costs(get_preset(preset), tokens=8, context=64, phase=phase, ffn_tp=2)
+    assert {layer.kind for layer in layers} == (
+        {"scmoe"} if preset == "longcat-flash" else {"dense", "moe"}
+    )
+    for layer in layers:
         flow = stages.LAYER_FLOW[layer.kind]
-        assert set(layer.stages) <= set(flow) - {stages.OUT}, layer.kind
+        assert set(layer.stages) == set(flow) - {stages.OUT}, layer.kind
         for comm in layer.comms:
             assert stages.stream_of(comm.stage) == "comm", comm.stage
         for op in layer.ops:

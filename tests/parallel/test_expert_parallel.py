@@ -17,7 +17,8 @@ from longcat_sim.model.parallel import ExpertParallelModel, ExpertShard
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
 from longcat_sim.train import training
 from longcat_sim.train.data import build_corpus_data
-from longcat_sim.train.distributed import check_nproc, ep_train, launch
+from longcat_sim.train.distributed import ep_train, launch
+from longcat_sim.train.world import check_nproc
 
 WORLDS = (1, 2, 4)
 BATCH, SEQ = 4, 32

@@ -133,6 +133,20 @@ def test_a_world_2_checkpoint_resumes_at_world_1_bitwise(
     assert records(run_dir) == records(single_dir)
 
 
+def test_grow_from_gives_the_same_model_in_one_and_two_processes(cache, tmp_path, capsys) -> None:
+    """A half-depth run stacked into full depth, then trained on: one process and
+    ``--nproc 2`` end at the same parameters."""
+    half = tmp_path / "half"
+    in_process(train_args(cache, half, "--set", "model.num_layers=1"), capsys)
+    grown = {}
+    for nproc in (1, 2):
+        extra = ("--grow-from", str(half), "--nproc", str(nproc), "--steps", "5")
+        grown[nproc] = in_process(train_args(cache, tmp_path / f"grown-{nproc}", *extra), capsys)
+    assert grown[1]["start_step"] == grown[2]["start_step"] == 3
+    assert len(grown[2]["avg_ffn_experts_per_token"]) == 2  # full depth
+    assert grown[2]["param_hash"] == grown[1]["param_hash"]
+
+
 def test_world_sizes_that_cannot_shard_are_refused(monkeypatch, tmp_path, capsys) -> None:
     with pytest.raises(UserError, match="must divide the 2 slices"):
         check_nproc(4, get_preset("tiny"), 8, slice_size=4)

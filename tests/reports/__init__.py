@@ -75,7 +75,7 @@ _SAMPLE: dict[str, Any] = {
     "meta": {
         "title": "Sample report",
         "config_hash": "0123456789abcdef" * 4,
-        "config": {"model": "longcat-flash", "gpus": 128, "batch_sizes": [8, 16]},
+        "config": {"model": "longcat-flash", "gpus": 128, "batch_per_device": [8, 16]},
     },
     "table7": {
         "context": 5000,
