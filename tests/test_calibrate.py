@@ -26,6 +26,7 @@ from longcat_sim.cluster.hoststep import (
     load_host_profile,
     simulate_step,
 )
+from longcat_sim.commands import calibrate as calibrate_command
 from longcat_sim.train.distributed import launch
 
 
@@ -274,8 +275,24 @@ def test_calibrate_end_to_end_writes_a_profile_and_compares(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def steady_single_process(cfg, batches, args) -> dict:
+    """Stands in for calibrate's one-process fit where only the command's outputs matter: at
+    test sizes the measured slope is noise-bound and may come out negative."""
+    return {"batch_sizes": [1, 2], "step_s": [0.02, 0.03], "t_slice_s": 0.01, "t_fixed_s": 0.01}
+
+
+def test_a_noise_bound_one_process_fit_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(calibrate_command, "_measure_steps", lambda cfg, w, b, *a: {
+        scmoe: {"step": [0.03 - 0.005 * b]} for scmoe in (True, False)})  # fmt: skip
+    argv = ["calibrate", "--nproc", "2", "--batch-sizes", "2", "--seq-len", "16", "--steps", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "do not grow with the batch" in err and err.count("\n") == 1
+
+
 def test_calibrate_without_run_dir_writes_one_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(calibrate_command, "_single_process", steady_single_process)
     argv = ["calibrate", "--nproc", "2", "--batch-sizes", "2", "--seq-len", "16", "--steps", "4",
             "--no-measure-runs", "--json"]  # fmt: skip
     assert main(argv) == 0

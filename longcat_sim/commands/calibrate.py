@@ -194,6 +194,12 @@ def _single_process(cfg: ModelConfig, batches: list[int], args: argparse.Namespa
     single = [_measure_steps(cfg, 1, b, args.steps, args) for b in fit_batches]
     single_s = [statistics.median([*s[True]["step"], *s[False]["step"]]) for s in single]
     t_slice, t_fixed = measure.fit_single_process(fit_batches, single_s)
+    if not t_slice > 0:
+        raise UserError(
+            f"one-process step times {[round(s * 1e3, 2) for s in single_s]} ms at batch sizes "
+            f"{fit_batches} do not grow with the batch (slope {t_slice:.3g} s per sequence): the "
+            "host's noise hides the model's work; raise --seq-len or --steps"
+        )
     return {"batch_sizes": fit_batches, "step_s": single_s, "t_slice_s": t_slice,
             "t_fixed_s": t_fixed}  # fmt: skip
 
