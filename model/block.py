@@ -75,7 +75,7 @@ class LongcatDecoderLayer(nn.Module):
         cache: LatentKVCache | None = None,
     ) -> tuple[torch.Tensor, RouterOutput]:
         """Runs the steps of ``stages.layer_order`` in order; the MoE's phases where it says."""
-        order = stages.layer_order(self.topology, getattr(self.mlp, "overlap", True))
+        order = stages.layer_order(self.topology, self.mlp.overlap)
         reads = stages.moe_input(order)
         hidden, normed, flight = x_BTD, {}, None
         for step in order:

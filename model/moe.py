@@ -261,6 +261,8 @@ class MoE(nn.Module):
     RouterOutput)`` are what ``model/block.py`` calls; locally ``start`` does all the work.
     """
 
+    overlap = True  # the layer places the phases where its topology's order says
+
     def __init__(self, cfg: ModelConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
         gen = generator if generator is not None else default_generator()

@@ -33,6 +33,7 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.runs import config_hash, write_text_atomic
 from longcat_sim.train import distributed, training
+from longcat_sim.train.config import default_train_config
 from longcat_sim.train.world import check_nproc
 
 WARMUP_STEPS = 2
@@ -80,7 +81,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _train_config(cfg: ModelConfig, batch: int, steps: int, args: argparse.Namespace):
-    return training.default_train_config(cfg).replace(
+    return default_train_config(cfg).replace(
         steps=steps,
         batch_size=batch,
         seq_len=args.seq_len,

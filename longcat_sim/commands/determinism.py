@@ -155,11 +155,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
 
 def _warm_data_cache(spec: RunSpec) -> None:
     """Build the tokenizer cache once, before parallel workers would each train it."""
-    from longcat_sim.train import training
+    from longcat_sim.train.config import default_train_config
     from longcat_sim.train.data import build_corpus_data
 
     cfg = load_model_config(spec.model)
-    tc = training.default_train_config(cfg).replace(**spec.train)
+    tc = default_train_config(cfg).replace(**spec.train)
     if tc.seq_len > cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "

@@ -264,6 +264,7 @@ def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
     from longcat_sim.model.config import load_model_config
     from longcat_sim.model.determinism import deterministic_config
     from longcat_sim.train import training
+    from longcat_sim.train.config import TrainConfig, default_train_config
     from longcat_sim.train.data import build_corpus_data
 
     cfg = load_model_config(spec.model)
@@ -271,11 +272,11 @@ def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
         cfg = deterministic_config(cfg)
     overrides = {"steps": max(spec.steps, 1), "seed": spec.seed, **spec.train}
     overrides.setdefault("warmup_steps", min(overrides["steps"], 2))
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if spec.deterministic and "deterministic" in fields:
         overrides["deterministic"] = True
     overrides.update(eval_every=10**9, checkpoint_every=10**9, byte_budget=spec.byte_budget)
-    tc = training.default_train_config(cfg).replace(**overrides)
+    tc = default_train_config(cfg).replace(**overrides)
     data = build_corpus_data(
         cfg.vocab_size,
         tc.seq_len,

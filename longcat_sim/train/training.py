@@ -40,9 +40,7 @@ from longcat_sim.model.optim import (
 )
 from longcat_sim.model.transformer import LongcatFlashForCausalLM, require_runnable
 from longcat_sim.train import checkpoint as ckpt
-from longcat_sim.train.config import TrainConfig as TrainConfig
-from longcat_sim.train.config import check_fits_in_memory, derive_seeds
-from longcat_sim.train.config import default_train_config as default_train_config
+from longcat_sim.train.config import TrainConfig, check_fits_in_memory, derive_seeds
 from longcat_sim.train.data import (
     CorpusData,
     build_corpus_data,

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from longcat_sim.errors import UserError
+from longcat_sim.model.config import ModelConfig
 
 ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 JOIN_TIMEOUT_S = 600.0
@@ -96,7 +96,7 @@ def join_env_world(world: World) -> None:
     )
 
 
-def check_nproc(nproc: int, model_cfg: Any, batch_size: int, slice_size: int = 1) -> None:
+def check_nproc(nproc: int, model_cfg: ModelConfig, batch_size: int, slice_size: int = 1) -> None:
     """One-line errors for a world size that cannot shard this model or batch."""
     if nproc < 1:
         raise UserError(f"--nproc must be a positive integer, got {nproc}")

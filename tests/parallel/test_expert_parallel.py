@@ -15,7 +15,7 @@ from longcat_sim.model.config import get_preset
 from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.model.parallel import ExpertParallelModel, ExpertShard
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
-from longcat_sim.train import training
+from longcat_sim.train.config import TrainConfig, default_train_config
 from longcat_sim.train.data import build_corpus_data
 from longcat_sim.train.distributed import ep_train, launch
 from longcat_sim.train.world import check_nproc
@@ -41,8 +41,8 @@ def _loss(out) -> torch.Tensor:
     return (out.logits.square().sum() + out.mtp_logits.square().sum()) / (BATCH * SEQ)
 
 
-def _train_config(cache: str) -> training.TrainConfig:
-    return training.default_train_config(CFG).replace(
+def _train_config(cache: str) -> TrainConfig:
+    return default_train_config(CFG).replace(
         steps=2,
         batch_size=BATCH,
         seq_len=SEQ,
