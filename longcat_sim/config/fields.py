@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ __all__ = [
     "choice",
     "flag",
     "integer",
+    "known",
     "name",
     "names",
     "number",
@@ -126,8 +127,14 @@ def flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def known(options: Collection[str], key: str, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` naming the ``what`` and the options to choose from unless ``key`` is
+    one of ``options``."""
+    if key not in options:
+        raise error(f"unknown {what} {key!r}; choose one of {', '.join(sorted(options))}")
+
+
 def pick(table: Mapping[str, T], key: str, what: str, error: type[Exception]) -> T:
     """``table[key]``, or ``error`` naming the ``what`` and the keys to choose from."""
-    if key not in table:
-        raise error(f"unknown {what} {key!r}; choose one of {', '.join(sorted(table))}")
+    known(table, key, what, error)
     return table[key]

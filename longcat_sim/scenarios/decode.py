@@ -17,6 +17,7 @@ from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
 from longcat_sim.cluster.streams import EventRecord
 from longcat_sim.cluster.workload import DecodeWorkload
 from longcat_sim.config.deployment import DecodeDeployment
+from longcat_sim.config.fields import known
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 
@@ -49,14 +50,6 @@ class DecodeSetup:
         out["assumptions"] = self.assumptions.name
         del out["cfg"], out["hw"]
         return out
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """A name resolved against an engine's catalogue (schedules, pipelines)."""
-    if value not in choices:
-        raise UserError(
-            f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}"
-        )
 
 
 def check_expert_split(cfg: ModelConfig, ep: int, redundant_experts: int) -> None:
@@ -127,7 +120,7 @@ def decode_setup(
     ep = gpus if dep.ep is None else dep.ep
     if gpus % ep:
         raise UserError(f"--gpus {gpus} is not a multiple of --ep {ep}; GPUs form whole EP groups")
-    check_choice("schedule", dep.schedule, DECODE_SCHEDULES)
+    known(DECODE_SCHEDULES, dep.schedule, "schedule", UserError)
     check_expert_split(cfg, ep, dep.redundant_experts)
     accept = assumptions.mtp_accept if dep.mtp_accept is None else dep.mtp_accept
     return DecodeSetup(

@@ -14,9 +14,10 @@ from longcat_sim.cluster.schedules import PIPELINES, TRAIN_SCHEDULES
 from longcat_sim.cluster.simulator import TrainResult, simulate_train
 from longcat_sim.cluster.workload import TrainWorkload
 from longcat_sim.config.deployment import TrainDeployment
+from longcat_sim.config.fields import known
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig
-from longcat_sim.scenarios.decode import check_choice, check_expert_split
+from longcat_sim.scenarios.decode import check_expert_split
 
 TRAIN_DEFAULTS: dict[str, Any] = TrainDeployment().to_dict()
 
@@ -25,8 +26,8 @@ def train_workload(
     dep: TrainDeployment, cfg: ModelConfig, hw: Hardware, a: Assumptions
 ) -> tuple[TrainWorkload, int]:
     """(the priced training step, GPUs): check what ties the deployment's values together."""
-    check_choice("schedule", dep.schedule, TRAIN_SCHEDULES)
-    check_choice("pipeline", dep.pipeline, PIPELINES)
+    known(TRAIN_SCHEDULES, dep.schedule, "schedule", UserError)
+    known(PIPELINES, dep.pipeline, "pipeline", UserError)
     group = dep.ep * dep.pp
     gpus = group if dep.gpus is None else dep.gpus
     if gpus % group:
