@@ -11,7 +11,7 @@ from typing import NoReturn
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError
-from longcat_sim.runs import build_manifest, dumps_json, write_run
+from longcat_sim.runs import build_manifest, default_run_dir, dumps_json, write_run
 
 # command name -> module in longcat_sim.commands exposing HELP, add_arguments(parser), run(args)
 COMMANDS: dict[str, str] = {
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         output = args._module.run(args)
     except (UserError, ConfigError, ClusterInputError) as exc:
         return _fail(str(exc))
-    run_dir = args.run_dir or Path("runs") / args.command / output.config_hash[:12]
+    run_dir = args.run_dir or default_run_dir(args.command, output.config_hash)
     manifest = build_manifest(
         args.command, output.config, output.config_hash, output.seeds, output.device
     )

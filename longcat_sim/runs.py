@@ -30,6 +30,11 @@ __all__ = [
 _TRACKED_PACKAGES = ("longcat-sim", "torch", "simpy", "numpy", "scipy", "plotly", "safetensors")
 
 
+def default_run_dir(command: str, config_digest: str) -> Path:
+    """Where a command writes without ``--run-dir``: ``runs/COMMAND/<first 12 of the hash>``."""
+    return Path("runs") / command / config_digest[:12]
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(

@@ -31,7 +31,7 @@ from longcat_sim.cluster import hoststep
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
-from longcat_sim.runs import config_hash, write_text_atomic
+from longcat_sim.runs import config_hash, default_run_dir, write_text_atomic
 from longcat_sim.train import distributed, training
 from longcat_sim.train.config import default_train_config
 from longcat_sim.train.world import check_nproc
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     }
     digest = config_hash(config)
     if args.run_dir is None:  # the directory the command line writes the manifest into
-        args.run_dir = Path("runs") / "calibrate" / digest[:12]
+        args.run_dir = default_run_dir("calibrate", digest)
     if args.wire_mbit is not None:
         wire.enter_shaped_network(args.wire_mbit)
     torch.set_num_threads(1)

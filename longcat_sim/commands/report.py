@@ -21,7 +21,7 @@ from longcat_sim.report.pngs import PNG_DIR, write_pngs
 from longcat_sim.reports import tables
 from longcat_sim.reports.inputs import ReportInputError
 from longcat_sim.reports.page import build_report
-from longcat_sim.runs import write_text_atomic
+from longcat_sim.runs import default_run_dir, write_text_atomic
 
 HELP = "HTML report: paper tables vs simulator, timelines, Pareto front, training results"
 REPORT_NAME = "report.html"
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     resolved = sections.resolve(config)
     config_hash = sections.config_hash(resolved)
     if args.run_dir is None:
-        args.run_dir = Path("runs") / "report" / config_hash[:12]
+        args.run_dir = default_run_dir("report", config_hash)
     run_dir = Path(args.run_dir)
     gathered = sections.gather(
         resolved,

@@ -25,6 +25,7 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.model.determinism import deterministic_config
 from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
+from longcat_sim.runs import default_run_dir
 from longcat_sim.train import config as training_config
 from longcat_sim.train import distributed
 from longcat_sim.train.checkpoint import latest_checkpoint, read_checkpoint_state
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     model_cfg, train_cfg, checkpoint = _configs(args, args.run_dir)
     config_hash = training_config.run_config_hash(model_cfg, train_cfg)
     if args.run_dir is None:
-        args.run_dir = Path("runs") / "train" / config_hash[:12]
+        args.run_dir = default_run_dir("train", config_hash)
     run_dir = Path(args.run_dir)
     if checkpoint is None and latest_checkpoint(run_dir) is not None:
         raise UserError(
