@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Precision
-from longcat_sim.config.fields import Check, choice, name, number, pick, validate
+from longcat_sim.config.fields import Check, choice, name, number, optional, pick, validate
 
 Routing = Literal["balanced", "multinomial"]
 
@@ -71,8 +71,9 @@ class Assumptions:
     step_overhead_s: float
     routing: Routing
     # per layer and step, FFN-expert popularity ~ lognormal(0, sigma): the imbalance a router
-    # leaves within one step (0: a perfectly balanced router; multinomial noise remains)
-    expert_popularity_sigma: float
+    # leaves within one step (0: a perfectly balanced router; multinomial noise remains; None:
+    # the model's own stated value, ``router_spread``)
+    expert_popularity_sigma: float | None
     # coefficient of variation of request context lengths (gamma distributed); the GPU whose
     # requests hold the most cache sets the pace of every collective after attention
     context_cv: float
@@ -86,6 +87,21 @@ class Assumptions:
     # share of MTP draft tokens the main model accepts (decode); LongCat-Flash measures about
     # 90 % on its test sets (arXiv 2509.01322 sec. 6.1.2), Table 7 assumes 80 % (sec. 6.3.2)
     mtp_accept: float = MEASURED_MTP_ACCEPT
+    # -- prefill (``simulate --mode prefill``): achieved fractions of the dense peak on
+    # prefill-shaped kernels (thousands of rows), from published kernel benchmarks
+    prefill_gemm_flop_fraction: float = 1.0
+    prefill_expert_flop_fraction: float = 1.0
+    prefill_attention_flop_fraction: float = 1.0
+    # EP dispatch/combine with throughput ("normal") kernels: achieved link fractions; tokens
+    # cross RDMA once per destination node and fan out over NVLink there
+    ep_normal_nvlink_fraction: float = 1.0
+    ep_normal_rdma_fraction: float = 1.0
+    # share of the GPU's SMs the normal kernels hold while compute overlaps them (TBO, SBO)
+    comm_sm_share: float = 0.0
+    # -- memory: a fixed reserve per GPU (CUDA context, communication buffers, CUDA graphs) and
+    # a share of HBM the allocator loses to fragmentation
+    hbm_reserve_gb: float = 0.0
+    hbm_fragmentation: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -115,8 +131,17 @@ _FRACTIONS = (
 _OF_PEAK = Check(
     "is a fraction of peak and must lie in (0, 1]", number(0.0, 1.0, open_low=True).test
 )
+_FRACTIONS += (
+    "prefill_gemm_flop_fraction",
+    "prefill_expert_flop_fraction",
+    "prefill_attention_flop_fraction",
+    "ep_normal_nvlink_fraction",
+    "ep_normal_rdma_fraction",
+)
+_SHARES = ("comm_sm_share", "hbm_fragmentation")
 _CHOICES = {
     "routing": choice("balanced", "multinomial"),
+    "expert_popularity_sigma": optional(number(0.0)),
     "linear_precision": choice("bf16", "fp8"),
     "expert_precision": choice("bf16", "fp8"),
     "mtp_accept": number(0.0, 1.0),
@@ -129,6 +154,8 @@ def _check(f: dataclasses.Field) -> Check:
         return _OF_PEAK
     if f.name in _CHOICES:
         return _CHOICES[f.name]
+    if f.name in _SHARES:
+        return number(0.0, 0.99)
     return {"float": number(0.0), "bool": _BOOL, "str": name()}.get(str(f.type), name())
 
 
@@ -186,6 +213,25 @@ DEEPEP_CALL_LATENCY_S = 33e-6  # launch + signalling + last-peer wait per dispat
 # It implies a max/mean rank load of about 1.7 at EP128 (512 experts, 216 tokens per GPU).
 FITTED_EXPERT_POPULARITY_SIGMA = 0.63
 
+# Prefill kernels (H800, thousands of rows per GEMM): DeepGEMM FP8 dense GEMMs on DeepSeek-V3's
+# projection shapes at 8192 rows reach 0.53-0.74 of the FP8 peak, its contiguous grouped GEMM
+# at 8 local experts 0.63-0.67, FlashAttention-3 MLA prefill at 4K tokens 0.63 of the BF16 peak
+# (kernel benchmarks published in alibaba/InferSim bench_data/, H800).
+PREFILL_GEMM_FLOP_FRACTION = 0.60
+PREFILL_EXPERT_FLOP_FRACTION = 0.62
+PREFILL_ATTENTION_FLOP_FRACTION = 0.60
+# DeepEP normal kernels (deepseek-ai/DeepEP README, H800, 4096 tokens, hidden 7168, top-8):
+# intranode 153-158 GB/s of NVLink's 200 per direction, internode 43-58 GB/s RDMA bottleneck
+# bandwidth on 50 GB/s NICs; they run on 24 of the H800's 132 SMs, which overlapped compute
+# loses (the SM split DeepSeek-V3's prefill uses).
+EP_NORMAL_NVLINK_FRACTION = 0.77
+EP_NORMAL_RDMA_FRACTION = 0.90
+DEEPEP_NORMAL_SM_SHARE = 24 / 132
+# Memory reserve per GPU: CUDA context (~0.5 GB), DeepEP/NCCL buffers (~2 GB), CUDA graphs
+# (~0.5 GB); the caching allocator's fragmentation as a share of HBM.
+HBM_RESERVE_GB = 3.0
+HBM_FRAGMENTATION = 0.03
+
 DEFAULT = Assumptions(
     name="default",
     # DeepGEMM-class FP8 GEMMs; grouped expert GEMMs lose more to ragged group sizes
@@ -215,6 +261,14 @@ DEFAULT = Assumptions(
     linear_precision="fp8",
     expert_precision="fp8",
     fp8_attention_math=False,
+    prefill_gemm_flop_fraction=PREFILL_GEMM_FLOP_FRACTION,
+    prefill_expert_flop_fraction=PREFILL_EXPERT_FLOP_FRACTION,
+    prefill_attention_flop_fraction=PREFILL_ATTENTION_FLOP_FRACTION,
+    ep_normal_nvlink_fraction=EP_NORMAL_NVLINK_FRACTION,
+    ep_normal_rdma_fraction=EP_NORMAL_RDMA_FRACTION,
+    comm_sm_share=DEEPEP_NORMAL_SM_SHARE,
+    hbm_reserve_gb=HBM_RESERVE_GB,
+    hbm_fragmentation=HBM_FRAGMENTATION,
     description=(
         "realistic Hopper decode: 70 % of peak on dense GEMMs, 60 % on grouped expert GEMMs and "
         "on the attention core, 70 % of HBM bandwidth (80 % for the attention core), 5 us per "

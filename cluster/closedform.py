@@ -140,8 +140,11 @@ def tbo_step_time(layers_half: Sequence[StageTimes]) -> float:
         raise ClusterInputError("TBO needs stage times of the two micro-batches")
     total = 0.0
     c_before = 0.0
+    grouped: dict[int, TboStages] = {}  # layers sharing stage times are grouped once
     for half in layers_half:
-        t = tbo_stages(half)
+        t = grouped.get(id(half))
+        if t is None:
+            t = grouped[id(half)] = tbo_stages(half)
         u = t.a + max(t.d, t.s)
         total += max(c_before + t.d, u) + max(t.c + t.d, u) + 2.0 * t.m
         c_before = t.c
@@ -168,7 +171,11 @@ def layers_time(workload: DecodeWorkload, schedule: Schedule) -> float:
             "with micro_batches including 1"
         )
     per_layer = sbo_layer_time if schedule == "sbo" else sequential_layer_time
-    return sum(per_layer(st) for st in workload.layers)
+    seconds: dict[int, float] = {}  # layers sharing stage times are timed once
+    for st in workload.layers:
+        if id(st) not in seconds:
+            seconds[id(st)] = per_layer(st)
+    return sum(seconds[id(st)] for st in workload.layers)
 
 
 def step_time(workload: DecodeWorkload, schedule: Schedule) -> float:

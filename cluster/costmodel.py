@@ -120,6 +120,19 @@ def ep_traffic_shares(ep: int, hw: Hardware, a: Assumptions) -> tuple[float, flo
     return (node - 1) / ep, (ep - node) / ep
 
 
+def node_relay_shares(ep: int, hw: Hardware, copies_per_token: float) -> tuple[float, float]:
+    """(NVLink share, RDMA share) of a dispatch's copies under throughput kernels, as shares of
+    all copies' bytes. A token crosses RDMA once per other node holding one of its
+    ``copies_per_token`` experts (experts chosen uniformly: a node of N is missed with
+    probability (1 - 1/N)^k); every copy not bound for this GPU then crosses NVLink once."""
+    check_count("EP size", ep)
+    node = min(ep, hw.gpus_per_node)
+    nodes = math.ceil(ep / node)
+    k = copies_per_token
+    remote_nodes = (nodes - 1) * -math.expm1(k * math.log1p(-1.0 / nodes)) if nodes > 1 else 0.0
+    return (ep - 1) / ep, remote_nodes / k
+
+
 def ep_link(ep: int, hw: Hardware, a: Assumptions) -> Link:
     """The link that carries the bulk of a dispatch/combine."""
     return "nvlink" if a.ep_locality and ep <= hw.gpus_per_node else "rdma"
@@ -133,7 +146,10 @@ def ep_comm_time(
     if op.pattern not in ("dispatch", "combine"):
         raise ClusterInputError(f"comm {op.name!r} is a {op.pattern}, not a dispatch/combine")
     _check_imbalance(imbalance)
-    nvlink_share, rdma_share = ep_traffic_shares(ep, hw, a)
+    if op.copies_per_token > 0 and a.ep_locality:
+        nvlink_share, rdma_share = node_relay_shares(ep, hw, op.copies_per_token)
+    else:
+        nvlink_share, rdma_share = ep_traffic_shares(ep, hw, a)
     moved = op.bytes * imbalance
     t_nvlink = moved * nvlink_share / (hw.nvlink_bytes_per_s * a.ep_nvlink_fraction)
     t_rdma = moved * rdma_share / (hw.rdma_bytes_per_s * a.ep_rdma_fraction)
@@ -382,6 +398,7 @@ def price_layers(
             factors[i] = float(factor)
     _check_imbalance(attention_imbalance)
     fixed_by_layer: dict[tuple[int, int], tuple[LayerOps, _Fixed]] = {}  # layers sharing ops
+    done: dict[tuple[int, int, float], StageTimes] = {}  # layers sharing ops and imbalance
     priced = []
     for layer, imbalance in zip(layers, factors, strict=True):
         key = (id(layer.ops), id(layer.comms))
@@ -391,8 +408,10 @@ def price_layers(
                 layer,
                 _fixed_parts(layer, hw, a, attention_imbalance, memo),
             )
-        priced.append(
-            _with_experts(
+            done = {k: v for k, v in done.items() if k[:2] != key}
+        times = done.get((*key, imbalance))
+        if times is None:
+            times = done[(*key, imbalance)] = _with_experts(
                 layer.kind,
                 entry[1],
                 hw,
@@ -401,7 +420,7 @@ def price_layers(
                 redundant_experts=redundant_experts,
                 imbalance=imbalance,
             )
-        )
+        priced.append(times)
     return tuple(priced)
 
 

@@ -111,6 +111,9 @@ class CommOp:
     ``all_gather`` / ``reduce_scatter`` / ``all_reduce``: ``bytes`` is what each rank sends over
     the whole collective ((group - 1) x its shard for a ring all-gather) and ``group`` the number
     of ranks (tensor or context parallelism).
+    ``copies_per_token`` (dispatch / combine): when > 0, the expert copies each token makes,
+    sent by throughput ("normal") kernels that cross RDMA once per destination node and fan
+    out over NVLink there; 0: every copy travels on its own (low-latency kernels).
     """
 
     name: str
@@ -118,11 +121,12 @@ class CommOp:
     pattern: CommPattern
     bytes: float
     group: int = 1
+    copies_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"comm {self.name!r}"
         _check_choice(owner, "pattern", self.pattern, COMM_PATTERNS)
-        _check_amounts(owner, self, "bytes")
+        _check_amounts(owner, self, "bytes", "copies_per_token")
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group <= 0:
             raise ClusterInputError(
                 f"{owner}: group must be a positive integer, got {self.group!r}"

@@ -27,6 +27,7 @@ LongCat's 0.95x kernel speed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -190,7 +191,33 @@ def decode_layer_ops(
     ffn_tp: int = 1,
     k_ffn: float | None = None,
 ) -> tuple[LayerOps, ...]:
-    """Every layer's ops for ``tokens`` decode query tokens on one GPU.
+    """Every layer's ops for ``tokens`` decode query tokens on one GPU."""
+    return _layers_ops(
+        cfg,
+        a,
+        dict(tokens=tokens, context=context, phase="decode"),
+        attention_dtype=attention_dtype,
+        queries_per_request=queries_per_request,
+        attention_tp=attention_tp,
+        ffn_tp=ffn_tp,
+        k_ffn=k_ffn,
+    )
+
+
+def _layers_ops(
+    cfg: ModelConfig,
+    a: Assumptions,
+    shape: dict,
+    *,
+    attention_dtype: AttentionDtype,
+    attention_tp: int,
+    ffn_tp: int,
+    k_ffn: float | None,
+    queries_per_request: int = 1,
+    relay_copies: float = 0.0,
+) -> tuple[LayerOps, ...]:
+    """Every layer's ops for ``model.costs`` ``shape`` (tokens, context, phase, prefix);
+    ``relay_copies`` > 0: dispatch and combine by throughput kernels (:func:`_relayed`).
 
     ``model.costs`` prices a layer from its kind alone (tests/test_bridge.py checks it), so one
     layer of each kind is costed and converted, and the layers of a kind share its op records.
@@ -198,9 +225,7 @@ def decode_layer_ops(
     kinds = costs.layer_kinds(cfg)
     layers = costs.layer_costs(
         _one_layer_per_kind(cfg, kinds),
-        tokens=tokens,
-        context=context,
-        phase="decode",
+        **shape,
         k_ffn=k_ffn,
         weight_bytes=1,
         act_bytes=2,
@@ -212,21 +237,26 @@ def decode_layer_ops(
     by_kind: dict[str, LayerOps] = {}
     for layer in layers:
         if layer.kind not in by_kind:
-            by_kind[layer.kind] = layer_ops(
-                layer,
-                cfg,
-                a,
-                attention_dtype=attention_dtype,
-                queries_per_request=queries_per_request,
-                attention_tp=attention_tp,
-                ffn_tp=ffn_tp,
+            by_kind[layer.kind] = _relayed(
+                layer_ops(
+                    layer,
+                    cfg,
+                    a,
+                    attention_dtype=attention_dtype,
+                    queries_per_request=queries_per_request,
+                    attention_tp=attention_tp,
+                    ffn_tp=ffn_tp,
+                ),
+                relay_copies,
             )
     return tuple(
-        dataclasses.replace(by_kind[kind], index=index) for index, kind in enumerate(kinds)
+        LayerOps(index, kind, by_kind[kind].ops, by_kind[kind].comms)
+        for index, kind in enumerate(kinds)
     )
 
 
-def _one_layer_per_kind(cfg: ModelConfig, kinds: Sequence[str]) -> ModelConfig:
+@functools.lru_cache(maxsize=64)
+def _one_layer_per_kind(cfg: ModelConfig, kinds: tuple[str, ...]) -> ModelConfig:
     """The shallowest version of ``cfg`` that still holds every kind of layer it has."""
     depth = max(kinds.index(kind) for kind in set(kinds)) + 1
     if depth == cfg.num_layers:
@@ -237,6 +267,7 @@ def _one_layer_per_kind(cfg: ModelConfig, kinds: Sequence[str]) -> ModelConfig:
         return cfg
 
 
+@functools.lru_cache(maxsize=64)
 def _mtp_layer_config(cfg: ModelConfig) -> ModelConfig:
     """The MTP draft layer as a one-layer dense model (attention + dense FFN)."""
     return cfg.replace(
@@ -378,6 +409,165 @@ def decode_workload(
         step_ops_for_tokens=step_ops if step_work else None,
         micro_batches=micro_batches,
     )
+
+
+# -- prefill --------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def prefill_assumptions(a: Assumptions) -> Assumptions:
+    """The assumption set as prefill sees it: its prefill compute fractions and the throughput
+    ("normal") kernels' link fractions for dispatch and combine; request contexts do not vary
+    within a prefill batch (prompt lengths enter as a distribution, :func:`prefill_layer_ops`)."""
+    return a.replace(
+        gemm_flop_fraction=a.prefill_gemm_flop_fraction,
+        expert_flop_fraction=a.prefill_expert_flop_fraction,
+        attention_flop_fraction=a.prefill_attention_flop_fraction,
+        ep_nvlink_fraction=a.ep_normal_nvlink_fraction,
+        ep_rdma_fraction=a.ep_normal_rdma_fraction,
+        context_cv=0.0,
+    )
+
+
+def _relayed(layer: LayerOps, copies_per_token: float) -> LayerOps:
+    """Dispatch and combine as throughput kernels that relay each token once per node."""
+    comms = tuple(
+        dataclasses.replace(c, copies_per_token=copies_per_token)
+        if c.pattern in (S.DISPATCH, S.COMBINE) and copies_per_token > 0
+        else c
+        for c in layer.comms
+    )
+    return LayerOps(layer.index, layer.kind, layer.ops, comms)
+
+
+def prefill_layer_ops(
+    cfg: ModelConfig,
+    a: Assumptions,
+    *,
+    tokens: int,
+    prompt_len: float,
+    prompt_cv: float = 0.0,
+    prefix_hit: float = 0.0,
+    attention_dtype: AttentionDtype = "bf16",
+    attention_tp: int = 1,
+    ffn_tp: int = 1,
+    k_ffn: float | None = None,
+) -> tuple[LayerOps, ...]:
+    """Every layer's ops for ``tokens`` prompt tokens computed on one GPU.
+
+    Prompts are ``prompt_len`` tokens on average with coefficient of variation ``prompt_cv``;
+    a share ``prefix_hit`` of each is already cached (its compute skipped, its cache read).
+    Causal attention work per computed token grows with E[L^2] / E[L] = L (1 + cv^2): the
+    batch is priced as prompts of that effective length L', each new part L' (1 - h) following
+    a cached prefix h L'. Chunking a prompt leaves this total unchanged (each chunk attends to
+    the chunks before it). MLA runs non-absorbed (prefill's FLOP-optimal form)."""
+    effective = prompt_len * (1.0 + prompt_cv**2)
+    new = max(1.0, effective * (1.0 - prefix_hit))
+    return _layers_ops(
+        cfg,
+        a,
+        dict(tokens=tokens, context=new, phase="prefill", prefix=effective * prefix_hit),
+        attention_dtype=attention_dtype,
+        attention_tp=attention_tp,
+        ffn_tp=ffn_tp,
+        k_ffn=k_ffn,
+        relay_copies=cfg.target_ffn_experts if k_ffn is None else k_ffn,
+    )
+
+
+def prefill_step_ops(cfg: ModelConfig, *, prompts: float) -> tuple[ComputeOp, ...]:
+    """Work of one prefill forward outside the layers: the final norm and LM head of each
+    prompt's last token (BF16 weights); the embedding lookup is negligible."""
+    head = costs.head_costs(cfg, tokens=max(prompts, 1.0), phase="prefill", weight_bytes=1)
+    return tuple(
+        _compute_op(
+            op,
+            linear_bytes=2,
+            attention_precision="bf16",
+            linear_precision="bf16",
+            kv_read_share=1.0,
+            attention_tp=1,
+        )
+        for op in head
+        if op.stage == "head"
+    )
+
+
+def stretch_compute(workload: DecodeWorkload, factor: float) -> DecodeWorkload:
+    """Every compute stage ``factor`` times slower (compute that shares the GPU's SMs with
+    overlapping communication kernels)."""
+
+    stretched: dict[int, StageTimes] = {}  # layers that share stage times stretch once
+
+    def stretch(st: StageTimes) -> StageTimes:
+        if id(st) not in stretched:
+            compute = {k: v * factor for k, v in st.compute.items()}
+            stretched[id(st)] = StageTimes(st.kind, compute, st.comm, st.comm_link)
+        return stretched[id(st)]
+
+    return dataclasses.replace(
+        workload,
+        layers=tuple(stretch(st) for st in workload.layers),
+        layers_half=tuple(stretch(st) for st in workload.layers_half),
+    )
+
+
+def prefill_workload(
+    cfg: ModelConfig,
+    *,
+    hardware: Hardware,
+    assumptions: Assumptions,
+    ep: int,
+    tokens_per_device: int,
+    prompt_len: float,
+    prompt_cv: float = 0.0,
+    prefix_hit: float = 0.0,
+    attention_dtype: AttentionDtype = "bf16",
+    redundant_experts: int = 0,
+    rng: np.random.Generator | None = None,
+    attention_tp: int = 1,
+    ffn_tp: int = 1,
+    micro_batches: int = 1,
+    overlapped: bool = False,
+) -> DecodeWorkload:
+    """Price one prefill forward of ``tokens_per_device`` computed prompt tokens on one GPU of
+    an ``ep``-way deployment, as a one-step workload (its ``batch_per_device`` and
+    ``tokens_per_step`` are the tokens). ``micro_batches`` 2 prices the two halves (TBO);
+    ``overlapped`` (TBO, SBO) stretches compute by the SMs the communication kernels hold."""
+    check_count("tokens per device", tokens_per_device)
+    for name, value in (("prompt length", prompt_len),):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+            raise ClusterInputError(f"{name} must be a number >= 1, got {value!r}")
+    a = prefill_assumptions(assumptions)
+
+    def ops_for_tokens(tokens: int) -> tuple[LayerOps, ...]:
+        return prefill_layer_ops(
+            cfg,
+            a,
+            tokens=tokens,
+            prompt_len=prompt_len,
+            prompt_cv=prompt_cv,
+            prefix_hit=prefix_hit,
+            attention_dtype=attention_dtype,
+            attention_tp=attention_tp,
+            ffn_tp=ffn_tp,
+        )
+
+    prompts = tokens_per_device / max(1.0, prompt_len * (1.0 - prefix_hit))
+    workload = costmodel.decode_workload(
+        ops_for_tokens,
+        hardware=hardware,
+        assumptions=a,
+        ep=ep,
+        batch_per_device=tokens_per_device,
+        redundant_experts=redundant_experts,
+        rng=rng,
+        step_ops_for_tokens=lambda _tokens: prefill_step_ops(cfg, prompts=prompts),
+        micro_batches=(micro_batches,),
+    )
+    if overlapped and a.comm_sm_share:
+        workload = stretch_compute(workload, 1.0 / (1.0 - a.comm_sm_share))
+    return workload
 
 
 # -- training -------------------------------------------------------------------------------
@@ -617,6 +807,11 @@ __all__ = [
     "decode_step_ops",
     "decode_workload",
     "layer_ops",
+    "prefill_assumptions",
+    "prefill_layer_ops",
+    "prefill_step_ops",
+    "prefill_workload",
+    "stretch_compute",
     "train_layer_times",
     "train_workload",
 ]

@@ -355,11 +355,18 @@ class _Shape:
     context: float  # decode: entries attended; prefill/train: sequence length
     phase: Phase
     absorbed: bool
+    prefix: float = 0.0  # prefill: cached tokens before each sequence that it also attends to
 
     @property
     def mean_context(self) -> float:
-        """Keys one query attends to on average (causal mean for prefill and training)."""
-        return self.context if self.phase == "decode" else (self.context + 1) / 2
+        """Keys one query attends to on average (causal mean for prefill and training, after
+        any cached prefix)."""
+        return self.context if self.phase == "decode" else self.prefix + (self.context + 1) / 2
+
+    @property
+    def prefix_rows(self) -> float:
+        """Cached prefix entries read per step: one prefix per sequence of ``context`` tokens."""
+        return self.tokens / self.context * self.prefix if self.phase == "prefill" else 0.0
 
 
 def _op(
@@ -453,11 +460,14 @@ def _mla_ops(
             _gemm(f"{prefix}.v_absorb", core, t, kvl, vd, b, groups=heads),
         ]
     else:
-        # decode re-projects every cached latent; prefill/train project each new token once
-        kv_rows = t * s.context if decode else t
+        # decode re-projects every cached latent; prefill/train project each new token once,
+        # and prefill the cached prefix of each sequence too
+        kv_rows = t * s.context if decode else t + s.prefix_rows
         up = _gemm(f"{prefix}.kv_b_proj", qkv, kv_rows, kvl, heads * (nope + vd), b)
         if decode:  # the latents come from the cache, not from activations
             up = replace(up, act_bytes=kv_rows * heads * (nope + vd) * b.act, kv_bytes=cache_read)
+        elif s.prefix_rows:
+            up = replace(up, kv_bytes=s.prefix_rows * entry * b.kv)
         ops += [
             up,
             _op(
@@ -498,7 +508,7 @@ def _gqa_ops(
             "attention",
             4 * t * heads * hd * s.mean_context,
             act=2 * t * heads * hd * b.act + (0.0 if decode else t * entry * b.act),
-            kv=t * s.context * entry * b.kv if decode else 0.0,
+            kv=(t * s.context if decode else s.prefix_rows) * entry * b.kv,
         ),
         _gemm(f"{prefix}.o_proj", core, t, heads * hd, h, b),
     ]
@@ -647,11 +657,13 @@ def layer_costs(
     combine_bytes: float = 2,
     ffn_tp: int = 1,
     absorbed: bool | None = None,
+    prefix: float = 0.0,
 ) -> tuple[LayerCost, ...]:
     """Per-layer ops and communication for ``tokens`` tokens on one device.
 
     decode: ``tokens`` per step, each attending over ``context`` cached entries. prefill and
-    train: ``tokens`` in sequences of length ``context`` (causal). ``k_ffn`` (default
+    train: ``tokens`` in sequences of length ``context`` (causal); prefill sequences may follow
+    a cached ``prefix`` of that many tokens each, which they attend to and read. ``k_ffn`` (default
     ``cfg.target_ffn_experts``) FFN experts per token; ``absorbed`` (MLA only) defaults to
     True for decode and False otherwise. Byte arguments are bytes per element.
     """
@@ -675,8 +687,14 @@ def layer_costs(
     if isinstance(ffn_tp, bool) or not isinstance(ffn_tp, int) or ffn_tp < 1:
         raise ConfigError(f"ffn_tp must be an integer >= 1, got {ffn_tp!r}")
     k = _check_k_ffn(cfg, cfg.target_ffn_experts if k_ffn is None else k_ffn)
+    if prefix and (phase != "prefill" or not 0 <= prefix < math.inf):
+        raise ConfigError(f"a cached prefix applies to prefill only, as tokens >= 0; got {prefix!r}")
     shape = _Shape(
-        float(tokens), float(context), phase, phase == "decode" if absorbed is None else absorbed
+        float(tokens),
+        float(context),
+        phase,
+        phase == "decode" if absorbed is None else absorbed,
+        float(prefix),
     )
     b = _Bytes(weight_bytes, act_bytes, kv_bytes, dispatch_bytes, combine_bytes)
     return tuple(
