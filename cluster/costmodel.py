@@ -381,12 +381,18 @@ def price_layers(
     ``memo`` (optional) keeps the seconds of ops met before, for layers that repeat."""
     memo = {} if memo is None else memo
     per_layer = loads_per_layer(expert_loads, len(layers))
-    histograms = [
-        layer_expert_loads(
-            layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=loads
+    checked: dict[int, None] = {}  # balanced routing: each distinct layer is checked once
+    histograms = []
+    for layer, loads in zip(layers, per_layer, strict=True):
+        if loads is None and a.routing == "balanced" and id(layer.ops) in checked:
+            histograms.append(None)
+            continue
+        checked[id(layer.ops)] = None
+        histograms.append(
+            layer_expert_loads(
+                layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=loads
+            )
         )
-        for layer, loads in zip(layers, per_layer, strict=True)
-    ]
     factors = [1.0] * len(layers)
     by_size: dict[int, list[int]] = {}
     for i, loads in enumerate(histograms):

@@ -195,7 +195,7 @@ def decode_layer_ops(
     return _layers_ops(
         cfg,
         a,
-        dict(tokens=tokens, context=context, phase="decode"),
+        (("tokens", tokens), ("context", context), ("phase", "decode")),
         attention_dtype=attention_dtype,
         queries_per_request=queries_per_request,
         attention_tp=attention_tp,
@@ -204,10 +204,11 @@ def decode_layer_ops(
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def _layers_ops(
     cfg: ModelConfig,
     a: Assumptions,
-    shape: dict,
+    shape: tuple[tuple[str, object], ...],
     *,
     attention_dtype: AttentionDtype,
     attention_tp: int,
@@ -216,8 +217,10 @@ def _layers_ops(
     queries_per_request: int = 1,
     relay_copies: float = 0.0,
 ) -> tuple[LayerOps, ...]:
-    """Every layer's ops for ``model.costs`` ``shape`` (tokens, context, phase, prefix);
-    ``relay_copies`` > 0: dispatch and combine by throughput kernels (:func:`_relayed`).
+    """Every layer's ops for ``model.costs`` ``shape`` (tokens, context, phase, prefix as
+    (name, value) pairs); ``relay_copies`` > 0: dispatch and combine by throughput kernels
+    (:func:`_relayed`). Ops do not depend on the hardware or the parallel layout, so
+    configurations that differ only there share them (a bounded cache of frozen records).
 
     ``model.costs`` prices a layer from its kind alone (tests/test_bridge.py checks it), so one
     layer of each kind is costed and converted, and the layers of a kind share its op records.
@@ -225,7 +228,7 @@ def _layers_ops(
     kinds = costs.layer_kinds(cfg)
     layers = costs.layer_costs(
         _one_layer_per_kind(cfg, kinds),
-        **shape,
+        **dict(shape),
         k_ffn=k_ffn,
         weight_bytes=1,
         act_bytes=2,
@@ -253,6 +256,11 @@ def _layers_ops(
         LayerOps(index, kind, by_kind[kind].ops, by_kind[kind].comms)
         for index, kind in enumerate(kinds)
     )
+
+
+def clear_op_cache() -> None:
+    """Forget the op lists kept for configurations priced before (benchmarks start cold)."""
+    _layers_ops.cache_clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -466,7 +474,12 @@ def prefill_layer_ops(
     return _layers_ops(
         cfg,
         a,
-        dict(tokens=tokens, context=new, phase="prefill", prefix=effective * prefix_hit),
+        (
+            ("tokens", tokens),
+            ("context", new),
+            ("phase", "prefill"),
+            ("prefix", effective * prefix_hit),
+        ),
         attention_dtype=attention_dtype,
         attention_tp=attention_tp,
         ffn_tp=ffn_tp,

@@ -20,6 +20,7 @@ from longcat_sim.cluster.workload import DecodeWorkload
 from longcat_sim.config.fields import known
 from longcat_sim.config.serving import PrefillDeployment
 from longcat_sim.errors import UserError
+from longcat_sim.footprint import Footprint, prefill_footprint
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.scenarios.decode import (
     check_expert_split,
@@ -141,6 +142,23 @@ def prefill_workload(setup: PrefillSetup) -> DecodeWorkload:
     )
 
 
+def prefill_memory(setup: PrefillSetup) -> Footprint:
+    """HBM per GPU of the forward: weights, the prompts' KV cache until sent, activations."""
+    return prefill_footprint(
+        setup.cfg,
+        setup.hw,
+        setup.assumptions,
+        ep=setup.ep,
+        tokens_per_device=setup.tokens_per_device,
+        prompt_len=max(1, round(setup.prompt_len)),
+        attention_dtype=setup.attention_dtype,
+        redundant_experts=setup.redundant_experts,
+        attention_tp=setup.attention_tp,
+        ffn_tp=setup.ffn_tp,
+        micro_batches=2 if setup.schedule == "tbo" else 1,
+    )
+
+
 @dataclass(frozen=True)
 class PrefillFigures:
     """What one forward's time means to a user."""
@@ -206,4 +224,4 @@ def prefill_results(
         "cost_per_m_input_tokens": figures.cost_per_m_input_tokens,
         "events": len(result.records),
     }
-    return out
+    return out | prefill_memory(setup).to_dict()
