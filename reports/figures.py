@@ -13,8 +13,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from longcat_sim.reports.inputs import (
+    MEMORY_PARTS,
     ReportInputError,
+    check_memory,
     check_pareto,
+    check_prefill,
     check_sdc,
     check_timelines,
     check_training_overlap,
@@ -45,6 +48,21 @@ GROUP_COLORS = {
 MODEL_COLORS = ("#e45756", "#4c78a8", "#54a24b", "#f58518", "#b279a2", "#72b7b2")
 PAPER_COLOR = "#9d9d9d"
 SIM_COLOR = "#4c78a8"
+MEMORY_COLORS = {
+    "weights": "#4c78a8",
+    "kv_cache": "#f58518",
+    "activations": "#54a24b",
+    "reserve": "#bab0ac",
+}
+MEMORY_LABELS = {
+    "weights": "weights",
+    "kv_cache": "KV cache",
+    "activations": "activations",
+    "reserve": "reserve",
+}
+INFEASIBLE_OPACITY = 0.35  # points and bars that do not fit in HBM
+INFEASIBLE_SYMBOL = "x"
+INFEASIBLE_PATTERN = "/"
 MAX_CURVE_POINTS = 2000
 COST_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
@@ -143,22 +161,79 @@ def timeline_figure(section: Mapping[str, Any]) -> go.Figure:
 
 
 def pareto_mask(points: Sequence[Mapping[str, Any]]) -> list[bool]:
-    """True for points no other point beats on both TPS/user and tokens/GPU/s (ties allowed)."""
+    """True for points that fit in HBM (``fits``, true when absent) and that no other fitting
+    point beats on both TPS/user and tokens/GPU/s (ties allowed)."""
+    feasible = [p for p in points if p.get("fits", True)]
     mask = []
     for p in points:
         dominated = any(
             q["tps_per_user"] >= p["tps_per_user"]
             and q["tgs"] >= p["tgs"]
             and (q["tps_per_user"] > p["tps_per_user"] or q["tgs"] > p["tgs"])
-            for q in points
+            for q in feasible
         )
-        mask.append(not dominated)
+        mask.append(bool(p.get("fits", True)) and not dominated)
     return mask
+
+
+def _pareto_hover(label: str, fits: bool, y_text: str, cost_text: str) -> str:
+    lines = [
+        label,
+        "batch %{customdata[0]} per GPU" + ("" if fits else ", does not fit in HBM"),
+        "%{x:.1f} TPS/user, TPOT %{customdata[2]:.1f} ms",
+        y_text,
+        cost_text,
+    ]
+    return "<br>".join(line for line in lines if line) + "<extra></extra>"
+
+
+def _pareto_traces(
+    fig: go.Figure, name: str, label: str, color: str, points: list[Mapping[str, Any]]
+) -> None:
+    """One model's points in both panels: the ones that fit as a line (filled markers on the
+    front, open ones dominated), the ones that do not as faint crosses off the line."""
+    front = pareto_mask(points)
+    fitting = [(p, on) for p, on in zip(points, front, strict=True) if p["fits"]]
+    over = [p for p in points if not p["fits"]]
+    panels = (
+        (1, "tgs", "%{y:,.0f} tokens/GPU/s", "$%{customdata[1]:.3f} per M tokens", "solid", 9),
+        (2, "cost_per_m_tokens", "", "$%{y:.3f} per M tokens", "dot", 8),
+    )
+    for col, key, y_text, cost_text, dash, size in panels:
+        for chosen, fits in (([p for p, _ in fitting], True), (over, False)):
+            if not chosen:
+                continue
+            symbols = (
+                ["circle" if on else "circle-open" for _, on in fitting]
+                if fits
+                else INFEASIBLE_SYMBOL
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["tps_per_user"] for p in chosen],
+                    y=[p[key] for p in chosen],
+                    name=label if fits else f"{label}: does not fit in HBM",
+                    legendgroup=name,
+                    showlegend=col == 1 and fits,
+                    mode="lines+markers" if fits else "markers",
+                    line={"color": color, "dash": dash},
+                    marker={"color": color, "symbol": symbols, "size": size},
+                    opacity=1.0 if fits else INFEASIBLE_OPACITY,
+                    customdata=[
+                        [p["batch_per_device"], p["cost_per_m_tokens"], p["tpot_ms"]]
+                        for p in chosen
+                    ],
+                    hovertemplate=_pareto_hover(label, fits, y_text, cost_text),
+                ),
+                row=1,
+                col=col,
+            )
 
 
 def pareto_figure(section: Mapping[str, Any]) -> go.Figure:
     """Per model over batch sizes: tokens/GPU/s (left) and $/M tokens (right) against TPS/user.
-    Filled markers lie on the model's Pareto front, open ones are dominated."""
+    Filled markers lie on the model's Pareto front, open ones are dominated; faint crosses do
+    not fit in HBM and are never on the front."""
     check_pareto(section)
     fig = make_subplots(
         rows=1,
@@ -169,46 +244,8 @@ def pareto_figure(section: Mapping[str, Any]) -> go.Figure:
     for i, name in enumerate(_ordered(list(section["models"]), ())):
         model = section["models"][name]
         points = sorted(model["points"], key=lambda p: p["batch_per_device"])
-        front = pareto_mask(points)
-        color = MODEL_COLORS[i % len(MODEL_COLORS)]
         label = f"{model_label(name)} ({model['schedule'].upper()})"
-        symbols = ["circle" if on else "circle-open" for on in front]
-        custom = [[p["batch_per_device"], p["cost_per_m_tokens"], p["tpot_ms"]] for p in points]
-        hover = (
-            f"{label}<br>batch %{{customdata[0]}} per GPU<br>%{{x:.1f}} TPS/user, "
-            "TPOT %{customdata[2]:.1f} ms<br>%{y:,.0f} tokens/GPU/s<br>"
-            "$%{customdata[1]:.3f} per M tokens<extra></extra>"
-        )
-        common = {"mode": "lines+markers", "legendgroup": name, "customdata": custom}
-        fig.add_trace(
-            go.Scatter(
-                x=[p["tps_per_user"] for p in points],
-                y=[p["tgs"] for p in points],
-                name=label,
-                line={"color": color},
-                marker={"color": color, "symbol": symbols, "size": 9},
-                hovertemplate=hover,
-                **common,
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=[p["tps_per_user"] for p in points],
-                y=[p["cost_per_m_tokens"] for p in points],
-                name=label,
-                showlegend=False,
-                line={"color": color, "dash": "dot"},
-                marker={"color": color, "symbol": symbols, "size": 8},
-                hovertemplate=hover.replace("%{y:,.0f} tokens/GPU/s", "").replace(
-                    "$%{customdata[1]:.3f}", "$%{y:.3f}"
-                ),
-                **common,
-            ),
-            row=1,
-            col=2,
-        )
+        _pareto_traces(fig, name, label, MODEL_COLORS[i % len(MODEL_COLORS)], points)
     fig.update_xaxes(title_text="TPS per user (tokens/s)", row=1, col=1)
     fig.update_xaxes(title_text="TPS per user (tokens/s)", row=1, col=2)
     fig.update_yaxes(title_text="tokens / GPU / s", row=1, col=1)
@@ -221,6 +258,153 @@ def pareto_figure(section: Mapping[str, Any]) -> go.Figure:
         col=2,
     )
     return _layout(fig, height=460, legend={"orientation": "h", "y": -0.18, "x": 0.0})
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def memory_figure(section: Mapping[str, Any]) -> go.Figure:
+    """Per model, a stacked bar of per-GPU HBM (weights, KV cache, activations, reserve) at each
+    batch size, with the HBM capacity as a dashed line; bars that do not fit are faint and
+    hatched."""
+    check_memory(section)
+    names = _ordered(list(section["models"]), ())
+    models = section["models"]
+    titles = [
+        f"{model_label(n)} ({models[n]['schedule'].upper()}): "
+        f"fits up to {models[n]['max_batch_per_device']} per GPU"
+        for n in names
+    ]
+    fig = make_subplots(
+        rows=1, cols=len(names), shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=titles
+    )
+    hbm = section["hbm_gb"]
+    for col, name in enumerate(names, start=1):
+        points = sorted(models[name]["points"], key=lambda p: p["batch_per_device"])
+        x = [str(p["batch_per_device"]) for p in points]
+        fits = [p["fits"] for p in points]
+        for part in MEMORY_PARTS:
+            fig.add_trace(
+                go.Bar(
+                    x=x,
+                    y=[p["hbm_breakdown_gb"][part] for p in points],
+                    name=MEMORY_LABELS[part],
+                    legendgroup=part,
+                    showlegend=col == 1,
+                    marker={
+                        "color": MEMORY_COLORS[part],
+                        "opacity": [1.0 if f else INFEASIBLE_OPACITY for f in fits],
+                        "pattern": {"shape": ["" if f else INFEASIBLE_PATTERN for f in fits]},
+                        "line": {"color": "#ffffff", "width": 0.5},
+                    },
+                    customdata=[
+                        [p["hbm_used_gb"], "" if p["fits"] else " (does not fit)"] for p in points
+                    ],
+                    hovertemplate=(
+                        f"{model_label(name)}, batch %{{x}} per GPU%{{customdata[1]}}<br>"
+                        f"{MEMORY_LABELS[part]} %{{y:.1f}} GB of %{{customdata[0]:.1f}} GB"
+                        "<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[hbm] * len(x),
+                name=f"HBM {hbm:.0f} GB",
+                legendgroup="hbm",
+                showlegend=col == 1,
+                mode="lines",
+                line={"color": "#000000", "dash": "dash", "width": 1.5},
+                hovertemplate=f"HBM {hbm:.0f} GB per GPU<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="requests per GPU", type="category", row=1, col=col)
+    fig.update_yaxes(title_text="HBM per GPU (GB)", row=1, col=1)
+    return _layout(
+        fig,
+        height=440,
+        barmode="stack",
+        bargap=0.2,
+        legend={"orientation": "h", "y": -0.2, "x": 0.0},
+    )
+
+
+# -- prefill ------------------------------------------------------------------------------------
+
+
+def _tokens_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def prefill_figure(section: Mapping[str, Any]) -> go.Figure:
+    """Per model against prompt length (log 2): TTFT without queueing (left) and prompt tokens per
+    GPU per second (right); a cross marks a forward that does not fit in HBM."""
+    check_prefill(section)
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.1,
+        subplot_titles=("time to first token (no queueing)", "prompt tokens / GPU / s"),
+    )
+    lengths: set[int] = set()
+    for i, name in enumerate(_ordered(list(section["models"]), ())):
+        model = section["models"][name]
+        points = sorted(model["points"], key=lambda p: p["prompt_len"])
+        lengths.update(p["prompt_len"] for p in points)
+        color = MODEL_COLORS[i % len(MODEL_COLORS)]
+        label = f"{model_label(name)} ({model['schedule'].upper()})"
+        over = [p for p in points if not p["fits"]]
+        for col, key, unit in ((1, "ttft_ms", "ms TTFT"), (2, "input_tgs", "tokens/GPU/s")):
+            hover = f"{label}<br>%{{x:,}}-token prompts<br>%{{y:,.0f}} {unit}"
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["prompt_len"] for p in points],
+                    y=[p[key] for p in points],
+                    name=label,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    mode="lines+markers",
+                    line={"color": color},
+                    marker={"color": color, "size": 8},
+                    customdata=[[p["tokens_per_device"]] for p in points],
+                    hovertemplate=hover + "<br>%{customdata[0]:,} tokens per GPU<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+            if over:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[p["prompt_len"] for p in over],
+                        y=[p[key] for p in over],
+                        name=f"{label}: does not fit in HBM",
+                        legendgroup=name,
+                        showlegend=False,
+                        mode="markers",
+                        marker={"color": "#000000", "symbol": INFEASIBLE_SYMBOL, "size": 13},
+                        hovertemplate=hover + "<br>does not fit in HBM<extra></extra>",
+                    ),
+                    row=1,
+                    col=col,
+                )
+    ticks = sorted(lengths)
+    for col in (1, 2):
+        fig.update_xaxes(
+            title_text="prompt length (tokens)",
+            type="log",
+            tickvals=ticks,
+            ticktext=[_tokens_label(n) for n in ticks],
+            row=1,
+            col=col,
+        )
+    fig.update_yaxes(title_text="TTFT (ms)", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="prompt tokens / GPU / s", rangemode="tozero", row=1, col=2)
+    return _layout(fig, height=420, legend={"orientation": "h", "y": -0.2, "x": 0.0})
 
 
 # -- training overlap ---------------------------------------------------------------------------

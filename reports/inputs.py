@@ -19,7 +19,18 @@ Report data (one mapping; ``longcat_sim.report.sections`` assembles it)::
                "events": [EVENT]}}}  EVENT = {"name": str, "group": str, "stream": str,
                "start_us": number, "end_us": number, "layer": int, "microbatch": int}
     pareto:    {"models": {model: {"schedule": str, "points": [{"batch_per_device": int,
-               "tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms": number}]}}}
+               "tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms", "hbm_used_gb": number,
+               "fits": bool}]}}}  (a point that does not fit in HBM is never on the front)
+    memory:    {"hardware": str, "hbm_gb": number, "gpus": int, "context": int, "models":
+               {model: {"schedule": str, "max_batch_per_device": int, "points":
+               [{"batch_per_device": int, "hbm_used_gb": number, "fits": bool,
+               "hbm_breakdown_gb": {"weights", "kv_cache", "activations", "reserve": number}}]}}}
+    prefill:   {"hardware": str, "gpus": int, "tokens_per_device": int, "assumptions": str,
+               "models": {model: {"schedule": str, "points": [{"prompt_len": int,
+               "tokens_per_device": int, "forward_ms", "ttft_ms", "input_tgs",
+               "cost_per_m_input_tokens", "hbm_used_gb": number, "fits": bool}]}},
+               "profile": {"label", "model", "hardware", "schedule", "routing": str, "ep",
+               "prompt_len", "tokens_per_device": int, "measured_tgs", "simulated_tgs": number}}
     training_overlap: {"paper": {"baseline": share, "scmoe": share}, "simulated":
                {"baseline": SUMMARY, "scmoe": SUMMARY}}  SUMMARY = {"exposed_comm_share",
                "step_ms", "comm_ms", "exposed_comm_ms": number}
@@ -68,6 +79,14 @@ TABLE7_KEYS = (
 )
 TABLE6_PAPER_KEYS = ("tgs", "tps_per_user")
 PARETO_KEYS = ("tps_per_user", "tgs", "cost_per_m_tokens", "tpot_ms")
+MEMORY_PARTS = ("weights", "kv_cache", "activations", "reserve")
+PREFILL_KEYS = (
+    "forward_ms",
+    "ttft_ms",
+    "input_tgs",
+    "cost_per_m_input_tokens",
+    "hbm_used_gb",
+)
 EVENT_KEYS = ("name", "group", "stream", "start_us", "end_us", "layer", "microbatch")
 OVERLAP_KEYS = ("exposed_comm_share", "step_ms", "comm_ms", "exposed_comm_ms")
 VERDICTS = ("identical", "diverged")
@@ -110,6 +129,12 @@ def number(value: Any, path: str) -> float:
 def integer(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ReportInputError(f"{path} must be an integer, got {value!r}")
+    return value
+
+
+def boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ReportInputError(f"{path} must be true or false, got {value!r}")
     return value
 
 
@@ -196,16 +221,64 @@ def check_timelines(section: Any, path: str = "timelines") -> None:
             check_event(event, _where(_where(where, "events"), j))
 
 
+def _points(model: Mapping[str, Any], where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path, mapping) of each entry of a model's non-empty ``points`` list."""
+    points = items(field(model, "points", where), _where(where, "points"), non_empty=True)
+    for j, point in enumerate(points):
+        p = _where(_where(where, "points"), j)
+        yield p, mapping(point, p)
+
+
 def check_pareto(section: Any, path: str = "pareto") -> None:
     section = mapping(section, path)
     for where, model in _entries(section, "models", path):
         text(field(model, "schedule", where), _where(where, "schedule"))
-        points = items(field(model, "points", where), _where(where, "points"), non_empty=True)
-        for j, point in enumerate(points):
-            p = _where(_where(where, "points"), j)
-            point = mapping(point, p)
+        for p, point in _points(model, where):
             integer(field(point, "batch_per_device", p), _where(p, "batch_per_device"))
-            numbers_at(point, PARETO_KEYS, p)
+            numbers_at(point, (*PARETO_KEYS, "hbm_used_gb"), p)
+            boolean(field(point, "fits", p), _where(p, "fits"))
+
+
+def check_memory(section: Any, path: str = "memory") -> None:
+    section = mapping(section, path)
+    text(field(section, "hardware", path), _where(path, "hardware"))
+    number(field(section, "hbm_gb", path), _where(path, "hbm_gb"))
+    for key in ("gpus", "context"):
+        integer(field(section, key, path), _where(path, key))
+    for where, model in _entries(section, "models", path):
+        text(field(model, "schedule", where), _where(where, "schedule"))
+        largest = field(model, "max_batch_per_device", where)
+        integer(largest, _where(where, "max_batch_per_device"))
+        for p, point in _points(model, where):
+            integer(field(point, "batch_per_device", p), _where(p, "batch_per_device"))
+            number(field(point, "hbm_used_gb", p), _where(p, "hbm_used_gb"))
+            boolean(field(point, "fits", p), _where(p, "fits"))
+            parts = _where(p, "hbm_breakdown_gb")
+            numbers_at(mapping(field(point, "hbm_breakdown_gb", p), parts), MEMORY_PARTS, parts)
+
+
+def check_prefill(section: Any, path: str = "prefill") -> None:
+    section = mapping(section, path)
+    for key in ("hardware", "assumptions"):
+        text(field(section, key, path), _where(path, key))
+    for key in ("gpus", "tokens_per_device"):
+        integer(field(section, key, path), _where(path, key))
+    for where, model in _entries(section, "models", path):
+        text(field(model, "schedule", where), _where(where, "schedule"))
+        for p, point in _points(model, where):
+            for key in ("prompt_len", "tokens_per_device"):
+                integer(field(point, key, p), _where(p, key))
+            numbers_at(point, PREFILL_KEYS, p)
+            boolean(field(point, "fits", p), _where(p, "fits"))
+    where = _where(path, "profile")
+    profile = mapping(field(section, "profile", path), where)
+    for key in ("label", "model", "hardware", "schedule", "routing"):
+        text(field(profile, key, where), _where(where, key))
+    for key in ("ep", "prompt_len", "tokens_per_device"):
+        integer(field(profile, key, where), _where(where, key))
+    measured = numbers_at(profile, ("measured_tgs", "simulated_tgs"), where)["measured_tgs"]
+    if measured <= 0:
+        raise ReportInputError(f"{where}.measured_tgs must be positive, got {measured}")
 
 
 def check_training_overlap(section: Any, path: str = "training_overlap") -> None:
@@ -292,6 +365,8 @@ _SECTION_CHECKS = {
     "table6": check_table6,
     "timelines": check_timelines,
     "pareto": check_pareto,
+    "memory": check_memory,
+    "prefill": check_prefill,
     "training_overlap": check_training_overlap,
 }
 

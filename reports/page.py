@@ -15,12 +15,16 @@ SECTIONS = (
     ("table6", "Table 6: measured decode"),
     ("timelines", "Per-layer timelines"),
     ("pareto", "Throughput, interactivity and cost"),
+    ("memory", "Memory per GPU"),
+    ("prefill", "Prefill"),
     ("training-overlap", "Training overlap"),
     ("training-runs", "Training runs"),
     ("determinism", "Determinism"),
     ("sdc", "Silent data corruption"),
     ("configuration", "Configuration"),
 )
+
+_TITLES = dict(SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,19 @@ NOTES = {
     ),
     "pareto": (
         "One point per batch size per GPU; filled markers lie on a model's Pareto front "
-        "(no other batch gives both more TPS per user and more tokens per GPU per second)."
+        "(no other batch that fits gives both more TPS per user and more tokens per GPU per "
+        "second). Faint crosses do not fit in HBM and are never on the front."
+    ),
+    "memory": (
+        "Per-GPU HBM of the decode deployment at each batch size of the Pareto section: "
+        "weights, KV cache, activations of one step and a reserve (CUDA context, "
+        "fragmentation). Faint, hatched bars exceed the HBM capacity (dashed line)."
+    ),
+    "prefill": (
+        "One prefill forward per prompt length from the schedule's closed form, each model "
+        "on its own overlap, EP over all prefill GPUs, the section's tokens per GPU (or one "
+        "prompt when longer). TTFT counts the forwards a prompt needs, without queueing. "
+        "A cross marks a forward that does not fit in HBM."
     ),
     "training-overlap": (
         "Paper §5: EP 32, 200 Gb/s RDMA per GPU, context parallelism 8, the MoE split into "
@@ -128,14 +144,22 @@ NOTES = {
 
 
 def _simulated_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
-    """The sections the simulator fills: the paper's tables, timelines, Pareto, overlap; each
-    its table or figure, then its note."""
+    """The sections the simulator fills: the paper's tables, timelines, Pareto, memory, prefill,
+    overlap; each its table or figure, then its note."""
     overlap = data["training_overlap"]
     blocks = {
         "table7": [table_html(tables.table7_table(data["table7"]))],
         "table6": [table_html(tables.table6_table(data["table6"]))],
         "timelines": [figs.add("fig-timelines", figures.timeline_figure(data["timelines"]))],
         "pareto": [figs.add("fig-pareto", figures.pareto_figure(data["pareto"]))],
+        "memory": [
+            figs.add("fig-memory", figures.memory_figure(data["memory"])),
+            table_html(tables.memory_table(data["memory"])),
+        ],
+        "prefill": [
+            figs.add("fig-prefill", figures.prefill_figure(data["prefill"])),
+            table_html(tables.prefill_profile_table(data["prefill"])),
+        ],
         "training-overlap": [
             figs.add("fig-training-overlap", figures.overlap_figure(overlap)),
             table_html(tables.overlap_table(overlap)),
@@ -162,9 +186,9 @@ def _result_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
             _note("Share of injected bit flips each detector caught, per site and bit position."),
         ]
     return [
-        _section("training-runs", SECTIONS[5][1], *run_blocks),
-        _section("determinism", SECTIONS[6][1], *_determinism_blocks(data["determinism"])),
-        _section("sdc", SECTIONS[7][1], *sdc_blocks),
+        _section("training-runs", _TITLES["training-runs"], *run_blocks),
+        _section("determinism", _TITLES["determinism"], *_determinism_blocks(data["determinism"])),
+        _section("sdc", _TITLES["sdc"], *sdc_blocks),
     ]
 
 
@@ -173,7 +197,7 @@ def _configuration_section(meta: Mapping[str, Any]) -> str:
     table = tables.key_value_table(
         "Report configuration", {**settings, "config_hash": meta["config_hash"]}
     )
-    return _section("configuration", SECTIONS[8][1], table_html(table))
+    return _section("configuration", _TITLES["configuration"], table_html(table))
 
 
 def _subtitle(config: Mapping[str, Any]) -> str:

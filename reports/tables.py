@@ -13,6 +13,8 @@ from typing import Any
 
 from longcat_sim.reports.inputs import (
     TABLE7_KEYS,
+    check_memory,
+    check_prefill,
     check_table6,
     check_table7,
     check_training_overlap,
@@ -188,6 +190,78 @@ def table6_table(section: Mapping[str, Any]) -> Table:
         ),
         rows=tuple(body),
         groups=(("", 5), ("tokens / GPU / s", 3), ("TPS / user", 3)),
+    )
+
+
+# -- prefill and memory --------------------------------------------------------------------------
+
+
+def prefill_profile_error(section: Mapping[str, Any]) -> float:
+    """Relative error of the simulated prompt tokens/GPU/s on the measured profile row."""
+    check_prefill(section)
+    profile = section["profile"]
+    return relative_error(profile["simulated_tgs"], profile["measured_tgs"])
+
+
+def prefill_profile_table(section: Mapping[str, Any]) -> Table:
+    """The measured prefill profile beside the closed-form forward of the same setting."""
+    error = prefill_profile_error(section)
+    p = section["profile"]
+    row = (
+        Cell(p["label"]),
+        Cell(p["hardware"]),
+        Cell(f"EP{p['ep']}"),
+        Cell(f"{p['prompt_len']:,d}", "num"),
+        Cell(f"{p['tokens_per_device']:,d}", "num"),
+        Cell(p["schedule"].upper()),
+        value_cell("tgs", p["measured_tgs"]),
+        value_cell("tgs", p["simulated_tgs"]),
+        error_cell(error),
+    )
+    return Table(
+        caption=(
+            "Prefill: measured prompt tokens/GPU/s (deepseek-ai/profile-data) vs the closed-form "
+            f"forward with the {section['assumptions']!r} assumption set, "
+            f"{p['routing']} routing"
+        ),
+        columns=(
+            "deployment",
+            "hardware",
+            "parallelism",
+            "prompt (tokens)",
+            "tokens / GPU",
+            "overlap",
+            "measured",
+            "simulated",
+            "error",
+        ),
+        rows=(row,),
+        groups=(("", 6), ("prompt tokens / GPU / s", 3)),
+    )
+
+
+def memory_table(section: Mapping[str, Any]) -> Table:
+    """Per model: the largest batch per GPU that fits in HBM, and the batches shown that do not."""
+    check_memory(section)
+    rows = []
+    for name, model in sorted(section["models"].items()):
+        over = [p["batch_per_device"] for p in model["points"] if not p["fits"]]
+        rows.append(
+            (
+                Cell(model_label(name)),
+                Cell(model["schedule"].upper()),
+                Cell(f"{model['max_batch_per_device']:d}", "num"),
+                Cell(", ".join(str(b) for b in sorted(over)) or "none"),
+            )
+        )
+    return Table(
+        caption=(
+            f"Largest decode batch per GPU that fits in {section['hbm_gb']:.0f} GB of "
+            f"{section['hardware']} HBM (EP{section['gpus']}, {section['context']:,d}-token "
+            "contexts)"
+        ),
+        columns=("model", "overlap", "largest batch / GPU", "batches shown that do not fit"),
+        rows=tuple(rows),
     )
 
 

@@ -15,12 +15,13 @@ import pytest
 
 from longcat_sim.cli import main
 from longcat_sim.report import pngs
+from longcat_sim.reports import figures, tables
 from tests.cli_checks import refused
 from tests.reports.test_browser import CHROMIUM, assert_every_figure_drew, probe_page
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["table7", "table6", "timelines", "pareto", "training_overlap"]
-FIGURES = ["fig-timelines", "fig-pareto", "fig-training-overlap"]
+SECTIONS = ["table7", "table6", "timelines", "pareto", "memory", "prefill", "training_overlap"]
+FIGURES = ["fig-timelines", "fig-pareto", "fig-memory", "fig-prefill", "fig-training-overlap"]
 BUILD_SECONDS = 60.0  # the default report, PNGs included, on two shared CPU cores
 
 
@@ -58,6 +59,12 @@ def _copy(default_run: dict, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(default_run["dir"], out)
     return out
+
+
+def _section(run_dir: Path, name: str) -> dict:
+    """A simulated section of the report data, as the run's cache holds it."""
+    (entry,) = (run_dir / "cache").glob(f"{name}-*.json")
+    return json.loads(entry.read_text())["result"]
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -107,6 +114,53 @@ def test_the_default_reproduces_the_paper_within_its_tolerances(default_run: dic
     assert timelines["tbo"]["tpot_ms"] < timelines["sequential"]["tpot_ms"]
 
 
+def test_the_default_prefill_matches_the_profile_and_grows_with_the_prompt(
+    default_run: dict,
+) -> None:
+    prefill = _section(default_run["dir"], "prefill")
+    assert abs(tables.prefill_profile_error(prefill)) <= 0.15
+    assert {m: v["schedule"] for m, v in prefill["models"].items()} == {
+        "longcat-flash": "sbo",
+        "deepseek-v3": "tbo",
+        "qwen3-235b-a22b": "tbo",
+    }
+    for name, model in prefill["models"].items():
+        points = model["points"]
+        assert [p["prompt_len"] for p in points] == [512 * 2**k for k in range(7)]
+        assert [p["tokens_per_device"] for p in points] == [16384] * 6 + [32768]
+        ttft = [p["ttft_ms"] for p in points]
+        assert ttft == sorted(ttft), (name, ttft)
+        assert ttft[-1] > 2 * ttft[0], name
+        tgs = [p["input_tgs"] for p in points]
+        assert tgs[-1] < tgs[0], name  # longer prompts: more attention per token
+    html = (default_run["dir"] / "report.html").read_text()
+    assert "deepseek-ai/profile-data" in html and "7,839" in html
+
+
+def test_the_default_memory_greys_what_does_not_fit_and_keeps_it_off_the_front(
+    default_run: dict,
+) -> None:
+    """At 5K-token contexts on 80 GB, batch 256 overflows every compared model: the memory
+    section says so, and the Pareto section's point of the same batch is never on the front."""
+    memory = _section(default_run["dir"], "memory")
+    pareto = _section(default_run["dir"], "pareto")
+    assert memory["hbm_gb"] == 80.0
+    for name, model in memory["models"].items():
+        largest = model["max_batch_per_device"]
+        fits = {p["batch_per_device"]: p["fits"] for p in model["points"]}
+        assert fits == {b: b <= largest for b in fits}, name
+        assert not fits[256] and fits[4], name
+        for p in model["points"]:
+            parts = p["hbm_breakdown_gb"]
+            assert sum(parts.values()) == pytest.approx(p["hbm_used_gb"])
+            assert p["fits"] == (p["hbm_used_gb"] <= memory["hbm_gb"])
+        points = sorted(pareto["models"][name]["points"], key=lambda p: p["batch_per_device"])
+        assert {p["batch_per_device"]: p["fits"] for p in points} == fits
+        for p, on in zip(points, figures.pareto_mask(points), strict=True):
+            assert not on or p["fits"], (name, p["batch_per_device"])
+        assert any(figures.pareto_mask(points)), name
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
 def test_default_report_renders_in_chromium_and_is_not_blank(
     default_run: dict, tmp_path: Path
@@ -114,6 +168,8 @@ def test_default_report_renders_in_chromium_and_is_not_blank(
     results = json.loads((default_run["dir"] / "results.json").read_text())
     probe, pixels = probe_page((default_run["dir"] / "report.html").read_text(), tmp_path)
     assert_every_figure_drew(probe, results["figures"])
+    faint = {f["id"]: f["faint"] for f in probe["figures"]}
+    assert faint["fig-memory"] > 0 and faint["fig-pareto"] > 0  # batches that do not fit
     assert pixels.shape == (1000, 1280, 3)
     assert pixels.std() > 20.0  # text, tables and charts on a white page
 
@@ -169,8 +225,9 @@ def test_sections_are_cached_by_what_they_read(default_run: dict, tmp_path: Path
     )
     assert code == 0, err
     results = json.loads(stdout)
-    assert results["simulated"] == ["pareto"]
-    assert results["cached"] == [s for s in SECTIONS if s != "pareto"]
+    changed = ["pareto", "memory", "prefill"]  # prefill reads the compared models only
+    assert results["simulated"] == changed
+    assert results["cached"] == [s for s in SECTIONS if s not in changed]
     (points,) = [m["points"] for m in results["pareto"].values()]
     assert [p["batch_per_device"] for p in points] == [8, 16]
     default = json.loads((default_run["dir"] / "results.json").read_text())

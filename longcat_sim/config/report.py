@@ -54,14 +54,30 @@ class ReportConfig:
     )
     compare_models: tuple[str, ...] = setting(
         ("longcat-flash", "deepseek-v3", "qwen3-235b-a22b"),
-        "models compared on the Pareto front",
+        "models compared in the Pareto, memory and prefill sections",
         check=names(name()),
         kind=str,
     )
     batch_per_device: tuple[int, ...] = setting(
         (4, 8, 16, 32, 48, 64, 96, 128, 192, 256),
-        "requests per GPU on the Pareto front",
+        "requests per GPU in the Pareto and memory sections",
         unit="requests",
+        check=names(integer(1)),
+        kind=int,
+    )
+    prefill_gpus: int = setting(
+        32, "GPUs of the prefill section, one expert-parallel group", unit="GPUs", check=integer(1)
+    )
+    tokens_per_device: int = setting(
+        16384,
+        "prompt tokens per GPU per prefill forward (raised to the prompt length when shorter)",
+        unit="tokens",
+        check=integer(1),
+    )
+    prompt_len: tuple[int, ...] = setting(
+        (512, 1024, 2048, 4096, 8192, 16384, 32768),
+        "prompt lengths of the prefill section",
+        unit="tokens",
         check=names(integer(1)),
         kind=int,
     )

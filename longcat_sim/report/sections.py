@@ -13,7 +13,12 @@ Sections and what they compare:
 - ``table6``: measured decode (Table 6, and the DeepSeek-V3 profile data) on 128 H800 under
   the configured assumption set.
 - ``timelines``: one deployment (model, hardware, GPUs) under every decode schedule.
-- ``pareto``: each compared model over batch sizes on the configured deployment.
+- ``pareto``: each compared model over batch sizes on the configured deployment; a point
+  that does not fit in HBM (``fits`` false) is never on the front.
+- ``memory``: the per-GPU HBM footprint of the same points (weights, KV cache, activations,
+  reserve) and the largest batch that fits.
+- ``prefill``: each compared model's closed-form prefill forward over prompt lengths (TTFT,
+  prompt tokens per GPU per second), and the DeepSeek-V3 prefill profile row.
 - ``training_overlap``: the paper's §5 training setting (the training defaults of
   ``longcat-sim simulate --mode train``), without and with ScMoE.
 
@@ -24,6 +29,7 @@ for many points), so the report and those commands print the same numbers for a 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,8 @@ from longcat_sim.cluster.simulator import simulate_train
 from longcat_sim.cluster.streams import EventRecord
 from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
 from longcat_sim.config.report import ReportConfig
+from longcat_sim.config.serving import PrefillDeployment
+from longcat_sim.footprint import decode_footprint
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.report.cache import CACHE_DIR, cached_section, code_fingerprint
 from longcat_sim.report.results import load_determinism, load_sdc, load_training_run
@@ -46,6 +54,12 @@ from longcat_sim.scenarios.decode import (
     decode_workload,
     resolve_hardware,
     run_decode,
+)
+from longcat_sim.scenarios.prefill import (
+    PrefillSetup,
+    closed_form_figures,
+    prefill_memory,
+    resolve_prefill,
 )
 from longcat_sim.scenarios.sweep import run_points
 from longcat_sim.scenarios.train import train_workload
@@ -112,6 +126,19 @@ TABLE6_MTP_ACCEPT = 0.9
 # routing, no speculative decoding: 18,598 tokens/s per 8-GPU node = 2,324 per GPU, 20 TPS per
 # user (paper Table 6).
 DEEPSEEK_PROFILE = {"context": 4096, "batch_per_device": 128, "tgs": 2324, "tps_per_user": 20.0}
+
+# deepseek-ai/profile-data prefill: H800, EP32, 4K-token prompts, 16K tokens per GPU in two
+# micro-batches (TBO), balanced routing: 62,713 tokens/s per 8-GPU node = 7,839 per GPU.
+DEEPSEEK_PREFILL_PROFILE = {
+    "model": "deepseek-v3",
+    "hardware": "H800",
+    "ep": 32,
+    "prompt_len": 4096,
+    "tokens_per_device": 16384,
+    "schedule": "tbo",
+    "routing": "balanced",
+    "measured_tgs": 7839.0,
+}
 
 # LongCat-Flash paper §5: share of step time in exposed dispatch/combine, EP 32, 200 Gb/s RDMA
 # per GPU, context parallelism 8, the MoE split into 2 token chunks. The setting itself is the
@@ -366,16 +393,152 @@ def timelines_section(r: Resolved) -> dict[str, Any]:
     }
 
 
+def footprint_of(setup: DecodeSetup, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The HBM footprint keys of a decode point (``Footprint.to_dict``): the record's own when
+    it carries them, else computed from the setup."""
+    keys = ("hbm_used_gb", "hbm_gb", "fits", "max_batch_per_device", "hbm_breakdown_gb")
+    if record is not None and all(k in record for k in keys):
+        return {k: record[k] for k in keys}
+    return decode_footprint(
+        setup.cfg,
+        setup.hw,
+        setup.assumptions,
+        ep=setup.ep,
+        batch_per_device=setup.batch_per_device,
+        context=max(1, math.ceil(setup.context)),
+        attention_dtype=setup.attention_dtype,
+        redundant_experts=setup.redundant_experts,
+        attention_tp=setup.attention_tp,
+        ffn_tp=setup.ffn_tp,
+        mtp_draft_tokens=setup.mtp_draft_tokens,
+    ).to_dict()
+
+
 def pareto_section(r: Resolved) -> dict[str, Any]:
-    """Every compared model at every batch size, on its own overlap schedule."""
+    """Every compared model at every batch size, on its own overlap schedule, with whether the
+    point fits in HBM."""
     batches = sorted(r.config.batch_per_device)
     setups = [_setup(r, cfg, batch, _deployment(cfg)[0]) for cfg in r.compare for batch in batches]
-    records = iter(_points(setups))
+    pairs = iter(zip(setups, _points(setups), strict=True))
     models = {}
     for cfg in r.compare:
-        points = [{"batch_per_device": b, **_numbers(next(records))} for b in batches]
+        points = []
+        for b in batches:
+            setup, record = next(pairs)
+            memory = footprint_of(setup, record)
+            points.append(
+                {
+                    "batch_per_device": b,
+                    **_numbers(record),
+                    "fits": bool(memory["fits"]),
+                    "hbm_used_gb": memory["hbm_used_gb"],
+                }
+            )
         models[cfg.name] = {"schedule": _deployment(cfg)[0], "points": points}
     return {"models": models}
+
+
+def memory_section(r: Resolved) -> dict[str, Any]:
+    """Per-GPU HBM of every compared model at the Pareto section's batch sizes on the configured
+    decode deployment, and the largest batch that fits."""
+    batches = sorted(r.config.batch_per_device)
+    models = {}
+    for cfg in r.compare:
+        schedule = _deployment(cfg)[0]
+        points, largest = [], 0
+        for b in batches:
+            memory = footprint_of(_setup(r, cfg, b, schedule))
+            largest = memory["max_batch_per_device"]
+            points.append(
+                {
+                    "batch_per_device": b,
+                    "hbm_used_gb": memory["hbm_used_gb"],
+                    "fits": bool(memory["fits"]),
+                    "hbm_breakdown_gb": dict(memory["hbm_breakdown_gb"]),
+                }
+            )
+        models[cfg.name] = {"schedule": schedule, "max_batch_per_device": largest, "points": points}
+    return {
+        "hardware": r.hardware.name,
+        "hbm_gb": r.hardware.hbm_gb,
+        "gpus": r.config.gpus,
+        "context": r.config.context,
+        "models": models,
+    }
+
+
+def _prefill_setup(
+    r: Resolved, cfg: ModelConfig, prompt_len: int, tokens: int, **changes: Any
+) -> PrefillSetup:
+    """A prefill forward of ``cfg`` on the configured hardware, under the configured assumption
+    set unless ``changes`` says otherwise (``hw``, ``assumptions``, deployment values)."""
+    hw = changes.pop("hw", r.hardware)
+    assumptions = changes.pop("assumptions", r.assumptions)
+    values: dict[str, Any] = {
+        "model": cfg.name,
+        "hardware": hw.name,
+        "gpus": r.config.prefill_gpus,
+        "tokens_per_device": tokens,
+        "prompt_len": float(prompt_len),
+        "seed": r.config.seed,
+    }
+    setup = resolve_prefill(PrefillDeployment(**(values | changes)))
+    return dataclasses.replace(setup, hw=hw, assumptions=assumptions)
+
+
+def _prefill_point(setup: PrefillSetup) -> dict[str, Any]:
+    figures = closed_form_figures(setup)
+    memory = prefill_memory(setup)
+    return {
+        "prompt_len": round(setup.prompt_len),
+        "tokens_per_device": setup.tokens_per_device,
+        "forward_ms": figures.forward_s * 1e3,
+        "ttft_ms": figures.ttft_s * 1e3,
+        "input_tgs": figures.input_tgs,
+        "cost_per_m_input_tokens": figures.cost_per_m_input_tokens,
+        "hbm_used_gb": memory.used_gb,
+        "fits": memory.fits,
+    }
+
+
+def prefill_section(r: Resolved) -> dict[str, Any]:
+    """Every compared model's closed-form prefill forward (its default overlap) over prompt
+    lengths, and the DeepSeek-V3 profile row under the configured set with balanced routing."""
+    c = r.config
+    models = {}
+    for cfg in r.compare:
+        setups = [
+            _prefill_setup(r, cfg, n, max(c.tokens_per_device, n))
+            for n in sorted(c.prompt_len)
+        ]
+        models[cfg.name] = {
+            "schedule": setups[0].schedule,
+            "points": [_prefill_point(s) for s in setups],
+        }
+    p = DEEPSEEK_PREFILL_PROFILE
+    profile = _prefill_setup(
+        r,
+        load_model_config(p["model"]),
+        p["prompt_len"],
+        p["tokens_per_device"],
+        hw=get_hardware(p["hardware"]),
+        assumptions=r.assumptions.replace(routing=p["routing"]),
+        gpus=p["ep"],
+        schedule=p["schedule"],
+    )
+    return {
+        "hardware": r.hardware.name,
+        "gpus": c.prefill_gpus,
+        "tokens_per_device": c.tokens_per_device,
+        "assumptions": r.assumptions.name,
+        "models": models,
+        "profile": {
+            **{k: v for k, v in p.items() if k != "measured_tgs"},
+            "label": "DeepSeek-V3 prefill profile (balanced)",
+            "measured_tgs": p["measured_tgs"],
+            "simulated_tgs": _prefill_point(profile)["input_tgs"],
+        },
+    }
 
 
 def training_overlap_section(r: Resolved) -> dict[str, Any]:
@@ -438,6 +601,21 @@ SECTIONS: dict[str, tuple[Callable[[Resolved], dict[str, Any]], Callable[[Resolv
     "pareto": (
         pareto_section,
         lambda r: _reads(r, *_DEPLOYMENT_SETTINGS, "batch_per_device", compare=True),
+    ),
+    "memory": (
+        memory_section,
+        lambda r: _reads(r, *_DEPLOYMENT_SETTINGS, "batch_per_device", compare=True),
+    ),
+    "prefill": (
+        prefill_section,
+        lambda r: _reads(
+            r,
+            "seed",
+            "prefill_gpus",
+            "tokens_per_device",
+            "prompt_len",
+            compare=True,
+        ),
     ),
     "training_overlap": (
         training_overlap_section,

@@ -71,6 +71,44 @@ def _paper(model: str) -> dict[str, float]:
     }
 
 
+def _memory_point(batch: int, per_request_gb: float, fits: bool) -> dict[str, Any]:
+    """A decode point's HBM: 30 GB of weights, 3 GB reserve, the rest per request."""
+    parts = {
+        "weights": 30.0,
+        "kv_cache": 0.9 * per_request_gb * batch,
+        "activations": 0.1 * per_request_gb * batch,
+        "reserve": 3.0,
+    }
+    return {
+        "batch_per_device": batch,
+        "hbm_used_gb": sum(parts.values()),
+        "fits": fits,
+        "hbm_breakdown_gb": parts,
+    }
+
+
+def _prefill_points(forward_ms: float, used_gb: float) -> list[dict[str, Any]]:
+    """Prompts of 1K to 32K tokens, 16K tokens per GPU (one prompt when longer); the forward
+    grows with the prompt and the 32K one does not fit in 80 GB."""
+    points = []
+    for i, prompt in enumerate(1024 * 2**k for k in range(6)):
+        tokens = max(16384, prompt)
+        ms = forward_ms * (1.0 + 0.1 * i) * tokens / 16384
+        points.append(
+            {
+                "prompt_len": prompt,
+                "tokens_per_device": tokens,
+                "forward_ms": ms,
+                "ttft_ms": ms,
+                "input_tgs": tokens / ms * 1e3,
+                "cost_per_m_input_tokens": 2.0 / (tokens / ms * 1e3 * 3600) * 1e6,
+                "hbm_used_gb": used_gb * tokens / 16384,
+                "fits": used_gb * tokens / 16384 <= 80.0,
+            }
+        )
+    return points
+
+
 _SAMPLE: dict[str, Any] = {
     "meta": {
         "title": "Sample report",
@@ -143,6 +181,8 @@ _SAMPLE: dict[str, Any] = {
                         "tgs": 700.0,
                         "cost_per_m_tokens": 0.8,
                         "tpot_ms": 11.1,
+                        "hbm_used_gb": 36.0,
+                        "fits": True,
                     },
                     {
                         "batch_per_device": 16,
@@ -150,6 +190,8 @@ _SAMPLE: dict[str, Any] = {
                         "tgs": 1300.0,
                         "cost_per_m_tokens": 0.43,
                         "tpot_ms": 12.5,
+                        "hbm_used_gb": 38.0,
+                        "fits": True,
                     },
                     {
                         "batch_per_device": 32,
@@ -157,6 +199,18 @@ _SAMPLE: dict[str, Any] = {
                         "tgs": 1200.0,
                         "cost_per_m_tokens": 0.46,
                         "tpot_ms": 14.3,
+                        "hbm_used_gb": 44.0,
+                        "fits": True,
+                    },
+                    {
+                        # would dominate batch 16 and 32 on throughput, but does not fit
+                        "batch_per_device": 256,
+                        "tps_per_user": 85.0,
+                        "tgs": 5000.0,
+                        "cost_per_m_tokens": 0.11,
+                        "tpot_ms": 13.3,
+                        "hbm_used_gb": 118.0,
+                        "fits": False,
                     },
                 ],
             },
@@ -169,6 +223,8 @@ _SAMPLE: dict[str, Any] = {
                         "tgs": 320.0,
                         "cost_per_m_tokens": 1.7,
                         "tpot_ms": 25.0,
+                        "hbm_used_gb": 33.0,
+                        "fits": True,
                     },
                     {
                         "batch_per_device": 16,
@@ -176,10 +232,51 @@ _SAMPLE: dict[str, Any] = {
                         "tgs": 560.0,
                         "cost_per_m_tokens": 1.0,
                         "tpot_ms": 28.6,
+                        "hbm_used_gb": 36.0,
+                        "fits": True,
                     },
                 ],
             },
         }
+    },
+    "memory": {
+        "hardware": "H800",
+        "hbm_gb": 80.0,
+        "gpus": 128,
+        "context": 5000,
+        "models": {
+            name: {
+                "schedule": schedule,
+                "max_batch_per_device": largest,
+                "points": [_memory_point(b, per_request, b <= largest) for b in (8, 64, 192)],
+            }
+            for name, schedule, largest, per_request in (
+                ("longcat-flash", "sbo", 141, 0.33),
+                ("deepseek-v3", "tbo", 142, 0.35),
+            )
+        },
+    },
+    "prefill": {
+        "hardware": "H800",
+        "gpus": 32,
+        "tokens_per_device": 16384,
+        "assumptions": "default",
+        "models": {
+            "longcat-flash": {"schedule": "sbo", "points": _prefill_points(1100.0, 56.0)},
+            "deepseek-v3": {"schedule": "tbo", "points": _prefill_points(2150.0, 53.0)},
+        },
+        "profile": {
+            "label": "DeepSeek-V3 prefill profile (balanced)",
+            "model": "deepseek-v3",
+            "hardware": "H800",
+            "ep": 32,
+            "prompt_len": 4096,
+            "tokens_per_device": 16384,
+            "schedule": "tbo",
+            "routing": "balanced",
+            "measured_tgs": 7839.0,
+            "simulated_tgs": 8021.0,
+        },
     },
     "training_overlap": {
         "paper": {"baseline": 0.253, "scmoe": 0.084},

@@ -69,8 +69,13 @@ window.addEventListener("load", function () { setTimeout(function () {
         return el.tagName === "image" || (d && d !== "M0,0Z" && d !== "M0,0");
       }
     );
+    // greyed marks: traces or points drawn at under half opacity (do not fit in HBM)
+    var faint = Array.prototype.filter.call(
+      gd.querySelectorAll("g.trace, g.points path, path.point"),
+      function (el) { var o = el.style.opacity; return o !== "" && parseFloat(o) < 0.5; }
+    );
     return {id: gd.id, plotly: gd.classList.contains("js-plotly-plot"), traces: traces,
-            marks: marks.length};
+            marks: marks.length, faint: faint.length};
   });
   var probe = document.createElement("pre");
   probe.id = "test-probe";
@@ -205,6 +210,11 @@ def test_every_section_renders_and_the_probe_catches_faults(tmp_path: Path) -> N
     with pytest.raises(AssertionError):
         assert_every_figure_drew({**probe, "figures": [empty]}, ["fig-empty"])
     assert_every_figure_drew({**probe, "errors": []}, ids)
+    faint = {f["id"]: f["faint"] for f in probe["figures"]}
+    # the sample's points that do not fit in HBM are drawn greyed; figures without any are not
+    assert faint["fig-memory"] >= 4  # the four parts of each model's batch-192 bar
+    assert faint["fig-pareto"] >= 2  # LongCat's batch 256, in both panels
+    assert faint["fig-training-overlap"] == 0 and faint["fig-sdc"] == 0
 
 
 def test_negative_control_a_blank_page_has_no_pixel_variance(tmp_path: Path) -> None:

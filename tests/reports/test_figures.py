@@ -92,21 +92,114 @@ def test_negative_control_a_wrong_front_fails_the_reference() -> None:
 def test_pareto_figure_plots_each_model_sorted_by_batch_with_front_markers() -> None:
     section = sample_report_data()["pareto"]
     fig = figures.pareto_figure(section)
-    assert len(fig.data) == 2 * len(section["models"])
-    by_name = {}
+    by_name: dict[str, list] = {}
     for trace in fig.data:
         by_name.setdefault(trace.legendgroup, []).append(trace)
     for name, model in section["models"].items():
-        throughput, cost = by_name[name]
         points = sorted(model["points"], key=lambda p: p["batch_per_device"])
-        assert list(throughput.x) == [p["tps_per_user"] for p in points]
-        assert list(throughput.y) == [p["tgs"] for p in points]
-        assert list(cost.y) == [p["cost_per_m_tokens"] for p in points]
-        mask = figures.pareto_mask(points)
+        fitting = [p for p in points if p["fits"]]
+        throughput, cost = (t for t in by_name[name] if t.opacity == 1.0)
+        assert list(throughput.x) == [p["tps_per_user"] for p in fitting]
+        assert list(throughput.y) == [p["tgs"] for p in fitting]
+        assert list(cost.y) == [p["cost_per_m_tokens"] for p in fitting]
+        mask = [on for p, on in zip(points, figures.pareto_mask(points), strict=True) if p["fits"]]
         assert list(throughput.marker.symbol) == ["circle" if on else "circle-open" for on in mask]
     # the LongCat sample has one dominated batch (32: slower and less throughput than 16)
     longcat = by_name["longcat-flash"][0]
     assert list(longcat.marker.symbol) == ["circle", "circle", "circle-open"]
+
+
+def test_a_point_that_does_not_fit_is_greyed_and_never_on_the_front() -> None:
+    """LongCat's batch 256 beats batches 16 and 32 on both axes but does not fit in HBM: it is
+    drawn as faint crosses off the model's line, and 16 stays on the front."""
+    section = sample_report_data()["pareto"]
+    points = sorted(
+        section["models"]["longcat-flash"]["points"], key=lambda p: p["batch_per_device"]
+    )
+    assert figures.pareto_mask(points) == [True, True, False, False]
+    fitting_as_if = [p | {"fits": True} for p in points]
+    assert figures.pareto_mask(fitting_as_if) == [True, False, False, True]  # negative control
+    fig = figures.pareto_figure(section)
+    faint = [t for t in fig.data if t.legendgroup == "longcat-flash" and t.opacity < 1.0]
+    assert len(faint) == 2  # one per panel
+    for trace in faint:
+        assert trace.mode == "markers" and trace.marker.symbol == figures.INFEASIBLE_SYMBOL
+        assert trace.x == (85.0,)
+        assert "does not fit in HBM" in trace.hovertemplate
+    solid = [t for t in fig.data if t.legendgroup == "longcat-flash" and t.opacity == 1.0]
+    assert all(85.0 not in t.x for t in solid)
+
+
+@settings(max_examples=50)
+@given(st.lists(st.builds(lambda a, b, f: {"tps_per_user": a, "tgs": b, "fits": f}, values,
+                          values, st.booleans()), min_size=1, max_size=12))  # fmt: skip
+def test_the_front_is_the_front_of_the_points_that_fit(points: list[dict]) -> None:
+    mask = figures.pareto_mask(points)
+    fitting = [p for p in points if p["fits"]]
+    on_front = iter(figures.pareto_mask(fitting))
+    assert mask == [next(on_front) if p["fits"] else False for p in points]
+
+
+# -- memory and prefill -------------------------------------------------------------------------
+
+
+def test_memory_figure_stacks_every_part_and_greys_what_does_not_fit() -> None:
+    section = sample_report_data()["memory"]
+    fig = figures.memory_figure(section)
+    bars = [t for t in fig.data if t.type == "bar"]
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert len(bars) == 4 * len(section["models"]) and len(lines) == len(section["models"])
+    assert fig.layout.barmode == "stack"
+    for line in lines:
+        assert set(line.y) == {section["hbm_gb"]}
+    i = sorted(section["models"]).index("longcat-flash")  # models in name order
+    longcat = bars[4 * i : 4 * i + 4]
+    points = section["models"]["longcat-flash"]["points"]
+    assert list(longcat[0].x) == ["8", "64", "192"]
+    for trace, part in zip(longcat, figures.MEMORY_PARTS, strict=True):
+        assert list(trace.y) == [p["hbm_breakdown_gb"][part] for p in points]
+        # batch 192 does not fit: faint and hatched; the others solid
+        assert list(trace.marker.opacity) == [1.0, 1.0, figures.INFEASIBLE_OPACITY]
+        assert list(trace.marker.pattern.shape) == ["", "", figures.INFEASIBLE_PATTERN]
+    stacked = [sum(t.y[j] for t in longcat) for j in range(3)]
+    assert stacked == pytest.approx([p["hbm_used_gb"] for p in points])
+    assert stacked[2] > section["hbm_gb"] > stacked[1]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[i] == "LongCat-Flash (SBO): fits up to 141 per GPU"
+
+
+def test_memory_table_states_the_largest_batch_per_model() -> None:
+    table = tables.memory_table(sample_report_data()["memory"])
+    assert [[c.text for c in row] for row in table.rows] == [
+        ["DeepSeek-V3", "TBO", "142", "192"],
+        ["LongCat-Flash", "SBO", "141", "192"],
+    ]
+
+
+def test_prefill_figure_has_ttft_and_throughput_on_a_log2_axis() -> None:
+    section = sample_report_data()["prefill"]
+    fig = figures.prefill_figure(section)
+    curves = [t for t in fig.data if t.mode == "lines+markers"]
+    crosses = [t for t in fig.data if t.mode == "markers"]
+    assert len(curves) == 2 * len(section["models"])
+    longcat = section["models"]["longcat-flash"]["points"]
+    ttft, tgs = (t for t in curves if t.legendgroup == "longcat-flash")
+    assert list(ttft.x) == [p["prompt_len"] for p in longcat]
+    assert list(ttft.y) == [p["ttft_ms"] for p in longcat]
+    assert list(tgs.y) == [p["input_tgs"] for p in longcat]
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis2.type == "log"
+    assert list(fig.layout.xaxis.ticktext) == ["1K", "2K", "4K", "8K", "16K", "32K"]
+    # the 32K-token forwards of both models do not fit: a cross per panel and model
+    assert len(crosses) == 4 and all(t.x == (32768,) for t in crosses)
+    assert all(t.marker.symbol == figures.INFEASIBLE_SYMBOL for t in crosses)
+
+
+def test_prefill_profile_table_and_error() -> None:
+    section = sample_report_data()["prefill"]
+    assert tables.prefill_profile_error(section) == pytest.approx(8021 / 7839 - 1)
+    (row,) = tables.prefill_profile_table(section).rows
+    assert [c.text for c in row[-3:]] == ["7,839", "8,021", "+2.3 %"]
+    assert row[-1].kind == "good"
 
 
 # -- training overlap and training runs -----------------------------------------------------------
@@ -272,6 +365,27 @@ def test_sample_data_has_the_documented_shape() -> None:
         ("table7", lambda s: s["rows"][0]["paper"].pop("tpot_ms"), r"lacks the key 'tpot_ms'"),
         ("table6", lambda s: s["rows"][0].update(context="5k"), r"context must be an integer"),
         ("pareto", lambda s: s["models"].clear(), r"at least one model"),
+        (
+            "pareto",
+            lambda s: s["models"]["deepseek-v3"]["points"][1].pop("fits"),
+            r"pareto\.models\.deepseek-v3\.points\[1\] lacks the key 'fits'",
+        ),
+        (
+            "memory",
+            lambda s: s["models"]["longcat-flash"]["points"][0].update(fits=1),
+            r"points\[0\]\.fits must be true or false",
+        ),
+        (
+            "memory",
+            lambda s: s["models"]["deepseek-v3"]["points"][2]["hbm_breakdown_gb"].pop("reserve"),
+            r"hbm_breakdown_gb lacks the key 'reserve'",
+        ),
+        ("prefill", lambda s: s["profile"].update(measured_tgs=0.0), r"must be positive"),
+        (
+            "prefill",
+            lambda s: s["models"]["longcat-flash"]["points"][3].update(ttft_ms=None),
+            r"prefill\.models\.longcat-flash\.points\[3\]\.ttft_ms must be a finite number",
+        ),
         ("determinism", lambda s: s.update(verdict="same"), r"verdict must be one of"),
         (
             "training_overlap",
