@@ -10,7 +10,8 @@ traced to the assumption behind it.
   microseconds per kernel, an EP dispatch/combine model whose latency and bandwidth were fitted
   to DeepSeek's published DeepEP low-latency timings (deepseek-ai/DeepEP README, H800, EP
   8-256), a router that is not perfectly balanced within a step (its one spread parameter
-  fitted on one measured LongCat-Flash row) and requests of varying context; the other terms
+  fitted on one measured LongCat-Flash row; a model without a measured spread is balanced
+  unless one is stated, ``router_spread``) and requests of varying context; the other terms
   were set before any end-to-end comparison.
 - ``train``: ``default`` for LongCat-Flash training (BF16 weights and activations), with one
   fitted term: the achieved link fraction of its dispatch/combine collectives, fitted on the
@@ -232,6 +233,29 @@ DEEPEP_NORMAL_SM_SHARE = 24 / 132
 HBM_RESERVE_GB = 3.0
 HBM_FRAGMENTATION = 0.03
 
+FITTED_SPREAD_SOURCE = "fitted on LongCat-Flash Table 6 row 1"
+BALANCED_SPREAD_SOURCE = (
+    "balanced popularity (multinomial noise only): no measured spread for this model; "
+    "state one with --assume expert_popularity_sigma=S"
+)
+
+
+def router_spread(model_name: str) -> tuple[float, str]:
+    """(expert-popularity sigma, where it comes from) for a model whose set leaves it unset."""
+    if model_name == "longcat-flash":
+        return FITTED_EXPERT_POPULARITY_SIGMA, FITTED_SPREAD_SOURCE
+    return 0.0, BALANCED_SPREAD_SOURCE
+
+
+def with_router_spread(a: Assumptions, model_name: str) -> tuple[Assumptions, str]:
+    """``a`` with its expert-popularity sigma resolved for ``model_name`` (a stated one
+    wins), and the sigma's source."""
+    if a.expert_popularity_sigma is not None:
+        return a, f"stated by assumption set {a.name!r}"
+    sigma, source = router_spread(model_name)
+    return a.replace(expert_popularity_sigma=sigma), source
+
+
 DEFAULT = Assumptions(
     name="default",
     # DeepGEMM-class FP8 GEMMs; grouped expert GEMMs lose more to ragged group sizes
@@ -255,7 +279,8 @@ DEFAULT = Assumptions(
     # scheduler, sampling and draft verification not hidden behind the GPU
     step_overhead_s=1e-3,
     routing="multinomial",
-    expert_popularity_sigma=FITTED_EXPERT_POPULARITY_SIGMA,
+    # the model's own measured spread (``router_spread``): fitted for LongCat-Flash only
+    expert_popularity_sigma=None,
     # request contexts spread like an exponential distribution (coefficient of variation 1)
     context_cv=1.0,
     linear_precision="fp8",
@@ -274,7 +299,8 @@ DEFAULT = Assumptions(
         "on the attention core, 70 % of HBM bandwidth (80 % for the attention core), 5 us per "
         "kernel, 1 ms per step outside the layers, DeepEP-like dispatch/combine fitted on the "
         "DeepEP low-latency table, a router whose per-step expert popularity is lognormal "
-        "(sigma 0.63, fitted on one Table 6 row), request contexts with coefficient of "
+        "with the model's own spread (LongCat-Flash: sigma 0.63, fitted on one Table 6 row; "
+        "other models: balanced unless stated), request contexts with coefficient of "
         "variation 1; pass routing='balanced', context_cv=0 for synthetic balanced runs"
     ),
 )

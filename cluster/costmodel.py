@@ -323,6 +323,11 @@ def layer_expert_loads(
         raise ClusterInputError(
             f"assumption set {a.name!r} samples routing; pass a numpy Generator as rng"
         )
+    if a.expert_popularity_sigma is None:
+        raise ClusterInputError(
+            f"assumption set {a.name!r} leaves expert_popularity_sigma to the model; resolve it "
+            "with cluster.assumptions.with_router_spread before pricing"
+        )
     popularity = None
     if a.expert_popularity_sigma > 0:
         popularity = rng.lognormal(0.0, a.expert_popularity_sigma, n_experts)

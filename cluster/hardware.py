@@ -42,8 +42,9 @@ class Hardware:
     nvlink_latency_us: float
     rdma_latency_us: float
     gpus_per_node: int
-    gpu_hour_usd: float = 2.0
+    gpu_hour_usd: float = 2.0  # price of one GPU for one hour, USD
     source: str = ""
+    price_source: str = ""  # where gpu_hour_usd comes from, and when
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -83,6 +84,7 @@ _CHECKS: dict[str, Check] = {
     "gpus_per_node": integer(1),
     "gpu_hour_usd": _NON_NEGATIVE,
     "source": Check("must be a string", lambda v: isinstance(v, str)),
+    "price_source": Check("must be a string", lambda v: isinstance(v, str)),
 }
 
 
@@ -93,6 +95,8 @@ def _validate(hw: Hardware) -> None:
 # -- catalogue -------------------------------------------------------------------------------
 # NVLink per direction = half the vendor's bidirectional figure. RDMA per GPU = one NIC per GPU
 # (400 Gb/s NDR or ConnectX-7 -> 50 GB/s; 200 Gb/s HDR -> 25 GB/s).
+# Prices are per GPU-hour, on demand, from public price surveys of specialised GPU clouds
+# (hyperscalers charge more, reservations and spot less); each entry names its source and date.
 
 _H800 = Hardware(
     name="H800",
@@ -105,6 +109,8 @@ _H800 = Hardware(
     nvlink_latency_us=1.0,
     rdma_latency_us=3.0,
     gpus_per_node=8,
+    gpu_hour_usd=2.0,
+    price_source="LongCat-Flash paper (arXiv 2509.01322) sec. 6.3: $2 per H800 GPU-hour",
     source=(
         "NVIDIA H800 SXM5 datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 80 GB HBM3 "
         "3.35 TB/s, NVLink 400 GB/s bidirectional; 8 x 400 Gb/s InfiniBand per node "
@@ -117,6 +123,11 @@ _H100 = dataclasses.replace(
     _H800,
     name="H100",
     nvlink_gb_s=450.0,
+    gpu_hour_usd=3.0,
+    price_source=(
+        "Mercatus GPU index, May 2026 (mercatus-ai.com/blog/cloud-gpu-pricing): H100 SXM5 "
+        "on demand $2.50-3.50 at specialised clouds; midpoint"
+    ),
     source=(
         "NVIDIA H100 SXM5 datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 80 GB HBM3 "
         "3.35 TB/s, NVLink 900 GB/s bidirectional; ConnectX-7 400 Gb/s per GPU "
@@ -128,6 +139,11 @@ _H200 = dataclasses.replace(
     name="H200",
     hbm_tb_s=4.8,
     hbm_gb=141.0,
+    gpu_hour_usd=4.0,
+    price_source=(
+        "Mercatus GPU index, May 2026 (mercatus-ai.com/blog/cloud-gpu-pricing): H200 SXM5 "
+        "on demand $3.50-4.50 at specialised clouds; midpoint"
+    ),
     source=(
         "NVIDIA H200 SXM datasheet: 989 TFLOPS BF16 / 1979 FP8 dense, 141 GB HBM3e "
         "4.8 TB/s, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU; " + _LATENCY_NOTE
@@ -140,9 +156,27 @@ _H20 = dataclasses.replace(
     fp8_tflops=296.0,
     hbm_tb_s=4.0,
     hbm_gb=96.0,
+    gpu_hour_usd=2.0,
+    price_source=(
+        "no public on-demand price found (a China-market part not listed by Western GPU clouds, "
+        "willitrunai.com/gpus/h20-96gb, checked 2026-12): the H800's $2 as a placeholder; "
+        "state yours with --gpu-hour-usd"
+    ),
     source=(
         "NVIDIA H20 (HGX) public specification: 148 TFLOPS BF16 / 296 FP8 dense, 96 GB "
         "HBM3 4.0 TB/s, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU; " + _LATENCY_NOTE
+    ),
+)
+
+# The H20 with 141 GB of HBM3e (the later H20 board): the H20's compute and links.
+_H20_141G = dataclasses.replace(
+    _H20,
+    name="H20-141G",
+    hbm_tb_s=4.8,
+    hbm_gb=141.0,
+    source=(
+        "NVIDIA H20 141 GB variant: the H20's 148 TFLOPS BF16 / 296 FP8 dense and links, "
+        "141 GB HBM3e 4.8 TB/s; 400 Gb/s per GPU; " + _LATENCY_NOTE
     ),
 )
 
@@ -153,6 +187,7 @@ _CATALOGUE: dict[str, Hardware] = {
         _H100,
         _H200,
         _H20,
+        _H20_141G,
         Hardware(
             name="A100",
             bf16_tflops=312.0,
@@ -164,6 +199,11 @@ _CATALOGUE: dict[str, Hardware] = {
             nvlink_latency_us=1.5,
             rdma_latency_us=3.0,
             gpus_per_node=8,
+            gpu_hour_usd=1.3,
+            price_source=(
+                "Mercatus GPU index, May 2026 (mercatus-ai.com/blog/cloud-gpu-pricing): A100 "
+                "80GB on demand $1.10-1.50 at specialised clouds; midpoint"
+            ),
             source=(
                 "NVIDIA A100 SXM4 80GB datasheet: 312 TFLOPS BF16 dense, no FP8, 80 GB HBM2e "
                 "2.039 TB/s, NVLink 600 GB/s bidirectional; 200 Gb/s HDR per GPU (DGX A100); "
@@ -181,6 +221,11 @@ _CATALOGUE: dict[str, Hardware] = {
             nvlink_latency_us=1.0,
             rdma_latency_us=3.0,
             gpus_per_node=8,
+            gpu_hour_usd=5.25,
+            price_source=(
+                "Lyceum, NVIDIA B200 GPU Cloud Pricing 2026 (March 2026, lyceum.technology): "
+                "on demand $4.50-6.00 at specialised clouds; midpoint"
+            ),
             source=(
                 "NVIDIA DGX B200 datasheet divided by 8 GPUs: 2.25 PFLOPS BF16 / 4.5 FP8 dense, "
                 "180 GB HBM3e 8 TB/s, NVLink 5 1.8 TB/s bidirectional; ConnectX-7 400 Gb/s per "
@@ -198,6 +243,11 @@ _CATALOGUE: dict[str, Hardware] = {
             nvlink_latency_us=1.5,
             rdma_latency_us=3.0,
             gpus_per_node=8,
+            gpu_hour_usd=1.99,
+            price_source=(
+                "Cliff Center research note, 2026-05-18 (cliffcenter.com/research/"
+                "amd-inference-economics): median MI300X on-demand rate over providers"
+            ),
             source=(
                 "AMD Instinct MI300X datasheet: 1307.4 TFLOPS BF16 / 2614.9 FP8 dense, 192 GB "
                 "HBM3 5.3 TB/s, Infinity Fabric 896 GB/s aggregate bidirectional (the "
@@ -236,6 +286,8 @@ def hardware_from_dict(data: dict[str, Any]) -> Hardware:
         base = get_hardware(str(data.pop("base")))
         values = dataclasses.asdict(base)
         values["source"] = f"{base.name} with user overrides"
+        if "gpu_hour_usd" in data:
+            values["price_source"] = "user hardware file"
     for key, value in data.items():
         if key not in _FIELDS:
             raise ClusterInputError(
@@ -253,6 +305,8 @@ def hardware_from_dict(data: dict[str, Any]) -> Hardware:
         raise ClusterInputError(
             f"hardware is missing {', '.join(missing)}; give them or name a catalogue 'base'"
         )
+    if "gpu_hour_usd" not in values:
+        values.setdefault("price_source", "no gpu_hour_usd given: the $2 default")
     return Hardware(**values)
 
 
@@ -265,4 +319,6 @@ def load_hardware_file(path: str | Path) -> Hardware:
     table = dict(table)
     table.setdefault("name", path.stem)
     table.setdefault("source", f"user hardware file {path.name}")
+    if "gpu_hour_usd" in table:
+        table.setdefault("price_source", f"user hardware file {path.name}")
     return hardware_from_dict(table)

@@ -35,7 +35,7 @@ import numpy as np
 
 from longcat_sim import stages as S
 from longcat_sim.cluster import costmodel
-from longcat_sim.cluster.assumptions import Assumptions
+from longcat_sim.cluster.assumptions import Assumptions, with_router_spread
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Hardware, Precision
 from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
@@ -406,7 +406,7 @@ def decode_workload(
     return costmodel.decode_workload(
         ops_for_tokens,
         hardware=hardware,
-        assumptions=assumptions,
+        assumptions=with_router_spread(assumptions, cfg.name)[0],
         ep=ep,
         batch_per_device=batch_per_device,
         mtp_draft_tokens=mtp_draft_tokens,
@@ -570,7 +570,7 @@ def prefill_workload(
     workload = costmodel.decode_workload(
         ops_for_tokens,
         hardware=hardware,
-        assumptions=a,
+        assumptions=with_router_spread(a, cfg.name)[0],
         ep=ep,
         batch_per_device=tokens_per_device,
         redundant_experts=redundant_experts,
@@ -793,7 +793,7 @@ def train_workload(
     layers = train_layer_times(
         cfg,
         hardware=hardware,
-        assumptions=assumptions,
+        assumptions=with_router_spread(assumptions, cfg.name)[0],
         chunk_tokens=microbatch_tokens // moe_chunks,
         seq_len=seq_len,
         ep=ep,

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         write_run(run_dir, manifest, output.results)
     except OSError as exc:
         return _fail(f"cannot write run directory {str(run_dir)!r}: {exc.strerror or exc}")
+    for warning in output.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         sys.stdout.write(dumps_json(output.results))
     else:

@@ -250,7 +250,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         | dict(n_routed_experts=32, zero_expert_num=16, moe_topk=6, target_ffn_experts=4.0)
         | dict(expert_ffn_hidden_size=256, max_position_embeddings=4096)
     ),
-    # Analytic only: DeepSeek-V3 (671 B total / 37 B activated; MTP module not counted).
+    # Analytic only: DeepSeek-V3 (671 B total / 37 B activated, the MTP module not counted;
+    # its released config has one MTP module, num_nextn_predict_layers=1).
     "deepseek-v3": (
         dict(vocab_size=129280, hidden_size=7168, num_layers=61, num_attention_heads=128)
         | dict(ffn_hidden_size=18432, first_k_dense_layers=3)
@@ -259,7 +260,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         | _ANALYTIC_TOP8
         | dict(n_routed_experts=256, expert_ffn_hidden_size=2048, n_shared_experts=1)
         | dict(routed_scaling_factor=2.5)
-        | dict(max_position_embeddings=163840, rms_norm_eps=1e-6)
+        | dict(max_position_embeddings=163840, rms_norm_eps=1e-6, mtp_layers=1)
     ),
     # Analytic only: Qwen3-235B-A22B (GQA, 128 experts, top-8, no shared experts).
     "qwen3-235b-a22b": (
@@ -282,10 +283,16 @@ def get_preset(name: str) -> ModelConfig:
     return ModelConfig(name=name, **pick(_PRESETS, name, "model preset", ConfigError))
 
 
+# What a model file without a ``preset`` base must state: the tiny defaults of these would
+# silently describe a different mixture of experts.
+MOE_FIELDS = ("n_routed_experts", "zero_expert_num", "moe_topk", "target_ffn_experts")
+
+
 def load_model_config(spec: str) -> ModelConfig:
     """A preset name, or a TOML file whose ``[model]`` table (or top level) lists fields.
 
-    The TOML may name ``preset = "tiny"`` as the base and override any field.
+    The TOML may name ``preset = "tiny"`` as the base and override any field; without a
+    ``preset`` it must state the MoE fields (``MOE_FIELDS``).
     """
     if spec in _PRESETS:
         return get_preset(spec)
@@ -296,4 +303,10 @@ def load_model_config(spec: str) -> ModelConfig:
         )
     table = read_toml(path, what=f"model file {spec!r}", table="model", error=ConfigError)
     table.setdefault("name", path.stem)
+    missing = [key for key in MOE_FIELDS if key not in table]
+    if "preset" not in table and missing:
+        raise ConfigError(
+            f"model file {spec!r} names no preset, so it must state {', '.join(missing)} "
+            f'(or name a base with preset = "...")'
+        )
     return ModelConfig.from_dict(table)

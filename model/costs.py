@@ -688,7 +688,9 @@ def layer_costs(
         raise ConfigError(f"ffn_tp must be an integer >= 1, got {ffn_tp!r}")
     k = _check_k_ffn(cfg, cfg.target_ffn_experts if k_ffn is None else k_ffn)
     if prefix and (phase != "prefill" or not 0 <= prefix < math.inf):
-        raise ConfigError(f"a cached prefix applies to prefill only, as tokens >= 0; got {prefix!r}")
+        raise ConfigError(
+            f"a cached prefix applies to prefill only, as tokens >= 0; got {prefix!r}"
+        )
     shape = _Shape(
         float(tokens),
         float(context),

@@ -75,7 +75,13 @@ def test_v1_table7(model: str, tmp_path, capsys) -> None:
         "--ep", str(TABLE7_EP),
         "--gpus", str(TABLE7_EP),
         "--batch-per-device", str(TABLE7_BATCH),
+        # Table 7 assumes one MTP draft token for every model, Qwen3 (no MTP head) included
+        "--mtp-draft-tokens", "1",
+        # a theoretical estimate that checks no memory: price every row, flag what cannot fit
+        "--hbm-check", "report",
     )  # fmt: skip
+    # 96 requests of 5,000 tokens: Qwen3's bf16 GQA cache alone (92 GB) overflows 80 GB
+    assert r["fits"] is (model != "qwen3-235b-a22b")
     layer = r["per_layer_us"]
     assert layer["dispatch"] == pytest.approx(ref.dispatch_us, rel=0.03)
     assert layer["routed_experts"] + layer["shared_experts"] == pytest.approx(ref.moe_us, rel=0.03)
@@ -94,7 +100,8 @@ def test_v1_negative_control_wrong_schedule_misses(tmp_path, capsys) -> None:
     ref = TABLE7["qwen3-235b-a22b"]
     r = simulate(
         tmp_path, capsys, "--model", "qwen3-235b-a22b", "--assumptions", "table7",
-        "--schedule", "sequential", "--attention-tp", "4",
+        "--schedule", "sequential", "--attention-tp", "4", "--mtp-draft-tokens", "1",
+        "--hbm-check", "report",
     )  # fmt: skip
     assert abs(r["tpot_ms"] / ref.tpot_ms - 1) > 0.05
 
@@ -277,6 +284,10 @@ def _bad_hardware(tmp_path: Path) -> str:
         (["--cp", "4"], "--cp applies to --mode train"),
         (["--assume", "speed=11"], "--assume takes TERM=VALUE"),
         (["--gpus", "100", "--ep", "64"], "is not a multiple of --ep 64"),
+        (["--model", "deepseek-v3", "--schedule", "sbo"], "--schedule sbo needs ScMoE layers"),
+        (["--model", "deepseek-v3", "--gpus", "1"], "deepseek-v3 decode on 1 x H800 does not fit"),
+        (["--model", "qwen3-235b-a22b", "--schedule", "sbo"], "use tbo or sequential"),
+        (["--gpu-hour-usd", "-1"], "--gpu-hour-usd must be"),
     ],
 )
 def test_bad_input_is_one_stderr_line_and_exit_2(argv, needle, tmp_path, capsys) -> None:
@@ -288,3 +299,25 @@ def test_bad_input_as_a_subprocess(tmp_path) -> None:
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     err = refused_in_a_process(["simulate", "--batch-per-device", "0"], tmp_path, env)
     assert "--batch-per-device must be an integer >= 1" in err
+
+
+# -- warnings -----------------------------------------------------------------------------------
+
+
+def test_draft_tokens_at_acceptance_zero_warn_on_stderr(tmp_path, capsys) -> None:
+    """Draft tokens verified at acceptance 0 cost a step and gain nothing: one warning line on
+    stderr, under --json too, while the JSON on stdout stays whole."""
+    argv = ["simulate", "--mtp-accept", "0", "--json", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mtp_draft_tokens"] == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "acceptance 0" in lines[0]
+    assert main([*argv[:-3], "--mtp-draft-tokens", "0", "--json", *argv[-2:]]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_gpu_hour_price_override_flows_into_the_cost(tmp_path, capsys) -> None:
+    r = simulate(tmp_path, capsys, "--gpu-hour-usd", "3.5", "--batch-per-device", "16")
+    assert (r["gpu_hour_usd"], r["gpu_hour_usd_source"]) == (3.5, "--gpu-hour-usd")
+    assert r["cost_per_m_tokens"] == pytest.approx(3.5 / (r["tgs"] * 3600) * 1e6)

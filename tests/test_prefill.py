@@ -195,12 +195,19 @@ def test_merged_pass_reads_weights_once() -> None:
 
 
 def test_colocated_step_between_decode_alone_and_two_passes() -> None:
-    setup = resolve_disagg(
-        DisaggDeployment(gpus=64, batch_per_device=32), (*BALANCED, "context_cv=0")
-    )
+    """One fused pass of the decode batch and its prompt chunk costs more than the decode step
+    alone and less than the two passes run one after the other (the weights are read once)."""
+    screen = (*BALANCED, "context_cv=0")
+    setup = resolve_disagg(DisaggDeployment(gpus=64, batch_per_device=32), screen)
     colocated = colocated_results(setup)
     decode = closedform.step_time(decode_workload(setup.decode), setup.decode.schedule)
-    assert colocated["step_ms"] > decode * 1e3
+    chunk = resolve_prefill(
+        PrefillDeployment(gpus=64, tokens_per_device=colocated["chunk_tokens"], schedule="sbo"),
+        screen,
+    )
+    alone = dataclasses.replace(chunk, assumptions=setup.decode.assumptions)
+    prefill = closedform.step_time(prefill_workload(alone), "sbo")
+    assert decode * 1e3 < colocated["step_ms"] < (decode + prefill) * 1e3
     assert colocated["ttft_ms"] == pytest.approx(
         math.ceil(4096 / colocated["chunk_tokens"]) * colocated["step_ms"]
     )

@@ -8,7 +8,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CommandOutput:
-    """``results`` is printed by ``--json`` and saved as results.json; ``text`` is for people."""
+    """``results`` is printed by ``--json`` and saved as results.json; ``text`` is for people;
+    each of ``warnings`` is printed on stderr as one ``warning: ...`` line, also under
+    ``--json``."""
 
     results: dict[str, Any]
     text: str
@@ -16,3 +18,4 @@ class CommandOutput:
     config_hash: str
     seeds: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
+    warnings: tuple[str, ...] = ()

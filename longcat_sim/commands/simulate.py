@@ -5,9 +5,11 @@ Defaults are the embedded deployments:
 
 - decode: LongCat-Flash on 128 H800, EP128, SBO, 96 requests per GPU, 5000 cached tokens per
   request (the average context of the paper's Table 6 measurements, also the context assumed
-  for the Table 7 attention row, which the paper does not state), BF16 attention, one MTP draft
-  token accepted 90 % of the time (the paper's measured acceptance; 80 % under ``--assumptions
-  table7``, Table 7's own assumption), assumption set ``default``.
+  for the Table 7 attention row, which the paper does not state), BF16 attention, as many MTP
+  draft tokens as the model has MTP layers (one for LongCat-Flash and DeepSeek-V3, none for
+  Qwen3) accepted 90 % of the time (the paper's measured acceptance; 80 % under
+  ``--assumptions table7``, Table 7's own assumption), assumption set ``default`` with the
+  model's own router spread, the hardware catalogue's GPU-hour price.
 - train: LongCat-Flash on H800 with 200 Gb/s RDMA per GPU (25 GB/s), EP 32 with CP 8,
   sequences of 8192 tokens, 4096 tokens per GPU per micro-batch split into 2 MoE chunks,
   dispatch/combine as pipelined all-gather / reduce-scatter, ScMoE schedule, 8 micro-batches
@@ -28,13 +30,22 @@ from typing import Any
 from longcat_sim.cluster.trace import chrome_trace_json
 from longcat_sim.commands import host_step
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.commands.serving import (
+    check_fits,
+    disagg_warnings,
+    memory_line,
+    run_disagg_mode,
+    run_prefill_mode,
+)
 from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
 from longcat_sim.config.fields import flag
 from longcat_sim.config.flags import add_config_flags, given, set_values
+from longcat_sim.config.serving import DisaggDeployment, PrefillDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import load_model_config
 from longcat_sim.runs import config_hash, write_text_atomic
 from longcat_sim.scenarios.decode import (
+    decode_memory,
     decode_results,
     resolve_assumptions,
     resolve_decode,
@@ -44,11 +55,18 @@ from longcat_sim.scenarios.decode import (
 from longcat_sim.scenarios.train import run_train, train_trace_records
 
 HELP = (
-    "simulate one decode or training step of a GPU-cluster deployment, or one train --nproc "
-    "step on a calibrated host"
+    "simulate one decode, prefill or training step of a GPU-cluster deployment, a prefill pool "
+    "beside a decode pool, or one train --nproc step on a calibrated host"
 )
 
-MODES = ("decode", "train", "host-ep")
+# each mode's deployment config; host-ep reads its own flags (commands.host_step)
+DEPLOYMENTS: dict[str, type] = {
+    "decode": DecodeDeployment,
+    "prefill": PrefillDeployment,
+    "disagg": DisaggDeployment,
+    "train": TrainDeployment,
+}
+MODES = (*DEPLOYMENTS, "host-ep")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=MODES,
         default="decode",
-        help="decode (default), train, or host-ep (train --nproc on a calibrated host)",
+        help="decode (default), prefill, disagg (a prefill pool beside a decode pool), train, "
+        "or host-ep (train --nproc on a calibrated host)",
     )
-    add_config_flags(parser, DecodeDeployment, TrainDeployment)
+    add_config_flags(parser, *DEPLOYMENTS.values())
     parser.add_argument(
         "--assume",
         action="append",
@@ -91,8 +110,10 @@ def _decode_text(r: dict) -> str:
         f"{r['closed_form_step_ms']:.3f} ms, simulated {r['step_ms']:.3f} ms)",
         f"  TPS per user        {r['tps_per_user']:10.1f}",
         f"  tokens/GPU/s        {r['tgs']:10.1f}",
-        f"  $ per M tokens      {r['cost_per_m_tokens']:10.3f}",
+        f"  $ per M tokens      {r['cost_per_m_tokens']:10.3f}  (at ${r['gpu_hour_usd']:g} "
+        f"per GPU-hour: {r['gpu_hour_usd_source']})",
         f"  exposed comm share  {r['exposed_comm_share']:10.1%}",
+        memory_line(r),
     ]
     return "\n".join(lines)
 
@@ -121,14 +142,15 @@ def _train_text(r: dict) -> str:
 # -- command ----------------------------------------------------------------------------------
 
 
-def _deployment(args: argparse.Namespace, cls: type, other: type) -> Any:
-    """The mode's deployment from the flags given; a flag of the other mode only is an error."""
+def _deployment(args: argparse.Namespace) -> Any:
+    """The mode's deployment from the flags given; a flag no field of the mode has is an
+    error naming a mode that has it."""
+    cls = DEPLOYMENTS[args.mode]
     own = {f.name for f in fields(cls)}
-    foreign = [f.name for f in fields(other) if f.name not in own]
-    wrong = given(args, foreign)
-    if wrong:
-        other_mode = "train" if args.mode == "decode" else "decode"
-        raise UserError(f"{flag(wrong[0])} applies to --mode {other_mode}, not --mode {args.mode}")
+    for mode, other in DEPLOYMENTS.items():
+        wrong = given(args, [f.name for f in fields(other) if f.name not in own])
+        if wrong:
+            raise UserError(f"{flag(wrong[0])} applies to --mode {mode}, not --mode {args.mode}")
     return cls(**set_values(args, cls))
 
 
@@ -145,7 +167,14 @@ def _check_trace_path(path: Path | None) -> None:
         raise UserError(f"--trace {str(path)!r} is a folder; give a file path such as trace.json")
 
 
-def _output(results: dict, text: str, config: dict, seed: int, trace: Path | None) -> CommandOutput:
+def _output(
+    results: dict,
+    text: str,
+    config: dict,
+    seed: int,
+    trace: Path | None,
+    warnings: list[str] | tuple[str, ...] = (),
+) -> CommandOutput:
     """What the command line prints and saves; the text names the trace file when one was
     written."""
     return CommandOutput(
@@ -154,6 +183,7 @@ def _output(results: dict, text: str, config: dict, seed: int, trace: Path | Non
         config=config,
         config_hash=config_hash(config),
         seeds={"routing": seed},
+        warnings=tuple(warnings),
     )
 
 
@@ -176,7 +206,12 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError(f"{flag(host_only[0])} applies to --mode host-ep, not --mode {args.mode}")
     if args.mode == "train":
         return _run_train(args)
-    setup = resolve_decode(_deployment(args, DecodeDeployment, TrainDeployment), args.assume)
+    if args.mode in ("prefill", "disagg"):
+        return _run_serving(args)
+    dep = _deployment(args)
+    setup = resolve_decode(dep, args.assume)
+    what = f"{setup.cfg.name} decode on {setup.gpus} x {setup.hw.name}"
+    check_fits(decode_memory(setup), what, dep.hbm_check == "refuse")
     result, closed = run_decode(setup)
     results = decode_results(setup, result, closed)
     config = setup.config() | {
@@ -186,13 +221,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
     }
     if args.trace is not None:
         _write_trace(args.trace, result.records, {k: results[k] for k in ("model", "schedule")})
-    return _output(results, _decode_text(results), config, setup.seed, args.trace)
+    return _output(results, _decode_text(results), config, setup.seed, args.trace, setup.warnings())
 
 
 def _run_train(args: argparse.Namespace) -> CommandOutput:
-    dep = _deployment(args, TrainDeployment, DecodeDeployment)
+    dep = _deployment(args)
     cfg = load_model_config(dep.model)
-    hw = resolve_hardware(dep.hardware, dep.rdma_gb_s)
+    hw = resolve_hardware(dep.hardware, dep.rdma_gb_s, dep.gpu_hour_usd)
     a = resolve_assumptions(dep.assumptions, args.assume)
     result, config = run_train(dep, cfg, hw, a)
     results = config | {"assumptions_description": a.description} | result.summary()
@@ -203,3 +238,17 @@ def _run_train(args: argparse.Namespace) -> CommandOutput:
         _write_trace(args.trace, train_trace_records(result), {"model": cfg.name}, names)
     full_config = config | {"hardware_spec": asdict(hw), "model_config": cfg.to_dict()}
     return _output(results, _train_text(results), full_config, dep.seed, args.trace)
+
+
+def _run_serving(args: argparse.Namespace) -> CommandOutput:
+    dep = _deployment(args)
+    enforce = dep.hbm_check == "refuse"
+    if args.mode == "disagg":
+        if args.trace is not None:
+            raise UserError("--trace applies to --mode decode, prefill and train, not disagg")
+        results, text, config = run_disagg_mode(dep, args.assume, enforce)
+        return _output(results, text, config, dep.seed, None, disagg_warnings(results))
+    results, text, config, records = run_prefill_mode(dep, args.assume, enforce)
+    if args.trace is not None:
+        _write_trace(args.trace, records, {k: results[k] for k in ("model", "schedule", "mode")})
+    return _output(results, text, config, dep.seed, args.trace)

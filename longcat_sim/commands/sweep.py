@@ -2,13 +2,17 @@
 
 Every option of ``simulate --mode decode`` takes a comma-separated list here; the grid is the
 product of those lists (or of a TOML file's ``[grid]`` table, keyed by the same field names;
-options given on the command line win). Points run in
-a process pool of ``--workers`` processes (default: all cores) and come back in grid order, so
+options given on the command line win). The default schedules (SBO and TBO) apply per model:
+a model without ScMoE layers has no shortcut branch for SBO and runs TBO only; schedules named
+on the command line or in the grid file are run as given, and SBO on such a model is refused.
+Points run in a process pool of ``--workers`` processes (default: all cores) and come back in grid order, so
 a sweep's results do not depend on the pool. Every point draws its sampled routing and
 contexts from the same ``--seed``: differences between points come from the grid, not the draw.
 
 The output is a table and, per model, the Pareto front of TPS per user against tokens per GPU
-per second (both maximised), with the cost of each front point.
+per second (both maximised), with the cost of each front point. Every point carries its per-GPU
+HBM footprint; a point that does not fit is kept with ``fits`` false and never on the front
+(``--hbm-check`` does not apply: a sweep refuses no point for memory).
 """
 
 from __future__ import annotations
@@ -66,16 +70,18 @@ def _read_grid(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
     return {k: v if isinstance(v, list) else [v] for k, v in table.items()}, list(assume)
 
 
-def grid_values(args: argparse.Namespace) -> tuple[dict[str, list[Any]], list[str]]:
-    """(grid, assumption overrides) from the sweep defaults, then the grid file, then the
-    command line."""
+def grid_values(args: argparse.Namespace) -> tuple[dict[str, list[Any]], list[str], bool]:
+    """(grid, assumption overrides, whether the schedules are the sweep's defaults) from the
+    sweep defaults, then the grid file, then the command line."""
     grid: dict[str, list[Any]] = {k: list(v) for k, v in SWEEP_GRID.items()}
     assume: list[str] = []
+    given: dict[str, list[Any]] = {}
     if args.grid is not None:
-        from_file, assume = _read_grid(args.grid)
-        grid |= from_file
-    grid |= set_values(args, DecodeDeployment)
-    return grid, args.assume if args.assume is not None else assume
+        given, assume = _read_grid(args.grid)
+    given |= set_values(args, DecodeDeployment)
+    grid |= given
+    default_schedules = "schedule" not in given
+    return grid, args.assume if args.assume is not None else assume, default_schedules
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -95,6 +101,8 @@ COLUMNS = (
     ("tok/GPU/s", "tgs", "{:.0f}"),
     ("$/M", "cost_per_m_tokens", "{:.3f}"),
     ("exposed", "exposed_comm_share", "{:.1%}"),
+    ("HBM GB", "hbm_used_gb", "{:.1f}"),
+    ("fits", "fits", "{}"),
 )
 
 
@@ -113,13 +121,16 @@ def _text(points: list[dict[str, Any]], front: list[dict[str, Any]], workers: in
         parts += ["", table(points)]
     else:
         parts += [f"(table of {len(points)} points: use --json or the run's results.json)"]
+    infeasible = sum(1 for p in points if not p["fits"])
+    if infeasible:
+        parts += ["", f"{infeasible} point(s) do not fit in HBM (fits False): kept, off the front"]
     parts += ["", "Pareto front (TPS per user vs tokens/GPU/s, per model):", table(front)]
     return "\n".join(parts)
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
-    grid, assume = grid_values(args)
-    setups = grid_setups(grid, assume)
+    grid, assume, default_schedules = grid_values(args)
+    setups = grid_setups(grid, assume, model_schedules=default_schedules)
     workers = args.workers if args.workers is not None else os.cpu_count() or 1
     points = run_points(setups, workers=workers, progress=not args.no_progress)
     front = pareto_front(points)
@@ -135,4 +146,5 @@ def run(args: argparse.Namespace) -> CommandOutput:
         config=config,
         config_hash=config_hash(config),
         seeds={"routing": setups[0].seed},
+        warnings=tuple(dict.fromkeys(w for s in setups for w in s.warnings())),
     )

@@ -15,6 +15,7 @@ from longcat_sim.config.fields import validate as _validate
 from longcat_sim.errors import UserError
 
 ATTENTION_DTYPES = ("bf16", "fp8")
+HBM_CHECKS = ("refuse", "report")
 
 
 def _rdma_gb_s(default: float | None) -> Any:
@@ -31,6 +32,14 @@ def _gpus(default: int | None, help: str, *, unset: bool = True) -> Any:
     """A GPU count (``unset``: None is allowed and means the ``help``'s fallback)."""
     check = optional(integer(1)) if unset else integer(1)
     return setting(default, help, unit="GPUs", check=check, kind=int)
+
+
+def hbm_check() -> Any:
+    return setting(
+        "refuse",
+        "a deployment whose GPUs cannot hold it: refuse it, or report it priced and flagged",
+        check=choice(*HBM_CHECKS),
+    )
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,13 @@ class Deployment(ModelChoice):
     )
     assumptions: str = setting("default", "assumption set name", check=name())
     seed: int = setting(0, "root seed of sampled routing and contexts", check=integer(0))
+    gpu_hour_usd: float | None = setting(
+        None,
+        "price of one GPU for one hour (unset: the hardware catalogue's)",
+        unit="USD",
+        check=optional(number(0.0)),
+        kind=float,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,17 +80,27 @@ class Deployment(ModelChoice):
 
 @dataclass(frozen=True)
 class DecodeDeployment(Deployment):
-    """One decode step: the embedded default is LongCat-Flash on 128 H800, EP128, SBO."""
+    """One decode step: the embedded default is LongCat-Flash on 128 H800, EP128, SBO, with
+    as many MTP draft tokens as the model has MTP layers."""
 
     gpus: int = _gpus(128, "GPUs in the deployment", unset=False)
     ep: int | None = _gpus(None, "expert-parallel group size (unset: all GPUs)")
+    schedule: str | None = setting(
+        None,
+        "overlap schedule of a layer (unset: sbo for ScMoE models, tbo otherwise)",
+        check=optional(name()),
+        kind=str,
+    )
     batch_per_device: int = setting(96, "requests per GPU", unit="requests", check=integer(1))
     context: float = setting(
         5000.0, "cached tokens each request attends to", unit="tokens", check=number(1.0)
     )
     attention_dtype: str = setting("bf16", "KV cache dtype", check=choice(*ATTENTION_DTYPES))
-    mtp_draft_tokens: int = setting(
-        1, "MTP draft tokens per step (0: no speculative decoding)", check=integer(0)
+    mtp_draft_tokens: int | None = setting(
+        None,
+        "MTP draft tokens per step (0: no speculative decoding; unset: the model's MTP layers)",
+        check=optional(integer(0)),
+        kind=int,
     )
     mtp_accept: float | None = setting(
         None,
@@ -84,6 +110,7 @@ class DecodeDeployment(Deployment):
     )
     attention_tp: int = setting(1, "attention tensor parallelism", check=integer(1))
     ffn_tp: int = setting(1, "dense FFN tensor parallelism", check=integer(1))
+    hbm_check: str = hbm_check()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from longcat_sim.config.deployment import ATTENTION_DTYPES, DecodeDeployment, Deployment
+from longcat_sim.config.deployment import (
+    ATTENTION_DTYPES,
+    DecodeDeployment,
+    Deployment,
+    hbm_check,
+)
 from longcat_sim.config.fields import choice, integer, name, number, optional, setting
 
 KV_TRANSFERS = ("layerwise", "after_prefill")
@@ -15,7 +20,7 @@ KV_TRANSFERS = ("layerwise", "after_prefill")
 def _schedule() -> Any:
     return setting(
         None,
-        "overlap schedule of a prefill layer (unset: sbo for ScMoE models, tbo otherwise)",
+        "overlap schedule of a layer (unset: sbo for ScMoE models, tbo otherwise)",
         check=optional(name()),
         kind=str,
     )
@@ -56,6 +61,7 @@ class PrefillDeployment(PromptLoad, Deployment):
     attention_dtype: str = setting("bf16", "KV cache dtype", check=choice(*ATTENTION_DTYPES))
     attention_tp: int = setting(1, "attention tensor parallelism", check=integer(1))
     ffn_tp: int = setting(1, "dense FFN tensor parallelism", check=integer(1))
+    hbm_check: str = hbm_check()
 
 
 @dataclass(frozen=True)

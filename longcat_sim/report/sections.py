@@ -29,7 +29,6 @@ for many points), so the report and those commands print the same numbers for a 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +43,12 @@ from longcat_sim.cluster.streams import EventRecord
 from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
 from longcat_sim.config.report import ReportConfig
 from longcat_sim.config.serving import PrefillDeployment
-from longcat_sim.footprint import decode_footprint
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.report.cache import CACHE_DIR, cached_section, code_fingerprint
 from longcat_sim.report.results import load_determinism, load_sdc, load_training_run
 from longcat_sim.scenarios.decode import (
     DecodeSetup,
+    decode_memory,
     decode_setup,
     decode_workload,
     resolve_hardware,
@@ -393,25 +392,9 @@ def timelines_section(r: Resolved) -> dict[str, Any]:
     }
 
 
-def footprint_of(setup: DecodeSetup, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The HBM footprint keys of a decode point (``Footprint.to_dict``): the record's own when
-    it carries them, else computed from the setup."""
-    keys = ("hbm_used_gb", "hbm_gb", "fits", "max_batch_per_device", "hbm_breakdown_gb")
-    if record is not None and all(k in record for k in keys):
-        return {k: record[k] for k in keys}
-    return decode_footprint(
-        setup.cfg,
-        setup.hw,
-        setup.assumptions,
-        ep=setup.ep,
-        batch_per_device=setup.batch_per_device,
-        context=max(1, math.ceil(setup.context)),
-        attention_dtype=setup.attention_dtype,
-        redundant_experts=setup.redundant_experts,
-        attention_tp=setup.attention_tp,
-        ffn_tp=setup.ffn_tp,
-        mtp_draft_tokens=setup.mtp_draft_tokens,
-    ).to_dict()
+def footprint_of(setup: DecodeSetup) -> dict[str, Any]:
+    """The HBM footprint keys of a decode point (``Footprint.to_dict``)."""
+    return decode_memory(setup).to_dict()
 
 
 def pareto_section(r: Resolved) -> dict[str, Any]:
@@ -425,7 +408,7 @@ def pareto_section(r: Resolved) -> dict[str, Any]:
         points = []
         for b in batches:
             setup, record = next(pairs)
-            memory = footprint_of(setup, record)
+            memory = footprint_of(setup)
             points.append(
                 {
                     "batch_per_device": b,
@@ -508,8 +491,7 @@ def prefill_section(r: Resolved) -> dict[str, Any]:
     models = {}
     for cfg in r.compare:
         setups = [
-            _prefill_setup(r, cfg, n, max(c.tokens_per_device, n))
-            for n in sorted(c.prompt_len)
+            _prefill_setup(r, cfg, n, max(c.tokens_per_device, n)) for n in sorted(c.prompt_len)
         ]
         models[cfg.name] = {
             "schedule": setups[0].schedule,

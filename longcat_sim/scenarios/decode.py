@@ -10,7 +10,7 @@ import numpy as np
 
 from longcat_sim import bridge
 from longcat_sim.cluster import closedform, metrics
-from longcat_sim.cluster.assumptions import Assumptions, get_assumptions
+from longcat_sim.cluster.assumptions import Assumptions, get_assumptions, with_router_spread
 from longcat_sim.cluster.hardware import Hardware, get_hardware
 from longcat_sim.cluster.schedules import DECODE_SCHEDULES
 from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
@@ -19,6 +19,7 @@ from longcat_sim.cluster.workload import DecodeWorkload
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.config.fields import known
 from longcat_sim.errors import UserError
+from longcat_sim.footprint import Footprint, decode_footprint
 from longcat_sim.model.config import ModelConfig, load_model_config
 
 
@@ -41,6 +42,7 @@ class DecodeSetup:
     attention_tp: int
     ffn_tp: int
     seed: int
+    router_imbalance_source: str = ""
 
     def config(self) -> dict[str, Any]:
         """The inputs as plain data, for manifests and flat records."""
@@ -48,8 +50,37 @@ class DecodeSetup:
         out["model"] = self.cfg.name
         out["hardware"] = self.hw.name
         out["assumptions"] = self.assumptions.name
+        out["expert_popularity_sigma"] = self.assumptions.expert_popularity_sigma
+        out["gpu_hour_usd"] = self.hw.gpu_hour_usd
+        out["gpu_hour_usd_source"] = self.hw.price_source
         del out["cfg"], out["hw"]
         return out
+
+    def warnings(self) -> list[str]:
+        """What a reader of the results should know about inputs that are legal but odd."""
+        if self.mtp_draft_tokens and self.mtp_accept == 0:
+            return [
+                f"{self.cfg.name}: {self.mtp_draft_tokens} MTP draft token(s) verified at "
+                "acceptance 0 cost every step and gain nothing; --mtp-draft-tokens 0 turns "
+                "speculative decoding off"
+            ]
+        return []
+
+
+def default_schedule(cfg: ModelConfig) -> str:
+    """The overlap a model runs best: SBO with a shortcut branch, else two micro-batches."""
+    return "sbo" if cfg.layer_type == "scmoe" else "tbo"
+
+
+def check_schedule(cfg: ModelConfig, schedule: str, option: str = "--schedule") -> None:
+    """A known decode or prefill schedule the model can run (SBO needs ScMoE's shortcut
+    branch)."""
+    known(DECODE_SCHEDULES, schedule, "schedule", UserError)
+    if schedule == "sbo" and cfg.layer_type != "scmoe":
+        raise UserError(
+            f"{option} sbo needs ScMoE layers (a shortcut branch); {cfg.name} has standard MoE "
+            "layers: use tbo or sequential"
+        )
 
 
 def check_expert_split(cfg: ModelConfig, ep: int, redundant_experts: int) -> None:
@@ -75,6 +106,8 @@ def resolve_assumptions(name: str, overrides: list[str] | tuple[str, ...] = ()) 
                 f"({', '.join(f.name for f in fields(base)[1:-1])}); got {item!r}"
             )
         current = getattr(base, term)
+        if current is None:  # an optional number left to the model
+            current = 0.0
         text = text.strip()
         if isinstance(current, bool):
             if text.lower() not in ("true", "false", "1", "0"):
@@ -93,10 +126,15 @@ def resolve_assumptions(name: str, overrides: list[str] | tuple[str, ...] = ()) 
     return base.replace(name=f"{base.name}+{label}", **changes)
 
 
-def resolve_hardware(name: str, rdma_gb_s: float | None) -> Hardware:
+def resolve_hardware(
+    name: str, rdma_gb_s: float | None, gpu_hour_usd: float | None = None
+) -> Hardware:
+    """A catalogue entry or hardware file with the deployment's overrides."""
     hw = get_hardware(name)
     if rdma_gb_s is not None:
         hw = hw.replace(rdma_gb_s=rdma_gb_s)
+    if gpu_hour_usd is not None:
+        hw = hw.replace(gpu_hour_usd=gpu_hour_usd, price_source="--gpu-hour-usd")
     return hw
 
 
@@ -114,15 +152,21 @@ def decode_setup(
     dep: DecodeDeployment, cfg: ModelConfig, hw: Hardware, assumptions: Assumptions
 ) -> DecodeSetup:
     """Check what ties a deployment's values together and resolve the defaults that depend on
-    others (EP = all GPUs, MTP acceptance from the assumption set); each value was checked by
-    its field."""
+    others (EP = all GPUs, MTP draft tokens from the model's MTP layers, MTP acceptance from
+    the assumption set, the router's spread from the model, the GPU-hour price from the
+    hardware); each value was checked by its field."""
     gpus = dep.gpus
     ep = gpus if dep.ep is None else dep.ep
     if gpus % ep:
         raise UserError(f"--gpus {gpus} is not a multiple of --ep {ep}; GPUs form whole EP groups")
-    known(DECODE_SCHEDULES, dep.schedule, "schedule", UserError)
+    schedule = default_schedule(cfg) if dep.schedule is None else dep.schedule
+    check_schedule(cfg, schedule)
     check_expert_split(cfg, ep, dep.redundant_experts)
     accept = assumptions.mtp_accept if dep.mtp_accept is None else dep.mtp_accept
+    drafts = cfg.mtp_layers if dep.mtp_draft_tokens is None else dep.mtp_draft_tokens
+    assumptions, spread_source = with_router_spread(assumptions, cfg.name)
+    if dep.gpu_hour_usd is not None:
+        hw = hw.replace(gpu_hour_usd=dep.gpu_hour_usd, price_source="--gpu-hour-usd")
     return DecodeSetup(
         cfg=cfg,
         hw=hw,
@@ -132,13 +176,14 @@ def decode_setup(
         batch_per_device=dep.batch_per_device,
         context=float(dep.context),
         attention_dtype=dep.attention_dtype,
-        mtp_draft_tokens=dep.mtp_draft_tokens,
+        mtp_draft_tokens=drafts,
         mtp_accept=float(accept),
-        schedule=dep.schedule,
+        schedule=schedule,
         redundant_experts=dep.redundant_experts,
         attention_tp=dep.attention_tp,
         ffn_tp=dep.ffn_tp,
         seed=dep.seed,
+        router_imbalance_source=spread_source,
     )
 
 
@@ -216,4 +261,21 @@ def decode_results(setup: DecodeSetup, result: DecodeResult, closed_step_s: floa
     out["closed_form_step_ms"] = closed_step_s * 1e3
     out["total_tokens_per_s"] = result.tgs * setup.gpus
     out["events"] = len(result.records)
-    return out
+    return out | decode_memory(setup).to_dict()
+
+
+def decode_memory(setup: DecodeSetup) -> Footprint:
+    """HBM per GPU of the decode deployment: weights, the requests' KV cache, activations."""
+    return decode_footprint(
+        setup.cfg,
+        setup.hw,
+        setup.assumptions,
+        ep=setup.ep,
+        batch_per_device=setup.batch_per_device,
+        context=max(1, round(setup.context)),
+        attention_dtype=setup.attention_dtype,
+        redundant_experts=setup.redundant_experts,
+        attention_tp=setup.attention_tp,
+        ffn_tp=setup.ffn_tp,
+        mtp_draft_tokens=setup.mtp_draft_tokens,
+    )

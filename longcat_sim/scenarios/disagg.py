@@ -69,7 +69,7 @@ def resolve_disagg(dep: DisaggDeployment, assume: list[str] | tuple[str, ...] = 
     )
     decode = DecodeDeployment(**_fields(DecodeDeployment, dep))
     return DisaggSetup(
-        prefill=resolve_prefill(prefill, assume),
+        prefill=resolve_prefill(prefill, assume, "prefill-"),
         decode=resolve_decode(decode, assume),
         output_len=float(dep.output_len),
         kv_transfer=dep.kv_transfer,
@@ -204,6 +204,12 @@ def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
         )  # fmt: skip
         return tuple(merge_layers(x, y) for x, y in zip(dec, pre, strict=True))
 
+    def step_ops(tokens: int) -> tuple[ComputeOp, ...]:
+        return bridge.decode_step_ops(
+            d.cfg, d.assumptions, tokens=tokens, requests=d.batch_per_device, context=d.context,
+            attention_dtype=d.attention_dtype, mtp_draft_tokens=d.mtp_draft_tokens,
+        )  # fmt: skip
+
     workload = costmodel.decode_workload(
         ops_for_tokens,
         hardware=d.hw,
@@ -214,6 +220,7 @@ def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
         mtp_accept=d.mtp_accept,
         redundant_experts=d.redundant_experts,
         rng=np.random.default_rng(d.seed),
+        step_ops_for_tokens=step_ops if d.assumptions.step_work else None,
         micro_batches=(2,) if d.schedule == "tbo" else (1,),
     )
     step_s = closedform.step_time(workload, d.schedule)

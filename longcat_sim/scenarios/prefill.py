@@ -14,16 +14,16 @@ from longcat_sim import bridge
 from longcat_sim.cluster import closedform
 from longcat_sim.cluster.assumptions import Assumptions
 from longcat_sim.cluster.hardware import Hardware
-from longcat_sim.cluster.schedules import DECODE_SCHEDULES
 from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
 from longcat_sim.cluster.workload import DecodeWorkload
-from longcat_sim.config.fields import known
 from longcat_sim.config.serving import PrefillDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.footprint import Footprint, prefill_footprint
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.scenarios.decode import (
     check_expert_split,
+    check_schedule,
+    default_schedule,
     resolve_assumptions,
     resolve_hardware,
 )
@@ -73,36 +73,24 @@ class PrefillSetup:
         return max(1, math.ceil(self.new_tokens_per_prompt / per_forward))
 
 
-def default_schedule(cfg: ModelConfig) -> str:
-    """The overlap a model runs best: SBO with a shortcut branch, else two micro-batches."""
-    return "sbo" if cfg.layer_type == "scmoe" else "tbo"
-
-
-def check_schedule(cfg: ModelConfig, schedule: str, flag: str = "--schedule") -> None:
-    """A known schedule the model can run (SBO needs ScMoE's shortcut branch)."""
-    known(DECODE_SCHEDULES, schedule, "schedule", UserError)
-    if schedule == "sbo" and cfg.layer_type != "scmoe":
-        raise UserError(
-            f"{flag} sbo needs ScMoE layers (a shortcut branch); {cfg.name} has standard MoE "
-            "layers: use tbo or sequential"
-        )
-
-
 def resolve_prefill(
-    dep: PrefillDeployment, assume: list[str] | tuple[str, ...] = ()
+    dep: PrefillDeployment, assume: list[str] | tuple[str, ...] = (), pool: str = ""
 ) -> PrefillSetup:
-    """A prefill deployment with its names resolved (``assume``: TERM=VALUE overrides)."""
+    """A prefill deployment with its names resolved (``assume``: TERM=VALUE overrides;
+    ``pool``: the prefix of its options, ``prefill-`` for a disaggregated prefill pool)."""
     cfg = load_model_config(dep.model)
     gpus = dep.gpus
     ep = gpus if dep.ep is None else dep.ep
     if gpus % ep:
-        raise UserError(f"--gpus {gpus} is not a multiple of --ep {ep}; GPUs form whole EP groups")
+        raise UserError(
+            f"--{pool}gpus {gpus} is not a multiple of --{pool}ep {ep}; GPUs form whole EP groups"
+        )
     schedule = default_schedule(cfg) if dep.schedule is None else dep.schedule
-    check_schedule(cfg, schedule)
+    check_schedule(cfg, schedule, f"--{pool}schedule")
     check_expert_split(cfg, ep, dep.redundant_experts)
     return PrefillSetup(
         cfg=cfg,
-        hw=resolve_hardware(dep.hardware, dep.rdma_gb_s),
+        hw=resolve_hardware(dep.hardware, dep.rdma_gb_s, dep.gpu_hour_usd),
         assumptions=resolve_assumptions(dep.assumptions, assume),
         gpus=gpus,
         ep=ep,

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ConfigError, load_model_config
+from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
 from longcat_sim.scenarios.decode import (
     DecodeSetup,
     decode_results,
@@ -33,11 +33,18 @@ SWEEP_GRID: dict[str, tuple[Any, ...]] = {
 }
 
 
-def grid_setups(grid: Mapping[str, Sequence[Any]], assume: Sequence[str] = ()) -> list[DecodeSetup]:
+def grid_setups(
+    grid: Mapping[str, Sequence[Any]],
+    assume: Sequence[str] = (),
+    *,
+    model_schedules: bool = False,
+) -> list[DecodeSetup]:
     """Every point of the product of ``grid``'s value lists (keys: ``DecodeDeployment``
     fields, varied in field order except ``batch_per_device``, which varies fastest so that each
     run of consecutive points is one deployment's batch curve; a field not in ``grid`` keeps its
-    default), checked before any simulation runs, in grid order."""
+    default), checked before any simulation runs, in grid order. ``model_schedules`` (a default
+    schedule list, not one asked for): each model keeps only the schedules it can run, so SBO
+    drops out for models without ScMoE layers; otherwise such a point is refused."""
     order = [f.name for f in fields(DecodeDeployment) if f.name != "batch_per_device"]
     order.append("batch_per_device")
     unknown = sorted(set(grid) - set(order))
@@ -52,6 +59,8 @@ def grid_setups(grid: Mapping[str, Sequence[Any]], assume: Sequence[str] = ()) -
         for values in itertools.product(*(grid[n] for n in names))
     ]
     models = {d.model: load_model_config(d.model) for d in deployments}
+    if model_schedules:
+        deployments = [d for d in deployments if _runnable(models[d.model], d.schedule)]
     hardware = {
         (d.hardware, d.rdma_gb_s): resolve_hardware(d.hardware, d.rdma_gb_s) for d in deployments
     }
@@ -62,13 +71,21 @@ def grid_setups(grid: Mapping[str, Sequence[Any]], assume: Sequence[str] = ()) -
     ]
 
 
+def _runnable(cfg: ModelConfig, schedule: str) -> bool:
+    """Whether ``cfg`` has the layers ``schedule`` overlaps (SBO: ScMoE's shortcut branch)."""
+    return schedule != "sbo" or cfg.layer_type == "scmoe"
+
+
 def point_record(setup: DecodeSetup) -> dict[str, Any]:
-    """One grid point as a flat record (per-layer times as ``<group>_us``)."""
+    """One grid point as a flat record (per-layer times as ``<group>_us``, the HBM breakdown
+    as ``hbm_<part>_gb``); a point that does not fit in HBM is kept, ``fits`` false."""
     result, closed = run_decode(setup)
     record = decode_results(setup, result, closed)
     del record["assumptions_description"]
     for key, value in record.pop("per_layer_us").items():
         record[f"{key}_us"] = value
+    for key, value in record.pop("hbm_breakdown_gb").items():
+        record[f"hbm_{key}_gb"] = value
     return record
 
 
@@ -130,11 +147,12 @@ def run_points(
 
 
 def pareto_front(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, the points no other point beats on both TPS per user and tokens per GPU per
-    second; sorted by model, then TPS per user."""
+    """Per model, the points that fit in HBM and that no other such point beats on both TPS
+    per user and tokens per GPU per second; sorted by model, then TPS per user."""
     by_model: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        by_model.setdefault(record["model"], []).append(record)
+        if record.get("fits", True):
+            by_model.setdefault(record["model"], []).append(record)
     front = []
     for model in sorted(by_model):
         points = sorted(by_model[model], key=lambda r: (-r["tps_per_user"], -r["tgs"]))

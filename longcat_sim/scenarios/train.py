@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from longcat_sim import bridge
-from longcat_sim.cluster.assumptions import Assumptions
+from longcat_sim.cluster.assumptions import Assumptions, with_router_spread
 from longcat_sim.cluster.hardware import Hardware
 from longcat_sim.cluster.schedules import PIPELINES, TRAIN_SCHEDULES
 from longcat_sim.cluster.simulator import TrainResult, simulate_train
@@ -59,7 +59,8 @@ def run_train(
     dep: TrainDeployment, cfg: ModelConfig, hw: Hardware, a: Assumptions
 ) -> tuple[TrainResult, dict]:
     """Simulate one training step; also return the deployment as plain data (GPUs and DP
-    resolved, names as given)."""
+    resolved, names as given, the router's spread resolved for the model)."""
+    a, spread_source = with_router_spread(a, cfg.name)
     workload, gpus = train_workload(dep, cfg, hw, a)
     result = simulate_train(workload, dep.schedule, dep.pipeline)
     config = dep.to_dict() | {
@@ -68,6 +69,8 @@ def run_train(
         "hardware": hw.name,
         "rdma_gb_s": hw.rdma_gb_s,
         "assumptions": a.name,
+        "expert_popularity_sigma": a.expert_popularity_sigma,
+        "router_imbalance_source": spread_source,
         "gpus": gpus,
         "dp": gpus // (dep.ep * dep.pp),
     }

@@ -13,7 +13,12 @@ import pytest
 
 from longcat_sim.bridge import decode_workload
 from longcat_sim.cluster import closedform
-from longcat_sim.cluster.assumptions import DEFAULT, FITTED_EXPERT_POPULARITY_SIGMA, TABLE7
+from longcat_sim.cluster.assumptions import (
+    DEFAULT,
+    FITTED_EXPERT_POPULARITY_SIGMA,
+    TABLE7,
+    router_spread,
+)
 from longcat_sim.cluster.hardware import get_hardware
 from longcat_sim.cluster.simulator import DecodeResult, simulate_decode
 from longcat_sim.cluster.workload import DecodeWorkload
@@ -74,7 +79,11 @@ def deepseek_profile() -> DecodeResult:
 
 
 def test_only_one_term_was_fitted() -> None:
-    assert DEFAULT.expert_popularity_sigma == FITTED_EXPERT_POPULARITY_SIGMA
+    """The default set leaves the router's spread to the model; only LongCat-Flash has one,
+    the fitted term."""
+    assert DEFAULT.expert_popularity_sigma is None
+    assert router_spread("longcat-flash")[0] == FITTED_EXPERT_POPULARITY_SIGMA
+    assert router_spread("deepseek-v3")[0] == 0.0
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from longcat_sim.cluster import closedform
 from longcat_sim.cluster.assumptions import (
     DEFAULT,
+    FITTED_EXPERT_POPULARITY_SIGMA,
     TABLE7,
     TABLE7_CONTEXT,
     assumption_names,
@@ -395,11 +396,15 @@ def test_sampled_routing_is_reproducible_and_imbalanced() -> None:
     f1 = layer_imbalance(layer, a, ep=128, rng=np.random.default_rng(7))
     f2 = layer_imbalance(layer, a, ep=128, rng=np.random.default_rng(7))
     assert f1 == f2 and 1.0 < f1 < 1.3  # multinomial noise only: a few percent
-    skewed = layer_imbalance(layer, DEFAULT, ep=128, rng=np.random.default_rng(7))
+    fitted = DEFAULT.replace(expert_popularity_sigma=FITTED_EXPERT_POPULARITY_SIGMA)
+    skewed = layer_imbalance(layer, fitted, ep=128, rng=np.random.default_rng(7))
     assert skewed > f1
     assert layer_imbalance(layer, TABLE7, ep=128) == 1.0
     uniform = np.full(512, 3.0)
     assert layer_imbalance(layer, DEFAULT, ep=128, expert_loads=uniform) == 1.0
+    # the default set leaves the spread to the model: pricing must resolve it first
+    with pytest.raises(ClusterInputError, match="with_router_spread"):
+        layer_imbalance(layer, DEFAULT, ep=128, rng=np.random.default_rng(7))
 
 
 def test_context_imbalance() -> None:

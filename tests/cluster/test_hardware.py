@@ -12,12 +12,32 @@ from longcat_sim.cluster.hardware import Hardware, get_hardware, hardware_from_d
 
 def test_catalogue_has_the_required_accelerators_with_sources() -> None:
     names = set(hardware_names())
-    assert {"H800", "H100", "H200", "H20", "A100"} <= names
+    assert {"H800", "H100", "H200", "H20", "H20-141G", "A100"} <= names
     for name in names:
         hw = get_hardware(name)
         assert isinstance(hw, Hardware)
         assert hw.source, f"{name} has no source"
-        assert hw.gpu_hour_usd == 2.0
+        assert hw.gpu_hour_usd > 0 and hw.price_source, f"{name} has no sourced price"
+
+
+def test_prices_per_gpu_hour() -> None:
+    """The paper's $2 per H800-hour stays H800's; the others carry their own sourced prices."""
+    h800 = get_hardware("H800")
+    assert h800.gpu_hour_usd == 2.0 and "2509.01322" in h800.price_source
+    prices = {n: get_hardware(n).gpu_hour_usd for n in ("A100", "H100", "H200", "B200")}
+    assert prices["A100"] < prices["H100"] < prices["H200"] < prices["B200"]
+    for name in ("H100", "H200", "A100", "B200", "MI300X"):
+        assert "2026" in get_hardware(name).price_source
+
+
+def test_h20_141g_is_the_h20_with_more_hbm() -> None:
+    h20, big = get_hardware("H20"), get_hardware("H20-141G")
+    assert (big.hbm_gb, big.hbm_tb_s) == (141.0, 4.8)
+    assert (big.bf16_tflops, big.fp8_tflops, big.nvlink_gb_s) == (
+        h20.bf16_tflops,
+        h20.fp8_tflops,
+        h20.nvlink_gb_s,
+    )
 
 
 @pytest.mark.parametrize(

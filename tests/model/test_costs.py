@@ -153,7 +153,8 @@ def test_tied_embeddings_count_once_and_leave_activated_unchanged() -> None:
 
 def test_mtp_params_are_zero_without_mtp() -> None:
     assert costs.mtp_params(LONGCAT.replace(mtp_layers=0)) == 0
-    assert costs.mtp_params(DSV3) == 0
+    assert costs.mtp_params(DSV3.replace(mtp_layers=0)) == 0
+    assert costs.mtp_params(DSV3) > 0  # DeepSeek-V3 ships one MTP module
 
 
 def test_activated_params_is_whole_for_whole_k_and_exact_for_fractions() -> None:
