@@ -101,7 +101,7 @@ class Assumptions:
     comm_sm_share: float = 0.0
     # -- memory: a fixed reserve per GPU (CUDA context, communication buffers, CUDA graphs) and
     # a share of HBM the allocator loses to fragmentation
-    hbm_reserve_gb: float = 0.0
+    hbm_runtime_gb: float = 0.0
     hbm_fragmentation: float = 0.0
     description: str = ""
 
@@ -230,7 +230,7 @@ EP_NORMAL_RDMA_FRACTION = 0.90
 DEEPEP_NORMAL_SM_SHARE = 24 / 132
 # Memory reserve per GPU: CUDA context (~0.5 GB), DeepEP/NCCL buffers (~2 GB), CUDA graphs
 # (~0.5 GB); the caching allocator's fragmentation as a share of HBM.
-HBM_RESERVE_GB = 3.0
+HBM_RUNTIME_GB = 3.0
 HBM_FRAGMENTATION = 0.03
 
 FITTED_SPREAD_SOURCE = "fitted on LongCat-Flash Table 6 row 1"
@@ -292,7 +292,7 @@ DEFAULT = Assumptions(
     ep_normal_nvlink_fraction=EP_NORMAL_NVLINK_FRACTION,
     ep_normal_rdma_fraction=EP_NORMAL_RDMA_FRACTION,
     comm_sm_share=DEEPEP_NORMAL_SM_SHARE,
-    hbm_reserve_gb=HBM_RESERVE_GB,
+    hbm_runtime_gb=HBM_RUNTIME_GB,
     hbm_fragmentation=HBM_FRAGMENTATION,
     description=(
         "realistic Hopper decode: 70 % of peak on dense GEMMs, 60 % on grouped expert GEMMs and "

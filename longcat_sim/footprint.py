@@ -27,7 +27,7 @@ Activations of one step (``T`` tokens in flight per GPU, BF16 = 2 B, logits floa
     the share of tokens sampled (1 in decode, 1 / prompt_len in prefill).
 
 Reserve
-    ``hbm_reserve_gb`` + ``hbm_fragmentation`` x HBM.
+    ``hbm_runtime_gb`` + ``hbm_fragmentation`` x HBM.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def _activation_bytes_per_token(cfg: ModelConfig, attention_tp: int, sampled: fl
 
 
 def _reserve_gb(hw: Hardware, a: Assumptions) -> float:
-    return a.hbm_reserve_gb + a.hbm_fragmentation * hw.hbm_gb
+    return a.hbm_runtime_gb + a.hbm_fragmentation * hw.hbm_gb
 
 
 def decode_footprint(

@@ -136,3 +136,8 @@ def test_hardware_differences_show_where_they_matter(tmp_path, capsys) -> None:
 )
 def test_bad_serving_input_is_one_line(argv, needle, tmp_path, capsys) -> None:
     assert needle in refused(["simulate", *argv], capsys, tmp_path / "run")
+
+
+def test_train_overlap_refused_without_a_shortcut_branch(tmp_path, capsys) -> None:
+    argv = ["simulate", "--mode", "train", "--model", "deepseek-v3", "--schedule", "scmoe"]
+    assert "use --schedule baseline" in refused(argv, capsys, tmp_path / "run")

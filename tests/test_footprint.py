@@ -149,7 +149,7 @@ def test_deepseek_v3_needs_more_than_one_h800() -> None:
 
 def test_reserve_is_fixed_plus_fragmentation() -> None:
     fp = decode_footprint(TINY, H800, DEFAULT, ep=1, batch_per_device=1, context=16)
-    assert fp.reserve_gb == pytest.approx(DEFAULT.hbm_reserve_gb + DEFAULT.hbm_fragmentation * 80)
+    assert fp.reserve_gb == pytest.approx(DEFAULT.hbm_runtime_gb + DEFAULT.hbm_fragmentation * 80)
 
 
 def test_prefill_micro_batches_halve_activations_beyond_two() -> None:

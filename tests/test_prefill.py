@@ -217,3 +217,39 @@ def test_simulated_trace_carries_prefill_layers() -> None:
     setup = resolve_prefill(deepseek_prefill(tokens_per_device=2048), BALANCED)
     result = simulate_decode(prefill_workload(setup), "tbo")
     assert {r.layer for r in result.records} >= set(range(61))
+
+
+def test_decode_pool_runs_the_batch_the_rate_keeps_in_flight() -> None:
+    """Prefill-bound pair: the decode pool holds rate x output_len x TPOT requests (Little's
+    law), fewer than its cap, and its TPOT is priced at that batch."""
+    setup = resolve_disagg(DisaggDeployment(), (*BALANCED, "context_cv=0"))
+    r = disagg_results(setup)
+    assert r["bottleneck"] == "prefill" and r["decode_batch_in_flight"] < 96
+    in_flight = r["requests_per_s"] * 1024 * r["tpot_ms"] / 1e3 / r["decode_gpus"]
+    assert r["decode_batch_in_flight"] == pytest.approx(in_flight, abs=1.5)
+    capped = disagg_results(resolve_disagg(DisaggDeployment(prefill_gpus=512), BALANCED))
+    assert capped["bottleneck"] == "decode" and capped["decode_batch_in_flight"] == 96
+
+
+def test_decode_context_follows_the_traffic() -> None:
+    setup = resolve_disagg(DisaggDeployment(prompt_len=2000, output_len=1000), BALANCED)
+    assert setup.decode.context == 2500
+    stated = resolve_disagg(DisaggDeployment(prompt_len=2000, context=800.0), BALANCED)
+    assert stated.decode.context == 800
+
+
+def test_paced_prefill_counts_the_nic_wait_once() -> None:
+    """A slow NIC stretches the forward (the KV cache shares it with dispatch and combine);
+    TTFT then is the stretched forward plus the last layer's share, not both waits."""
+    slow = resolve_disagg(DisaggDeployment(rdma_gb_s=2.0), BALANCED)
+    r = disagg_results(slow)
+    own = prompt_kv_bytes(slow.prefill) / (2e9 * DEFAULT.ep_normal_rdma_fraction)
+    exposed = own / 28 + get_hardware("H800").rdma_latency_s
+    assert r["kv_transfer_exposed_ms"] == pytest.approx(exposed * 1e3)
+    workload = prefill_workload(slow.prefill)
+    forward = closedform.step_time(workload, "sbo")
+    comm = sum(st.comm_total for st in workload.layers)
+    prompts = slow.prefill.tokens_per_device / slow.prefill.prompt_len
+    paced = max(forward, comm + prompts * own)
+    assert paced > forward  # the NIC binds here
+    assert r["ttft_ms"] == pytest.approx((paced + exposed) * 1e3)

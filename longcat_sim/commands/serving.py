@@ -81,14 +81,15 @@ def _disagg_text(r: dict[str, Any]) -> str:
     c = r["colocated"]
     return "\n".join(
         [
-            f"disagg: {r['model']} on {r['hardware']}: prefill pool {r['prefill_gpus']} GPUs "
-            f"(EP{r['prefill_ep']}, {r['prefill_schedule']}), decode pool {r['decode_gpus']} GPUs "
-            f"(EP{r['ep']}, {r['schedule']}, batch {r['batch_per_device']}), KV transfer "
-            f"{r['kv_transfer']}",
+            f"disagg: {r['model']}: prefill pool {r['prefill_gpus']} x {r['prefill_hardware']} "
+            f"(EP{r['prefill_ep']}, {r['prefill_schedule']}), decode pool {r['decode_gpus']} x "
+            f"{r['hardware']} (EP{r['ep']}, {r['schedule']}, batch {r['batch_per_device']}), KV "
+            f"transfer {r['kv_transfer']}",
             f"  prompts {r['prompt_len']:g} tokens, outputs {r['output_len']:g} tokens",
             f"  TTFT (no queueing)  {r['ttft_ms']:10.1f} ms  (KV transfer exposed "
             f"{r['kv_transfer_exposed_ms']:.2f} ms)",
-            f"  TPOT                {r['tpot_ms']:10.2f} ms",
+            f"  TPOT                {r['tpot_ms']:10.2f} ms  (decode batch in flight "
+            f"{r['decode_batch_in_flight']} of {r['batch_per_device']} per GPU)",
             f"  requests/s          {r['requests_per_s']:10.1f}  (prefill pool "
             f"{r['prefill_requests_per_s']:.1f}, decode pool {r['decode_requests_per_s']:.1f}; "
             f"{r['bottleneck']} bound)",
@@ -100,7 +101,8 @@ def _disagg_text(r: dict[str, Any]) -> str:
             "output by pool",
             f"  co-located          chunk {c['chunk_tokens']} prompt tokens per GPU per step: "
             f"TTFT {c['ttft_ms']:.1f} ms, TPOT {c['tpot_ms']:.2f} ms, {c['tgs']:.1f} output "
-            f"tok/GPU/s, ${c['cost_per_m_tokens']:.3f} per M output tokens",
+            f"tok/GPU/s, ${c['cost_per_m_tokens']:.3f} per M output tokens, HBM "
+            f"{c['hbm_used_gb']:.1f} of {c['hbm_gb']:g} GB per GPU",
         ]
     )
 
@@ -128,6 +130,7 @@ def run_disagg_mode(
         "prefill_gpus": p.gpus,
         "prefill_ep": p.ep,
         "prefill_schedule": p.schedule,
+        "prefill_hardware": p.hw.name,
         "tokens_per_device": p.tokens_per_device,
         "prompt_len": p.prompt_len,
         "prompt_cv": p.prompt_cv,
@@ -137,6 +140,7 @@ def run_disagg_mode(
     }
     results = inputs | disagg_results(setup)
     results |= {
+        "fits": prefill_fp.fits and decode_fp.fits,
         "prefill_memory": prefill_fp.to_dict(),
         "decode_memory": decode_fp.to_dict(),
         "colocated": colocated_results(setup),

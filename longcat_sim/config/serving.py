@@ -70,7 +70,20 @@ class DisaggDeployment(PromptLoad, DecodeDeployment):
     pool's values keep their ``simulate --mode decode`` names, the prefill pool's are named
     ``prefill_*``. Prompt KV caches move to the decode pool over RDMA."""
 
+    context: float | None = setting(
+        None,
+        "cached tokens each decode request attends to (unset: prompt_len + output_len / 2)",
+        unit="tokens",
+        check=optional(number(1.0)),
+        kind=float,
+    )
     prefill_gpus: int = setting(32, "GPUs in the prefill pool", unit="GPUs", check=integer(1))
+    prefill_hardware: str | None = setting(
+        None,
+        "hardware of the prefill pool (unset: the decode pool's)",
+        check=optional(name()),
+        kind=str,
+    )
     prefill_ep: int | None = setting(
         None,
         "expert-parallel group size of the prefill pool (unset: all its GPUs)",

@@ -28,10 +28,15 @@ from longcat_sim import bridge
 from longcat_sim.cluster import closedform, costmodel
 from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
 from longcat_sim.config.deployment import DecodeDeployment
-from longcat_sim.config.serving import DisaggDeployment, PrefillDeployment, PromptLoad
-from longcat_sim.errors import UserError
+from longcat_sim.config.serving import DisaggDeployment, PrefillDeployment
+from longcat_sim.footprint import prefill_footprint
 from longcat_sim.model import costs
-from longcat_sim.scenarios.decode import DecodeSetup, decode_workload, resolve_decode
+from longcat_sim.scenarios.decode import (
+    DecodeSetup,
+    decode_memory,
+    decode_workload,
+    resolve_decode,
+)
 from longcat_sim.scenarios.prefill import (
     PrefillSetup,
     prefill_figures,
@@ -58,16 +63,14 @@ def _fields(cls: type, dep: Any, **renamed: str) -> dict[str, Any]:
 
 def resolve_disagg(dep: DisaggDeployment, assume: list[str] | tuple[str, ...] = ()) -> DisaggSetup:
     """The two pools of a disaggregated deployment, each checked like its own mode."""
-    prefill = PrefillDeployment(
-        **_fields(
-            PrefillDeployment,
-            dep,
-            gpus="prefill_gpus",
-            ep="prefill_ep",
-            schedule="prefill_schedule",
-        )
-    )
-    decode = DecodeDeployment(**_fields(DecodeDeployment, dep))
+    renamed = dict(gpus="prefill_gpus", ep="prefill_ep", schedule="prefill_schedule")
+    if dep.prefill_hardware is not None:
+        renamed["hardware"] = "prefill_hardware"
+    prefill = PrefillDeployment(**_fields(PrefillDeployment, dep, **renamed))
+    values = _fields(DecodeDeployment, dep)
+    if dep.context is None:  # a request's mean context over its decode
+        values["context"] = float(dep.prompt_len) + float(dep.output_len) / 2
+    decode = DecodeDeployment(**values)
     return DisaggSetup(
         prefill=resolve_prefill(prefill, assume, "prefill-"),
         decode=resolve_decode(decode, assume),
@@ -91,10 +94,8 @@ def kv_transfer_s(setup: DisaggSetup, forward_s: float, comm_s: float) -> tuple[
     nic_bound = comm_s + per_forward
     paced = max(forward_s, nic_bound)
     own = prompt_kv_bytes(p) / bandwidth
-    if setup.kv_transfer == "layerwise":
-        exposed = own / p.cfg.num_layers + max(0.0, nic_bound - forward_s)
-    else:
-        exposed = own
+    # layer-wise, a prompt waits for its last layer's share after the (paced) forward
+    exposed = own / p.cfg.num_layers if setup.kv_transfer == "layerwise" else own
     return exposed + p.hw.rdma_latency_s, paced
 
 
@@ -104,32 +105,59 @@ def _comm_seconds(workload: Any) -> float:
     return scale * sum(st.comm_total for st in layers)
 
 
-def disagg_results(setup: DisaggSetup) -> dict[str, Any]:
-    """Steady-state figures of the pair of pools (closed form)."""
-    p, d = setup.prefill, setup.decode
+def decode_batch_in_flight(setup: DisaggSetup, rate: float, rounds: int = 4) -> DecodeSetup:
+    """The decode pool at the batch the pair's request rate keeps in flight (Little's law:
+    requests decoding = rate x output_len x TPOT, spread over the pool), at most its
+    ``batch_per_device``; a few rounds of the fixed point (TPOT falls with the batch)."""
+    d = setup.decode
+    for _ in range(rounds):
+        tpot = closedform.tpot_s(decode_workload(d), d.schedule)
+        needed = max(1, math.ceil(rate * setup.output_len * tpot / d.gpus))
+        if needed >= d.batch_per_device:
+            break
+        d = dataclasses.replace(d, batch_per_device=needed)
+    return d
+
+
+def _prefill_side(setup: DisaggSetup) -> tuple[float, float, float, float]:
+    """(TTFT, exposed KV transfer, prompt tokens per GPU per second, $ per GPU-hour) of the
+    prefill pool with its NIC shared by dispatch, combine and the KV transfer."""
+    p = setup.prefill
     pw = prefill_workload(p)
     forward_s = closedform.step_time(pw, p.schedule)
     exposed_s, paced_s = kv_transfer_s(setup, forward_s, _comm_seconds(pw))
-    pf = prefill_figures(p, forward_s, pw.gpu_hour_usd)
-    input_tgs = pf.input_tgs * forward_s / paced_s
+    pf = prefill_figures(p, paced_s, pw.gpu_hour_usd)
+    return pf.ttft_s + exposed_s, exposed_s, pf.input_tgs, pw.gpu_hour_usd
+
+
+def disagg_results(setup: DisaggSetup) -> dict[str, Any]:
+    """Steady-state figures of the pair of pools (closed form). The pair runs at the slower
+    pool's request rate; when the prefill pool binds, the decode pool runs the smaller batch
+    that rate keeps in flight (:func:`decode_batch_in_flight`)."""
+    p, d = setup.prefill, setup.decode
+    ttft_s, exposed_s, input_tgs, price_p = _prefill_side(setup)
     dw = decode_workload(d)
-    tpot_s = closedform.tpot_s(dw, d.schedule)
-    tgs = d.batch_per_device / tpot_s
+    tgs = d.batch_per_device / closedform.tpot_s(dw, d.schedule)
     prefill_rate = p.gpus * input_tgs / p.prompt_len  # requests per second
     decode_rate = d.gpus * tgs / setup.output_len
     rate = min(prefill_rate, decode_rate)
-    price_p, price_d = p.hw.gpu_hour_usd, dw.gpu_hour_usd
-    gpus = p.gpus + d.gpus
-    out_tokens = rate * setup.output_len
-    in_tokens = rate * p.prompt_len
+    running = decode_batch_in_flight(setup, rate) if prefill_rate < decode_rate else d
+    tpot_s = (
+        closedform.tpot_s(decode_workload(running), d.schedule)
+        if running is not d
+        else (d.batch_per_device / tgs)
+    )
+    price_d, gpus = dw.gpu_hour_usd, p.gpus + d.gpus
+    out_tokens, in_tokens = rate * setup.output_len, rate * p.prompt_len
     return {
         "mode": "disagg",
         "prefill_gpus": p.gpus,
         "decode_gpus": d.gpus,
         "kv_transfer": setup.kv_transfer,
-        "ttft_ms": (pf.ttft_s * paced_s / forward_s + exposed_s) * 1e3,
+        "ttft_ms": ttft_s * 1e3,
         "kv_transfer_exposed_ms": exposed_s * 1e3,
         "tpot_ms": tpot_s * 1e3,
+        "decode_batch_in_flight": running.batch_per_device,
         "input_tgs": input_tgs,
         "tgs": tgs,
         "prefill_requests_per_s": prefill_rate,
@@ -138,6 +166,7 @@ def disagg_results(setup: DisaggSetup) -> dict[str, Any]:
         "bottleneck": "prefill" if prefill_rate < decode_rate else "decode",
         "balanced_prefill_per_decode_gpu": (tgs / setup.output_len) / (input_tgs / p.prompt_len),
         "output_tokens_per_gpu_s": out_tokens / gpus,
+        "prefill_gpu_hour_usd": price_p,
         "cost_per_m_input_tokens": p.gpus * price_p / (in_tokens * 3600.0) * 1e6,
         "cost_per_m_output_tokens": d.gpus * price_d / (out_tokens * 3600.0) * 1e6,
         "cost_per_m_tokens": (p.gpus * price_p + d.gpus * price_d) / (out_tokens * 3600.0) * 1e6,
@@ -183,8 +212,9 @@ def colocated_chunk(setup: DisaggSetup) -> int:
 
 
 def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
-    """The same traffic on the decode pool's deployment with chunked prefill in every step,
-    on as many GPUs as both pools together."""
+    """The same traffic on the decode pool's deployment (its hardware, EP and schedule) with
+    chunked prefill in every step; per-GPU figures, so any GPU count of that layout reads
+    them."""
     d, p = setup.decode, setup.prefill
     chunk = colocated_chunk(setup)
     queries = 1 + d.mtp_draft_tokens
@@ -234,18 +264,32 @@ def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
         "tgs": tgs,
         "input_tgs": chunk / step_s * p.prompt_len / p.new_tokens_per_prompt,
         "cost_per_m_tokens": workload.gpu_hour_usd / (tgs * 3600.0) * 1e6,
-    }
+    } | colocated_memory(setup, chunk)
 
 
-def check_pools(setup: DisaggSetup) -> None:
-    """Both pools serve the same model on the same prompts."""
-    if setup.prefill.cfg != setup.decode.cfg:
-        raise UserError("the prefill and decode pools must serve the same model")
+def colocated_memory(setup: DisaggSetup, chunk: int) -> dict[str, Any]:
+    """HBM per co-located GPU: the decode batch's footprint, plus the KV cache of the prompt
+    being prefilled in chunks and the activations of one chunk."""
+    d, p = setup.decode, setup.prefill
+    decode = decode_memory(d)
+    layout = dict(
+        ep=d.ep,
+        prompt_len=max(1, round(p.prompt_len)),
+        attention_dtype=d.attention_dtype,
+        redundant_experts=d.redundant_experts,
+        attention_tp=d.attention_tp,
+        ffn_tp=d.ffn_tp,
+    )
+    prompt = prefill_footprint(
+        d.cfg, d.hw, d.assumptions, tokens_per_device=round(p.new_tokens_per_prompt), **layout
+    )
+    step = prefill_footprint(d.cfg, d.hw, d.assumptions, tokens_per_device=chunk, **layout)
+    used = decode.used_gb + prompt.kv_cache_gb + step.activations_gb
+    return {"hbm_used_gb": used, "hbm_gb": decode.hbm_gb, "fits": used <= decode.hbm_gb}
 
 
 __all__ = [
     "DisaggSetup",
-    "PromptLoad",
     "colocated_results",
     "disagg_results",
     "merge_layers",

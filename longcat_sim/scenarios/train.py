@@ -27,6 +27,11 @@ def train_workload(
 ) -> tuple[TrainWorkload, int]:
     """(the priced training step, GPUs): check what ties the deployment's values together."""
     known(TRAIN_SCHEDULES, dep.schedule, "schedule", UserError)
+    if dep.schedule != "baseline" and cfg.layer_type != "scmoe":
+        raise UserError(
+            f"--schedule {dep.schedule} overlaps ScMoE layers (a shortcut branch); {cfg.name} has "
+            "standard MoE layers: use --schedule baseline"
+        )
     known(PIPELINES, dep.pipeline, "pipeline", UserError)
     group = dep.ep * dep.pp
     gpus = group if dep.gpus is None else dep.gpus

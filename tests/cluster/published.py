@@ -70,7 +70,7 @@ TRAINING_SHARE_TOLERANCE = 0.03  # 3 percentage points
 # -- V7: deepseek-ai/profile-data prefill: EP32, TP1, 4K-token prompts, 16K tokens per GPU in two
 # micro-batches (TBO), attention balanced between them: 62,713 tokens/s per 8-GPU H800 node =
 # 7,839 per GPU. Peers on this row (same inputs): InferSim 9,034 (+15 %, its README),
-# aiconfigurator 0.12 on H100 tables 3,812 (-51 %).
+# aiconfigurator 0.12 on H100 tables 3,812 (-51 %; 3,859 in docs/peers.md's rerun).
 DEEPSEEK_PREFILL_TGS = 7839
 DEEPSEEK_PREFILL_EP, DEEPSEEK_PREFILL_PROMPT, DEEPSEEK_PREFILL_TOKENS = 32, 4096, 16384
 PREFILL_TOLERANCE = 0.15
