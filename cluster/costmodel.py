@@ -385,6 +385,11 @@ def price_layers(
     """Price every layer; ``expert_loads`` is one histogram for all layers or one per layer.
     ``memo`` (optional) keeps the seconds of ops met before, for layers that repeat."""
     memo = {} if memo is None else memo
+    if expert_loads is None and a.routing == "balanced":
+        return _price_balanced(
+            layers, hw, a, ep=ep, redundant_experts=redundant_experts,
+            attention_imbalance=attention_imbalance, memo=memo,
+        )  # fmt: skip
     per_layer = loads_per_layer(expert_loads, len(layers))
     checked: dict[int, None] = {}  # balanced routing: each distinct layer is checked once
     histograms = []
@@ -433,6 +438,34 @@ def price_layers(
             )
         priced.append(times)
     return tuple(priced)
+
+
+def _price_balanced(
+    layers: Sequence[LayerOps],
+    hw: Hardware,
+    a: Assumptions,
+    *,
+    ep: int,
+    redundant_experts: int,
+    attention_imbalance: float,
+    memo: dict[object, float],
+) -> tuple[StageTimes, ...]:
+    """Balanced routing: every layer's imbalance is 1, so layers sharing op records share
+    their stage times, priced once."""
+    _check_imbalance(attention_imbalance)
+    priced: dict[tuple[int, int], StageTimes] = {}
+    out = []
+    for layer in layers:
+        key = (id(layer.ops), id(layer.comms))
+        if key not in priced:
+            layer_expert_loads(layer, a, ep=ep, redundant_experts=redundant_experts)  # checks
+            fixed = _fixed_parts(layer, hw, a, attention_imbalance, memo)
+            priced[key] = _with_experts(
+                layer.kind, fixed, hw, a, ep=ep, redundant_experts=redundant_experts,
+                imbalance=1.0,
+            )  # fmt: skip
+        out.append(priced[key])
+    return tuple(out)
 
 
 # -- whole decode step / training layer -----------------------------------------------------

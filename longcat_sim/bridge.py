@@ -261,6 +261,7 @@ def _layers_ops(
 def clear_op_cache() -> None:
     """Forget the op lists kept for configurations priced before (benchmarks start cold)."""
     _layers_ops.cache_clear()
+    decode_step_ops.cache_clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -287,6 +288,7 @@ def _mtp_layer_config(cfg: ModelConfig) -> ModelConfig:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def decode_step_ops(
     cfg: ModelConfig,
     a: Assumptions,
@@ -299,7 +301,8 @@ def decode_step_ops(
 ) -> tuple[ComputeOp, ...]:
     """Work of one decode step outside the layers: embedding and LM head of the ``tokens``
     verified, then per draft token the MTP layer (eh_proj, attention, dense FFN) and the LM
-    head for the ``requests``. The LM head keeps BF16 weights."""
+    head for the ``requests``. The LM head keeps BF16 weights. Kept in a bounded cache of
+    frozen records, like the layers' ops (they do not depend on hardware or layout)."""
 
     def convert(ops: Sequence[costs.OpCost], linear_bytes: float) -> list[ComputeOp]:
         return [

@@ -136,6 +136,7 @@ def test_text_has_table_and_front(tmp_path, capsys) -> None:
         (["--grid", "EMPTY"], "grid key 'batch_per_device' needs at least one value"),
         (["--workers", "0"], "--workers must be >= 1"),
         (["--model", "longcat-flash,deepseek-v3", "--schedule", "sbo"], "needs ScMoE layers"),
+        (["--hbm-check", "report"], "--hbm-check applies to simulate"),
     ],
 )
 def test_bad_input_is_one_stderr_line_and_exit_2(argv, needle, tmp_path, capsys) -> None:

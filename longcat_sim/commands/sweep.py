@@ -12,7 +12,7 @@ contexts from the same ``--seed``: differences between points come from the grid
 The output is a table and, per model, the Pareto front of TPS per user against tokens per GPU
 per second (both maximised), with the cost of each front point. Every point carries its per-GPU
 HBM footprint; a point that does not fit is kept with ``fits`` false and never on the front
-(``--hbm-check`` does not apply: a sweep refuses no point for memory).
+(a sweep refuses no point for memory: ``--hbm-check`` is refused).
 """
 
 from __future__ import annotations
@@ -130,6 +130,11 @@ def _text(points: list[dict[str, Any]], front: list[dict[str, Any]], workers: in
 
 def run(args: argparse.Namespace) -> CommandOutput:
     grid, assume, default_schedules = grid_values(args)
+    if "hbm_check" in grid:
+        raise UserError(
+            "--hbm-check applies to simulate: a sweep keeps every point, flagging those that do "
+            "not fit (fits false) and leaving them off the Pareto front"
+        )
     setups = grid_setups(grid, assume, model_schedules=default_schedules)
     workers = args.workers if args.workers is not None else os.cpu_count() or 1
     points = run_points(setups, workers=workers, progress=not args.no_progress)

@@ -105,18 +105,24 @@ def _comm_seconds(workload: Any) -> float:
     return scale * sum(st.comm_total for st in layers)
 
 
-def decode_batch_in_flight(setup: DisaggSetup, rate: float, rounds: int = 4) -> DecodeSetup:
-    """The decode pool at the batch the pair's request rate keeps in flight (Little's law:
-    requests decoding = rate x output_len x TPOT, spread over the pool), at most its
-    ``batch_per_device``; a few rounds of the fixed point (TPOT falls with the batch)."""
+def decode_batch_in_flight(
+    setup: DisaggSetup, rate: float, tpot_at_cap: float, rounds: int = 4
+) -> tuple[int, float]:
+    """(batch per GPU, TPOT in s) of the decode pool at the batch the pair's request rate keeps
+    in flight (Little's law: requests decoding = rate x output_len x TPOT, over the pool's
+    GPUs), at most its ``batch_per_device``: a few rounds of the fixed point from the cap (TPOT
+    falls with the batch, so the rounds only go down)."""
     d = setup.decode
+    batch, tpot = d.batch_per_device, tpot_at_cap
     for _ in range(rounds):
-        tpot = closedform.tpot_s(decode_workload(d), d.schedule)
         needed = max(1, math.ceil(rate * setup.output_len * tpot / d.gpus))
-        if needed >= d.batch_per_device:
+        if needed >= batch:
             break
-        d = dataclasses.replace(d, batch_per_device=needed)
-    return d
+        batch = needed
+        tpot = closedform.tpot_s(
+            decode_workload(dataclasses.replace(d, batch_per_device=batch)), d.schedule
+        )
+    return batch, tpot
 
 
 def _prefill_side(setup: DisaggSetup) -> tuple[float, float, float, float]:
@@ -130,23 +136,22 @@ def _prefill_side(setup: DisaggSetup) -> tuple[float, float, float, float]:
     return pf.ttft_s + exposed_s, exposed_s, pf.input_tgs, pw.gpu_hour_usd
 
 
-def disagg_results(setup: DisaggSetup) -> dict[str, Any]:
+def disagg_results(setup: DisaggSetup, in_flight: bool = True) -> dict[str, Any]:
     """Steady-state figures of the pair of pools (closed form). The pair runs at the slower
     pool's request rate; when the prefill pool binds, the decode pool runs the smaller batch
-    that rate keeps in flight (:func:`decode_batch_in_flight`)."""
+    that rate keeps in flight (:func:`decode_batch_in_flight`; ``in_flight`` False: priced at
+    its cap, a screening bound that costs two pricings instead of up to six)."""
     p, d = setup.prefill, setup.decode
     ttft_s, exposed_s, input_tgs, price_p = _prefill_side(setup)
     dw = decode_workload(d)
-    tgs = d.batch_per_device / closedform.tpot_s(dw, d.schedule)
+    tpot_cap = closedform.tpot_s(dw, d.schedule)
+    tgs = d.batch_per_device / tpot_cap
     prefill_rate = p.gpus * input_tgs / p.prompt_len  # requests per second
     decode_rate = d.gpus * tgs / setup.output_len
     rate = min(prefill_rate, decode_rate)
-    running = decode_batch_in_flight(setup, rate) if prefill_rate < decode_rate else d
-    tpot_s = (
-        closedform.tpot_s(decode_workload(running), d.schedule)
-        if running is not d
-        else (d.batch_per_device / tgs)
-    )
+    batch, tpot_s = d.batch_per_device, tpot_cap
+    if in_flight and prefill_rate < decode_rate:
+        batch, tpot_s = decode_batch_in_flight(setup, rate, tpot_cap)
     price_d, gpus = dw.gpu_hour_usd, p.gpus + d.gpus
     out_tokens, in_tokens = rate * setup.output_len, rate * p.prompt_len
     return {
@@ -157,7 +162,7 @@ def disagg_results(setup: DisaggSetup) -> dict[str, Any]:
         "ttft_ms": ttft_s * 1e3,
         "kv_transfer_exposed_ms": exposed_s * 1e3,
         "tpot_ms": tpot_s * 1e3,
-        "decode_batch_in_flight": running.batch_per_device,
+        "decode_batch_in_flight": batch,
         "input_tgs": input_tgs,
         "tgs": tgs,
         "prefill_requests_per_s": prefill_rate,
