@@ -459,6 +459,7 @@ def prefill_layer_ops(
     prompt_len: float,
     prompt_cv: float = 0.0,
     prefix_hit: float = 0.0,
+    chunk_size: int | None = None,
     attention_dtype: AttentionDtype = "bf16",
     attention_tp: int = 1,
     ffn_tp: int = 1,
@@ -469,19 +470,24 @@ def prefill_layer_ops(
     Prompts are ``prompt_len`` tokens on average with coefficient of variation ``prompt_cv``;
     a share ``prefix_hit`` of each is already cached (its compute skipped, its cache read).
     Causal attention work per computed token grows with E[L^2] / E[L] = L (1 + cv^2): the
-    batch is priced as prompts of that effective length L', each new part L' (1 - h) following
-    a cached prefix h L'. Chunking a prompt leaves this total unchanged (each chunk attends to
-    the chunks before it). MLA runs non-absorbed (prefill's FLOP-optimal form)."""
+    batch is priced as prompts of that effective length L', each new part n = L' (1 - h)
+    following a cached prefix h L'. Chunks of ``chunk_size`` c < n leave the attention total
+    unchanged (each chunk attends to the chunks before it) but each chunk reads, and under
+    MLA re-projects, its prompt's cache so far: on average h L' + (n - c) / 2 entries.
+    MLA runs non-absorbed (prefill's FLOP-optimal form)."""
     effective = prompt_len * (1.0 + prompt_cv**2)
     new = max(1.0, effective * (1.0 - prefix_hit))
+    segment, prefix = new, effective * prefix_hit
+    if chunk_size is not None and chunk_size < new:
+        segment, prefix = float(chunk_size), prefix + (new - chunk_size) / 2
     return _layers_ops(
         cfg,
         a,
         (
             ("tokens", tokens),
-            ("context", new),
+            ("context", segment),
             ("phase", "prefill"),
-            ("prefix", effective * prefix_hit),
+            ("prefix", prefix),
         ),
         attention_dtype=attention_dtype,
         attention_tp=attention_tp,
@@ -538,6 +544,7 @@ def prefill_workload(
     prompt_len: float,
     prompt_cv: float = 0.0,
     prefix_hit: float = 0.0,
+    chunk_size: int | None = None,
     attention_dtype: AttentionDtype = "bf16",
     redundant_experts: int = 0,
     rng: np.random.Generator | None = None,
@@ -564,6 +571,7 @@ def prefill_workload(
             prompt_len=prompt_len,
             prompt_cv=prompt_cv,
             prefix_hit=prefix_hit,
+            chunk_size=chunk_size,
             attention_dtype=attention_dtype,
             attention_tp=attention_tp,
             ffn_tp=ffn_tp,

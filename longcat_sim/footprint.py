@@ -280,9 +280,11 @@ def prefill_footprint(
     attention_tp: int = 1,
     ffn_tp: int = 1,
     micro_batches: int = 1,
+    kv_tokens_per_token: float = 1.0,
 ) -> Footprint:
     """One prefill GPU with ``tokens_per_device`` prompt tokens (prompts of ``prompt_len``):
-    their KV is kept until sent; activations for tokens_per_device / micro_batches tokens per
+    their KV is kept until sent, ``kv_tokens_per_token`` cache entries per computed token (more
+    than one when the forward's prompts also hold cached prefixes or earlier chunks); activations for tokens_per_device / micro_batches tokens per
     micro-batch, two micro-batches live at once when there are two or more."""
     check_count("tokens per device", tokens_per_device, allow_zero=True)
     check_count("prompt length", prompt_len)
@@ -295,7 +297,11 @@ def prefill_footprint(
         attention_tp=attention_tp,
         ffn_tp=ffn_tp,
     )
-    kv_per_token = _kv_bytes_per_token(cfg, attention_dtype, attention_tp, False)
+    if not kv_tokens_per_token >= 1.0:
+        raise ClusterInputError(f"kv_tokens_per_token must be >= 1, got {kv_tokens_per_token!r}")
+    kv_per_token = kv_tokens_per_token * _kv_bytes_per_token(
+        cfg, attention_dtype, attention_tp, False
+    )
     live = min(micro_batches, 2) / micro_batches
     act_per_token = live * _activation_bytes_per_token(cfg, attention_tp, 1 / prompt_len)
     return Footprint(

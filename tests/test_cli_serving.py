@@ -141,3 +141,18 @@ def test_bad_serving_input_is_one_line(argv, needle, tmp_path, capsys) -> None:
 def test_train_overlap_refused_without_a_shortcut_branch(tmp_path, capsys) -> None:
     argv = ["simulate", "--mode", "train", "--model", "deepseek-v3", "--schedule", "scmoe"]
     assert "use --schedule baseline" in refused(argv, capsys, tmp_path / "run")
+
+
+def test_train_schedule_defaults_to_the_models_own(tmp_path, capsys) -> None:
+    assert simulate(tmp_path, capsys, "--mode", "train", "--model", "deepseek-v3")["schedule"] == (
+        "baseline"
+    )
+    assert simulate(tmp_path, capsys, "--mode", "train")["schedule"] == "scmoe"
+
+
+def test_a_prefill_whose_prompts_hold_long_caches_is_refused(tmp_path, capsys) -> None:
+    """99 % prefix hits: 400 prompts of 4,096 cached tokens per forward, 106 GB of cache."""
+    line = refused(
+        ["simulate", "--mode", "prefill", "--prefix-hit", "0.99"], capsys, tmp_path / "r"
+    )
+    assert "does not fit" in line and "KV cache 105.7" in line

@@ -29,6 +29,7 @@ from longcat_sim.scenarios.disagg import (
 )
 from longcat_sim.scenarios.prefill import (
     closed_form_figures,
+    prefill_memory,
     prefill_workload,
     resolve_prefill,
     run_prefill,
@@ -119,8 +120,13 @@ def test_chunked_prefill_ttft_counts_forwards() -> None:
     chunked = resolve_prefill(deepseek_prefill(chunk_size=1024), BALANCED)
     assert whole.forwards_per_prompt == 1 and chunked.forwards_per_prompt == 4
     a, b = closed_form_figures(whole), closed_form_figures(chunked)
-    assert b.forward_s == pytest.approx(a.forward_s, rel=1e-12)  # same work per forward
-    assert b.ttft_s == pytest.approx(4 * a.ttft_s, rel=1e-12)
+    assert b.ttft_s == pytest.approx(4 * b.forward_s, rel=1e-12)
+    # each chunk re-reads (and under MLA re-projects) its prompt's cache so far: slower
+    assert a.forward_s < b.forward_s < 1.1 * a.forward_s
+    # the forward's prompts hold 4x the cache entries they compute
+    assert prefill_memory(chunked).kv_cache_gb == pytest.approx(
+        4 * prefill_memory(whole).kv_cache_gb, rel=1e-9
+    )
 
 
 @pytest.mark.parametrize(("ep", "k"), [(32, 8), (16, 8), (64, 12)])

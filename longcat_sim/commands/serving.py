@@ -93,7 +93,7 @@ def _disagg_text(r: dict[str, Any]) -> str:
             f"  requests/s          {r['requests_per_s']:10.1f}  (prefill pool "
             f"{r['prefill_requests_per_s']:.1f}, decode pool {r['decode_requests_per_s']:.1f}; "
             f"{r['bottleneck']} bound)",
-            f"  balanced ratio      {r['balanced_prefill_per_decode_gpu']:10.3f} prefill GPUs "
+            f"  balanced ratio      {r['balanced_prefill_per_decode_gpu']:10.4g} prefill GPUs "
             "per decode GPU",
             f"  output tok/GPU/s    {r['output_tokens_per_gpu_s']:10.1f}  (all GPUs)",
             f"  $ per M tokens      {r['cost_per_m_tokens']:10.3f} output (all GPUs); "
@@ -102,7 +102,8 @@ def _disagg_text(r: dict[str, Any]) -> str:
             f"  co-located          chunk {c['chunk_tokens']} prompt tokens per GPU per step: "
             f"TTFT {c['ttft_ms']:.1f} ms, TPOT {c['tpot_ms']:.2f} ms, {c['tgs']:.1f} output "
             f"tok/GPU/s, ${c['cost_per_m_tokens']:.3f} per M output tokens, HBM "
-            f"{c['hbm_used_gb']:.1f} of {c['hbm_gb']:g} GB per GPU",
+            f"{c['hbm_used_gb']:.1f} of {c['hbm_gb']:g} GB per GPU"
+            + ("" if c["fits"] else " (DOES NOT FIT)"),
         ]
     )
 
@@ -131,6 +132,7 @@ def run_disagg_mode(
         "prefill_ep": p.ep,
         "prefill_schedule": p.schedule,
         "prefill_hardware": p.hw.name,
+        "prefill_gpu_hour_usd_source": p.hw.price_source,
         "tokens_per_device": p.tokens_per_device,
         "prompt_len": p.prompt_len,
         "prompt_cv": p.prompt_cv,

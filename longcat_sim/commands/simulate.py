@@ -147,10 +147,13 @@ def _deployment(args: argparse.Namespace) -> Any:
     error naming a mode that has it."""
     cls = DEPLOYMENTS[args.mode]
     own = {f.name for f in fields(cls)}
-    for mode, other in DEPLOYMENTS.items():
-        wrong = given(args, [f.name for f in fields(other) if f.name not in own])
-        if wrong:
-            raise UserError(f"{flag(wrong[0])} applies to --mode {mode}, not --mode {args.mode}")
+    foreign = {f.name for other in DEPLOYMENTS.values() for f in fields(other)} - own
+    wrong = given(args, sorted(foreign))
+    if wrong:
+        modes = [m for m, c in DEPLOYMENTS.items() if wrong[0] in {f.name for f in fields(c)}]
+        raise UserError(
+            f"{flag(wrong[0])} applies to --mode {', '.join(modes)}, not --mode {args.mode}"
+        )
     return cls(**set_values(args, cls))
 
 

@@ -34,6 +34,17 @@ def _gpus(default: int | None, help: str, *, unset: bool = True) -> Any:
     return setting(default, help, unit="GPUs", check=check, kind=int)
 
 
+def model_schedule() -> Any:
+    """A layer's overlap schedule; unset, the model's own."""
+    return setting(
+        None,
+        "overlap schedule of a layer (unset: the model's own; with a shortcut branch sbo, or "
+        "scmoe in training; without, tbo, or baseline in training)",
+        check=optional(name()),
+        kind=str,
+    )
+
+
 def hbm_check() -> Any:
     return setting(
         "refuse",
@@ -85,12 +96,7 @@ class DecodeDeployment(Deployment):
 
     gpus: int = _gpus(128, "GPUs in the deployment", unset=False)
     ep: int | None = _gpus(None, "expert-parallel group size (unset: all GPUs)")
-    schedule: str | None = setting(
-        None,
-        "overlap schedule of a layer (unset: sbo for ScMoE models, tbo otherwise)",
-        check=optional(name()),
-        kind=str,
-    )
+    schedule: str | None = model_schedule()
     batch_per_device: int = setting(96, "requests per GPU", unit="requests", check=integer(1))
     context: float = setting(
         5000.0, "cached tokens each request attends to", unit="tokens", check=number(1.0)
@@ -128,7 +134,7 @@ class TrainDeployment(Deployment):
     )
     microbatches: int = setting(8, "micro-batches per step", check=integer(1))
     moe_chunks: int = setting(2, "MoE token chunks", check=integer(1))
-    schedule: str = setting("scmoe", "overlap schedule of a layer", check=name())
+    schedule: str | None = model_schedule()
     pipeline: str = setting("none", "pipeline schedule", check=name())
     assumptions: str = setting("train", "assumption set name", check=name())
 

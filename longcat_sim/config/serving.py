@@ -4,26 +4,17 @@ a prefill pool beside a decode pool (``simulate --mode disagg``), one field per 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from longcat_sim.config.deployment import (
     ATTENTION_DTYPES,
     DecodeDeployment,
     Deployment,
     hbm_check,
+    model_schedule,
 )
 from longcat_sim.config.fields import choice, integer, name, number, optional, setting
 
 KV_TRANSFERS = ("layerwise", "after_prefill")
-
-
-def _schedule() -> Any:
-    return setting(
-        None,
-        "overlap schedule of a layer (unset: sbo for ScMoE models, tbo otherwise)",
-        check=optional(name()),
-        kind=str,
-    )
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class PrefillDeployment(PromptLoad, Deployment):
     applied to LongCat-Flash (32 H800, EP32, 4K-token prompts, 16K tokens per GPU)."""
 
     gpus: int = setting(32, "GPUs in the deployment", unit="GPUs", check=integer(1), kind=int)
-    schedule: str | None = _schedule()
+    schedule: str | None = model_schedule()
     attention_dtype: str = setting("bf16", "KV cache dtype", check=choice(*ATTENTION_DTYPES))
     attention_tp: int = setting(1, "attention tensor parallelism", check=integer(1))
     ffn_tp: int = setting(1, "dense FFN tensor parallelism", check=integer(1))
@@ -91,7 +82,7 @@ class DisaggDeployment(PromptLoad, DecodeDeployment):
         check=optional(integer(1)),
         kind=int,
     )
-    prefill_schedule: str | None = _schedule()
+    prefill_schedule: str | None = model_schedule()
     output_len: float = setting(
         1024.0, "mean output length per request", unit="tokens", check=number(1.0)
     )

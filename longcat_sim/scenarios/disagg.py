@@ -164,7 +164,7 @@ def disagg_results(setup: DisaggSetup, in_flight: bool = True) -> dict[str, Any]
         "tpot_ms": tpot_s * 1e3,
         "decode_batch_in_flight": batch,
         "input_tgs": input_tgs,
-        "tgs": tgs,
+        "tgs": batch / tpot_s,  # output tokens per decode GPU per second, as it runs
         "prefill_requests_per_s": prefill_rate,
         "decode_requests_per_s": decode_rate,
         "requests_per_s": rate,

@@ -64,6 +64,14 @@ class PrefillSetup:
         return max(1.0, self.prompt_len * (1.0 - self.prefix_hit))
 
     @property
+    def computed_per_prompt_per_forward(self) -> float:
+        """Tokens of one prompt computed in one forward (a chunk, or all its new tokens)."""
+        per_forward = min(self.new_tokens_per_prompt, float(self.tokens_per_device))
+        if self.chunk_size is not None:
+            per_forward = min(per_forward, float(self.chunk_size))
+        return per_forward
+
+    @property
     def forwards_per_prompt(self) -> int:
         """Forwards a prompt's computed tokens need: one unless chunked or longer than what a
         GPU computes per forward."""
@@ -120,6 +128,7 @@ def prefill_workload(setup: PrefillSetup) -> DecodeWorkload:
         prompt_len=setup.prompt_len,
         prompt_cv=setup.prompt_cv,
         prefix_hit=setup.prefix_hit,
+        chunk_size=setup.chunk_size,
         attention_dtype=setup.attention_dtype,
         redundant_experts=setup.redundant_experts,
         rng=np.random.default_rng(setup.seed),
@@ -144,6 +153,7 @@ def prefill_memory(setup: PrefillSetup) -> Footprint:
         attention_tp=setup.attention_tp,
         ffn_tp=setup.ffn_tp,
         micro_batches=2 if setup.schedule == "tbo" else 1,
+        kv_tokens_per_token=setup.prompt_len / setup.computed_per_prompt_per_forward,
     )
 
 

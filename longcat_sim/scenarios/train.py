@@ -22,14 +22,22 @@ from longcat_sim.scenarios.decode import check_expert_split
 TRAIN_DEFAULTS: dict[str, Any] = TrainDeployment().to_dict()
 
 
+def train_schedule(dep: TrainDeployment, cfg: ModelConfig) -> str:
+    """The schedule asked for, or the model's own: the shortcut overlap where it has one."""
+    if dep.schedule is not None:
+        return dep.schedule
+    return "scmoe" if cfg.layer_type == "scmoe" else "baseline"
+
+
 def train_workload(
     dep: TrainDeployment, cfg: ModelConfig, hw: Hardware, a: Assumptions
 ) -> tuple[TrainWorkload, int]:
     """(the priced training step, GPUs): check what ties the deployment's values together."""
-    known(TRAIN_SCHEDULES, dep.schedule, "schedule", UserError)
-    if dep.schedule != "baseline" and cfg.layer_type != "scmoe":
+    schedule = train_schedule(dep, cfg)
+    known(TRAIN_SCHEDULES, schedule, "schedule", UserError)
+    if schedule != "baseline" and cfg.layer_type != "scmoe":
         raise UserError(
-            f"--schedule {dep.schedule} overlaps ScMoE layers (a shortcut branch); {cfg.name} has "
+            f"--schedule {schedule} overlaps ScMoE layers (a shortcut branch); {cfg.name} has "
             "standard MoE layers: use --schedule baseline"
         )
     known(PIPELINES, dep.pipeline, "pipeline", UserError)
@@ -66,6 +74,7 @@ def run_train(
     """Simulate one training step; also return the deployment as plain data (GPUs and DP
     resolved, names as given, the router's spread resolved for the model)."""
     a, spread_source = with_router_spread(a, cfg.name)
+    dep = replace(dep, schedule=train_schedule(dep, cfg))
     workload, gpus = train_workload(dep, cfg, hw, a)
     result = simulate_train(workload, dep.schedule, dep.pipeline)
     config = dep.to_dict() | {
