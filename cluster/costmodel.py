@@ -391,18 +391,12 @@ def price_layers(
             attention_imbalance=attention_imbalance, memo=memo,
         )  # fmt: skip
     per_layer = loads_per_layer(expert_loads, len(layers))
-    checked: dict[int, None] = {}  # balanced routing: each distinct layer is checked once
-    histograms = []
-    for layer, loads in zip(layers, per_layer, strict=True):
-        if loads is None and a.routing == "balanced" and id(layer.ops) in checked:
-            histograms.append(None)
-            continue
-        checked[id(layer.ops)] = None
-        histograms.append(
-            layer_expert_loads(
-                layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=loads
-            )
+    histograms = [
+        layer_expert_loads(
+            layer, a, ep=ep, redundant_experts=redundant_experts, rng=rng, expert_loads=loads
         )
+        for layer, loads in zip(layers, per_layer, strict=True)
+    ]
     factors = [1.0] * len(layers)
     by_size: dict[int, list[int]] = {}
     for i, loads in enumerate(histograms):
@@ -414,7 +408,6 @@ def price_layers(
             factors[i] = float(factor)
     _check_imbalance(attention_imbalance)
     fixed_by_layer: dict[tuple[int, int], tuple[LayerOps, _Fixed]] = {}  # layers sharing ops
-    done: dict[tuple[int, int, float], StageTimes] = {}  # layers sharing ops and imbalance
     priced = []
     for layer, imbalance in zip(layers, factors, strict=True):
         key = (id(layer.ops), id(layer.comms))
@@ -424,10 +417,8 @@ def price_layers(
                 layer,
                 _fixed_parts(layer, hw, a, attention_imbalance, memo),
             )
-            done = {k: v for k, v in done.items() if k[:2] != key}
-        times = done.get((*key, imbalance))
-        if times is None:
-            times = done[(*key, imbalance)] = _with_experts(
+        priced.append(
+            _with_experts(
                 layer.kind,
                 entry[1],
                 hw,
@@ -436,7 +427,7 @@ def price_layers(
                 redundant_experts=redundant_experts,
                 imbalance=imbalance,
             )
-        priced.append(times)
+        )
     return tuple(priced)
 
 

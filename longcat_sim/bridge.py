@@ -558,9 +558,8 @@ def prefill_workload(
     ``tokens_per_step`` are the tokens). ``micro_batches`` 2 prices the two halves (TBO);
     ``overlapped`` (TBO, SBO) stretches compute by the SMs the communication kernels hold."""
     check_count("tokens per device", tokens_per_device)
-    for name, value in (("prompt length", prompt_len),):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
-            raise ClusterInputError(f"{name} must be a number >= 1, got {value!r}")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int | float) or prompt_len < 1:
+        raise ClusterInputError(f"prompt length must be a number >= 1, got {prompt_len!r}")
     a = prefill_assumptions(assumptions)
 
     def ops_for_tokens(tokens: int) -> tuple[LayerOps, ...]:

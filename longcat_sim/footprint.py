@@ -284,8 +284,9 @@ def prefill_footprint(
 ) -> Footprint:
     """One prefill GPU with ``tokens_per_device`` prompt tokens (prompts of ``prompt_len``):
     their KV is kept until sent, ``kv_tokens_per_token`` cache entries per computed token (more
-    than one when the forward's prompts also hold cached prefixes or earlier chunks); activations for tokens_per_device / micro_batches tokens per
-    micro-batch, two micro-batches live at once when there are two or more."""
+    than one when the forward's prompts also hold cached prefixes or earlier chunks);
+    activations for tokens_per_device / micro_batches tokens per micro-batch, two micro-batches
+    live at once when there are two or more."""
     check_count("tokens per device", tokens_per_device, allow_zero=True)
     check_count("prompt length", prompt_len)
     check_count("micro-batches", micro_batches)

@@ -392,11 +392,6 @@ def timelines_section(r: Resolved) -> dict[str, Any]:
     }
 
 
-def footprint_of(setup: DecodeSetup) -> dict[str, Any]:
-    """The HBM footprint keys of a decode point (``Footprint.to_dict``)."""
-    return decode_memory(setup).to_dict()
-
-
 def pareto_section(r: Resolved) -> dict[str, Any]:
     """Every compared model at every batch size, on its own overlap schedule, with whether the
     point fits in HBM."""
@@ -408,7 +403,7 @@ def pareto_section(r: Resolved) -> dict[str, Any]:
         points = []
         for b in batches:
             setup, record = next(pairs)
-            memory = footprint_of(setup)
+            memory = decode_memory(setup).to_dict()
             points.append(
                 {
                     "batch_per_device": b,
@@ -430,7 +425,7 @@ def memory_section(r: Resolved) -> dict[str, Any]:
         schedule = _deployment(cfg)[0]
         points, largest = [], 0
         for b in batches:
-            memory = footprint_of(_setup(r, cfg, b, schedule))
+            memory = decode_memory(_setup(r, cfg, b, schedule)).to_dict()
             largest = memory["max_batch_per_device"]
             points.append(
                 {

@@ -72,11 +72,16 @@ def default_schedule(cfg: ModelConfig) -> str:
     return "sbo" if cfg.layer_type == "scmoe" else "tbo"
 
 
+def runs_schedule(cfg: ModelConfig, schedule: str) -> bool:
+    """Whether ``cfg`` has the layers ``schedule`` overlaps (SBO: ScMoE's shortcut branch)."""
+    return schedule != "sbo" or cfg.layer_type == "scmoe"
+
+
 def check_schedule(cfg: ModelConfig, schedule: str, option: str = "--schedule") -> None:
     """A known decode or prefill schedule the model can run (SBO needs ScMoE's shortcut
     branch)."""
     known(DECODE_SCHEDULES, schedule, "schedule", UserError)
-    if schedule == "sbo" and cfg.layer_type != "scmoe":
+    if not runs_schedule(cfg, schedule):
         raise UserError(
             f"{option} sbo needs ScMoE layers (a shortcut branch); {cfg.name} has standard MoE "
             "layers: use tbo or sequential"

@@ -75,10 +75,7 @@ class PrefillSetup:
     def forwards_per_prompt(self) -> int:
         """Forwards a prompt's computed tokens need: one unless chunked or longer than what a
         GPU computes per forward."""
-        per_forward = self.tokens_per_device
-        if self.chunk_size is not None:
-            per_forward = min(per_forward, self.chunk_size)
-        return max(1, math.ceil(self.new_tokens_per_prompt / per_forward))
+        return math.ceil(self.new_tokens_per_prompt / self.computed_per_prompt_per_forward)
 
 
 def resolve_prefill(

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
+from longcat_sim.model.config import ConfigError, load_model_config
 from longcat_sim.scenarios.decode import (
     DecodeSetup,
     decode_results,
@@ -24,6 +24,7 @@ from longcat_sim.scenarios.decode import (
     resolve_assumptions,
     resolve_hardware,
     run_decode,
+    runs_schedule,
 )
 
 # where a sweep's default grid differs from the one-point deployment default
@@ -60,7 +61,7 @@ def grid_setups(
     ]
     models = {d.model: load_model_config(d.model) for d in deployments}
     if model_schedules:
-        deployments = [d for d in deployments if _runnable(models[d.model], d.schedule)]
+        deployments = [d for d in deployments if runs_schedule(models[d.model], d.schedule)]
     hardware = {
         (d.hardware, d.rdma_gb_s): resolve_hardware(d.hardware, d.rdma_gb_s) for d in deployments
     }
@@ -69,11 +70,6 @@ def grid_setups(
         decode_setup(d, models[d.model], hardware[d.hardware, d.rdma_gb_s], sets[d.assumptions])
         for d in deployments
     ]
-
-
-def _runnable(cfg: ModelConfig, schedule: str) -> bool:
-    """Whether ``cfg`` has the layers ``schedule`` overlaps (SBO: ScMoE's shortcut branch)."""
-    return schedule != "sbo" or cfg.layer_type == "scmoe"
 
 
 def point_record(setup: DecodeSetup) -> dict[str, Any]:
