@@ -2,13 +2,14 @@
 
 Each instance is one SimPy process that runs steps back to back while it holds requests. At a
 step boundary it admits queued requests (first come, first served) up to a batch cap and a
-KV-token capacity (an admitted request reserves its prompt + output tokens, so the sum of
-prompt + generated tokens never exceeds the capacity). In a step, every request still
-prefilling computes a chunk of at most ``chunk_tokens`` of its prompt (co-located chunked
-prefill; its first token comes at the end of its last prefill step) and every other request
-emits one token, or 1 + the accepted draft tokens when drafting. The step lasts
-``step_time_s(batch_decoding, prefill_tokens)`` seconds, a function the caller gives (and
-memoises). A router sends each arrival to the instance with the fewest requests in the system,
+KV-token capacity (an admitted request reserves its cached + prompt + output tokens, so the
+cache it holds never exceeds the capacity). In a step, requests still prefilling compute, in
+admission order, a chunk of at most ``chunk_tokens`` of their prompt each until the step's
+``prefill_budget_tokens`` are spent (co-located chunked prefill; a first token comes at the
+end of a request's last prefill step), and every other request emits one token, or 1 + the
+accepted draft tokens when drafting. The step lasts
+``step_time_s(decoding, prefill_tokens, context_tokens)`` seconds (``context_tokens``: the
+cache the decoding requests attend to, summed), a function the caller gives (and memoises). A router sends each arrival to the instance with the fewest requests in the system,
 ties to the lowest index. Requests are bookkept in numpy arrays, never one process each.
 """
 
@@ -25,7 +26,7 @@ import simpy
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.traffic import Requests, seed_streams
 
-StepTimeFn = Callable[[int, int], float]
+StepTimeFn = Callable[[int, int, int], float]
 _Process = Generator[simpy.Event, object, None]
 
 
@@ -37,6 +38,7 @@ class ServingConfig:
     batch_cap: int = 256
     kv_capacity_tokens: int | None = None
     chunk_tokens: int = 8192
+    prefill_budget_tokens: int | None = None
     draft_tokens: int = 0
     acceptance: float = 0.0
     horizon_s: float | None = None
@@ -52,6 +54,11 @@ class ServingConfig:
         for name, value in positive.items():
             if not (isinstance(value, int) and value >= 1):
                 raise ClusterInputError(f"serving: {name} {value!r} must be an integer >= 1")
+        if self.prefill_budget_tokens is not None and not self.prefill_budget_tokens >= 1:
+            raise ClusterInputError(
+                f"serving: prefill_budget_tokens {self.prefill_budget_tokens!r} must be >= 1 or "
+                "None"
+            )
         if self.kv_capacity_tokens is not None and not self.kv_capacity_tokens >= 1:
             raise ClusterInputError(
                 f"serving: kv_capacity_tokens {self.kv_capacity_tokens!r} must be >= 1 or None"
@@ -91,6 +98,7 @@ class ServingResult:
     step_batch: np.ndarray
     step_decoding: np.ndarray
     step_prefill_tokens: np.ndarray
+    step_kv_tokens: np.ndarray
     in_system_at_end: np.ndarray
     end_s: float
     time_avg_in_system: float
@@ -111,6 +119,7 @@ class _Instance:
     left: np.ndarray = field(default_factory=_ints)  # prompt tokens still to prefill
     gen: np.ndarray = field(default_factory=_ints)  # output tokens generated
     out: np.ndarray = field(default_factory=_ints)  # output tokens wanted
+    base: np.ndarray = field(default_factory=_ints)  # cached + prompt tokens
     fresh: int = 0  # admitted with no prompt and no token yet
     kv_used: int = 0
     idle: bool = False
@@ -127,7 +136,9 @@ class _Engine:
         self.arrival = np.asarray(requests.arrival_s, dtype=np.float64)
         self.prompt = np.asarray(requests.prompt_tokens, dtype=np.int64)
         self.output = np.asarray(requests.output_tokens, dtype=np.int64)
-        self.need = (self.prompt + self.output).tolist()  # KV tokens reserved at admission
+        self.cached = requests.cached
+        self.base = self.cached + self.prompt
+        self.need = (self.base + self.output).tolist()  # KV tokens reserved at admission
         self.no_prompt = (self.prompt == 0).tolist()
         self.prefilled = np.zeros(n, dtype=np.int64)
         self.generated = np.zeros(n, dtype=np.int64)
@@ -210,24 +221,34 @@ class _Engine:
             inst.left = np.concatenate([inst.left, self.prompt[new]])
             inst.gen = np.concatenate([inst.gen, np.zeros(len(new), dtype=np.int64)])
             inst.out = np.concatenate([inst.out, self.output[new]])
+            inst.base = np.concatenate([inst.base, self.base[new]])
 
     def instance(self, k: int) -> _Process:
         """One instance: admit at each boundary, run a step, apply its tokens; idle when empty."""
         inst, env, chunk_cap = self.instances[k], self.env, self.cfg.chunk_tokens
+        budget = self.cfg.prefill_budget_tokens
         while True:
             self._admit(inst)
             if not len(inst.idx):
                 yield self._go_idle(inst)
                 continue
             chunk = np.minimum(inst.left, chunk_cap)
+            if budget is not None:
+                spent = np.cumsum(chunk) - chunk  # tokens the earlier requests take
+                chunk = np.clip(budget - spent, 0, chunk)
             decoding = inst.left == 0
             n_dec, n_pre = int(np.count_nonzero(decoding)), int(chunk.sum())
-            dt = float(self.step_time_s(n_dec, n_pre))
+            ctx = int(inst.base[decoding].sum() + inst.gen[decoding].sum()) if n_dec else 0
+            dt = float(self.step_time_s(n_dec, n_pre, ctx))
             if not (dt > 0 and math.isfinite(dt)):
                 raise ClusterInputError(
-                    f"serving: step_time_s({n_dec}, {n_pre}) gave {dt!r}; it must be > 0 and finite"
+                    f"serving: step_time_s({n_dec}, {n_pre}, {ctx}) gave {dt!r}; it must be > 0 "
+                    "and finite"
                 )
-            row = (k, env.now, dt, len(inst.queue), len(inst.idx), n_dec, n_pre, n_dec - inst.fresh)
+            row = (
+                k, env.now, dt, len(inst.queue), len(inst.idx), n_dec, n_pre,
+                n_dec - inst.fresh, inst.kv_used,
+            )  # fmt: skip
             self.steps.append(row)
             yield env.timeout(dt)
             self.route_until(env.now)
@@ -257,13 +278,14 @@ class _Engine:
             self.finish[gone] = t
             self.generated[gone] = gen[done]
             self.prefilled[gone] = self.prompt[gone]
-            inst.kv_used -= int(self.prompt[gone].sum() + inst.out[done].sum())
+            inst.kv_used -= int(inst.base[done].sum() + inst.out[done].sum())
             keep = ~done
-            inst.idx, inst.left, inst.gen, inst.out = (
+            inst.idx, inst.left, inst.gen, inst.out, inst.base = (
                 inst.idx[keep],
                 inst.left[keep],
                 gen[keep],
                 inst.out[keep],
+                inst.base[keep],
             )
             self.in_system[k] -= len(gone)
 
@@ -314,7 +336,7 @@ def simulate_serving(
         raise ClusterInputError("serving: the workload holds no requests")
     kv_cap = config.kv_capacity_tokens
     if kv_cap is not None:
-        largest = int(np.max(requests.prompt_tokens + requests.output_tokens))
+        largest = int(np.max(requests.cached + requests.prompt_tokens + requests.output_tokens))
         if largest > kv_cap:
             raise ClusterInputError(
                 f"serving: a request needs {largest} KV tokens, over kv_capacity_tokens {kv_cap}"
@@ -337,7 +359,7 @@ def simulate_serving(
 
 def _result(eng: _Engine, end: float) -> ServingResult:
     """Per-request latencies, step samples and the summary of a finished run."""
-    steps = np.array(eng.steps, dtype=np.float64).reshape(-1, 8)
+    steps = np.array(eng.steps, dtype=np.float64).reshape(-1, 9)
     k_col = steps[:, 0].astype(np.int64)
     step_start, step_s = steps[:, 1], steps[:, 2]
     busy = np.zeros(eng.cfg.instances)
@@ -348,44 +370,57 @@ def _result(eng: _Engine, end: float) -> ServingResult:
         tpot = np.where(eng.output > 1, (finish - first) / (eng.output - 1), np.nan)
     left = np.flatnonzero((arrival <= end) & np.isnan(finish))
     time_avg = eng.area / end if end > 0 else 0.0
-    summary = _summary(eng, end, (ttft, tpot, e2e), steps, busy)
+    summary = _summary(eng, end, steps, busy)
     summary["requests_in_system_at_end"] = len(left)
     summary["time_avg_in_system"] = time_avg
     return ServingResult(
         arrival, eng.start, first, finish, ttft, tpot, e2e, eng.where,
         k_col, step_start, step_s, steps[:, 3].astype(np.int64), steps[:, 4].astype(np.int64),
-        steps[:, 5].astype(np.int64), steps[:, 6].astype(np.int64),
+        steps[:, 5].astype(np.int64), steps[:, 6].astype(np.int64), steps[:, 8].astype(np.int64),
         left, end, time_avg, busy / end if end > 0 else busy, summary,
     )  # fmt: skip
 
 
-def _summary(
-    eng: _Engine,
+def latency_summary(
+    arrival: np.ndarray,
+    first: np.ndarray,
+    finish: np.ndarray,
+    output: np.ndarray,
     end: float,
-    latencies: tuple[np.ndarray, np.ndarray, np.ndarray],
-    steps: np.ndarray,
-    busy: np.ndarray,
+    slo_s: tuple[float, float] = (math.inf, math.inf),
 ) -> dict:
-    """Latency percentiles, throughput, goodput and SLO attainment over [0, end]."""
-    ttft, tpot, e2e = latencies
-    cfg, span = eng.cfg, end if end > 0 else math.nan
+    """Counts, TTFT/TPOT/end-to-end percentiles, goodput and SLO attainment over [0, end] of
+    per-request times (NaN where not reached); ``slo_s``: (TTFT, TPOT) limits in seconds."""
+    ttft, e2e = first - arrival, finish - arrival
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(output > 1, (finish - first) / (output - 1), np.nan)
+    span = end if end > 0 else math.nan
     done = np.isfinite(e2e)
-    # a step's gap counts once for each request emitting a token after its first; steps still
-    # running at the end have not emitted
-    itl_weights = np.where(steps[:, 1] + steps[:, 2] <= end, steps[:, 7], 0.0)
-    met = done & (ttft <= cfg.slo_ttft_s) & ~(tpot > cfg.slo_tpot_s)
+    met = done & (ttft <= slo_s[0]) & ~(tpot > slo_s[1])
     out: dict = {
-        "requests": len(eng.arrival),
-        "requests_arrived": int(np.count_nonzero(eng.arrival <= end)),
+        "requests": len(arrival),
+        "requests_arrived": int(np.count_nonzero(arrival <= end)),
         "requests_finished": int(np.count_nonzero(done)),
         "duration_s": end,
     }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         out.update(_stats(name, values))
+    out["goodput_requests_per_s"] = int(np.count_nonzero(met)) / span
+    out["slo_attainment"] = float(np.count_nonzero(met) / max(1, np.count_nonzero(done)))
+    return out
+
+
+def _summary(eng: _Engine, end: float, steps: np.ndarray, busy: np.ndarray) -> dict:
+    """Latency percentiles, throughput, goodput and SLO attainment over [0, end]."""
+    cfg, span = eng.cfg, end if end > 0 else math.nan
+    out = latency_summary(
+        eng.arrival, eng.first, eng.finish, eng.output, end, (cfg.slo_ttft_s, cfg.slo_tpot_s)
+    )
+    # a step's gap counts once for each request emitting a token after its first; steps still
+    # running at the end have not emitted
+    itl_weights = np.where(steps[:, 1] + steps[:, 2] <= end, steps[:, 7], 0.0)
     out.update(_weighted_stats("itl", steps[:, 2], itl_weights))
     out["throughput_input_tokens_per_s"] = float(eng.prefilled.sum()) / span
     out["throughput_output_tokens_per_s"] = float(eng.generated.sum()) / span
-    out["goodput_requests_per_s"] = int(np.count_nonzero(met)) / span
-    out["slo_attainment"] = float(np.count_nonzero(met) / max(1, np.count_nonzero(done)))
     out["busy_share_mean"] = float(busy.mean() / span)
     return out

@@ -12,6 +12,7 @@ draw to one stream never shifts another.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +50,16 @@ class Requests:
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
+    cached_tokens: np.ndarray | None = None  # already in the KV cache on arrival (None: 0)
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
+        if self.cached_tokens is not None and (
+            len(self.cached_tokens) != n or (n and np.min(self.cached_tokens) < 0)
+        ):
+            raise ClusterInputError(
+                "requests: cached_tokens must hold one count >= 0 per request, or be None"
+            )
         if len(self.prompt_tokens) != n or len(self.output_tokens) != n:
             raise ClusterInputError(
                 f"requests: arrival_s, prompt_tokens, output_tokens have lengths {n}, "
@@ -66,6 +74,13 @@ class Requests:
 
     def __len__(self) -> int:
         return len(self.arrival_s)
+
+    @property
+    def cached(self) -> np.ndarray:
+        """Tokens each request finds in the KV cache on arrival (zeros when none were given)."""
+        if self.cached_tokens is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.asarray(self.cached_tokens, dtype=np.int64)
 
     @property
     def mean_rate(self) -> float:
@@ -169,7 +184,7 @@ def scale_to_rate(requests: Requests, rate: float) -> Requests:
     factor = requests.mean_rate / rate
     start = requests.arrival_s[0]
     arrivals = (requests.arrival_s - start) * factor
-    return Requests(arrivals, requests.prompt_tokens, requests.output_tokens)
+    return dataclasses.replace(requests, arrival_s=arrivals)
 
 
 def _pick(header: list[str], names: tuple[str, ...], what: str, path: Path) -> str:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "report": "longcat_sim.commands.report",
     "simulate": "longcat_sim.commands.simulate",
     "sweep": "longcat_sim.commands.sweep",
+    "serve": "longcat_sim.commands.serve",
     "determinism": "longcat_sim.commands.determinism",
     "sdc": "longcat_sim.commands.sdc",
     "calibrate": "longcat_sim.commands.calibrate",

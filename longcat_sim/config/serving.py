@@ -91,3 +91,101 @@ class DisaggDeployment(PromptLoad, DecodeDeployment):
         "send each layer's KV cache as prefill finishes it (layerwise) or all at the end",
         check=choice(*KV_TRANSFERS),
     )
+
+
+LAYOUTS = ("colocated", "disagg")
+ARRIVALS = ("poisson", "gamma")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Requests over time: synthetic (a rate, an arrival process, length distributions) or a
+    trace replayed as recorded or time-scaled to ``rate``."""
+
+    rate: float | None = setting(
+        None,
+        "requests per second (unset: a trace's recorded rate; 20 without a trace)",
+        unit="requests/s",
+        check=optional(number(0.0, open_low=True)),
+        kind=float,
+    )
+    arrivals: str = setting(
+        "poisson", "arrival process: poisson, or gamma (bursty)", check=choice(*ARRIVALS)
+    )
+    arrival_cv: float = setting(
+        2.0,
+        "coefficient of variation of gamma inter-arrival times (1: Poisson; above: burstier)",
+        check=number(0.05, 100.0),
+    )
+    output_cv: float = setting(
+        0.0, "coefficient of variation of output lengths (gamma)", check=number(0.0, 10.0)
+    )
+    duration_s: float = setting(
+        60.0,
+        "simulated seconds of traffic (a trace: its first duration_s seconds)",
+        unit="s",
+        check=number(0.0, 86400.0, open_low=True),
+    )
+    trace: str | None = setting(
+        None,
+        "replay a trace: azure-code, azure-conv or a CSV/JSONL file with a timestamp and "
+        "input and output token columns",
+        check=optional(name()),
+        kind=str,
+    )
+
+
+@dataclass(frozen=True)
+class ServiceLevel:
+    """Latency targets a request must meet to count toward goodput."""
+
+    slo_ttft_ms: float = setting(
+        2000.0, "time-to-first-token target", unit="ms", check=number(0.0, open_low=True)
+    )
+    slo_tpot_ms: float = setting(
+        50.0, "time-per-output-token target", unit="ms", check=number(0.0, open_low=True)
+    )
+    slo_percentile: float = setting(
+        90.0, "percentile at which both targets must hold", check=number(1.0, 100.0)
+    )
+
+
+@dataclass(frozen=True)
+class ServeDeployment(Traffic, ServiceLevel, DisaggDeployment):
+    """Instances serving requests over time: co-located instances (chunked prefill mixed into
+    decode steps) or a prefill pool beside a decode pool. ``gpus`` is one instance's GPUs (its
+    EP group and DP-attention ranks); ``batch_per_device`` caps the requests each GPU holds."""
+
+    layout: str = setting(
+        "colocated",
+        "colocated (chunked prefill inside decode steps) or disagg (prefill pool, KV transfer, "
+        "decode pool)",
+        check=choice(*LAYOUTS),
+    )
+    instances: int = setting(
+        1, "co-located or decode instances, each of gpus GPUs", check=integer(1)
+    )
+    prefill_instances: int = setting(
+        1, "prefill instances (disagg), each of prefill_gpus GPUs", check=integer(1)
+    )
+    gpus: int = setting(32, "GPUs per instance", unit="GPUs", check=integer(1), kind=int)
+    prefill_gpus: int = setting(
+        16, "GPUs per prefill instance (disagg)", unit="GPUs", check=integer(1)
+    )
+    batch_per_device: int = setting(
+        64, "most requests each GPU holds (the batch cap)", unit="requests", check=integer(1)
+    )
+    tokens_per_device: int | None = setting(
+        None,
+        "prompt tokens per GPU per step: a prefill forward's budget (disagg; unset: 16384) or "
+        "the chunk mixed into each decode step (colocated; unset: 512)",
+        unit="tokens",
+        check=optional(integer(1)),
+        kind=int,
+    )
+
+    def prompt_tokens_per_step(self) -> int:
+        """``tokens_per_device`` with its per-layout default."""
+        if self.tokens_per_device is not None:
+            return self.tokens_per_device
+        return 16384 if self.layout == "disagg" else 512

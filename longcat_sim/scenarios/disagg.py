@@ -27,6 +27,7 @@ import numpy as np
 from longcat_sim import bridge
 from longcat_sim.cluster import closedform, costmodel
 from longcat_sim.cluster.ops import CommOp, ComputeOp, ExpertOp, LayerOps
+from longcat_sim.cluster.workload import DecodeWorkload
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.config.serving import DisaggDeployment, PrefillDeployment
 from longcat_sim.footprint import prefill_footprint
@@ -99,7 +100,7 @@ def kv_transfer_s(setup: DisaggSetup, forward_s: float, comm_s: float) -> tuple[
     return exposed + p.hw.rdma_latency_s, paced
 
 
-def _comm_seconds(workload: Any) -> float:
+def comm_seconds(workload: Any) -> float:
     layers = workload.layers or workload.layers_half
     scale = 1 if workload.layers else 2
     return scale * sum(st.comm_total for st in layers)
@@ -131,7 +132,7 @@ def _prefill_side(setup: DisaggSetup) -> tuple[float, float, float, float]:
     p = setup.prefill
     pw = prefill_workload(p)
     forward_s = closedform.step_time(pw, p.schedule)
-    exposed_s, paced_s = kv_transfer_s(setup, forward_s, _comm_seconds(pw))
+    exposed_s, paced_s = kv_transfer_s(setup, forward_s, comm_seconds(pw))
     pf = prefill_figures(p, paced_s, pw.gpu_hour_usd)
     return pf.ttft_s + exposed_s, exposed_s, pf.input_tgs, pw.gpu_hour_usd
 
@@ -216,41 +217,43 @@ def colocated_chunk(setup: DisaggSetup) -> int:
     return max(1, round(d.batch_per_device * per_step * new_tokens / setup.output_len))
 
 
-def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
-    """The same traffic on the decode pool's deployment (its hardware, EP and schedule) with
-    chunked prefill in every step; per-GPU figures, so any GPU count of that layout reads
-    them."""
+def colocated_workload(
+    setup: DisaggSetup, batch: int, context: float, chunk: int
+) -> DecodeWorkload:
+    """One step of the decode pool's deployment holding ``batch`` decoding requests per GPU
+    of ``context`` cached tokens each, also computing ``chunk`` prompt tokens per GPU (prompts
+    of the prefill pool's lengths), priced as one pass."""
     d, p = setup.decode, setup.prefill
-    chunk = colocated_chunk(setup)
     queries = 1 + d.mtp_draft_tokens
-    decode_tokens = d.batch_per_device * queries
+    decode_tokens = batch * queries
 
     def ops_for_tokens(tokens: int) -> tuple[LayerOps, ...]:
         share = tokens / decode_tokens
         dec = bridge.decode_layer_ops(
-            d.cfg, d.assumptions, tokens=tokens, context=d.context,
+            d.cfg, d.assumptions, tokens=tokens, context=context,
             attention_dtype=d.attention_dtype, queries_per_request=queries,
             attention_tp=d.attention_tp, ffn_tp=d.ffn_tp,
         )  # fmt: skip
         pre = bridge.prefill_layer_ops(
             d.cfg, d.assumptions, tokens=max(1, round(chunk * share)),
             prompt_len=p.prompt_len, prompt_cv=p.prompt_cv, prefix_hit=p.prefix_hit,
-            attention_dtype=d.attention_dtype, attention_tp=d.attention_tp, ffn_tp=d.ffn_tp,
+            chunk_size=p.chunk_size, attention_dtype=d.attention_dtype,
+            attention_tp=d.attention_tp, ffn_tp=d.ffn_tp,
         )  # fmt: skip
         return tuple(merge_layers(x, y) for x, y in zip(dec, pre, strict=True))
 
     def step_ops(tokens: int) -> tuple[ComputeOp, ...]:
         return bridge.decode_step_ops(
-            d.cfg, d.assumptions, tokens=tokens, requests=d.batch_per_device, context=d.context,
+            d.cfg, d.assumptions, tokens=tokens, requests=batch, context=context,
             attention_dtype=d.attention_dtype, mtp_draft_tokens=d.mtp_draft_tokens,
         )  # fmt: skip
 
-    workload = costmodel.decode_workload(
+    return costmodel.decode_workload(
         ops_for_tokens,
         hardware=d.hw,
         assumptions=d.assumptions,
         ep=d.ep,
-        batch_per_device=d.batch_per_device,
+        batch_per_device=batch,
         mtp_draft_tokens=d.mtp_draft_tokens,
         mtp_accept=d.mtp_accept,
         redundant_experts=d.redundant_experts,
@@ -258,6 +261,15 @@ def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
         step_ops_for_tokens=step_ops if d.assumptions.step_work else None,
         micro_batches=(2,) if d.schedule == "tbo" else (1,),
     )
+
+
+def colocated_results(setup: DisaggSetup) -> dict[str, Any]:
+    """The same traffic on the decode pool's deployment (its hardware, EP and schedule) with
+    chunked prefill in every step; per-GPU figures, so any GPU count of that layout reads
+    them."""
+    d, p = setup.decode, setup.prefill
+    chunk = colocated_chunk(setup)
+    workload = colocated_workload(setup, d.batch_per_device, d.context, chunk)
     step_s = closedform.step_time(workload, d.schedule)
     per_request_step = closedform.tokens_per_request_step(workload)
     tgs = d.batch_per_device * per_request_step / step_s
@@ -296,6 +308,7 @@ def colocated_memory(setup: DisaggSetup, chunk: int) -> dict[str, Any]:
 __all__ = [
     "DisaggSetup",
     "colocated_results",
+    "colocated_workload",
     "disagg_results",
     "merge_layers",
     "resolve_disagg",
