@@ -182,6 +182,7 @@ class ServeRun:
     stages: dict[str, ServingResult]
     step_times: dict[str, StepTimes]
     kv_capacity_tokens: int
+    stage_requests: dict[str, np.ndarray]  # per stage, the request behind each of its rows
     kv_transfer_exposed_s: np.ndarray | None = None
 
 
@@ -192,9 +193,10 @@ def run_colocated(setup: ServeSetup, requests: Requests) -> ServeRun:
     steps = colocated_step_times(setup.pools, setup.tokens_per_step)
     cfg = _config(setup, setup.dep.instances, d.batch_per_device * d.gpus, capacity)
     res = simulate_serving(requests, steps, cfg, seed=setup.dep.seed)
+    every = np.arange(len(requests))
     return ServeRun(
         requests, res.first_token_s, res.finish_s, {"colocated": res}, {"colocated": steps},
-        capacity,
+        capacity, {"colocated": every},
     )  # fmt: skip
 
 
@@ -232,6 +234,7 @@ def run_disagg(setup: ServeSetup, requests: Requests) -> ServeRun:
     go = go[np.argsort(first[go], kind="stable")]
     dec_steps = decode_pool_step_times(setup.pools)
     stages, step_times = {"prefill": pre}, {"prefill": pre_steps, "decode": dec_steps}
+    rows = {"prefill": np.arange(len(requests)), "decode": go}
     if len(go):
         held = requests.cached[go] + requests.prompt_tokens[go] + 1
         moved = Requests(
@@ -241,7 +244,7 @@ def run_disagg(setup: ServeSetup, requests: Requests) -> ServeRun:
         dec = simulate_serving(moved, dec_steps, cfg, seed=dep.seed)
         finish[go] = dec.finish_s
         stages["decode"] = dec
-    return ServeRun(requests, first, finish, stages, step_times, capacity, exposed)
+    return ServeRun(requests, first, finish, stages, step_times, capacity, rows, exposed)
 
 
 def run_serve(setup: ServeSetup, requests: Requests) -> ServeRun:
