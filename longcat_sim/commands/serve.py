@@ -73,6 +73,10 @@ def _deployment(args: argparse.Namespace) -> ServeDeployment:
     return ServeDeployment(**values)
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _text(r: dict[str, Any]) -> str:
     pools = f"{r['instances']} x {r['gpus']} {r['hardware']} (EP{r['ep']}, {r['schedule']})"
     if r["layout"] == "disagg":
@@ -92,15 +96,16 @@ def _text(r: dict[str, Any]) -> str:
     for name in ("ttft", "tpot", "itl", "e2e"):
         if f"{name}_mean_ms" in r:
             values = [r[f"{name}_{s}_ms"] for s in ("mean", "p50", "p90", "p99")]
-            lines.append(f"  {name.upper():5} ms" + "".join(f"{v:9.1f}" for v in values))
+            lines.append(f"  {name.upper():5} ms" + "".join(f"{_num(v, '.1f'):>9}" for v in values))
     lines += [
-        f"  SLO P{r['slo_percentile']:g}: TTFT {r['ttft_at_slo_percentile_ms']:.0f} ms (target "
-        f"{r['slo_ttft_ms']:g}), TPOT {r['tpot_at_slo_percentile_ms']:.1f} ms (target "
+        f"  SLO P{r['slo_percentile']:g}: TTFT {_num(r['ttft_at_slo_percentile_ms'], '.0f')} ms "
+        f"(target {r['slo_ttft_ms']:g}), TPOT {_num(r['tpot_at_slo_percentile_ms'], '.1f')} ms "
+        "(target "
         f"{r['slo_tpot_ms']:g}): {met}; goodput {r['goodput_requests_per_s']:.2f} requests/s, "
         f"attainment {r['slo_attainment']:.1%}",
         f"  tokens/s: input {r['input_tokens_per_s']:.0f} ({r['input_tgs']:.0f} per GPU), "
         f"output {r['output_tokens_per_s']:.0f} ({r['tgs']:.1f} per GPU)",
-        f"  $ per M output tokens {r['cost_per_m_tokens']:.3f}",
+        f"  $ per M output tokens {_num(r['cost_per_m_tokens'], '.3f')}",
     ]
     return "\n".join(lines)
 

@@ -337,7 +337,22 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
     for name, res in run.stages.items():
         gpus = p.gpus * dep.prefill_instances if name == "prefill" else d.gpus * dep.instances
         out |= _pool_figures(name, res, run.step_times[name], gpus)
-    return out
+    out["undefined"] = sorted(
+        k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)
+    )
+    return json_ready(out)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither); the
+    results say which keys had none in ``undefined``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def _throughput(setup: ServeSetup, run: ServeRun) -> dict[str, float]:
