@@ -126,6 +126,17 @@ class Traffic:
         unit="s",
         check=number(0.0, 86400.0, open_low=True),
     )
+    warmup_s: float = setting(
+        0.0,
+        "requests arriving before this are served but left out of the latency figures",
+        unit="s",
+        check=number(0.0, 86400.0),
+    )
+    drain: bool = setting(
+        False,
+        "after duration_s, stop arrivals and serve until every request has finished",
+        kind=bool,
+    )
     trace: str | None = setting(
         None,
         "replay a trace: azure-code, azure-conv or a CSV/JSONL file with a timestamp and "

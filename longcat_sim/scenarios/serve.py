@@ -166,7 +166,7 @@ def _config(setup: ServeSetup, instances: int, batch_cap: int, capacity: int | N
         prefill_budget_tokens=setup.tokens_per_step * d.gpus,
         draft_tokens=d.mtp_draft_tokens,
         acceptance=d.mtp_accept,
-        horizon_s=dep.duration_s,
+        horizon_s=None if dep.drain else dep.duration_s,
         slo_ttft_s=setup.slo_s[0],
         slo_tpot_s=setup.slo_s[1],
     )
@@ -254,11 +254,11 @@ def run_serve(setup: ServeSetup, requests: Requests) -> ServeRun:
         raise UserError(str(exc)) from None
 
 
-def waiting_percentile(run: ServeRun, end: float, q: float) -> float:
+def waiting_percentile(run: ServeRun, end: float, q: float, since_s: float = 0.0) -> float:
     """The ``q``-th percentile TTFT over every arrived request, one still waiting for its first
     token counted at its age so far (a lower bound): unlike the finished requests' percentile,
     it cannot look good while a queue grows."""
-    arrived = run.requests.arrival_s <= end
+    arrived = (run.requests.arrival_s <= end) & (run.requests.arrival_s >= since_s)
     first = np.where(np.isnan(run.first_token_s), end, run.first_token_s)
     ttft = (first - run.requests.arrival_s)[arrived]
     return float(np.percentile(ttft, q)) if len(ttft) else math.nan
@@ -295,14 +295,14 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
     """The JSON of a serving run: what was deployed and offered, then latency percentiles and
     CDFs, throughput per GPU, goodput and SLO attainment, cost, and load over time."""
     dep, d, p = setup.dep, setup.pools.decode, setup.pools.prefill
-    req, end = run.requests, dep.duration_s
+    req, end = run.requests, max(res.end_s for res in run.stages.values())
     out: dict[str, Any] = {
         "mode": "serve", "layout": dep.layout, "model": d.cfg.name, "hardware": d.hw.name,
         "gpus": dep.gpus, "instances": dep.instances, "ep": d.ep, "schedule": d.schedule,
         "batch_per_device": d.batch_per_device, "tokens_per_device": setup.tokens_per_step,
         "mtp_draft_tokens": d.mtp_draft_tokens, "mtp_accept": d.mtp_accept,
         "total_gpus": setup.gpus, "trace": dep.trace,
-        "rate": len(req) / end, "prompt_len": p.prompt_len, "output_len": setup.pools.output_len,
+        "rate": len(req) / dep.duration_s, "prompt_len": p.prompt_len, "output_len": setup.pools.output_len,
         "kv_capacity_tokens": run.kv_capacity_tokens,
     }  # fmt: skip
     if setup.disagg:
@@ -312,17 +312,19 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
             "kv_transfer": setup.pools.kv_transfer,
             "kv_transfer_exposed_mean_ms": float(np.mean(run.kv_transfer_exposed_s)) * 1e3,
         }  # fmt: skip
+    kept = req.arrival_s >= dep.warmup_s
     summary = latency_summary(
-        req.arrival_s, run.first_token_s, run.finish_s, req.output_tokens, end, setup.slo_s
-    )
+        req.arrival_s[kept], run.first_token_s[kept], run.finish_s[kept],
+        req.output_tokens[kept], end, setup.slo_s,
+    )  # fmt: skip
     out |= _ms(summary)
     decoding = run.stages.get("decode", run.stages.get("colocated"))
     if decoding is not None:
         out |= _ms({k: v for k, v in decoding.summary.items() if k.startswith("itl_")})
     q = dep.slo_percentile
-    ttft_q = waiting_percentile(run, end, q)
+    ttft_q = waiting_percentile(run, end, q, dep.warmup_s)
     tpot = (run.finish_s - run.first_token_s) / np.maximum(req.output_tokens - 1, 1)
-    tpot = np.where(req.output_tokens > 1, tpot, np.nan)
+    tpot = np.where((req.output_tokens > 1) & kept, tpot, np.nan)
     finite = tpot[np.isfinite(tpot)]
     tpot_q = float(np.percentile(finite, q)) if len(finite) else math.nan
     out |= {
@@ -331,9 +333,9 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
         "slo_met": bool(ttft_q <= setup.slo_s[0] and tpot_q <= setup.slo_s[1]),
     }  # fmt: skip
     out |= _throughput(setup, run)
-    out["ttft_cdf_ms"] = _cdf_ms(run.first_token_s - req.arrival_s)
+    out["ttft_cdf_ms"] = _cdf_ms((run.first_token_s - req.arrival_s)[kept])
     out["tpot_cdf_ms"] = _cdf_ms(tpot)
-    out["e2e_cdf_ms"] = _cdf_ms(run.finish_s - req.arrival_s)
+    out["e2e_cdf_ms"] = _cdf_ms((run.finish_s - req.arrival_s)[kept])
     for name, res in run.stages.items():
         gpus = p.gpus * dep.prefill_instances if name == "prefill" else d.gpus * dep.instances
         out |= _pool_figures(name, res, run.step_times[name], gpus)
@@ -358,7 +360,7 @@ def json_ready(value: Any) -> Any:
 def _throughput(setup: ServeSetup, run: ServeRun) -> dict[str, float]:
     """Tokens per second in total and per GPU, and $ per million output tokens."""
     dep, d, p = setup.dep, setup.pools.decode, setup.pools.prefill
-    end = dep.duration_s
+    end = max(res.end_s for res in run.stages.values())
     prompts = run.requests.prompt_tokens
     first_stage = run.stages["prefill" if setup.disagg else "colocated"]
     computed = float(first_stage.summary["throughput_input_tokens_per_s"])
