@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "longcat_sim.commands.simulate",
     "sweep": "longcat_sim.commands.sweep",
     "serve": "longcat_sim.commands.serve",
+    "plan": "longcat_sim.commands.plan",
     "determinism": "longcat_sim.commands.determinism",
     "sdc": "longcat_sim.commands.sdc",
     "calibrate": "longcat_sim.commands.calibrate",

@@ -13,17 +13,28 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from longcat_sim.reports.inputs import (
+    CDF_POINTS,
     MEMORY_PARTS,
+    SERVE_LAYOUTS,
+    SERVE_POOLS,
     ReportInputError,
     check_memory,
     check_pareto,
     check_prefill,
     check_sdc,
+    check_serving,
     check_timelines,
     check_training_overlap,
     check_training_run,
 )
-from longcat_sim.reports.tables import SCHEDULE_LABELS, model_label
+from longcat_sim.reports.tables import (
+    LAYOUT_LABELS,
+    SCHEDULE_LABELS,
+    model_label,
+    rate_label,
+    serve_run_label,
+    trace_label,
+)
 
 TEMPLATE = "plotly_white"
 FONT = {"family": "Helvetica, Arial, sans-serif", "size": 12}
@@ -405,6 +416,188 @@ def prefill_figure(section: Mapping[str, Any]) -> go.Figure:
     fig.update_yaxes(title_text="TTFT (ms)", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="prompt tokens / GPU / s", rangemode="tozero", row=1, col=2)
     return _layout(fig, height=420, legend={"orientation": "h", "y": -0.2, "x": 0.0})
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+# colour per pool (a co-located run's one pool in the co-located colour), dash per rate
+POOL_COLORS = {"colocated": "#4c78a8", "decode": "#f58518", "prefill": "#54a24b"}
+LAYOUT_COLORS = {"colocated": POOL_COLORS["colocated"], "disagg": POOL_COLORS["decode"]}
+SLO_COLOR = "#777777"
+LATENCIES = (
+    ("ttft_cdf_ms", "TTFT", "time to first token"),
+    ("tpot_cdf_ms", "TPOT", "time per output token"),
+    ("e2e_cdf_ms", "E2E", "end-to-end latency"),
+)
+# load rows: (timeline key or "kv_share", y-axis title, hover unit, tick format)
+LOAD_ROWS = (
+    ("queued", "queued (requests)", "%{y:,.0f} requests queued", ""),
+    ("running", "running (requests)", "%{y:,.0f} requests running", ""),
+    ("kv_share", "KV cache share", "KV cache share %{y:.1%}", ".0%"),
+    ("busy_share", "busy share", "busy share %{y:.0%}", ".0%"),
+)
+
+
+def _dash(run: Mapping[str, Any]) -> str:
+    return "solid" if run["rate_scale"] == 1.0 else "dash"
+
+
+def _serving_title(section: Mapping[str, Any], what: str) -> dict[str, Any]:
+    return {
+        "text": (
+            f"{model_label(section['model'])} on {section['hardware']}, "
+            f"{trace_label(section['trace'])}: {what}"
+        ),
+        "x": 0.01,
+    }
+
+
+def serving_latency_figure(section: Mapping[str, Any]) -> go.Figure:
+    """Per serving run, the CDF of TTFT, TPOT and E2E (ms, log axis) over the finished requests,
+    with the TTFT and TPOT targets as dotted lines."""
+    check_serving(section)
+    fig = make_subplots(
+        rows=1,
+        cols=len(LATENCIES),
+        shared_yaxes=True,
+        horizontal_spacing=0.05,
+        subplot_titles=[f"{short}: {long}" for _, short, long in LATENCIES],
+    )
+    percentiles = list(range(CDF_POINTS))
+    for run in section["runs"]:
+        label = serve_run_label(run)
+        group = f"{run['layout']}-{run['rate_scale']:g}"
+        for col, (key, short, _) in enumerate(LATENCIES, start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=run[key],
+                    y=percentiles,
+                    name=label,
+                    legendgroup=group,
+                    showlegend=col == 1,
+                    mode="lines",
+                    line={"color": LAYOUT_COLORS[run["layout"]], "dash": _dash(run), "width": 2},
+                    hovertemplate=(
+                        f"{label}<br>{short} %{{x:,.1f}} ms at percentile %{{y}}<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
+    for col, (short, target) in enumerate(
+        (("TTFT", section["slo_ttft_ms"]), ("TPOT", section["slo_tpot_ms"])), start=1
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=[target, target],
+                y=[0, 100],
+                name=f"{short} target {target:g} ms",
+                showlegend=True,
+                mode="lines",
+                line={"color": SLO_COLOR, "dash": "dot", "width": 1.5},
+                hovertemplate=f"{short} target {target:g} ms<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+    for col, (_, short, _) in enumerate(LATENCIES, start=1):
+        fig.update_xaxes(title_text=f"{short} (ms)", type="log", row=1, col=col)
+    fig.update_yaxes(title_text="percentile of finished requests", range=[0, 100], row=1, col=1)
+    return _layout(
+        fig,
+        height=430,
+        title=_serving_title(section, "latency CDFs"),
+        legend={"orientation": "h", "y": -0.22, "x": 0.0},
+        margin={"l": 70, "r": 20, "t": 80, "b": 50},
+    )
+
+
+def _load_values(pool: Mapping[str, Any], key: str) -> list[float] | None:
+    """A pool's timeline row; the KV cache share is kv_tokens over the pool's KV capacity
+    (None for a pool without one: prefill)."""
+    timeline = pool["timeline"]
+    if key != "kv_share":
+        return timeline[key]
+    capacity = pool["kv_capacity_tokens"]
+    if not capacity:
+        return None
+    return [tokens / capacity for tokens in timeline["kv_tokens"]]
+
+
+def _layout_title(section: Mapping[str, Any], layout: str) -> str:
+    if layout == "disagg":
+        return (
+            f"{LAYOUT_LABELS[layout]}: {section['prefill_gpus']} prefill + "
+            f"{section['gpus']} decode GPUs"
+        )
+    return f"{LAYOUT_LABELS[layout]}: {section['gpus']} GPUs"
+
+
+def serving_load_figure(section: Mapping[str, Any]) -> go.Figure:
+    """Load over time, one column per layout: requests queued and running, the KV cache share
+    of capacity and the busy share of each pool; the recorded rate solid, the scaled one
+    dashed."""
+    check_serving(section)
+    layouts = [x for x in SERVE_LAYOUTS if any(r["layout"] == x for r in section["runs"])]
+    fig = make_subplots(
+        rows=len(LOAD_ROWS),
+        cols=len(layouts),
+        shared_xaxes=True,
+        vertical_spacing=0.05,
+        horizontal_spacing=0.08,
+        subplot_titles=[_layout_title(section, x) for x in layouts]
+        + [""] * (len(LOAD_ROWS) - 1) * len(layouts),
+    )
+    for run in section["runs"]:
+        col = layouts.index(run["layout"]) + 1
+        for pool_name in SERVE_POOLS[run["layout"]]:
+            pool = run["pools"][pool_name]
+            label = serve_run_label(run)
+            if run["layout"] == "disagg":
+                label = f"{LAYOUT_LABELS['disagg']} {pool_name} pool, {rate_label(run)}"
+            shown = False
+            for row, (key, _, hover, _) in enumerate(LOAD_ROWS, start=1):
+                values = _load_values(pool, key)
+                if values is None:
+                    continue
+                fig.add_trace(
+                    go.Scatter(
+                        x=pool["timeline"]["t_s"],
+                        y=values,
+                        name=label,
+                        legendgroup=f"{run['layout']}-{pool_name}-{run['rate_scale']:g}",
+                        showlegend=not shown,
+                        mode="lines",
+                        line={
+                            "color": POOL_COLORS[pool_name],
+                            "dash": _dash(run),
+                            "width": 1.5,
+                            "shape": "hv",
+                        },
+                        hovertemplate=f"{label}<br>%{{x:.1f}} s: {hover}<extra></extra>",
+                    ),
+                    row=row,
+                    col=col,
+                )
+                shown = True
+    for row, (_, title, _, tickformat) in enumerate(LOAD_ROWS, start=1):
+        for col in range(1, len(layouts) + 1):
+            fig.update_yaxes(
+                title_text=title if col == 1 else None,
+                tickformat=tickformat or None,
+                rangemode="tozero",
+                row=row,
+                col=col,
+            )
+    for col in range(1, len(layouts) + 1):
+        fig.update_xaxes(title_text="time (s)", row=len(LOAD_ROWS), col=col)
+    return _layout(
+        fig,
+        height=160 + 150 * len(LOAD_ROWS),
+        title=_serving_title(section, "load over time"),
+        legend={"orientation": "h", "y": -0.08, "x": 0.0},
+        margin={"l": 80, "r": 20, "t": 90, "b": 50},
+    )
 
 
 # -- training overlap ---------------------------------------------------------------------------

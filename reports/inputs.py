@@ -34,6 +34,17 @@ Report data (one mapping; ``longcat_sim.report.sections`` assembles it)::
     training_overlap: {"paper": {"baseline": share, "scmoe": share}, "simulated":
                {"baseline": SUMMARY, "scmoe": SUMMARY}}  SUMMARY = {"exposed_comm_share",
                "step_ms", "comm_ms", "exposed_comm_ms": number}
+    serving:   {"model", "hardware", "trace": str, "recorded_rate", "duration_s": number,
+               "gpus", "prefill_gpus": int, "slo_ttft_ms", "slo_tpot_ms", "slo_percentile":
+               number, "runs": [SERVE_RUN]}  SERVE_RUN = {"layout": "colocated" | "disagg",
+               "rate_scale", "rate": number (requests/s offered), "requests",
+               "requests_finished", "total_gpus", "kv_capacity_tokens": int, "slo_met": bool,
+               "ttft_cdf_ms", "tpot_cdf_ms", "e2e_cdf_ms": [101 numbers, non-decreasing: the
+               percentiles 0..100], SERVE_FIGURE: number | null (undefined, e.g. no request
+               finished), "pools": {pool: {"instances": int, "busy_share": number,
+               "kv_capacity_tokens": int | null (a prefill pool holds no KV cache),
+               "timeline": {"t_s", "queued", "running", "kv_tokens", "busy_share": [number],
+               one length}}}}; pool is colocated, or prefill and decode (disagg)
     training_runs: [TRAIN_RUN]   (may be empty)
     determinism:   DETERMINISM | null
     sdc:           SDC | null
@@ -88,6 +99,27 @@ PREFILL_KEYS = (
     "hbm_used_gb",
 )
 EVENT_KEYS = ("name", "group", "stream", "start_us", "end_us", "layer", "microbatch")
+SERVE_LAYOUTS = ("colocated", "disagg")
+SERVE_POOLS = {"colocated": ("colocated",), "disagg": ("prefill", "decode")}
+SERVE_FIGURES = (
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "tpot_p99_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "e2e_p99_ms",
+    "goodput_requests_per_s",
+    "slo_attainment",
+    "tgs",
+    "input_tgs",
+    "cost_per_m_tokens",
+)
+SERVE_CDFS = ("ttft_cdf_ms", "tpot_cdf_ms", "e2e_cdf_ms")
+CDF_POINTS = 101  # percentiles 0, 1, ..., 100
+TIMELINE_KEYS = ("t_s", "queued", "running", "kv_tokens", "busy_share")
 OVERLAP_KEYS = ("exposed_comm_share", "step_ms", "comm_ms", "exposed_comm_ms")
 VERDICTS = ("identical", "diverged")
 
@@ -148,11 +180,13 @@ def numbers_at(obj: Mapping[str, Any], keys: Sequence[str], path: str) -> dict[s
     return {k: number(field(obj, k, path), _where(path, k)) for k in keys}
 
 
-def _rows(section: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(path, mapping) of each entry of a section's non-empty ``rows`` list."""
-    rows = items(field(section, "rows", path), _where(path, "rows"), non_empty=True)
+def _rows(
+    section: Mapping[str, Any], path: str, key: str = "rows"
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path, mapping) of each entry of a section's non-empty ``key`` list."""
+    rows = items(field(section, key, path), _where(path, key), non_empty=True)
     for i, row in enumerate(rows):
-        where = _where(_where(path, "rows"), i)
+        where = _where(_where(path, key), i)
         yield where, mapping(row, where)
 
 
@@ -291,6 +325,70 @@ def check_training_overlap(section: Any, path: str = "training_overlap") -> None
         numbers_at(mapping(field(simulated, schedule, where), where), OVERLAP_KEYS, where)
 
 
+def check_cdf(values: Any, path: str) -> list[float]:
+    """Percentiles 0..100: CDF_POINTS finite numbers, non-decreasing."""
+    values = items(values, path)
+    if len(values) != CDF_POINTS:
+        raise ReportInputError(f"{path} must hold {CDF_POINTS} percentiles, got {len(values)}")
+    out = [number(v, _where(path, i)) for i, v in enumerate(values)]
+    for i in range(1, len(out)):
+        if out[i] < out[i - 1]:
+            raise ReportInputError(f"{path} decreases at percentile {i}")
+    return out
+
+
+def _serve_pool(pool: Mapping[str, Any], where: str) -> None:
+    integer(field(pool, "instances", where), _where(where, "instances"))
+    number(field(pool, "busy_share", where), _where(where, "busy_share"))
+    capacity = field(pool, "kv_capacity_tokens", where)
+    if capacity is not None:
+        integer(capacity, _where(where, "kv_capacity_tokens"))
+    t = _where(where, "timeline")
+    timeline = mapping(field(pool, "timeline", where), t)
+    lengths = set()
+    for key in TIMELINE_KEYS:
+        values = items(field(timeline, key, t), _where(t, key), non_empty=True)
+        for i, value in enumerate(values):
+            number(value, _where(_where(t, key), i))
+        lengths.add(len(values))
+    if len(lengths) > 1:
+        raise ReportInputError(f"{t} lists differ in length: {sorted(lengths)}")
+
+
+def check_serving(section: Any, path: str = "serving") -> None:
+    section = mapping(section, path)
+    for key in ("model", "hardware", "trace"):
+        text(field(section, key, path), _where(path, key))
+    for key in ("gpus", "prefill_gpus"):
+        integer(field(section, key, path), _where(path, key))
+    keys = ("recorded_rate", "duration_s", "slo_ttft_ms", "slo_tpot_ms", "slo_percentile")
+    numbers_at(section, keys, path)
+    for where, run in _rows(section, path, "runs"):
+        layout = text(field(run, "layout", where), _where(where, "layout"))
+        if layout not in SERVE_LAYOUTS:
+            raise ReportInputError(
+                f"{where}.layout must be one of {', '.join(SERVE_LAYOUTS)}, got {layout!r}"
+            )
+        numbers_at(run, ("rate_scale", "rate"), where)
+        for key in ("requests", "requests_finished", "total_gpus", "kv_capacity_tokens"):
+            integer(field(run, key, where), _where(where, key))
+        boolean(field(run, "slo_met", where), _where(where, "slo_met"))
+        for key in SERVE_FIGURES:
+            value = field(run, key, where)
+            if value is not None:
+                number(value, _where(where, key))
+        for key in SERVE_CDFS:
+            check_cdf(field(run, key, where), _where(where, key))
+        p = _where(where, "pools")
+        pools = mapping(field(run, "pools", where), p)
+        if sorted(pools) != sorted(SERVE_POOLS[layout]):
+            raise ReportInputError(
+                f"{p} must name the pools {', '.join(SERVE_POOLS[layout])}, got {sorted(pools)}"
+            )
+        for name in SERVE_POOLS[layout]:
+            _serve_pool(mapping(pools[name], _where(p, name)), _where(p, name))
+
+
 def check_training_run(run: Any, path: str) -> None:
     run = mapping(run, path)
     text(field(run, "name", path), _where(path, "name"))
@@ -368,6 +466,7 @@ _SECTION_CHECKS = {
     "memory": check_memory,
     "prefill": check_prefill,
     "training_overlap": check_training_overlap,
+    "serving": check_serving,
 }
 
 

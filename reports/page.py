@@ -17,6 +17,7 @@ SECTIONS = (
     ("pareto", "Throughput, interactivity and cost"),
     ("memory", "Memory per GPU"),
     ("prefill", "Prefill"),
+    ("serving", "Serving a real trace"),
     ("training-overlap", "Training overlap"),
     ("training-runs", "Training runs"),
     ("determinism", "Determinism"),
@@ -135,6 +136,17 @@ NOTES = {
         "prompt when longer). TTFT counts the forwards a prompt needs, without queueing. "
         "A cross marks a forward that does not fit in HBM."
     ),
+    "serving": (
+        "The first {duration} s of the {trace}, replayed through longcat-sim serve on the "
+        "timeline model: first at the trace's recorded arrival times ({rate:.1f} requests/s "
+        "on average over its hour), then time-scaled to {scale:g}x that rate. Co-located "
+        "instances mix chunked prefill into decode steps; the disaggregated layout computes "
+        "prompts on a prefill pool and moves their KV cache to a decode pool. TTFT is the time "
+        "to the first token, TPOT the time per output token after it, E2E arrival to last "
+        "token; the CDFs and percentiles count the finished requests. Load is averaged per "
+        "time bin: requests queued and running, the KV cache share of the pool's capacity and "
+        "the busy share of its time spent in steps. {license}"
+    ),
     "training-overlap": (
         "Paper §5: EP 32, 200 Gb/s RDMA per GPU, context parallelism 8, the MoE split into "
         "2 token chunks; 25.3 % of step time is exposed communication without ScMoE, "
@@ -147,6 +159,7 @@ def _simulated_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
     """The sections the simulator fills: the paper's tables, timelines, Pareto, memory, prefill,
     overlap; each its table or figure, then its note."""
     overlap = data["training_overlap"]
+    serving = data["serving"]
     blocks = {
         "table7": [table_html(tables.table7_table(data["table7"]))],
         "table6": [table_html(tables.table6_table(data["table6"]))],
@@ -160,16 +173,43 @@ def _simulated_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
             figs.add("fig-prefill", figures.prefill_figure(data["prefill"])),
             table_html(tables.prefill_profile_table(data["prefill"])),
         ],
+        "serving": [
+            figs.add("fig-serving-latency", figures.serving_latency_figure(serving)),
+            figs.add("fig-serving-load", figures.serving_load_figure(serving)),
+            table_html(tables.serving_table(serving)),
+        ],
         "training-overlap": [
             figs.add("fig-training-overlap", figures.overlap_figure(overlap)),
             table_html(tables.overlap_table(overlap)),
         ],
     }
+    notes = {**NOTES, "serving": _serving_note(serving)}
     return [
-        _section(anchor, title, *blocks[anchor], _note(NOTES[anchor]))
+        _section(anchor, title, *blocks[anchor], _note(notes[anchor]))
         for anchor, title in SECTIONS
         if anchor in blocks
     ]
+
+
+AZURE_LICENSE = (
+    "The trace is the Azure LLM inference trace of 2023 (Azure Public Dataset; Patel et al., "
+    "Splitwise, ISCA 2024), shipped with the package under CC-BY 4.0."
+)
+
+
+def _serving_note(section: Mapping[str, Any]) -> str:
+    trace = section["trace"]
+    return (
+        NOTES["serving"]
+        .format(
+            duration=f"{section['duration_s']:g}",
+            trace=tables.trace_label(trace) if trace in tables.TRACE_LABELS else f"trace {trace}",
+            rate=section["recorded_rate"],
+            scale=max((r["rate_scale"] for r in section["runs"]), default=1.0),
+            license=AZURE_LICENSE if trace in tables.TRACE_LABELS else "",
+        )
+        .rstrip()
+    )
 
 
 def _result_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:

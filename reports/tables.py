@@ -15,6 +15,7 @@ from longcat_sim.reports.inputs import (
     TABLE7_KEYS,
     check_memory,
     check_prefill,
+    check_serving,
     check_table6,
     check_table7,
     check_training_overlap,
@@ -262,6 +263,82 @@ def memory_table(section: Mapping[str, Any]) -> Table:
         ),
         columns=("model", "overlap", "largest batch / GPU", "batches shown that do not fit"),
         rows=tuple(rows),
+    )
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+LAYOUT_LABELS = {"colocated": "co-located", "disagg": "disaggregated"}
+TRACE_LABELS = {
+    "azure-conv": "Azure LLM inference trace 2023, conversation",
+    "azure-code": "Azure LLM inference trace 2023, code",
+}
+
+
+def trace_label(trace: str) -> str:
+    return TRACE_LABELS.get(trace, trace)
+
+
+def rate_label(run: Mapping[str, Any]) -> str:
+    """``recorded rate`` or ``10x rate``, for legends and rows."""
+    scale = run["rate_scale"]
+    return "recorded rate" if scale == 1.0 else f"{scale:g}x rate"
+
+
+def serve_run_label(run: Mapping[str, Any]) -> str:
+    return f"{LAYOUT_LABELS[run['layout']]}, {rate_label(run)}"
+
+
+def _maybe(value: float | None, spec: str) -> Cell:
+    return Cell("n/a" if value is None else format(value, spec), "num")
+
+
+def serving_table(section: Mapping[str, Any]) -> Table:
+    """Per serving run: the traffic, TTFT/TPOT/E2E percentiles, goodput, SLO attainment and
+    $ per M output tokens."""
+    check_serving(section)
+    rows = []
+    for run in section["runs"]:
+        cells = [
+            Cell(LAYOUT_LABELS[run["layout"]]),
+            Cell(rate_label(run)),
+            Cell(f"{run['rate']:.1f}", "num"),
+            Cell(f"{run['requests']:,d}", "num"),
+            Cell(f"{run['total_gpus']:d}", "num"),
+        ]
+        for metric in ("ttft", "tpot", "e2e"):
+            spec = ",.0f" if metric == "e2e" else ".1f"
+            cells += [_maybe(run[f"{metric}_p{q}_ms"], spec) for q in (50, 90, 99)]
+        attainment = run["slo_attainment"]
+        cells += [
+            _maybe(run["goodput_requests_per_s"], ".2f"),
+            Cell("n/a" if attainment is None else f"{attainment * 100:.1f} %", "num"),
+            Cell("met" if run["slo_met"] else "missed"),
+            _maybe(run["cost_per_m_tokens"], ".3f"),
+        ]
+        rows.append(tuple(cells))
+    q = f"{section['slo_percentile']:g}"
+    return Table(
+        caption=(
+            f"Serving {section['duration_s']:g} s of the {trace_label(section['trace'])}: "
+            f"latency percentiles (ms) of the finished requests; SLO: P{q} TTFT within "
+            f"{section['slo_ttft_ms']:g} ms and P{q} TPOT within {section['slo_tpot_ms']:g} ms; "
+            "goodput counts the requests that met both"
+        ),
+        columns=(
+            "layout",
+            "traffic",
+            "requests / s",
+            "requests",
+            "GPUs",
+            *(f"P{q}" for _ in range(3) for q in (50, 90, 99)),
+            "goodput (requests / s)",
+            "SLO attainment",
+            f"P{q} SLO",
+            "$ / M output tokens",
+        ),
+        rows=tuple(rows),
+        groups=(("", 5), ("TTFT (ms)", 3), ("TPOT (ms)", 3), ("E2E (ms)", 3), ("", 4)),
     )
 
 

@@ -137,7 +137,16 @@ def run(args: argparse.Namespace) -> CommandOutput:
         from longcat_sim.cluster.serving_trace import serving_trace_json
 
         try:
-            write_text_atomic(args.trace_out, serving_trace_json(run_, setup))
+            meta = {
+                "model": results["model"],
+                "hardware": results["hardware"],
+                "layout": dep.layout,
+                "instances": dep.instances,
+                "gpus": dep.gpus,
+                "config_hash": config_hash(config),
+            }
+            trace = serving_trace_json(run_.stages, run_.stage_requests, metadata=meta)
+            write_text_atomic(args.trace_out, trace)
         except OSError as exc:
             raise UserError(f"cannot write {str(args.trace_out)!r}: {exc.strerror}") from None
         text += f"\ntrace written to {args.trace_out}"

@@ -81,6 +81,35 @@ class ReportConfig:
         check=names(integer(1)),
         kind=int,
     )
+    serve_trace: str = setting(
+        "azure-conv",
+        "trace the serving section replays: azure-conv, azure-code or a CSV/JSONL file",
+        check=name(),
+    )
+    serve_duration_s: float = setting(
+        60.0,
+        "simulated seconds of each serving run (the trace's first seconds at that run's rate)",
+        unit="s",
+        check=number(0.0, 3600.0, open_low=True),
+    )
+    serve_rate_scale: float = setting(
+        10.0,
+        "the serving section's second rate: the trace time-scaled to this multiple of its "
+        "recorded mean rate",
+        check=number(0.0, 1000.0, open_low=True),
+    )
+    serve_gpus: int = setting(
+        32,
+        "GPUs per co-located or decode instance in the serving section",
+        unit="GPUs",
+        check=integer(1),
+    )
+    serve_prefill_gpus: int = setting(
+        16,
+        "GPUs per prefill instance in the serving section's disaggregated runs",
+        unit="GPUs",
+        check=integer(1),
+    )
 
     def __post_init__(self) -> None:
         validate(self, lambda n: f"report setting {n!r}", UserError)

@@ -21,6 +21,9 @@ Sections and what they compare:
   prompt tokens per GPU per second), and the DeepSeek-V3 prefill profile row.
 - ``training_overlap``: the paper's §5 training setting (the training defaults of
   ``longcat-sim simulate --mode train``), without and with ScMoE.
+- ``serving``: the configured model serving a real trace (``longcat-sim serve``), co-located and
+  disaggregated, at the trace's recorded rate and time-scaled to a multiple of it: latency
+  CDFs, percentiles, goodput, cost and each pool's load over time.
 
 Decode points run through ``longcat-sim simulate``'s setup and runner (``sweep``'s process pool
 for many points), so the report and those commands print the same numbers for a deployment.
@@ -29,7 +32,10 @@ for many points), so the report and those commands print the same numbers for a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,15 +43,19 @@ from typing import Any
 from longcat_sim import runs
 from longcat_sim.cluster import metrics
 from longcat_sim.cluster.assumptions import TABLE7_CONTEXT, Assumptions, get_assumptions
+from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.hardware import Hardware, get_hardware
 from longcat_sim.cluster.simulator import simulate_train
 from longcat_sim.cluster.streams import EventRecord
+from longcat_sim.cluster.traffic import AZURE_TRACES, load_trace
 from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
 from longcat_sim.config.report import ReportConfig
-from longcat_sim.config.serving import PrefillDeployment
+from longcat_sim.config.serving import PrefillDeployment, ServeDeployment
+from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.report.cache import CACHE_DIR, cached_section, code_fingerprint
 from longcat_sim.report.results import load_determinism, load_sdc, load_training_run
+from longcat_sim.reports.inputs import SERVE_CDFS, TIMELINE_KEYS
 from longcat_sim.scenarios.decode import (
     DecodeSetup,
     decode_memory,
@@ -60,6 +70,7 @@ from longcat_sim.scenarios.prefill import (
     prefill_memory,
     resolve_prefill,
 )
+from longcat_sim.scenarios.serve import load_requests, resolve_serve, run_serve, serve_results
 from longcat_sim.scenarios.sweep import run_points
 from longcat_sim.scenarios.train import train_workload
 from longcat_sim.stages import (
@@ -536,6 +547,143 @@ def training_overlap_section(r: Resolved) -> dict[str, Any]:
     return {"paper": dict(TRAINING_OVERLAP_PAPER), "simulated": simulated}
 
 
+# -- serving ------------------------------------------------------------------------------------
+
+SERVE_LAYOUTS = ("colocated", "disagg")
+# what a serving run keeps of ``serve_results``: its figures (pools and CDFs apart)
+SERVE_FIGURES = (
+    "rate",
+    "requests",
+    "requests_finished",
+    "total_gpus",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "tpot_p99_ms",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "e2e_p99_ms",
+    "goodput_requests_per_s",
+    "slo_attainment",
+    "slo_met",
+    "tgs",
+    "input_tgs",
+    "cost_per_m_tokens",
+    "kv_capacity_tokens",
+)
+
+
+def _serve_deployment(r: Resolved, layout: str, rate: float | None) -> ServeDeployment:
+    """``longcat-sim serve``'s deployment of the configured model for one serving run."""
+    c = r.config
+    values: dict[str, Any] = {
+        "model": c.model,
+        "hardware": c.hardware,
+        "assumptions": c.assumptions,
+        "seed": c.seed,
+        "layout": layout,
+        "gpus": c.serve_gpus,
+        "trace": c.serve_trace,
+        "rate": rate,
+        "duration_s": c.serve_duration_s,
+    }
+    if layout == "disagg":
+        values["prefill_gpus"] = c.serve_prefill_gpus
+    return ServeDeployment(**values)
+
+
+def _serve_run(dep: ServeDeployment) -> dict[str, Any]:
+    """One ``longcat-sim serve`` run (its results JSON); a process pool's task."""
+    requests = load_requests(dep)
+    setup = resolve_serve(dep, requests)
+    return serve_results(setup, run_serve(setup, requests))
+
+
+def _serve_pools(out: Mapping[str, Any], instances: Mapping[str, int]) -> dict[str, Any]:
+    """Each pool's load over time; KV capacity (all its instances) for the pools that decode."""
+    pools = {}
+    for pool, count in instances.items():
+        if f"{pool}_timeline" not in out:
+            continue
+        pools[pool] = {
+            "instances": count,
+            "busy_share": out[f"{pool}_busy_share"],
+            "kv_capacity_tokens": None if pool == "prefill" else out["kv_capacity_tokens"] * count,
+            "timeline": {k: out[f"{pool}_timeline"][k] for k in TIMELINE_KEYS},
+        }
+    return pools
+
+
+def serving_section(r: Resolved) -> dict[str, Any]:
+    """The configured model serving the first ``serve_duration_s`` seconds of a trace,
+    co-located and disaggregated, at the trace's recorded rate and time-scaled to
+    ``serve_rate_scale`` times its mean rate; the four runs share the cores."""
+    c = r.config
+    try:
+        recorded = load_trace(AZURE_TRACES.get(c.serve_trace, c.serve_trace)).mean_rate
+    except ClusterInputError as exc:
+        raise UserError(f"report setting 'serve_trace': {exc}") from None
+    plan = [
+        (layout, scale, _serve_deployment(r, layout, None if scale == 1.0 else recorded * scale))
+        for layout in SERVE_LAYOUTS
+        for scale in (1.0, c.serve_rate_scale)
+    ]
+    # the most requests first: the co-located run at the scaled rate takes longest
+    order = sorted(range(len(plan)), key=lambda i: (-plan[i][1], plan[i][0]))
+    workers = min(len(plan), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {i: pool.submit(_serve_run, plan[i][2]) for i in order}
+            outs = [futures[i].result() for i in range(len(plan))]
+    else:
+        outs = [_serve_run(dep) for _, _, dep in plan]
+    runs = []
+    for (layout, scale, dep), out in zip(plan, outs, strict=True):
+        instances = {"colocated": dep.instances}
+        if layout == "disagg":
+            instances = {"prefill": dep.prefill_instances, "decode": dep.instances}
+        runs.append(
+            {
+                "layout": layout,
+                "rate_scale": scale,
+                **{k: out[k] for k in SERVE_FIGURES},
+                **{k: out[k] for k in SERVE_CDFS},
+                "pools": _serve_pools(out, instances),
+            }
+        )
+    first = plan[0][2]
+    return {
+        "model": r.model.name,
+        "hardware": r.hardware.name,
+        "trace": c.serve_trace,
+        "recorded_rate": recorded,
+        "duration_s": c.serve_duration_s,
+        "gpus": c.serve_gpus,
+        "prefill_gpus": c.serve_prefill_gpus,
+        "slo_ttft_ms": first.slo_ttft_ms,
+        "slo_tpot_ms": first.slo_tpot_ms,
+        "slo_percentile": first.slo_percentile,
+        "runs": runs,
+    }
+
+
+def _serving_reads(r: Resolved) -> dict[str, Any]:
+    """The serving section's cache key: its settings, what the names resolved to and the
+    trace's bytes."""
+    trace = Path(AZURE_TRACES.get(r.config.serve_trace, r.config.serve_trace))
+    try:
+        digest = hashlib.sha256(trace.read_bytes()).hexdigest()
+    except OSError:
+        digest = None  # the run itself names the problem
+    serve = ("seed", "serve_trace", "serve_duration_s", "serve_rate_scale", "serve_gpus")
+    return {
+        **_reads(r, *serve, "serve_prefill_gpus", model=True),
+        "trace_sha256": digest,
+    }
+
+
 _DEPLOYMENT_SETTINGS = (
     "gpus",
     "seed",
@@ -601,6 +749,7 @@ SECTIONS: dict[str, tuple[Callable[[Resolved], dict[str, Any]], Callable[[Resolv
             "seed": r.config.seed,
         },
     ),
+    "serving": (serving_section, _serving_reads),
 }
 
 

@@ -109,6 +109,68 @@ def _prefill_points(forward_ms: float, used_gb: float) -> list[dict[str, Any]]:
     return points
 
 
+def _cdf(low_ms: float, high_ms: float) -> list[float]:
+    """Percentiles 0..100 growing geometrically from ``low_ms`` to ``high_ms``."""
+    return [low_ms * (high_ms / low_ms) ** (q / 100) for q in range(101)]
+
+
+def _pool(load: float, capacity: int | None, bins: int = 12) -> dict[str, Any]:
+    """A pool's load over ``bins`` 5-s bins, rising with ``load`` (requests per bin)."""
+    running = [load * (1 + (i % 4)) for i in range(bins)]
+    return {
+        "instances": 1,
+        "busy_share": min(1.0, 0.1 * load),
+        "kv_capacity_tokens": capacity,
+        "timeline": {
+            "t_s": [5.0 * i for i in range(bins)],
+            "queued": [0.1 * load * (i % 3) for i in range(bins)],
+            "running": running,
+            "kv_tokens": [1500.0 * r for r in running],
+            "busy_share": [min(1.0, 0.05 * r) for r in running],
+        },
+    }
+
+
+def _serve_run(layout: str, scale: float) -> dict[str, Any]:
+    """A serving run whose latencies grow with the rate (``scale``)."""
+    slow = 1.0 + 0.1 * scale
+    capacity = 16_500_000
+    if layout == "colocated":
+        pools = {"colocated": _pool(scale, capacity)}
+    else:
+        pools = {"prefill": _pool(0.2 * scale, None), "decode": _pool(scale, capacity)}
+    gpus = 32 if layout == "colocated" else 48
+    rate = 3.2 * scale
+    return {
+        "layout": layout,
+        "rate_scale": scale,
+        "rate": rate,
+        "requests": round(rate * 60),
+        "requests_finished": round(rate * 60) - 5,
+        "total_gpus": gpus,
+        "kv_capacity_tokens": capacity,
+        "slo_met": True,
+        "ttft_p50_ms": 50.0 * slow,
+        "ttft_p90_ms": 90.0 * slow,
+        "ttft_p99_ms": 200.0 * slow,
+        "tpot_p50_ms": 11.0 * slow,
+        "tpot_p90_ms": 11.5 * slow,
+        "tpot_p99_ms": 12.5 * slow,
+        "e2e_p50_ms": 2500.0 * slow,
+        "e2e_p90_ms": 4700.0 * slow,
+        "e2e_p99_ms": 9000.0 * slow,
+        "goodput_requests_per_s": 0.95 * rate,
+        "slo_attainment": 1.0,
+        "tgs": 8.0 * scale,
+        "input_tgs": 100.0 * scale,
+        "cost_per_m_tokens": 25.0 / scale,
+        "ttft_cdf_ms": _cdf(30.0 * slow, 250.0 * slow),
+        "tpot_cdf_ms": _cdf(10.0 * slow, 14.0 * slow),
+        "e2e_cdf_ms": _cdf(150.0 * slow, 12000.0 * slow),
+        "pools": pools,
+    }
+
+
 _SAMPLE: dict[str, Any] = {
     "meta": {
         "title": "Sample report",
@@ -294,6 +356,21 @@ _SAMPLE: dict[str, Any] = {
                 "exposed_comm_ms": 8.0,
             },
         },
+    },
+    "serving": {
+        "model": "longcat-flash",
+        "hardware": "H800",
+        "trace": "azure-conv",
+        "recorded_rate": 5.53,
+        "duration_s": 60.0,
+        "gpus": 32,
+        "prefill_gpus": 16,
+        "slo_ttft_ms": 2000.0,
+        "slo_tpot_ms": 50.0,
+        "slo_percentile": 90.0,
+        "runs": [
+            _serve_run(layout, scale) for layout in ("colocated", "disagg") for scale in (1.0, 10.0)
+        ],
     },
     "training_runs": [
         {

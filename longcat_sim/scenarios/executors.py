@@ -1,0 +1,76 @@
+"""Run one picklable function over many items: in this process, on local worker processes,
+or on a Ray cluster (``pip install 'longcat-sim[ray]'``)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
+
+from longcat_sim.errors import UserError
+
+T = TypeVar("T")
+EXECUTORS = ("local", "ray")
+
+
+def _apply(fn: Callable[[Any], T], chunk: Sequence[Any]) -> list[T]:
+    return [fn(item) for item in chunk]
+
+
+def _chunks(items: Sequence[Any], workers: int) -> list[Sequence[Any]]:
+    size = max(1, math.ceil(len(items) / (workers * 4)))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def map_local(fn: Callable[[Any], T], items: Sequence[Any], workers: int | None = None) -> list[T]:
+    """``[fn(x) for x in items]`` on up to ``workers`` processes (default: every core)."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    chunks = _chunks(items, workers)
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        futures = [pool.submit(_apply, fn, chunk) for chunk in chunks]
+        try:
+            return [x for f in futures for x in f.result()]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -> list[T]:
+    """``[fn(x) for x in items]`` as Ray tasks on the cluster at ``address`` (None: a local
+    Ray instance on this machine's cores)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "--executor ray needs Ray: pip install 'longcat-sim[ray]' (or pip install ray)"
+        ) from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(_apply)
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        refs = [remote.remote(fn, chunk) for chunk in _chunks(items, workers)]
+        return [x for part in ray.get(refs) for x in part]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def map_items(
+    fn: Callable[[Any], T],
+    items: Sequence[Any],
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+) -> list[T]:
+    if executor == "ray":
+        return map_ray(fn, items, address)
+    if executor != "local":
+        raise UserError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    return map_local(fn, items, workers)
