@@ -103,8 +103,8 @@ class PlanSettings(PlanChoices, PlanTraffic, ServiceLevel, ModelChoice):
     verify: int = setting(10, "cheapest screened candidates verified by serve", check=integer(1))
     verify_duration_s: float | None = setting(
         None,
-        "simulated seconds of each verifying run (unset: 1.2 x a request's estimated time in "
-        "the system, then at least 20 s and 2,000 arrivals)",
+        "simulated seconds of each verifying run (unset: a request's estimated time in the "
+        "system as warm-up, then at least 10 s and 1,000 arrivals)",
         unit="s",
         check=optional(number(1.0, 86400.0)),
         kind=float,

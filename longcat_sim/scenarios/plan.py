@@ -255,11 +255,11 @@ def _screen_reason(problem: PlanProblem, c: Candidate, tpot: float, ttft: float)
 
 
 def verify_window(problem: PlanProblem, row: dict[str, Any]) -> tuple[float, float]:
-    """(duration, warm-up) of a verifying run, s: warm-up 1.2 x a request's estimated time in
-    the system, then a window of at least 20 s and 2,000 arrivals."""
+    """(duration, warm-up) of a verifying run, s: a warm-up of one request's estimated time
+    in the system (the batch fills in it), then a window of at least 10 s and 1,000 arrivals."""
     e2e = row["ttft_ms"] / 1e3 + problem.output_len * row["tpot_ms"] / 1e3
-    warmup = 1.2 * e2e
-    return warmup + max(20.0, 2000.0 / problem.rate), warmup
+    warmup = e2e
+    return warmup + max(10.0, 1000.0 / problem.rate), warmup
 
 
 def serve_deployment(problem: PlanProblem, row: dict[str, Any], duration: float, warmup: float):
