@@ -433,7 +433,7 @@ LATENCIES = (
 LOAD_ROWS = (
     ("queued", "queued (requests)", "%{y:,.0f} requests queued", ""),
     ("running", "running (requests)", "%{y:,.0f} requests running", ""),
-    ("kv_share", "KV cache share", "KV cache share %{y:.1%}", ".0%"),
+    ("kv_share", "KV cache share", "KV cache share %{y:.2%}", ".1%"),
     ("busy_share", "busy share", "busy share %{y:.0%}", ".0%"),
 )
 

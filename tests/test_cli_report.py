@@ -20,8 +20,25 @@ from tests.cli_checks import refused
 from tests.reports.test_browser import CHROMIUM, assert_every_figure_drew, probe_page
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["table7", "table6", "timelines", "pareto", "memory", "prefill", "training_overlap"]
-FIGURES = ["fig-timelines", "fig-pareto", "fig-memory", "fig-prefill", "fig-training-overlap"]
+SECTIONS = [
+    "table7",
+    "table6",
+    "timelines",
+    "pareto",
+    "memory",
+    "prefill",
+    "training_overlap",
+    "serving",
+]
+FIGURES = [
+    "fig-timelines",
+    "fig-pareto",
+    "fig-memory",
+    "fig-prefill",
+    "fig-serving-latency",
+    "fig-serving-load",
+    "fig-training-overlap",
+]
 BUILD_SECONDS = 60.0  # the default report, PNGs included, on two shared CPU cores
 
 
@@ -159,6 +176,57 @@ def test_the_default_memory_greys_what_does_not_fit_and_keeps_it_off_the_front(
         for p, on in zip(points, figures.pareto_mask(points), strict=True):
             assert not on or p["fits"], (name, p["batch_per_device"])
         assert any(figures.pareto_mask(points)), name
+
+
+def test_the_default_serving_section_replays_the_azure_trace(default_run: dict) -> None:
+    """Both layouts at the recorded and the 10x rate: CDFs of 101 non-decreasing percentiles,
+    timelines of one length, and more traffic never lowers P90 TTFT."""
+    serving = _section(default_run["dir"], "serving")
+    assert serving["trace"] == "azure-conv" and serving["duration_s"] == 60.0
+    runs = {(r["layout"], r["rate_scale"]): r for r in serving["runs"]}
+    assert sorted(runs) == [
+        ("colocated", 1.0),
+        ("colocated", 10.0),
+        ("disagg", 1.0),
+        ("disagg", 10.0),
+    ]
+    for key, run in runs.items():
+        for cdf in ("ttft_cdf_ms", "tpot_cdf_ms", "e2e_cdf_ms"):
+            values = run[cdf]
+            assert len(values) == 101, (key, cdf)
+            assert values == sorted(values), (key, cdf)
+            assert values[0] > 0, (key, cdf)
+        for name, pool in run["pools"].items():
+            lengths = {len(v) for v in pool["timeline"].values()}
+            assert len(lengths) == 1 and lengths.pop() > 0, (key, name)
+        assert sorted(run["pools"]) == (
+            ["colocated"] if key[0] == "colocated" else ["decode", "prefill"]
+        )
+    for layout in ("colocated", "disagg"):
+        recorded, scaled = runs[(layout, 1.0)], runs[(layout, 10.0)]
+        assert scaled["rate"] > 5 * recorded["rate"], layout
+        assert scaled["ttft_p90_ms"] >= recorded["ttft_p90_ms"], layout
+        assert scaled["requests"] > 5 * recorded["requests"], layout
+    html = (default_run["dir"] / "report.html").read_text()
+    assert '<section id="serving">' in html and "CC-BY 4.0" in html
+
+
+def test_serving_settings_recompute_the_serving_section_only(
+    default_run: dict, tmp_path: Path, capsys
+) -> None:
+    out = _copy(default_run, tmp_path)
+    argv = ["report", "--run-dir", str(out), "--no-png", "--json", "--serve-rate-scale", "4"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    results = json.loads(stdout)
+    assert results["simulated"] == ["serving"]
+    assert results["cached"] == [s for s in SECTIONS if s != "serving"]
+    entries = sorted((out / "cache").glob("serving-*.json"))
+    assert len(entries) == 2
+    scales = sorted(
+        {r["rate_scale"] for e in entries for r in json.loads(e.read_text())["result"]["runs"]}
+    )
+    assert scales == [1.0, 4.0, 10.0]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
@@ -333,6 +401,8 @@ def test_png_export_is_skipped_cleanly_without_kaleido(
          ["--config", "c.toml"], "'batch_per_device' must be a non-empty list of distinct values, each an integer >= 1"),
         (lambda d: (d / "c.toml").write_text('[report]\nmodel = "nope"\n'),
          ["--config", "c.toml"], "unknown model 'nope'"),
+        (lambda d: (d / "c.toml").write_text("[report]\nserve_rate_scale = 0\n"),
+         ["--config", "c.toml"], "'serve_rate_scale' must lie in (0, 1000]"),
         (lambda d: None, ["--config", "missing.toml"], "does not exist"),
         (lambda d: None, ["--train-run", "missing"], "holds no metrics.jsonl"),
         (lambda d: (d / "r.json").write_text('{"verdict": "same"}'),

@@ -323,16 +323,28 @@ def rank(problem: PlanProblem, screened: Sequence[dict[str, Any]], verified: Seq
     rows = [dict(r) for r in verified]
     for r in rows:
         r["reason"] = verified_reason(problem, r)
-    met = sorted((r for r in rows if not r["reason"]), key=lambda r: r["cost_per_m_tokens"])
+    met = sorted(
+        (r for r in rows if not r["reason"]),
+        key=lambda r: (
+            round(r["cost_per_m_tokens"], 9),
+            r["total_gpus"],
+            r["served_ttft_at_slo_percentile_ms"],
+        ),
+    )  # cost, then fewer GPUs, then the lower TTFT at the SLO percentile
     missed = [r for r in rows if r["reason"]]
     winner = met[0] if met else None
     for r in met[1:]:
         extra = r["cost_per_m_tokens"] / winner["cost_per_m_tokens"] - 1.0
-        r["reason"] = (
-            f"costs {extra:.1%} more per M tokens"
-            if extra > 1e-9
-            else "same cost, fewer GPUs or a higher screened rank for the winner"
-        )
+        if extra > 1e-9:
+            r["reason"] = f"costs {extra:.1%} more per M tokens"
+        elif r["total_gpus"] > winner["total_gpus"]:
+            r["reason"] = "same cost on more GPUs"
+        else:
+            r["reason"] = (
+                f"same cost, TTFT P{problem.slo_percentile:g} "
+                f"{r['served_ttft_at_slo_percentile_ms']:.0f} ms against the winner's "
+                f"{winner['served_ttft_at_slo_percentile_ms']:.0f}"
+            )
     return winner, met + missed
 
 

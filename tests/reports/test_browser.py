@@ -215,6 +215,7 @@ def test_every_section_renders_and_the_probe_catches_faults(tmp_path: Path) -> N
     assert faint["fig-memory"] >= 4  # the four parts of each model's batch-192 bar
     assert faint["fig-pareto"] >= 2  # LongCat's batch 256, in both panels
     assert faint["fig-training-overlap"] == 0 and faint["fig-sdc"] == 0
+    assert faint["fig-serving-latency"] == 0 and faint["fig-serving-load"] == 0
 
 
 def test_negative_control_a_blank_page_has_no_pixel_variance(tmp_path: Path) -> None:

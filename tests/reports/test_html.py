@@ -23,6 +23,8 @@ FULL_IDS = [
     "fig-pareto",
     "fig-memory",
     "fig-prefill",
+    "fig-serving-latency",
+    "fig-serving-load",
     "fig-training-overlap",
     "fig-training-run-1",
     "fig-sdc",
@@ -122,7 +124,7 @@ def test_figure_ids_must_be_unique_and_plain() -> None:
 def test_missing_results_leave_a_note_instead_of_a_figure() -> None:
     data = sample_report_data(training_runs=[], determinism=None, sdc=None)
     report = build_report(data)
-    assert [f.div_id for f in report.figures] == FULL_IDS[:5]
+    assert [f.div_id for f in report.figures] == FULL_IDS[:7]
     for flag in ("--train-run DIR", "--determinism-run DIR", "--sdc-run DIR"):
         assert flag in report.html
 
