@@ -8,8 +8,10 @@ admission order, a chunk of at most ``chunk_tokens`` of their prompt each until 
 ``prefill_budget_tokens`` are spent (co-located chunked prefill; a first token comes at the
 end of a request's last prefill step), and every other request emits one token, or 1 + the
 accepted draft tokens when drafting. The step lasts
-``step_time_s(decoding, prefill_tokens, context_tokens)`` seconds (``context_tokens``: the
-cache the decoding requests attend to, summed), a function the caller gives (and memoises). A router sends each arrival to the instance with the fewest requests in the system,
+``step_time_s(decoding, prefill_tokens, context_tokens, largest_chunk)`` seconds
+(``context_tokens``: the cache the decoding requests attend to, summed; ``largest_chunk``: the
+most prompt tokens one request computes in the step), a function the caller gives (and
+memoises). A router sends each arrival to the instance with the fewest requests in the system,
 ties to the lowest index. Requests are bookkept in numpy arrays, never one process each.
 """
 
@@ -26,7 +28,7 @@ import simpy
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.cluster.traffic import Requests, seed_streams
 
-StepTimeFn = Callable[[int, int, int], float]
+StepTimeFn = Callable[[int, int, int, int], float]
 _Process = Generator[simpy.Event, object, None]
 
 
@@ -239,11 +241,12 @@ class _Engine:
             decoding = inst.left == 0
             n_dec, n_pre = int(np.count_nonzero(decoding)), int(chunk.sum())
             ctx = int(inst.base[decoding].sum() + inst.gen[decoding].sum()) if n_dec else 0
-            dt = float(self.step_time_s(n_dec, n_pre, ctx))
+            largest = int(chunk.max()) if n_pre else 0
+            dt = float(self.step_time_s(n_dec, n_pre, ctx, largest))
             if not (dt > 0 and math.isfinite(dt)):
                 raise ClusterInputError(
-                    f"serving: step_time_s({n_dec}, {n_pre}, {ctx}) gave {dt!r}; it must be > 0 "
-                    "and finite"
+                    f"serving: step_time_s({n_dec}, {n_pre}, {ctx}, {largest}) gave {dt!r}; it "
+                    "must be > 0 and finite"
                 )
             row = (
                 k, env.now, dt, len(inst.queue), len(inst.idx), n_dec, n_pre,
@@ -388,14 +391,18 @@ def latency_summary(
     output: np.ndarray,
     end: float,
     slo_s: tuple[float, float] = (math.inf, math.inf),
+    start: float = 0.0,
 ) -> dict:
-    """Counts, TTFT/TPOT/end-to-end percentiles, goodput and SLO attainment over [0, end] of
-    per-request times (NaN where not reached); ``slo_s``: (TTFT, TPOT) limits in seconds."""
+    """Counts, TTFT/TPOT/end-to-end percentiles, goodput and SLO attainment of per-request
+    times (NaN where not reached) for requests arriving in [start, end]; ``slo_s``: (TTFT,
+    TPOT) limits in seconds. Attainment counts, beside the finished requests, those still
+    waiting for a first token past the TTFT limit (they have already missed it)."""
     ttft, e2e = first - arrival, finish - arrival
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(output > 1, (finish - first) / (output - 1), np.nan)
-    span = end if end > 0 else math.nan
+    span = end - start if end > start else math.nan
     done = np.isfinite(e2e)
+    late = np.isnan(first) & (arrival <= end) & (end - arrival > slo_s[0])
     met = done & (ttft <= slo_s[0]) & ~(tpot > slo_s[1])
     out: dict = {
         "requests": len(arrival),
@@ -406,7 +413,8 @@ def latency_summary(
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         out.update(_stats(name, values))
     out["goodput_requests_per_s"] = int(np.count_nonzero(met)) / span
-    out["slo_attainment"] = float(np.count_nonzero(met) / max(1, np.count_nonzero(done)))
+    judged = np.count_nonzero(done) + np.count_nonzero(late)
+    out["slo_attainment"] = float(np.count_nonzero(met) / max(1, judged))
     return out
 
 

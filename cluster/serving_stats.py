@@ -1,6 +1,11 @@
-"""Load over time of a serving run: queue, batch, KV cache held and busy share per time bin."""
+"""Load over time of a serving run (queue, batch, KV cache held and busy share per time bin),
+and its figures made JSON-ready."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -45,3 +50,17 @@ def timeline(result: ServingResult, bins: int = 120, instances: int | None = Non
         "kv_tokens": mean_sum(result.step_kv_tokens),
         "busy_share": (busy / (width * n)).tolist(),
     }
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with numpy scalars made plain and NaN or infinite floats made None (JSON has
+    neither), through mappings, lists and tuples."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from longcat_sim.cluster.serving import ServingResult
-from longcat_sim.cluster.trace import _us, chrome_trace
+from longcat_sim.cluster.serving_stats import json_ready
+from longcat_sim.cluster.trace import chrome_trace, to_us
 
 REQUESTS_PROCESS = "requests (sampled)"
 
@@ -91,8 +92,8 @@ def _step_events(
                 "name": _step_name(decoding, prefill),
                 "cat": stage,
                 "ph": "X",
-                "ts": _us(float(res.step_start_s[j])),
-                "dur": _us(float(res.step_s[j])),
+                "ts": to_us(float(res.step_start_s[j])),
+                "dur": to_us(float(res.step_s[j])),
                 "pid": pid,
                 "tid": tid0 + int(res.step_instance[j]),
                 "args": args,
@@ -121,7 +122,7 @@ def _counter_events(res: ServingResult, keep: np.ndarray, pid: int) -> list[dict
     events = []
     for t, k, q, tokens in samples:
         queued[k], kv[k] = q, tokens
-        ts = _us(t)
+        ts = to_us(t)
         events.append(
             {
                 "name": "queued",
@@ -197,7 +198,7 @@ def _sample(ok: np.ndarray, sample: int) -> np.ndarray:
 
 
 def _mid_us(res: ServingResult, j: int) -> float:
-    return _us(float(res.step_start_s[j] + res.step_s[j] / 2))
+    return to_us(float(res.step_start_s[j] + res.step_s[j] / 2))
 
 
 def _flow_events(
@@ -228,12 +229,12 @@ def _request_events(
     """A nestable async slice for request ``r`` spanning ``phases``, one child per phase."""
     base = {"cat": "request", "id": int(r), "pid": pid, "tid": pid}
     first, last = phases[0][1], max(phases[-1][2], phases[0][1])
-    events = [base | {"name": f"request {r}", "ph": "b", "ts": _us(first), "args": args}]
+    events = [base | {"name": f"request {r}", "ph": "b", "ts": to_us(first), "args": args}]
     for name, t0, t1 in phases:
         if t1 > t0:
-            events.append(base | {"name": name, "ph": "b", "ts": _us(t0)})
-            events.append(base | {"name": name, "ph": "e", "ts": _us(t1)})
-    events.append(base | {"name": f"request {r}", "ph": "e", "ts": _us(last)})
+            events.append(base | {"name": name, "ph": "b", "ts": to_us(t0)})
+            events.append(base | {"name": name, "ph": "e", "ts": to_us(t1)})
+    events.append(base | {"name": f"request {r}", "ph": "e", "ts": to_us(last)})
     return events
 
 
@@ -257,19 +258,6 @@ def _phases(
         "finished": math.isfinite(finish),
     }
     return phases, args
-
-
-def _clean(value: Any) -> Any:
-    """``value`` with numpy scalars made plain and NaN or infinite floats made None."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
 
 
 def serving_trace(
@@ -325,7 +313,7 @@ def serving_trace(
             f"only the earliest {written} of {total} steps are written (max_steps); flows and "
             "request slices are drawn for sampled requests within them"
         )
-    return chrome_trace((), metadata=_clean(meta)) | {"traceEvents": events}
+    return chrome_trace((), metadata=json_ready(meta)) | {"traceEvents": events}
 
 
 def serving_trace_json(

@@ -16,7 +16,8 @@ from longcat_sim.cluster.streams import STREAM_NAMES, EventRecord
 STREAM_TIDS = {name: i for i, name in enumerate(STREAM_NAMES)}
 
 
-def _us(seconds: float) -> float:
+def to_us(seconds: float) -> float:
+    """Seconds as trace-event microseconds (rounded to the nanosecond)."""
     return round(seconds * 1e6, 3)
 
 
@@ -55,8 +56,8 @@ def chrome_trace(
                 "name": r.name,
                 "cat": r.phase or r.stream,
                 "ph": "X",
-                "ts": _us(r.start),
-                "dur": _us(r.end - r.start),
+                "ts": to_us(r.start),
+                "dur": to_us(r.end - r.start),
                 "pid": r.gpu,
                 "tid": STREAM_TIDS[r.stream],
                 "args": args,

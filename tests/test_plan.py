@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from longcat_sim.cli import main
 from longcat_sim.config.plan import PlanChoices
+from longcat_sim.scenarios import plan as plan_mod
 from longcat_sim.scenarios.executors import map_items
 from longcat_sim.scenarios.plan import (
+    PREFILL_RHO_MAX,
+    UTILISATION,
+    Candidate,
     PlanProblem,
     candidates,
+    prefill_fits,
     price_task,
     run_plan,
     screen,
@@ -120,3 +131,85 @@ def test_cli_json(tmp_path, capsys):
     assert out["screened"] == len(candidates(SMALL))
     assert out["winner"]["served_slo_met"] is True
     assert len(out["verified"]) == 2
+
+
+def test_screening_adds_instances_until_the_rate_fits_the_headroom():
+    prices = _prices(PROBLEM, SMALL)
+    for c in candidates(SMALL):
+        row = screen(PROBLEM, c, prices)
+        capacity = row["instance_requests_per_s"] * UTILISATION
+        assert row["instances"] * capacity >= PROBLEM.rate
+        assert (row["instances"] - 1) * capacity < PROBLEM.rate  # not one more than needed
+        if c.layout == "disagg":
+            pre = row["prefill_instance_requests_per_s"] * PREFILL_RHO_MAX
+            assert row["prefill_instances"] * pre >= PROBLEM.rate
+
+
+def test_a_prefill_pool_that_cannot_hold_the_weights_is_screened_out():
+    ds = dataclasses.replace(PROBLEM, model="deepseek-v3")
+    small = Candidate("disagg", "H800", 64, 16, 4096, None, prefill_gpus=8)
+    big = dataclasses.replace(small, prefill_gpus=32)
+    prices = {t: price_task(t) for c in (small, big) for t in tasks_for(ds, c)}
+    assert screen(ds, small, prices)["reason"].startswith("HBM: a prefill forward")
+    assert screen(ds, big, prices)["reason"] == ""  # negative control: 32 GPUs hold it
+    assert not prefill_fits(ds, "H800", 8, 4096) and prefill_fits(ds, "H800", 32, 4096)
+
+
+def test_when_the_cheapest_fails_in_serve_the_next_batch_is_verified(monkeypatch):
+    real = plan_mod.verify_task
+    calls: list[dict] = []
+
+    def first_fails(task):
+        calls.append(task[1])
+        out = real(task)
+        if len(calls) == 1:  # the cheapest screened candidate misses its TTFT in serve
+            out = out | {"served_slo_met": False, "served_ttft_at_slo_percentile_ms": 9e9}
+        return out
+
+    monkeypatch.setattr(plan_mod, "verify_task", first_fails)
+    res = run_plan(PROBLEM, SMALL, verify=1, workers=1, verify_duration_s=30.0)
+    assert len(calls) == 2 and res.winner is not None
+    assert res.winner["cost_per_m_tokens"] >= calls[0]["cost_per_m_tokens"]
+    lost = [r for r in res.verified if r["reason"].startswith("serve: TTFT")]
+    assert len(lost) == 1
+
+
+def test_ray_cluster_at_an_address(tmp_path, capsys):
+    """A Ray head started here, reached through --address (CI has Ray: the test extra)."""
+    if importlib.util.find_spec("ray") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Ray is part of the test extra; CI must have it")
+        pytest.skip("ray is not installed")
+    port = _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    start = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--node-ip-address=127.0.0.1"]  # fmt: skip
+    subprocess.run(start, check=True, capture_output=True, timeout=120)
+    try:
+        argv = [
+            "plan", "--rate", "40", "--prompt-len", "2048", "--output-len", "256",
+            "--gpus", "32", "--batch-per-device", "16,64", "--tokens-per-device", "512,8192",
+            "--prefill-gpus", "16", "--verify", "1", "--verify-duration-s", "30",
+            "--executor", "ray", "--address", f"127.0.0.1:{port}", "--json",
+            "--run-dir", str(tmp_path / "r"),
+        ]  # fmt: skip
+        assert main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["winner"]["served_slo_met"] is True
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path, capsys):
+    pytest.importorskip("ray")
+    argv = ["plan", "--rate", "10", "--executor", "ray", "--address", f"127.0.0.1:{_free_port()}",
+            "--run-dir", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--executor ray" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

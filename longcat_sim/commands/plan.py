@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from longcat_sim.cluster.serving_stats import json_ready
 from longcat_sim.cluster.traffic import AZURE_TRACES, load_trace
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.fields import flag
@@ -23,7 +24,6 @@ from longcat_sim.config.plan import PlanChoices, PlanSettings
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash
 from longcat_sim.scenarios.plan import PlanProblem, run_plan
-from longcat_sim.scenarios.serve import json_ready
 
 HELP = (
     "find the cheapest deployment (hardware, GPUs, layout, prefill:decode split, batch caps) "
@@ -74,7 +74,8 @@ def _shape(r: dict[str, Any]) -> str:
 
 
 def _line(r: dict[str, Any]) -> str:
-    ttft, tpot = r["served_ttft_at_slo_percentile_ms"], r["served_tpot_at_slo_percentile_ms"]
+    ttft = r.get("served_ttft_at_slo_percentile_ms")
+    tpot = r.get("served_tpot_at_slo_percentile_ms")
     ttft_s = "n/a" if ttft is None else f"{ttft:.0f}"
     tpot_s = "n/a" if tpot is None else f"{tpot:.1f}"
     return (
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError(f"{flag(given(args, _TRACE_FIXES)[0])} does not apply with --trace")
     if args.address is not None and args.executor != "ray":
         raise UserError("--address applies to --executor ray")
+    if args.workers is not None and args.executor == "ray":
+        raise UserError("--workers applies to --executor local; Ray uses its cluster's CPUs")
     settings = PlanSettings(**set_values(args, PlanSettings))
     problem = _problem(settings, args.assume)
     choices = PlanChoices(**{f.name: getattr(settings, f.name) for f in fields(PlanChoices)})

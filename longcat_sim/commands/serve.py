@@ -70,7 +70,13 @@ def _deployment(args: argparse.Namespace) -> ServeDeployment:
         raise UserError(f"{flag(given(args, _DISAGG_ONLY)[0])} applies to --layout disagg")
     values = set_values(args, ServeDeployment)
     values.pop("context", None)
-    return ServeDeployment(**values)
+    dep = ServeDeployment(**values)
+    if dep.warmup_s >= dep.duration_s:
+        raise UserError(
+            f"--warmup-s {dep.warmup_s:g} leaves nothing of --duration-s {dep.duration_s:g}; "
+            "make the warm-up shorter than the duration"
+        )
+    return dep
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -103,8 +109,11 @@ def _text(r: dict[str, Any]) -> str:
         "(target "
         f"{r['slo_tpot_ms']:g}): {met}; goodput {r['goodput_requests_per_s']:.2f} requests/s, "
         f"attainment {r['slo_attainment']:.1%}",
-        f"  tokens/s: input {r['input_tokens_per_s']:.0f} ({r['input_tgs']:.0f} per GPU), "
-        f"output {r['output_tokens_per_s']:.0f} ({r['tgs']:.1f} per GPU)",
+        f"  tokens/s: input {r['input_tokens_per_s']:.0f} ({r['input_tgs']:.0f} per "
+        f"{'prefill ' if r['layout'] == 'disagg' else ''}GPU), output "
+        f"{r['output_tokens_per_s']:.0f} ({r['tgs']:.1f} per "
+        f"{'decode ' if r['layout'] == 'disagg' else ''}GPU, "
+        f"{r['output_tokens_per_gpu_s']:.1f} over all)",
         f"  $ per M output tokens {_num(r['cost_per_m_tokens'], '.3f')}",
     ]
     return "\n".join(lines)

@@ -86,18 +86,26 @@ def prompt_kv_bytes(setup: PrefillSetup) -> float:
     return setup.prompt_len * per_token
 
 
+def exposed_transfer(setup: DisaggSetup, prompt_tokens: Any) -> Any:
+    """Seconds of a prompt's KV transfer the decode pool waits for: the whole cache, or
+    layer-wise the last layer's share after the forward, plus the RDMA latency
+    (``prompt_tokens``: a number or an array)."""
+    p = setup.prefill
+    bandwidth = p.hw.rdma_bytes_per_s * p.assumptions.ep_normal_rdma_fraction
+    own = prompt_tokens * (prompt_kv_bytes(p) / p.prompt_len) / bandwidth
+    if setup.kv_transfer == "layerwise":
+        own = own / p.cfg.num_layers
+    return own + p.hw.rdma_latency_s
+
+
 def kv_transfer_s(setup: DisaggSetup, forward_s: float, comm_s: float) -> tuple[float, float]:
     """(exposed transfer per prompt, forward time with the NIC shared) in seconds."""
     p = setup.prefill
     bandwidth = p.hw.rdma_bytes_per_s * p.assumptions.ep_normal_rdma_fraction
     prompts = p.tokens_per_device / p.new_tokens_per_prompt
     per_forward = prompts * prompt_kv_bytes(p) / bandwidth
-    nic_bound = comm_s + per_forward
-    paced = max(forward_s, nic_bound)
-    own = prompt_kv_bytes(p) / bandwidth
-    # layer-wise, a prompt waits for its last layer's share after the (paced) forward
-    exposed = own / p.cfg.num_layers if setup.kv_transfer == "layerwise" else own
-    return exposed + p.hw.rdma_latency_s, paced
+    paced = max(forward_s, comm_s + per_forward)
+    return exposed_transfer(setup, p.prompt_len), paced
 
 
 def comm_seconds(workload: Any) -> float:

@@ -51,12 +51,23 @@ def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -
         ) from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = "a local Ray instance" if address is None else f"Ray at {address!r}"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--executor ray: cannot start or reach {where}: {reason}") from None
     try:
         remote = ray.remote(_apply)
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         refs = [remote.remote(fn, chunk) for chunk in _chunks(items, workers)]
-        return [x for part in ray.get(refs) for x in part]
+        try:
+            parts = ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):
+                raise exc.cause from None
+            raise
+        return [x for part in parts for x in part]
     finally:
         if started:
             ray.shutdown()
@@ -69,6 +80,7 @@ def map_items(
     address: str | None = None,
     workers: int | None = None,
 ) -> list[T]:
+    """``[fn(x) for x in items]`` on the named executor (``workers``: local processes only)."""
     if executor == "ray":
         return map_ray(fn, items, address)
     if executor != "local":

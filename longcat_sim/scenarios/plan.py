@@ -7,8 +7,9 @@ pricings shared between candidates (a decode pool's step does not depend on its 
   per step c, schedule): at batch b a step must take c* = b x q x P / O prompt tokens per GPU
   to admit requests as fast as they finish (q tokens per request-step with MTP, P computed
   prompt and O output tokens per request). With c >= c* the instance is decode-bound and its
-  step is priced at (b, c*); otherwise prefill-bound at (b c / c*, c). TPOT = step / q; TTFT
-  ~ ceil(P / c) steps.
+  step is priced at the busiest rank, (b, max(c*, min(c, P))): a prompt's chunk is computed on
+  the rank that holds it; otherwise prefill-bound at (b c / c*, c). TPOT = step / q; TTFT ~
+  ceil(P / c) steps.
 - disaggregated (decode pool as above without prompts; prefill pool: hardware, GPUs per
   instance, prompt tokens per GPU per forward): prefill instances are added until their
   utilisation rho <= 0.9 and the TTFT estimate forward x (1.5 + rho / (1 - rho)) (a forward
@@ -19,7 +20,9 @@ Instances are added until the utilisation is at most ``UTILISATION``; a candidat
 at its batch cap, TTFT estimate or KV cache (b requests of P + O tokens reserved) fails is
 screened out with its reason. The cheapest survivors ($ per million output tokens at the
 offered rate) are verified by ``serve`` (Poisson arrivals, warm-up left out, drained to the
-end) and ranked by verified cost among those meeting the SLO at its percentile.
+end). Those meeting both targets at the SLO percentile serve the offered traffic, so they are
+ranked by their cost at the offered rate (GPU-hours over offered output tokens); the verified
+cost per output token of the requests that met both targets is reported beside it.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from longcat_sim.cluster import closedform
 from longcat_sim.cluster.traffic import Requests
 from longcat_sim.config.plan import PlanChoices
 from longcat_sim.config.serving import DisaggDeployment, ServeDeployment
+from longcat_sim.errors import UserError
 from longcat_sim.scenarios.decode import decode_workload
 from longcat_sim.scenarios.disagg import DisaggSetup, colocated_workload, resolve_disagg
 from longcat_sim.scenarios.executors import map_items
+from longcat_sim.scenarios.prefill import prefill_memory
 from longcat_sim.scenarios.serve import (
     ServeSetup,
     exposed_transfer_s,
@@ -54,6 +59,7 @@ from longcat_sim.scenarios.serve import (
 from longcat_sim.scenarios.serve_steps import prefill_pool_step_times
 
 UTILISATION = 0.9
+VERIFY_ROUNDS = 3  # batches of --verify candidates served before giving up on a winner
 PREFILL_RHO_MAX = 0.9
 
 
@@ -134,15 +140,21 @@ def price_task(task: tuple) -> float:
 
 
 def _mixed_point(setup: DisaggSetup, c: Candidate) -> tuple[int, int]:
-    """(batch, prompt tokens) per GPU a co-located step runs at in steady state."""
+    """(batch, prompt tokens) per GPU of the busiest rank of a co-located step in steady
+    state. A prompt is computed on the rank that holds it, a chunk of up to
+    ``tokens_per_device`` a step, so a step that carries prompts is as long as one with a full
+    chunk (or a whole shorter prompt); the batch is the cap when the chunks admit requests as
+    fast as they finish, else the batch they keep in flight."""
     need = _balanced_chunk(setup, c.batch_per_device)
+    chunk = max(1, min(c.tokens_per_device, round(setup.prefill.new_tokens_per_prompt)))
     if c.tokens_per_device >= need:
-        return c.batch_per_device, max(1, round(need))
+        return c.batch_per_device, max(chunk, round(need))
     scale = c.tokens_per_device / need
     return max(1, math.floor(c.batch_per_device * scale)), c.tokens_per_device
 
 
 def tasks_for(problem: PlanProblem, c: Candidate) -> list[tuple]:
+    """The distinct steps screening ``c`` needs priced (see :func:`price_task`)."""
     setup = pools(problem, c.hardware, c.gpus, c.schedule, c.gpus)
     if c.layout == "colocated":
         b, p = _mixed_point(setup, c)
@@ -201,6 +213,7 @@ def screen(problem: PlanProblem, c: Candidate, prices: dict[tuple, float]) -> di
         per_instance = b * c.gpus * q / (step * out_len)
         ttft = math.ceil(new / c.tokens_per_device) * step
         instances, pre_instances, pre_gpus = math.ceil(rate / (UTILISATION * per_instance)), 0, 0
+        pre_rate = 0.0
         usd_h = instances * c.gpus * d.hw.gpu_hour_usd
     else:
         step, forward = steps
@@ -217,6 +230,7 @@ def screen(problem: PlanProblem, c: Candidate, prices: dict[tuple, float]) -> di
         c, instances=instances, prefill_instances=pre_instances,
         total_gpus=instances * c.gpus + pre_instances * pre_gpus,
         tpot_ms=tpot * 1e3, ttft_ms=ttft * 1e3, cost_per_m_tokens=cost, reason=reason,
+        instance_requests_per_s=per_instance, prefill_instance_requests_per_s=pre_rate,
     )  # fmt: skip
 
 
@@ -251,7 +265,17 @@ def _screen_reason(problem: PlanProblem, c: Candidate, tpot: float, ttft: float)
     need = c.batch_per_device * c.gpus * (problem.prompt_len + problem.output_len)
     if capacity < need:
         return f"KV cache holds {capacity} tokens per instance, a full batch needs {need:.0f}"
+    if c.layout == "disagg" and not prefill_fits(problem, c.hardware, c.prefill_gpus,
+                                                 c.tokens_per_device):  # fmt: skip
+        return f"HBM: a prefill forward of {c.tokens_per_device} tokens per GPU does not fit"
     return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def prefill_fits(problem: PlanProblem, hardware: str, gpus: int, tokens: int) -> bool:
+    """Whether a prefill instance of ``gpus`` holds its weights and a forward's prompts."""
+    p = pools(problem, hardware, gpus, None, gpus).prefill
+    return prefill_memory(dataclasses.replace(p, tokens_per_device=tokens)).fits
 
 
 def verify_window(problem: PlanProblem, row: dict[str, Any]) -> tuple[float, float]:
@@ -292,20 +316,30 @@ def verify_task(task: tuple) -> dict[str, Any]:
     if duration is not None:
         window, warmup = duration, min(warmup, duration / 2)
     dep = serve_deployment(problem, row, window, warmup)
-    requests = load_requests(dep)
-    setup = resolve_serve(dep, requests, problem.assume)
-    r = serve_results(setup, run_serve(setup, requests))
+    try:
+        requests = load_requests(dep)
+        setup = resolve_serve(dep, requests, problem.assume)
+        r = serve_results(setup, run_serve(setup, requests))
+    except UserError as exc:  # e.g. a trace's longest request exceeds the KV capacity
+        return {"served_slo_met": False, "served_error": str(exc), "served_duration_s": window}
     keys = (
         "slo_met", "ttft_at_slo_percentile_ms", "tpot_at_slo_percentile_ms", "ttft_p50_ms",
         "tpot_p50_ms", "goodput_requests_per_s", "slo_attainment", "requests",
     )  # fmt: skip
-    return {f"served_{k}": r[k] for k in keys} | {"served_duration_s": window}
+    out = {f"served_{k}": r[k] for k in keys} | {"served_duration_s": window}
+    good = r["goodput_requests_per_s"] or 0.0
+    # the same GPU-hours over the output tokens of the requests that met both targets
+    scale = problem.rate / good if good > 0 else math.inf
+    out["served_cost_per_m_good_tokens"] = row["cost_per_m_tokens"] * scale
+    return out
 
 
 def verified_reason(problem: PlanProblem, row: dict[str, Any]) -> str:
     """Why a verified row failed its SLO (empty when it met it)."""
     if row["served_slo_met"]:
         return ""
+    if "served_error" in row:
+        return f"serve refused it: {row['served_error']}"
     q = f"P{problem.slo_percentile:g}"
     ttft, tpot = row["served_ttft_at_slo_percentile_ms"], row["served_tpot_at_slo_percentile_ms"]
     if ttft is None or ttft > problem.slo_ttft_ms:
@@ -317,7 +351,7 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} ms"
 
 
-def rank(problem: PlanProblem, screened: Sequence[dict[str, Any]], verified: Sequence[dict]):
+def rank(problem: PlanProblem, verified: Sequence[dict[str, Any]]) -> tuple[Any, list[dict]]:
     """(winner or None, the verified rows in order: met first by cost, then missed), each
     with ``verdict``: why it lost to the winner or what it missed."""
     rows = [dict(r) for r in verified]
@@ -377,8 +411,14 @@ def run_plan(
     screened = [screen(problem, c, prices) for c in shapes]
     screened.sort(key=lambda r: (bool(r["reason"]), r["cost_per_m_tokens"]))
     t1 = time.perf_counter()
-    top = [r for r in screened if not r["reason"]][:verify]
-    jobs = [(problem, r, verify_duration_s) for r in top]
-    served = map_items(verify_task, jobs, executor, address, workers)
-    winner, verified = rank(problem, screened, [r | s for r, s in zip(top, served, strict=True)])
+    passed = [r for r in screened if not r["reason"]]
+    checked: list[dict[str, Any]] = []
+    for first in range(0, min(len(passed), VERIFY_ROUNDS * verify), verify):
+        top = passed[first : first + verify]
+        jobs = [(problem, r, verify_duration_s) for r in top]
+        served = map_items(verify_task, jobs, executor, address, workers)
+        checked += [r | s for r, s in zip(top, served, strict=True)]
+        if any(r["served_slo_met"] for r in checked):  # the next ones cost at least as much
+            break
+    winner, verified = rank(problem, checked)
     return PlanResult(winner, verified, screened, len(tasks), t1 - t0, time.perf_counter() - t1)

@@ -28,7 +28,7 @@ from longcat_sim.cluster.serving import (
     latency_summary,
     simulate_serving,
 )
-from longcat_sim.cluster.serving_stats import timeline
+from longcat_sim.cluster.serving_stats import json_ready, timeline
 from longcat_sim.cluster.traffic import (
     AZURE_TRACES,
     Requests,
@@ -39,8 +39,7 @@ from longcat_sim.cluster.traffic import (
 from longcat_sim.config.serving import DisaggDeployment, ServeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.footprint import decode_footprint, prefill_footprint
-from longcat_sim.model import costs
-from longcat_sim.scenarios.disagg import DisaggSetup, resolve_disagg
+from longcat_sim.scenarios.disagg import DisaggSetup, exposed_transfer, resolve_disagg
 from longcat_sim.scenarios.serve_steps import (
     StepTimes,
     colocated_step_times,
@@ -49,7 +48,6 @@ from longcat_sim.scenarios.serve_steps import (
 )
 
 DEFAULT_RATE = 20.0
-_KV_BYTES = {"bf16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
@@ -187,6 +185,7 @@ class ServeRun:
 
 
 def run_colocated(setup: ServeSetup, requests: Requests) -> ServeRun:
+    """Co-located instances: chunked prefill inside decode steps."""
     d = setup.pools.decode
     capacity = kv_capacity_tokens(setup)
     _check_capacity(setup, requests, capacity)
@@ -201,15 +200,8 @@ def run_colocated(setup: ServeSetup, requests: Requests) -> ServeRun:
 
 
 def exposed_transfer_s(setup: ServeSetup, requests: Requests) -> np.ndarray:
-    """Seconds of each prompt's KV transfer the decode pool waits for (layer-wise: the last
-    layer's share) plus the RDMA latency."""
-    p = setup.pools.prefill
-    per_token = costs.kv_cache_bytes_per_token(p.cfg, _KV_BYTES[p.attention_dtype])
-    bandwidth = p.hw.rdma_bytes_per_s * p.assumptions.ep_normal_rdma_fraction
-    own = (requests.cached + requests.prompt_tokens) * per_token / bandwidth
-    if setup.pools.kv_transfer == "layerwise":
-        own = own / p.cfg.num_layers
-    return own + p.hw.rdma_latency_s
+    """Seconds of each prompt's KV transfer the decode pool waits for."""
+    return exposed_transfer(setup.pools, requests.cached + requests.prompt_tokens)
 
 
 def run_disagg(setup: ServeSetup, requests: Requests) -> ServeRun:
@@ -219,8 +211,11 @@ def run_disagg(setup: ServeSetup, requests: Requests) -> ServeRun:
     _check_capacity(setup, requests, capacity)
     pre_steps = prefill_pool_step_times(setup.pools)
     p = setup.pools.prefill
+    # a forward takes as many prompts as its budget holds at the mean computed length; the
+    # rest wait in the prefill instance's queue
+    per_forward = max(1, math.ceil(p.tokens_per_device * p.gpus / p.new_tokens_per_prompt))
     pre_cfg = dataclasses.replace(
-        _config(setup, dep.prefill_instances, 1 << 30, None),
+        _config(setup, dep.prefill_instances, per_forward, None),
         chunk_tokens=min(p.tokens_per_device, p.chunk_size or p.tokens_per_device),
         prefill_budget_tokens=p.tokens_per_device * p.gpus,
         draft_tokens=0,
@@ -248,6 +243,7 @@ def run_disagg(setup: ServeSetup, requests: Requests) -> ServeRun:
 
 
 def run_serve(setup: ServeSetup, requests: Requests) -> ServeRun:
+    """Serve ``requests`` on the setup's layout (engine input errors become user errors)."""
     try:
         return (run_disagg if setup.disagg else run_colocated)(setup, requests)
     except ClusterInputError as exc:
@@ -315,7 +311,7 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
     kept = req.arrival_s >= dep.warmup_s
     summary = latency_summary(
         req.arrival_s[kept], run.first_token_s[kept], run.finish_s[kept],
-        req.output_tokens[kept], end, setup.slo_s,
+        req.output_tokens[kept], end, setup.slo_s, min(dep.warmup_s, end),
     )  # fmt: skip
     out |= _ms(summary)
     decoding = run.stages.get("decode", run.stages.get("colocated"))
@@ -345,43 +341,37 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
     return json_ready(out)
 
 
-def json_ready(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None (JSON has neither); the
-    results say which keys had none in ``undefined``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_ready(v) for v in value]
-    return value
-
-
 def _throughput(setup: ServeSetup, run: ServeRun) -> dict[str, float]:
-    """Tokens per second in total and per GPU, and $ per million output tokens."""
+    """Tokens per second in total and per GPU, and $ per million output tokens. ``tgs`` and
+    ``input_tgs`` are per GPU of the pool that does the work (all GPUs co-located; the decode
+    and the prefill pool's disaggregated), as ``simulate --mode disagg`` reports them;
+    ``output_tokens_per_gpu_s`` is over every GPU."""
     dep, d, p = setup.dep, setup.pools.decode, setup.pools.prefill
     end = max(res.end_s for res in run.stages.values())
-    prompts = run.requests.prompt_tokens
     first_stage = run.stages["prefill" if setup.disagg else "colocated"]
-    computed = float(first_stage.summary["throughput_input_tokens_per_s"])
+    summary = first_stage.summary
+    inputs = summary["throughput_input_tokens_per_s"] * first_stage.end_s
+    decode_gpus = dep.instances * d.gpus
     if setup.disagg:
         outputs = float(np.count_nonzero(run.first_token_s <= end))
         if "decode" in run.stages:
-            outputs += run.stages["decode"].summary["throughput_output_tokens_per_s"] * end
-        output_rate = outputs / end
-        usd_h = dep.instances * d.gpus * d.hw.gpu_hour_usd
-        usd_h += dep.prefill_instances * p.gpus * p.hw.gpu_hour_usd
+            dec = run.stages["decode"]
+            outputs += dec.summary["throughput_output_tokens_per_s"] * dec.end_s
+        prefill_gpus = dep.prefill_instances * p.gpus
+        usd_h = decode_gpus * d.hw.gpu_hour_usd + prefill_gpus * p.hw.gpu_hour_usd
     else:
-        output_rate = float(first_stage.summary["throughput_output_tokens_per_s"])
-        usd_h = dep.instances * d.gpus * d.hw.gpu_hour_usd
-    gpus = setup.gpus
+        outputs = summary["throughput_output_tokens_per_s"] * first_stage.end_s
+        prefill_gpus = decode_gpus
+        usd_h = decode_gpus * d.hw.gpu_hour_usd
+    output_rate, input_rate = outputs / end, inputs / end
     cost = usd_h / (output_rate * 3600.0) * 1e6 if output_rate > 0 else math.inf
     return {
-        "input_tokens_per_s": computed,
+        "input_tokens_per_s": input_rate,
         "output_tokens_per_s": output_rate,
-        "input_tgs": computed / gpus,
-        "tgs": output_rate / gpus,
-        "prompt_tokens_offered": int(prompts.sum()),
+        "input_tgs": input_rate / prefill_gpus,
+        "tgs": output_rate / decode_gpus,
+        "output_tokens_per_gpu_s": output_rate / setup.gpus,
+        "prompt_tokens_offered": int(run.requests.prompt_tokens.sum()),
         "gpu_hour_usd_total": usd_h,
         "cost_per_m_tokens": cost,
     }

@@ -1,10 +1,12 @@
 """Step times for request-level serving, from the step model, memoised on a coarse grid.
 
 A serving instance asks for the time of a step with ``decoding`` requests, ``prefill`` prompt
-tokens and ``context`` cached tokens summed over the decoding requests. Per GPU that is
-b = ceil(decoding / gpus) requests of c = context / decoding tokens each and
-p = ceil(prefill / gpus) prompt tokens (DP-attention ranks evenly loaded, the busiest one
-priced). The step model prices grid nodes only: b exact up to 16, then 8 nodes per octave and
+tokens (at most ``largest_chunk`` of one request) and ``context`` cached tokens summed over the
+decoding requests. The busiest DP-attention rank is priced: b = ceil(decoding / gpus) requests
+of c = context / decoding tokens each and p = max(ceil(prefill / gpus), largest_chunk) prompt
+tokens, since a request's chunk is computed on the one rank that holds the request (the whole
+step is priced at that rank's tokens, its expert work included, an upper bound when one chunk
+dominates). The step model prices grid nodes only: b exact up to 16, then 8 nodes per octave and
 the batch cap itself; c at 4 nodes per octave from 64 tokens; p at 0, then 4 nodes per octave
 from 16 tokens and the step's budget itself. A step between nodes is interpolated linearly on
 each axis (trilinear), so a long run prices a few hundred nodes, each once.
@@ -102,9 +104,9 @@ class StepTimes:
             value = self.nodes[key] = float(self.price(*key))
         return value
 
-    def __call__(self, decoding: int, prefill: int, context: int) -> float:
+    def __call__(self, decoding: int, prefill: int, context: int, largest_chunk: int = 0) -> float:
         g = self.gpus
-        b, p = -(-decoding // g), -(-prefill // g)
+        b, p = -(-decoding // g), max(-(-prefill // g), largest_chunk)
         if not b:
             p0, p1, wp = _bracket(self._prefill_only, p)
             return (1 - wp) * self.node(0, 0.0, p0) + wp * self.node(0, 0.0, p1)

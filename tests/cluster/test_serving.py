@@ -13,7 +13,9 @@ from longcat_sim.cluster.serving import ServingConfig, ServingResult, simulate_s
 from longcat_sim.cluster.traffic import Requests, lengths, poisson_arrivals, synthetic_requests
 
 
-def _step(batch_decoding: int, prefill_tokens: int, context_tokens: int = 0) -> float:
+def _step(
+    batch_decoding: int, prefill_tokens: int, context_tokens: int = 0, largest_chunk: int = 0
+) -> float:
     return 0.01 + 0.0005 * batch_decoding + 2e-6 * prefill_tokens
 
 
@@ -117,7 +119,7 @@ def _md1_wait(rho: float, n: int, service_tokens: np.ndarray | None, seed: int) 
     arrivals = poisson_arrivals(rho, n / rho, np.random.default_rng(seed))
     out = np.ones(len(arrivals), dtype=np.int64) if service_tokens is None else service_tokens
     req = Requests(arrivals, np.zeros(len(arrivals), dtype=np.int64), out[: len(arrivals)])
-    res = simulate_serving(req, lambda b, p, c: 1.0, ServingConfig(batch_cap=1))
+    res = simulate_serving(req, lambda b, p, c, m: 1.0, ServingConfig(batch_cap=1))
     return float(np.mean(res.start_s - res.arrival_s))
 
 
@@ -134,7 +136,7 @@ def test_mm1_service_does_not_match_md1():
     tokens = lengths(4.0, 1.0, 2 * n, np.random.default_rng(9))
     arrivals = poisson_arrivals(lam, n / lam, np.random.default_rng(4))
     req = Requests(arrivals, np.zeros(len(arrivals), dtype=np.int64), tokens[: len(arrivals)])
-    res = simulate_serving(req, lambda b, p, c: 0.25, ServingConfig(batch_cap=1))
+    res = simulate_serving(req, lambda b, p, c, m: 0.25, ServingConfig(batch_cap=1))
     wait = float(np.mean(res.start_s - res.arrival_s))
     service = 0.25 * req.output_tokens
     rho = lam * service.mean()
@@ -234,7 +236,7 @@ def test_bad_config_is_one_line_error(kwargs):
 def test_bad_step_time_is_an_error():
     req = Requests(np.array([0.0]), np.array([1]), np.array([1]))
     with pytest.raises(ClusterInputError, match="step_time_s"):
-        simulate_serving(req, lambda b, p, c: 0.0, ServingConfig())
+        simulate_serving(req, lambda b, p, c, m: 0.0, ServingConfig())
 
 
 def test_prefill_budget_takes_prompts_in_admission_order():
@@ -251,7 +253,7 @@ def test_prefill_budget_takes_prompts_in_admission_order():
 def test_decode_steps_see_the_cache_their_requests_hold():
     seen: list[tuple[int, int, int]] = []
 
-    def step(b: int, p: int, c: int) -> float:
+    def step(b: int, p: int, c: int, m: int) -> float:
         seen.append((b, p, c))
         return 0.01
 
@@ -265,6 +267,7 @@ def test_cached_tokens_count_against_the_kv_capacity():
     cached = Requests(arrivals, prompts, outputs, cached_tokens=np.array([100, 100]))
     res = simulate_serving(cached, _step, ServingConfig(kv_capacity_tokens=160))
     assert res.start_s[1] >= res.finish_s[0]  # 155 + 155 > 160: the second waits
-    plain = simulate_serving(Requests(arrivals, prompts, outputs), _step,
-                             ServingConfig(kv_capacity_tokens=160))
+    plain = simulate_serving(
+        Requests(arrivals, prompts, outputs), _step, ServingConfig(kv_capacity_tokens=160)
+    )
     assert plain.start_s[1] == plain.start_s[0]  # negative control: 55 + 55 fit together

@@ -15,7 +15,9 @@ from longcat_sim.cluster.serving_trace import serving_trace, serving_trace_json
 from longcat_sim.cluster.traffic import Requests, synthetic_requests
 
 
-def _step(batch_decoding: int, prefill_tokens: int, context_tokens: int = 0) -> float:
+def _step(
+    batch_decoding: int, prefill_tokens: int, context_tokens: int = 0, largest_chunk: int = 0
+) -> float:
     return 0.01 + 0.0005 * batch_decoding + 2e-6 * prefill_tokens
 
 
