@@ -36,6 +36,7 @@ from longcat_sim.scenarios.serve_steps import (
     colocated_prefill,
     colocated_step_times,
     decode_pool_step_times,
+    dense_prefill_s,
     prefill_nodes,
 )
 from tests.cli_checks import refused
@@ -180,9 +181,10 @@ def test_saturation_negative_control_half_batch_misses() -> None:
 
 # -- 2. near-zero load: TTFT is the prefill, TPOT the batch-1 step ------------------------------
 
-# 255 tokens cached and 256 computed (a prefill node: one chunk on the rank that holds the
-# request); the first decode step's context, 512, is a context node
-IDLE_CACHED, IDLE_COMPUTED = 255, 256
+# 512 tokens computed on the rank that holds the request (a prefill node), 16 or 32 per GPU
+# when spread over 32 or 16 GPUs (nodes too); 511 cached, so the first decode step's context,
+# 1024, is a context node
+IDLE_CACHED, IDLE_COMPUTED = 511, 512
 IDLE_PROMPT = IDLE_CACHED + IDLE_COMPUTED
 
 
@@ -206,18 +208,25 @@ def batch1_step_s(setup, context: float) -> float:
     return closedform.step_time(decode_workload(d), d.schedule)
 
 
-def direct_prefill_s(setup) -> float:
-    """The step model's forward of the prompt's computed tokens on the one rank that holds it,
-    priced directly (disagg: as the prefill pool's NIC paces it)."""
-    if not setup.disagg:
-        alone = colocated_prefill(setup.pools)
-        p = dataclasses.replace(alone, tokens_per_device=IDLE_COMPUTED)
-        return closedform.step_time(prefill_workload(p), p.schedule)
-    pre = setup.pools.prefill
-    p = dataclasses.replace(pre, tokens_per_device=IDLE_COMPUTED)
+def _forward_s(setup, tokens: int) -> float:
+    """A forward of ``tokens`` per GPU on the pool that prefills (disagg: as its NIC paces it)."""
+    pool = setup.pools.prefill if setup.disagg else colocated_prefill(setup.pools)
+    p = dataclasses.replace(pool, tokens_per_device=tokens)
     w = prefill_workload(p)
+    forward = closedform.step_time(w, p.schedule)
+    if not setup.disagg:
+        return forward
     sized = dataclasses.replace(setup.pools, prefill=p)
-    return kv_transfer_s(sized, closedform.step_time(w, p.schedule), comm_seconds(w))[1]
+    return kv_transfer_s(sized, forward, comm_seconds(w))[1]
+
+
+def direct_prefill_s(setup) -> float:
+    """The forward with the prompt spread over the pool's GPUs, plus the work outside the
+    routed experts that the rank holding the prompt does beyond that, priced directly."""
+    pool = setup.pools.prefill if setup.disagg else colocated_prefill(setup.pools)
+    spread = IDLE_COMPUTED // pool.gpus
+    extra = dense_prefill_s(pool, IDLE_COMPUTED) - dense_prefill_s(pool, spread)
+    return _forward_s(setup, spread) + extra
 
 
 @pytest.mark.parametrize("layout", ["colocated", "disagg"])
@@ -228,18 +237,14 @@ def test_idle_ttft_is_prefill_and_tpot_is_batch1_step(layout: str) -> None:
         expected = expected + exposed_transfer_s(setup, requests)
     np.testing.assert_allclose(ttft, expected, rtol=EXACT)
     np.testing.assert_allclose(tpot, batch1_step_s(setup, IDLE_PROMPT + 1.0), rtol=EXACT)
-    # negative controls: the prompt spread over every rank, without the exposed transfer, or
-    # at batch 2, the times miss
+    # negative controls: the prompt spread over every rank with nothing added, the whole
+    # forward at the holding rank's tokens, without the exposed transfer, or at batch 2
     pool = setup.pools.prefill if setup.disagg else setup.pools.decode
-    spread = dataclasses.replace(
-        colocated_prefill(setup.pools) if not setup.disagg else setup.pools.prefill,
-        tokens_per_device=-(-IDLE_COMPUTED // pool.gpus),
-    )
-    spread_s = closedform.step_time(prefill_workload(spread), spread.schedule)
-    assert np.all(ttft > spread_s * (1 + EXACT))
+    assert np.all(ttft > _forward_s(setup, IDLE_COMPUTED // pool.gpus) * (1 + 1e-3))
+    assert np.all(ttft < _forward_s(setup, IDLE_COMPUTED) * (1 - 1e-3))
     if setup.disagg:
         assert np.all(np.abs(ttft / direct_prefill_s(setup) - 1) > EXACT)
-    wrong = dataclasses.replace(setup.pools.decode, batch_per_device=2, context=512.0)
+    wrong = dataclasses.replace(setup.pools.decode, batch_per_device=2, context=1024.0)
     wrong_s = closedform.step_time(decode_workload(wrong), wrong.schedule)
     assert np.all(np.abs(tpot / wrong_s - 1) > EXACT)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
@@ -49,6 +50,8 @@ def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -
         raise UserError(
             "--executor ray needs Ray: pip install 'longcat-sim[ray]' (or pip install ray)"
         ) from None
+    if address is not None:
+        _check_reachable(address)
     started = not ray.is_initialized()
     if started:
         try:
@@ -71,6 +74,21 @@ def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, in a few seconds, a ``host:port`` Ray address nothing listens on (Ray itself
+    retries for minutes); other forms (``auto``, ``ray://``) go to Ray as they are."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(
+            f"--executor ray: nothing answers at {address!r} ({exc.strerror or exc}); start "
+            "a head with 'ray start --head' or give its address"
+        ) from None
 
 
 def map_items(

@@ -56,7 +56,11 @@ from longcat_sim.scenarios.serve import (
     run_serve,
     serve_results,
 )
-from longcat_sim.scenarios.serve_steps import prefill_pool_step_times
+from longcat_sim.scenarios.serve_steps import (
+    colocated_prefill,
+    dense_prefill_s,
+    prefill_pool_step_times,
+)
 
 UTILISATION = 0.9
 VERIFY_ROUNDS = 3  # batches of --verify candidates served before giving up on a winner
@@ -118,8 +122,9 @@ def _balanced_chunk(setup: DisaggSetup, batch: float) -> float:
 
 
 def price_task(task: tuple) -> float:
-    """Seconds of one distinct step a screening needs: ("decode", problem, hw, gpus, b,
-    schedule), ("mixed", ..., b, c, schedule) or ("prefill", problem, hw, pg, tokens)."""
+    """Seconds of one distinct step a screening needs: ("decode", problem, hw, gpus, b, 0,
+    schedule), ("mixed", ..., b, c, schedule), ("dense", ..., 0, c, schedule: the non-expert
+    compute of c prompt tokens on one co-located GPU) or ("prefill", problem, hw, pg, tokens)."""
     kind, problem = task[0], task[1]
     if kind == "prefill":
         _, _, hw, pg, tokens = task
@@ -132,6 +137,8 @@ def price_task(task: tuple) -> float:
     setup = pools(problem, hw, gpus, schedule, gpus)
     d = setup.decode
     context = setup.prefill.prompt_len + setup.output_len / 2
+    if kind == "dense":
+        return dense_prefill_s(colocated_prefill(setup), chunk)
     if kind == "decode":
         w = decode_workload(dataclasses.replace(d, batch_per_device=batch, context=context))
     else:
@@ -139,26 +146,32 @@ def price_task(task: tuple) -> float:
     return closedform.step_time(w, d.schedule)
 
 
-def _mixed_point(setup: DisaggSetup, c: Candidate) -> tuple[int, int]:
-    """(batch, prompt tokens) per GPU of the busiest rank of a co-located step in steady
-    state. A prompt is computed on the rank that holds it, a chunk of up to
-    ``tokens_per_device`` a step, so a step that carries prompts is as long as one with a full
-    chunk (or a whole shorter prompt); the batch is the cap when the chunks admit requests as
-    fast as they finish, else the batch they keep in flight."""
+def _mixed_point(setup: DisaggSetup, c: Candidate) -> tuple[int, int, int]:
+    """(batch, prompt tokens, largest chunk) per GPU of a co-located step in steady state.
+    The batch is the cap when the chunks admit requests as fast as they finish, else the batch
+    they keep in flight. A prompt is computed on the rank that holds it, a chunk of up to
+    ``tokens_per_device`` (or a whole shorter prompt) a step, and that rank's work outside the
+    routed experts sets the step (as ``serve`` prices it)."""
     need = _balanced_chunk(setup, c.batch_per_device)
     chunk = max(1, min(c.tokens_per_device, round(setup.prefill.new_tokens_per_prompt)))
     if c.tokens_per_device >= need:
-        return c.batch_per_device, max(chunk, round(need))
+        spread = max(1, round(need))
+        return c.batch_per_device, spread, max(chunk, spread)
     scale = c.tokens_per_device / need
-    return max(1, math.floor(c.batch_per_device * scale)), c.tokens_per_device
+    return max(1, math.floor(c.batch_per_device * scale)), c.tokens_per_device, chunk
 
 
 def tasks_for(problem: PlanProblem, c: Candidate) -> list[tuple]:
     """The distinct steps screening ``c`` needs priced (see :func:`price_task`)."""
     setup = pools(problem, c.hardware, c.gpus, c.schedule, c.gpus)
     if c.layout == "colocated":
-        b, p = _mixed_point(setup, c)
-        return [("mixed", problem, c.hardware, c.gpus, b, p, c.schedule)]
+        b, p, chunk = _mixed_point(setup, c)
+        mixed = [("mixed", problem, c.hardware, c.gpus, b, p, c.schedule)]
+        if chunk <= p:
+            return mixed
+        return mixed + [
+            ("dense", problem, c.hardware, c.gpus, 0, tokens, c.schedule) for tokens in (chunk, p)
+        ]
     return [
         ("decode", problem, c.hardware, c.gpus, c.batch_per_device, 0, c.schedule),
         ("prefill", problem, c.hardware, c.prefill_gpus, c.tokens_per_device),
@@ -208,8 +221,8 @@ def screen(problem: PlanProblem, c: Candidate, prices: dict[tuple, float]) -> di
     rate, out_len = problem.rate, setup.output_len
     steps = [prices[t] for t in tasks_for(problem, c)]
     if c.layout == "colocated":
-        b, _ = _mixed_point(setup, c)
-        step = steps[0]
+        b, _, _ = _mixed_point(setup, c)
+        step = steps[0] + (steps[1] - steps[2] if len(steps) == 3 else 0.0)
         per_instance = b * c.gpus * q / (step * out_len)
         ttft = math.ceil(new / c.tokens_per_device) * step
         instances, pre_instances, pre_gpus = math.ceil(rate / (UTILISATION * per_instance)), 0, 0

@@ -211,9 +211,11 @@ def run_disagg(setup: ServeSetup, requests: Requests) -> ServeRun:
     _check_capacity(setup, requests, capacity)
     pre_steps = prefill_pool_step_times(setup.pools)
     p = setup.pools.prefill
-    # a forward takes as many prompts as its budget holds at the mean computed length; the
-    # rest wait in the prefill instance's queue
-    per_forward = max(1, math.ceil(p.tokens_per_device * p.gpus / p.new_tokens_per_prompt))
+    # a forward takes as many prompts as its budget holds in chunks of the mean computed
+    # length (or the chunk cap); the rest wait in the prefill instance's queue
+    per_forward = max(
+        1, math.ceil(p.tokens_per_device * p.gpus / p.computed_per_prompt_per_forward)
+    )
     pre_cfg = dataclasses.replace(
         _config(setup, dep.prefill_instances, per_forward, None),
         chunk_tokens=min(p.tokens_per_device, p.chunk_size or p.tokens_per_device),

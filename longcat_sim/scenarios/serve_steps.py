@@ -2,11 +2,13 @@
 
 A serving instance asks for the time of a step with ``decoding`` requests, ``prefill`` prompt
 tokens (at most ``largest_chunk`` of one request) and ``context`` cached tokens summed over the
-decoding requests. The busiest DP-attention rank is priced: b = ceil(decoding / gpus) requests
-of c = context / decoding tokens each and p = max(ceil(prefill / gpus), largest_chunk) prompt
-tokens, since a request's chunk is computed on the one rank that holds the request (the whole
-step is priced at that rank's tokens, its expert work included, an upper bound when one chunk
-dominates). The step model prices grid nodes only: b exact up to 16, then 8 nodes per octave and
+decoding requests. Per GPU that is b = ceil(decoding / gpus) requests of c = context /
+decoding tokens each and p = ceil(prefill / gpus) prompt tokens (the ranks evenly loaded, the
+busiest priced). A request's chunk is computed on the one rank that holds it, so when the
+largest chunk m exceeds p, that rank's work outside the routed experts (attention, dense
+FFNs, shared experts, router), which the others wait for at the next dispatch, is added:
+dense(m) - dense(p), with dense() the prefill forward's non-expert compute on one GPU; the
+routed experts stay spread over the EP group. The step model prices grid nodes only: b exact up to 16, then 8 nodes per octave and
 the batch cap itself; c at 4 nodes per octave from 64 tokens; p at 0, then 4 nodes per octave
 from 16 tokens and the step's budget itself. A step between nodes is interpolated linearly on
 each axis (trilinear), so a long run prices a few hundred nodes, each once.
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from longcat_sim import stages as S
 from longcat_sim.cluster import closedform
 from longcat_sim.scenarios.decode import decode_workload
 from longcat_sim.scenarios.disagg import (
@@ -90,7 +94,9 @@ class StepTimes:
     gpus: int
     batch_cap: int
     prefill_budget: int
+    dense: Callable[[int], float] | None = None  # non-expert prompt compute on one GPU, s
     nodes: dict[tuple[int, float, int], float] = field(default_factory=dict)
+    dense_nodes: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._batch = batch_nodes(max(1, self.batch_cap))
@@ -104,9 +110,27 @@ class StepTimes:
             value = self.nodes[key] = float(self.price(*key))
         return value
 
+    def _dense_at(self, p: float) -> float:
+        lo, hi, w = _bracket(self._prefill, p)
+        values = []
+        for node in (lo, hi):
+            if node not in self.dense_nodes:
+                self.dense_nodes[node] = float(self.dense(node)) if node else 0.0
+            values.append(self.dense_nodes[node])
+        return (1 - w) * values[0] + w * values[1]
+
     def __call__(self, decoding: int, prefill: int, context: int, largest_chunk: int = 0) -> float:
         g = self.gpus
-        b, p = -(-decoding // g), max(-(-prefill // g), largest_chunk)
+        b, p = -(-decoding // g), -(-prefill // g)
+        busiest = 0.0
+        if largest_chunk > p:
+            if self.dense is None:  # no split of the work: the whole step at that rank's tokens
+                p = largest_chunk
+            else:
+                busiest = self._dense_at(largest_chunk) - self._dense_at(p)
+        return self._grid(b, p, context, decoding) + busiest
+
+    def _grid(self, b: int, p: int, context: int, decoding: int) -> float:
         if not b:
             p0, p1, wp = _bracket(self._prefill_only, p)
             return (1 - wp) * self.node(0, 0.0, p0) + wp * self.node(0, 0.0, p1)
@@ -147,6 +171,14 @@ def colocated_prefill(setup: DisaggSetup) -> PrefillSetup:
     )
 
 
+def dense_prefill_s(p: PrefillSetup, tokens: int) -> float:
+    """Seconds of a prefill forward's compute outside the routed experts on one GPU that
+    computes ``tokens`` prompt tokens (both micro-batches under TBO)."""
+    w = prefill_workload(dataclasses.replace(p, tokens_per_device=tokens))
+    layers, scale = (w.layers, 1) if w.layers else (w.layers_half, 2)
+    return scale * sum(st.compute_total - st.get(S.ROUTED_EXPERTS) for st in layers)
+
+
 def _forward_s(p: PrefillSetup, tokens: int) -> float:
     return closedform.step_time(
         prefill_workload(dataclasses.replace(p, tokens_per_device=tokens)), p.schedule
@@ -167,7 +199,8 @@ def colocated_step_times(setup: DisaggSetup, budget_per_gpu: int) -> StepTimes:
             return closedform.step_time(w, d.schedule)
         return closedform.step_time(colocated_workload(setup, b, c, p), d.schedule)
 
-    return StepTimes(price, d.gpus, d.batch_per_device, budget_per_gpu)
+    dense = functools.partial(dense_prefill_s, alone)
+    return StepTimes(price, d.gpus, d.batch_per_device, budget_per_gpu, dense)
 
 
 def decode_pool_step_times(setup: DisaggSetup) -> StepTimes:
@@ -193,4 +226,4 @@ def prefill_pool_step_times(setup: DisaggSetup) -> StepTimes:
         sized = dataclasses.replace(setup, prefill=dataclasses.replace(p, tokens_per_device=tokens))
         return kv_transfer_s(sized, forward, comm)[1]
 
-    return StepTimes(price, p.gpus, 1, p.tokens_per_device)
+    return StepTimes(price, p.gpus, 1, p.tokens_per_device, functools.partial(dense_prefill_s, p))
