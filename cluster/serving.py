@@ -412,6 +412,7 @@ def latency_summary(
     }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         out.update(_stats(name, values))
+    out["requests_met_slo"] = int(np.count_nonzero(met))
     out["goodput_requests_per_s"] = int(np.count_nonzero(met)) / span
     judged = np.count_nonzero(done) + np.count_nonzero(late)
     out["slo_attainment"] = float(np.count_nonzero(met) / max(1, judged))

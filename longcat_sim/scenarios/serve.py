@@ -315,6 +315,9 @@ def serve_results(setup: ServeSetup, run: ServeRun) -> dict[str, Any]:
         req.arrival_s[kept], run.first_token_s[kept], run.finish_s[kept],
         req.output_tokens[kept], end, setup.slo_s, min(dep.warmup_s, end),
     )  # fmt: skip
+    # goodput over the arrival window [warm-up, duration] (a drained run ends later)
+    window = min(end, dep.duration_s) - min(dep.warmup_s, end)
+    summary["goodput_requests_per_s"] = summary["requests_met_slo"] / window if window > 0 else 0.0
     out |= _ms(summary)
     decoding = run.stages.get("decode", run.stages.get("colocated"))
     if decoding is not None:
