@@ -217,7 +217,8 @@ class _Engine:
             taken.append(i)
         if taken:
             new = np.array(taken, dtype=np.int64)
-            self.start[new] = self.env.now
+            # an arrival woken by a timeout of (arrival - now) may land an ulp early
+            self.start[new] = np.maximum(self.env.now, self.arrival[new])
             inst.fresh += sum(self.no_prompt[i] for i in taken)
             inst.idx = np.concatenate([inst.idx, new])
             inst.left = np.concatenate([inst.left, self.prompt[new]])
@@ -395,14 +396,16 @@ def latency_summary(
 ) -> dict:
     """Counts, TTFT/TPOT/end-to-end percentiles, goodput and SLO attainment of per-request
     times (NaN where not reached) for requests arriving in [start, end]; ``slo_s``: (TTFT,
-    TPOT) limits in seconds. Attainment counts, beside the finished requests, those still
-    waiting for a first token past the TTFT limit (they have already missed it)."""
+    TPOT) limits in seconds. Attainment counts, beside the finished requests, the unfinished
+    ones whose first token came, or is still awaited, past the TTFT limit (they have missed
+    it already)."""
     ttft, e2e = first - arrival, finish - arrival
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(output > 1, (finish - first) / (output - 1), np.nan)
     span = end - start if end > start else math.nan
     done = np.isfinite(e2e)
-    late = np.isnan(first) & (arrival <= end) & (end - arrival > slo_s[0])
+    waited = np.where(np.isnan(first), end, first) - arrival  # so far, for the unserved
+    late = ~done & (arrival <= end) & (waited > slo_s[0])
     met = done & (ttft <= slo_s[0]) & ~(tpot > slo_s[1])
     out: dict = {
         "requests": len(arrival),

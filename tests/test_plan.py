@@ -137,6 +137,13 @@ def test_screening_adds_instances_until_the_rate_fits_the_headroom():
     prices = _prices(PROBLEM, SMALL)
     for c in candidates(SMALL):
         row = screen(PROBLEM, c, prices)
+        if c.layout == "disagg":  # a decode instance at its cap: b x gpus x q / (step x O)
+            d = plan_mod.pools(PROBLEM, c.hardware, c.gpus, c.schedule, c.gpus).decode
+            step = prices[tasks_for(PROBLEM, c)[0]]
+            q = 1 + d.mtp_accept * d.mtp_draft_tokens
+            expected = c.batch_per_device * c.gpus * q / (step * PROBLEM.output_len)
+            assert row["instance_requests_per_s"] == pytest.approx(expected, rel=1e-12)
+            assert row["tpot_ms"] == pytest.approx(step / q * 1e3, rel=1e-12)
         capacity = row["instance_requests_per_s"] * UTILISATION
         assert row["instances"] * capacity >= PROBLEM.rate
         assert (row["instances"] - 1) * capacity < PROBLEM.rate  # not one more than needed

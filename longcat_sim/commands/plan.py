@@ -100,9 +100,11 @@ def _text(problem: PlanProblem, out: dict[str, Any]) -> str:
     if w is None:
         lines.append("  no verified candidate met the SLO; widen the choices or the targets")
     else:
+        good = w.get("served_cost_per_m_good_tokens")
         lines.append(
             f"  winner: {_shape(w)}, {w['total_gpus']} GPUs, ${w['cost_per_m_tokens']:.3f} per "
-            "M output tokens"
+            "M output tokens at the offered rate"
+            + ("" if good is None else f" (${good:.3f} per M tokens that met both targets)")
         )
     lines.append("  verified (cheapest first):")
     lines += [_line(r) for r in out["verified"]]

@@ -13,6 +13,7 @@ from longcat_sim.config.deployment import (
     model_schedule,
 )
 from longcat_sim.config.fields import choice, integer, name, number, optional, setting
+from longcat_sim.errors import UserError
 
 KV_TRANSFERS = ("layerwise", "after_prefill")
 
@@ -194,6 +195,14 @@ class ServeDeployment(Traffic, ServiceLevel, DisaggDeployment):
         check=optional(integer(1)),
         kind=int,
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.warmup_s >= self.duration_s:
+            raise UserError(
+                f"--warmup-s {self.warmup_s:g} leaves nothing of --duration-s "
+                f"{self.duration_s:g}; make the warm-up shorter than the duration"
+            )
 
     def prompt_tokens_per_step(self) -> int:
         """``tokens_per_device`` with its per-layout default."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.errors import UserError
 
 T = TypeVar("T")
@@ -67,8 +68,9 @@ def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -
         try:
             parts = ray.get(refs)
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, UserError):
-                raise exc.cause from None
+            cause = exc.cause
+            if isinstance(cause, UserError | ClusterInputError):
+                raise UserError(str(cause)) from None
             raise
         return [x for part in parts for x in part]
     finally:
@@ -80,6 +82,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Refuse, in a few seconds, a ``host:port`` Ray address nothing listens on (Ray itself
     retries for minutes); other forms (``auto``, ``ray://``) go to Ray as they are."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
     if not host or not port.isdigit():
         return
     try:

@@ -7,9 +7,10 @@ pricings shared between candidates (a decode pool's step does not depend on its 
   per step c, schedule): at batch b a step must take c* = b x q x P / O prompt tokens per GPU
   to admit requests as fast as they finish (q tokens per request-step with MTP, P computed
   prompt and O output tokens per request). With c >= c* the instance is decode-bound and its
-  step is priced at the busiest rank, (b, max(c*, min(c, P))): a prompt's chunk is computed on
-  the rank that holds it; otherwise prefill-bound at (b c / c*, c). TPOT = step / q; TTFT ~
-  ceil(P / c) steps.
+  step is priced as ``serve`` prices it: the mixed step at (b, c*) plus the work outside the
+  routed experts that the rank holding a chunk of min(c, P) tokens does beyond c*
+  (dense(min(c, P)) - dense(c*)); otherwise prefill-bound at (b c / c*, c). TPOT = step / q;
+  TTFT ~ ceil(P / c) steps.
 - disaggregated (decode pool as above without prompts; prefill pool: hardware, GPUs per
   instance, prompt tokens per GPU per forward): prefill instances are added until their
   utilisation rho <= 0.9 and the TTFT estimate forward x (1.5 + rho / (1 - rho)) (a forward
@@ -17,10 +18,12 @@ pricings shared between candidates (a decode pool's step does not depend on its 
   transfer meets the target.
 
 Instances are added until the utilisation is at most ``UTILISATION``; a candidate whose TPOT
-at its batch cap, TTFT estimate or KV cache (b requests of P + O tokens reserved) fails is
-screened out with its reason. The cheapest survivors ($ per million output tokens at the
-offered rate) are verified by ``serve`` (Poisson arrivals, warm-up left out, drained to the
-end). Those meeting both targets at the SLO percentile serve the offered traffic, so they are
+at its batch cap, TTFT estimate, KV cache (b requests of P + O tokens reserved) or prefill
+HBM fails is screened out with its reason. The cheapest survivors ($ per million output
+tokens at the offered rate) are verified by ``serve`` (Poisson arrivals, warm-up left out,
+drained to the end), in batches of ``verify`` until one meets the SLO (at most
+``VERIFY_ROUNDS`` batches), then every candidate as cheap as the best found; a candidate
+``serve`` refuses is kept as lost. Those meeting both targets at the SLO percentile serve the offered traffic, so they are
 ranked by their cost at the offered rate (GPU-hours over offered output tokens); the verified
 cost per output token of the requests that met both targets is reported beside it.
 """
@@ -36,20 +39,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from longcat_sim.cluster import closedform
-from longcat_sim.cluster.traffic import Requests
 from longcat_sim.config.plan import PlanChoices
 from longcat_sim.config.serving import DisaggDeployment, ServeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.scenarios.decode import decode_workload
-from longcat_sim.scenarios.disagg import DisaggSetup, colocated_workload, resolve_disagg
+from longcat_sim.scenarios.disagg import (
+    DisaggSetup,
+    colocated_workload,
+    exposed_transfer,
+    resolve_disagg,
+)
 from longcat_sim.scenarios.executors import map_items
 from longcat_sim.scenarios.prefill import prefill_memory
 from longcat_sim.scenarios.serve import (
     ServeSetup,
-    exposed_transfer_s,
     kv_capacity_tokens,
     load_requests,
     resolve_serve,
@@ -264,9 +268,7 @@ def _prefill_instances(
 
 def exposed_transfer_1(setup: DisaggSetup) -> float:
     """Exposed KV transfer of one mean-length prompt, in seconds."""
-    one = Requests(np.zeros(1), np.array([round(setup.prefill.prompt_len)]), np.ones(1, int))
-    serve = ServeSetup(setup, ServeDeployment(layout="disagg"), 1)
-    return float(exposed_transfer_s(serve, one)[0])
+    return float(exposed_transfer(setup, setup.prefill.prompt_len))
 
 
 def _screen_reason(problem: PlanProblem, c: Candidate, tpot: float, ttft: float) -> str:
@@ -432,6 +434,11 @@ def run_plan(
         served = map_items(verify_task, jobs, executor, address, workers)
         checked += [r | s for r, s in zip(top, served, strict=True)]
         if any(r["served_slo_met"] for r in checked):  # the next ones cost at least as much
+            best = min(r["cost_per_m_tokens"] for r in checked if r["served_slo_met"])
+            ties = [r for r in passed[first + verify :] if r["cost_per_m_tokens"] <= best + 1e-12]
+            jobs = [(problem, r, verify_duration_s) for r in ties[:verify]]
+            served = map_items(verify_task, jobs, executor, address, workers)
+            checked += [r | s for r, s in zip(ties, served, strict=False)]
             break
     winner, verified = rank(problem, checked)
     return PlanResult(winner, verified, screened, len(tasks), t1 - t0, time.perf_counter() - t1)

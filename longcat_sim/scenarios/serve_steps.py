@@ -86,9 +86,13 @@ def _context_bracket(c: float) -> tuple[float, float, float]:
 
 @dataclass
 class StepTimes:
-    """``step_time_s(decoding, prefill, context)`` of one instance of ``gpus`` GPUs, from
-    ``price(b, c, p)`` (seconds of a step with b requests of c tokens and p prompt tokens per
-    GPU) evaluated on the grid nodes only."""
+    """``step_time_s(decoding, prefill, context, largest_chunk)`` of one instance of ``gpus``
+    GPUs, from ``price(b, c, p)`` (seconds of a step with b requests of c tokens and p prompt
+    tokens per GPU) and ``dense(p)`` (the non-expert compute of p prompt tokens on one GPU),
+    each evaluated on the grid nodes only. Without ``dense`` a larger chunk prices the whole
+    step at its tokens. For a prefill pool, ``price`` is paced by the NIC at the even share;
+    the holding rank's extra compute is added to that (an overestimate when the NIC, not the
+    compute, sets the pace)."""
 
     price: Callable[[int, float, int], float]
     gpus: int

@@ -70,6 +70,13 @@ COMMANDS: dict[str, Any] = {
         _host_profile(d),
     ],
     "sweep": lambda d, c: split("sweep --batch-per-device 8 --workers 1 --no-progress"),
+    "serve-colocated": lambda d, c: split("serve --duration-s 5 --rate 5"),
+    "serve-disagg": lambda d, c: split("serve --layout disagg --duration-s 5 --rate 5"),
+    "plan": lambda d, c: split(
+        "plan --rate 20 --prompt-len 1024 --output-len 64 --gpus 32 --batch-per-device 16 "
+        "--tokens-per-device 512 --prefill-gpus 16 --verify 1 --verify-duration-s 10 "
+        "--workers 1"
+    ),
     "report": lambda d, c: split("report --no-png --batch-per-device 8,16"),
     "sdc": lambda d, c: split(
         "sdc --sites combine --bits 31 --trials 1 --clean-runs 2 --attribution-events 1"
