@@ -289,10 +289,28 @@ def save_pretrained(
     return out
 
 
+def _shard_names(path: Path) -> list[str]:
+    """The weight files a shard index names, each a plain file name inside ``path``."""
+    where = str(path / INDEX_NAME)
+    try:
+        index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"shard index {where!r} is damaged: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConfigError(f"shard index {where!r} is damaged: no weight_map of file names")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise ConfigError(
+                f"shard index {where!r} names {name!r}, outside the checkpoint directory"
+            )
+    return names
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
-        files = sorted(set(index.get("weight_map", {}).values()))
+        files = _shard_names(path)
     elif (path / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
@@ -303,8 +321,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(path / name), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     tensors[key] = handle.get_tensor(key)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"cannot read weights file {name!r}: {exc}") from None
+        except Exception as exc:  # safetensors reports a damaged file with several types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot read weights file {name!r}: {first}") from None
     return tensors
 
 
@@ -320,10 +339,15 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> to
     if not (root / CONFIG_NAME).is_file():
         raise ConfigError(f"{str(root)!r} has no {CONFIG_NAME}; pass a checkpoint directory")
     try:
-        doc = json.loads((root / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as exc:
+        doc = json.loads((root / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{CONFIG_NAME} in {str(root)!r} is not valid JSON: {exc}") from None
-    config_from_hf(doc)  # reject a bad config before reading any weights
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{CONFIG_NAME} in {str(root)!r} is not a JSON object")
+    try:
+        config_from_hf(doc)  # reject a bad config before reading any weights
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{CONFIG_NAME} in {str(root)!r} is damaged: {exc!r}") from None
     tensors = _read_tensors(root)
     cfg = config_from_hf(doc, has_mtp=any(key.startswith("model.mtp.") for key in tensors))
     module = LongcatFlashForCausalLM(cfg)

@@ -211,7 +211,11 @@ def test_checkpoints_are_complete_or_invisible(tiny_data, tmp_path) -> None:
     assert steps == [4, 6]  # step 2 was pruned; only complete checkpoints are listed
     latest = ckpt.latest_checkpoint(tmp_path)
     marker = json.loads((latest / ckpt.MARKER_NAME).read_text())
-    assert marker == {"step": 6, "param_hash": parameter_hash(trainer.model)}
+    assert marker == {
+        "step": 6,
+        "param_hash": parameter_hash(trainer.model),
+        "files": ckpt.file_digests(latest),
+    }
     assert parameter_hash(load_pretrained(latest)) == marker["param_hash"]
     # a checkpoint folder whose marker was never written (a crash mid-save) is ignored
     torn = tmp_path / ckpt.CHECKPOINTS_DIR / "step-00000008"

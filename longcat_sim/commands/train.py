@@ -13,6 +13,7 @@ sums) they are equal for any ``--threads`` and any process count.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,12 @@ from longcat_sim.model.kernels.backend import triton_available, triton_interpret
 from longcat_sim.runs import default_run_dir
 from longcat_sim.train import config as training_config
 from longcat_sim.train import distributed
-from longcat_sim.train.checkpoint import latest_checkpoint, read_checkpoint_state
+from longcat_sim.train.checkpoint import (
+    latest_checkpoint,
+    newest_intact,
+    read_checkpoint_state,
+    verify_checkpoint,
+)
 from longcat_sim.train.config import TrainConfig
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import load_data
@@ -84,7 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a run starts and stops, and what it runs on."""
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest complete checkpoint"
+        "--resume",
+        nargs="?",
+        const="latest",
+        choices=("latest", "latest-valid"),
+        default=None,
+        help="continue from the latest complete checkpoint, refused when its files do not "
+        "match their recorded SHA-256; 'latest-valid': from the newest intact one",
     )
     parser.add_argument(
         "--grow-from",
@@ -139,6 +151,26 @@ def _requested_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
     return train, model
 
 
+def _resume_checkpoint(run_dir: Path, mode: str) -> Path:
+    """The checkpoint ``--resume`` continues from, its files checked against their digests
+    before any work starts (``latest-valid``: the newest intact one, saying what it skipped)."""
+    if latest_checkpoint(run_dir) is None:
+        raise UserError(
+            f"--resume: {str(run_dir)!r} holds no complete checkpoint; run without --resume "
+            "to start training"
+        )
+    if mode == "latest":
+        checkpoint = latest_checkpoint(run_dir)
+        verify_checkpoint(checkpoint)
+        return checkpoint
+    checkpoint, skipped = newest_intact(run_dir)
+    for reason in skipped:
+        print(f"warning: skipped: {reason}", file=sys.stderr)
+    if checkpoint is None:
+        raise UserError(f"--resume latest-valid: no checkpoint in {str(run_dir)!r} is intact")
+    return checkpoint
+
+
 def _configs(
     args: argparse.Namespace, run_dir: Path | None
 ) -> tuple[ModelConfig, training_config.TrainConfig, Path | None]:
@@ -147,12 +179,7 @@ def _configs(
     if args.resume:
         if run_dir is None:
             raise UserError("--resume needs the run directory: pass --run-dir DIR")
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UserError(
-                f"--resume: {str(run_dir)!r} holds no complete checkpoint; run without --resume "
-                "to start training"
-            )
+        checkpoint = _resume_checkpoint(run_dir, args.resume)
         state = read_checkpoint_state(checkpoint)
         model_cfg: ModelConfig = state["model_config"]
         train_cfg = state["train_config"].replace(**train_changes)

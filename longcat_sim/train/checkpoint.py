@@ -2,14 +2,18 @@
 
 Layout: ``RUN/checkpoints/step-00000100/`` with ``config.json`` and ``model.safetensors``
 (Hugging Face format), ``trainer_state.pt`` (optimizer, controller, step, configs) and the
-marker ``COMPLETE``, written last. The directory is assembled under a temporary name and renamed
-into place, so a crash never leaves a checkpoint that looks complete. Every process of a run
+marker ``COMPLETE``, written last: the step, the parameters' SHA-256 (``param_hash``) and the
+SHA-256 of every other file (``files``), each checked before a checkpoint is resumed from. The
+directory is assembled under a temporary name and renamed into place, so a crash never leaves a
+checkpoint that looks complete. Every process of a run
 holds the whole model and optimizer state, so one process writes and any number can read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -73,13 +77,89 @@ def read_checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint)
     try:
         state = torch.load(io.BytesIO((path / STATE_NAME).read_bytes()), weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot read {str(path / STATE_NAME)!r}: {exc}") from None
+    except Exception as exc:  # a damaged file fails torch.load with many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {str(path / STATE_NAME)!r}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{str(path)!r} is not a {STATE_FORMAT} checkpoint")
-    state["model_config"] = ModelConfig.from_dict(state["model_config"])
-    state["train_config"] = TrainConfig.from_dict(state["train_config"])
+    try:
+        state["model_config"] = ModelConfig.from_dict(state["model_config"])
+        state["train_config"] = TrainConfig.from_dict(state["train_config"])
+        for key in ("step", "optimizer", "bias_controller"):
+            state[key]
+        int(state["step"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(
+            f"{str(path / STATE_NAME)!r} is damaged ({type(exc).__name__}: {exc}); resume from "
+            "another checkpoint (--resume latest-valid)"
+        ) from None
     return state
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint folder but the marker, by name."""
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MARKER_NAME:
+            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint (step, param_hash, files), or a one-line error."""
+    path = checkpoint / MARKER_NAME
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint marker {str(path)!r} is damaged: {exc}") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files", {}), dict):
+        raise UserError(f"checkpoint marker {str(path)!r} is damaged: not a JSON object")
+    return marker
+
+
+def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against the SHA-256 its marker records; the marker,
+    or a one-line error naming the damaged file. A marker without digests (an older
+    checkpoint) leaves the parameter hash, checked after loading, as the only check."""
+    path = Path(checkpoint)
+    marker = read_marker(path)
+    for name, digest in marker.get("files", {}).items():
+        target = path / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(f"checkpoint {str(path)!r} is damaged: its marker names {name!r}")
+        if not target.is_file():
+            raise UserError(f"checkpoint {str(path)!r} is damaged: {name} is missing")
+        if hashlib.sha256(target.read_bytes()).hexdigest() != digest:
+            raise UserError(
+                f"checkpoint {str(path)!r} is damaged: {name} does not match the SHA-256 its "
+                "marker records; resume from an older one with --resume latest-valid"
+            )
+    return marker
+
+
+def newest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint whose files match their digests, why each newer one was
+    skipped)."""
+    skipped = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(path)
+            read_checkpoint_state(path)
+        except UserError as exc:
+            skipped.append(str(exc))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def check_param_hash(model: torch.nn.Module, marker: dict[str, Any], path: Path) -> None:
+    """The loaded parameters must hash to what the checkpoint recorded."""
+    recorded = marker.get("param_hash")
+    if recorded is not None and parameter_hash(model) != recorded:
+        raise UserError(
+            f"checkpoint {str(path)!r} is damaged: its weights do not hash to the recorded "
+            "param_hash; resume from an older one with --resume latest-valid"
+        )
 
 
 def remove_stale(run_dir: Path) -> None:
@@ -112,7 +192,8 @@ def write_checkpoint(
     buffer = io.BytesIO()
     torch.save({"format": STATE_FORMAT, **state}, buffer)
     write_bytes_atomic(tmp / STATE_NAME, buffer.getvalue())
-    write_json_atomic(tmp / MARKER_NAME, {"step": step, "param_hash": parameter_hash(model)})
+    marker = {"step": step, "param_hash": parameter_hash(model), "files": file_digests(tmp)}
+    write_json_atomic(tmp / MARKER_NAME, marker)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

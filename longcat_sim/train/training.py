@@ -176,9 +176,11 @@ class Trainer:
     def load_checkpoint(self, checkpoint: str | Path) -> None:
         """Continue from ``checkpoint`` (written at any world size)."""
         path = Path(checkpoint)
+        marker = ckpt.verify_checkpoint(path)
         state = ckpt.read_checkpoint_state(path)
         ckpt.check_resumable(state, self.model_cfg, self.tc, path)
         self.model.load_state_dict(load_pretrained(path).state_dict())
+        ckpt.check_param_hash(self.model, marker, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["bias_controller"])
         self.step = int(state["step"])

@@ -1,0 +1,164 @@
+"""Damaged checkpoints are refused with one line naming the file, before any training; a shard
+index cannot point outside its checkpoint; ``--resume latest-valid`` falls back to the newest
+intact checkpoint and reaches the uninterrupted run's parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from longcat_sim.model.checkpoint import INDEX_NAME, load_pretrained
+from longcat_sim.model.config import ConfigError
+from longcat_sim.train.checkpoint import MARKER_NAME, STATE_NAME, checkpoint_dirs
+from tests.test_train import main_resume, one_line_error
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="module")
+def whole(cache, tmp_path_factory) -> dict:
+    """An uninterrupted 4-step run."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    code, stdout, _ = _train(cache, out, "--steps", "4")
+    assert code == 0
+    return json.loads(stdout)
+
+
+def _train(cache, out, *extra: str) -> tuple[int, str, str]:
+    """``train`` with a fresh capture (module-scoped fixtures cannot take capsys)."""
+    import contextlib
+    import io
+
+    from longcat_sim.cli import main
+
+    argv = [
+        "train", "--model", "tiny", "--run-dir", str(out), "--data-cache", str(cache),
+        "--set", f"byte_budget={2**18}", "--set", "warmup_steps=1", "--json", *extra,
+    ]  # fmt: skip
+    out_buf, err_buf = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+        code = main(argv)
+    return code, out_buf.getvalue(), err_buf.getvalue()
+
+
+def _two_checkpoints(cache, out: Path) -> list[Path]:
+    """A run stopped at step 3 with checkpoints at steps 2 and 3."""
+    code, _, _ = _train(
+        cache, out, "--steps", "4", "--stop-after", "3", "--set", "checkpoint_every=1"
+    )
+    assert code == 0
+    dirs = checkpoint_dirs(out)
+    assert [d.name for d in dirs] == ["step-00000002", "step-00000003"]
+    return dirs
+
+
+def _flip_bytes(path: Path, offset_from_end: int = 4096, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) - offset_from_end)
+    for i in range(start, min(len(data), start + count)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_marker_records_a_digest_of_every_file(cache, tmp_path) -> None:
+    newest = _two_checkpoints(cache, tmp_path / "run")[-1]
+    marker = json.loads((newest / MARKER_NAME).read_text())
+    names = {p.name for p in newest.iterdir()} - {MARKER_NAME}
+    assert set(marker["files"]) == names and STATE_NAME in names
+    assert all(len(d) == 64 for d in marker["files"].values())
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", STATE_NAME, "config.json"])
+def test_damaged_file_is_refused_naming_it(cache, tmp_path, capsys, victim) -> None:
+    out = tmp_path / "run"
+    newest = _two_checkpoints(cache, out)[-1]
+    _flip_bytes(newest / victim)
+    one_line_error(*main_resume(cache, out, capsys), victim, "--resume latest-valid")
+
+
+def test_weights_changed_under_an_old_marker_fail_the_parameter_hash(cache, tmp_path, capsys):
+    """A marker without file digests (an older checkpoint): 4 KB of random bytes inside the
+    weights still stop the resume, through the recorded parameter hash."""
+    out = tmp_path / "run"
+    newest = _two_checkpoints(cache, out)[-1]
+    marker = json.loads((newest / MARKER_NAME).read_text())
+    del marker["files"]
+    (newest / MARKER_NAME).write_text(json.dumps(marker))
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8192:-4096] = os.urandom(4096)
+    weights.write_bytes(bytes(data))
+    one_line_error(*main_resume(cache, out, capsys), "param_hash")
+
+
+def test_latest_valid_falls_back_and_matches_the_whole_run(cache, tmp_path, capsys, whole):
+    out = tmp_path / "run"
+    newest = _two_checkpoints(cache, out)[-1]
+    _flip_bytes(newest / "model.safetensors")
+    assert main_resume(cache, out, capsys)[0] == 2  # negative control: plain --resume refuses
+    code, stdout, stderr = main_resume_valid(cache, out, capsys)
+    assert code == 0, stderr
+    resumed = json.loads(stdout)
+    assert "skipped" in stderr and "step-00000003" in stderr
+    assert resumed["start_step"] == 2
+    assert resumed["param_hash"] == whole["param_hash"]
+
+
+def main_resume_valid(cache, out, capsys):
+    from longcat_sim.cli import main
+
+    code = main(
+        ["train", "--run-dir", str(out), "--resume", "latest-valid", "--data-cache", str(cache),
+         "--json"]
+    )  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    return code, stdout, stderr
+
+
+def test_no_intact_checkpoint_is_one_line(cache, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    for folder in _two_checkpoints(cache, out):
+        _flip_bytes(folder / STATE_NAME)
+    code, _, stderr = main_resume_valid(cache, out, capsys)
+    assert code == 2 and "no checkpoint" in stderr and "is intact" in stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xff\xfe not utf-8", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b"null", "not a JSON object"),
+        (b'{"hidden_size": "wide"}', "damaged"),
+    ],
+)
+def test_damaged_config_json_is_one_error(cache, tmp_path, content, fragment) -> None:
+    newest = _two_checkpoints(cache, tmp_path / "run")[-1]
+    (newest / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=fragment):
+        load_pretrained(newest)
+
+
+def test_shard_names_stay_inside_the_checkpoint(tmp_path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(_tiny_hf_config()))
+    (ckpt / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": "../../x.safetensors"}}))
+    with pytest.raises(ConfigError, match="outside the checkpoint directory"):
+        load_pretrained(ckpt)
+    (ckpt / INDEX_NAME).write_text("[1, 2]")  # negative control of the message: a bad index
+    with pytest.raises(ConfigError, match="no weight_map"):
+        load_pretrained(ckpt)
+
+
+def _tiny_hf_config() -> dict:
+    from longcat_sim.model.checkpoint import config_to_hf
+    from longcat_sim.model.config import get_preset
+
+    return config_to_hf(get_preset("tiny"))
