@@ -1,6 +1,7 @@
 """Damaged checkpoints are refused with one line naming the file, before any training; a shard
 index cannot point outside its checkpoint; ``--resume latest-valid`` falls back to the newest
-intact checkpoint and reaches the uninterrupted run's parameters."""
+intact checkpoint and reaches the uninterrupted run's parameters; a torn last line of
+``metrics.jsonl`` is dropped on resume, said, and the run still reaches them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from longcat_sim.errors import UserError
 from longcat_sim.model.checkpoint import INDEX_NAME, load_pretrained
 from longcat_sim.model.config import ConfigError
 from longcat_sim.train.checkpoint import MARKER_NAME, STATE_NAME, checkpoint_dirs
+from longcat_sim.train.metrics import METRICS_NAME, MetricsLog
 from tests.test_train import main_resume, one_line_error
 
 
@@ -162,3 +165,46 @@ def _tiny_hf_config() -> dict:
     from longcat_sim.model.config import get_preset
 
     return config_to_hf(get_preset("tiny"))
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------
+
+
+def _log(tmp_path: Path, text: bytes) -> MetricsLog:
+    (tmp_path / METRICS_NAME).write_bytes(text)
+    return MetricsLog(tmp_path)
+
+
+GOOD = b'{"step": 0, "lm_loss": 5.0}\n{"step": 1, "lm_loss": 4.0}\n'
+
+
+def test_a_torn_last_line_is_dropped_and_said(tmp_path) -> None:
+    log = _log(tmp_path, GOOD + b'{"step": 2, "lm_lo')
+    records, torn = log.parse()
+    assert [r["step"] for r in records] == [0, 1] and torn
+    assert log.truncate(5) is True
+    assert (tmp_path / METRICS_NAME).read_bytes().count(b"\n") == 2
+    assert log.parse() == (records, False)  # negative control: a whole file is not torn
+
+
+def test_a_damaged_middle_line_is_one_error(tmp_path) -> None:
+    log = _log(tmp_path, b'{"step": 0}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 2 is not a step record"):
+        log.parse()
+    with pytest.raises(UserError, match="not UTF-8"):
+        _log(tmp_path, b'{"step": 0}\n\xff\xfe\n').parse()
+
+
+def test_resume_over_a_torn_metrics_line_matches_the_whole_run(cache, tmp_path, capsys, whole):
+    out = tmp_path / "run"
+    code, _, _ = _train(cache, out, "--steps", "4", "--stop-after", "2")
+    assert code == 0
+    with (out / METRICS_NAME).open("ab") as handle:
+        handle.write(b'{"step": 2, "lm_loss": 3.')  # a write cut short by a kill
+    code, stdout, stderr = main_resume(cache, out, capsys)
+    assert code == 0, stderr
+    assert "torn last line" in stderr
+    resumed = json.loads(stdout)
+    assert resumed["param_hash"] == whole["param_hash"]
+    steps = [json.loads(line)["step"] for line in (out / METRICS_NAME).read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]

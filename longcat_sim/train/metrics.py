@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from longcat_sim.errors import UserError
 from longcat_sim.model.balance import ffn_experts_per_token
 from longcat_sim.model.router import RouterOutput
 from longcat_sim.runs import write_text_atomic
@@ -71,15 +72,41 @@ class MetricsLog:
         self.path = run_dir / METRICS_NAME
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return self.parse()[0]
 
-    def truncate(self, step: int) -> None:
-        """Drop records of steps at or past ``step`` (left by an interrupted run)."""
-        records = [r for r in self.read() if r["step"] < step]
-        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    def parse(self) -> tuple[list[dict[str, Any]], bool]:
+        """(the records, whether a torn last line, left by an interrupted write, was dropped);
+        any other line that is not a JSON object is a one-line error naming it."""
+        if not self.path.is_file():
+            return [], False
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{str(self.path)!r} is not UTF-8 text ({exc.reason})") from None
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        records: list[dict[str, Any]] = []
+        for i, (number, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                if i == len(lines) - 1:
+                    return records, True
+                raise UserError(
+                    f"{str(self.path)!r} line {number} is not a step record; the file is "
+                    "damaged beyond its last line"
+                )
+            records.append(record)
+        return records, False
+
+    def truncate(self, step: int) -> bool:
+        """Drop records of steps at or past ``step`` (left by an interrupted run) and a torn
+        last line; whether there was one."""
+        records, torn = self.parse()
+        kept = [r for r in records if r["step"] < step]
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        return torn
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,12 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale(self.run_dir)
-            self.metrics.truncate(self.step)
+            if self.metrics.truncate(self.step):
+                print(
+                    f"warning: {self.metrics.path.name}: dropped a torn last line (an "
+                    "interrupted write); the records up to it are kept",
+                    file=sys.stderr,
+                )
         self.world.barrier()
         tokens, seconds, val_loss = 0, 0.0, math.nan
         bar = tqdm(
