@@ -178,6 +178,13 @@ def test_unknown_model_is_one_line(tmp_path, capsys) -> None:
     one_line_error(code, *capsys.readouterr(), "analytic-only")
 
 
+def test_resume_with_fewer_steps_than_the_checkpoint_is_one_line(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(cache, out, "--steps", "3", capsys=capsys)[0] == 0
+    one_line_error(*main_resume(cache, out, capsys, "--steps", "2"), "at step 3", "--steps 3")
+    assert main_resume(cache, out, capsys, "--steps", "3")[0] == 0  # negative control
+
+
 def test_resume_without_a_checkpoint_is_one_line(cache, tmp_path, capsys) -> None:
     one_line_error(*main_resume(cache, tmp_path / "empty", capsys), "no complete checkpoint")
 

@@ -183,6 +183,11 @@ def _configs(
         state = read_checkpoint_state(checkpoint)
         model_cfg: ModelConfig = state["model_config"]
         train_cfg = state["train_config"].replace(**train_changes)
+        if train_cfg.steps < int(state["step"]):
+            raise UserError(
+                f"--resume: the checkpoint is at step {int(state['step'])}, past --steps "
+                f"{train_cfg.steps}; give --steps {int(state['step'])} or more"
+            )
         if args.model is not None or model_changes or args.target_ffn_experts is not None:
             requested = _model_config(args, model_changes, train_cfg)
             if requested != model_cfg:
