@@ -19,7 +19,7 @@ from longcat_sim.cluster.serving_stats import json_ready
 from longcat_sim.cluster.traffic import AZURE_TRACES, load_trace
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.fields import flag
-from longcat_sim.config.flags import add_config_flags, given, set_values
+from longcat_sim.config.flags import add_assume_option, add_config_flags, given, set_values
 from longcat_sim.config.plan import PlanChoices, PlanSettings
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash
@@ -34,13 +34,7 @@ _TRACE_FIXES = ("prompt_len", "output_len")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, PlanSettings)
-    parser.add_argument(
-        "--assume",
-        action="append",
-        default=[],
-        metavar="TERM=VALUE",
-        help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
-    )
+    add_assume_option(parser)
 
 
 def _problem(s: PlanSettings, assume: list[str]) -> PlanProblem:

@@ -17,7 +17,7 @@ from typing import Any
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.commands.serving import check_fits
 from longcat_sim.config.fields import flag
-from longcat_sim.config.flags import add_config_flags, given, set_values
+from longcat_sim.config.flags import add_assume_option, add_config_flags, given, set_values
 from longcat_sim.config.serving import ServeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash, write_text_atomic
@@ -42,13 +42,7 @@ _DISAGG_ONLY = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, ServeDeployment)
-    parser.add_argument(
-        "--assume",
-        action="append",
-        default=[],
-        metavar="TERM=VALUE",
-        help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
-    )
+    add_assume_option(parser)
     parser.add_argument(
         "--trace-out",
         type=Path,

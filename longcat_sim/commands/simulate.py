@@ -39,7 +39,7 @@ from longcat_sim.commands.serving import (
 )
 from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
 from longcat_sim.config.fields import flag
-from longcat_sim.config.flags import add_config_flags, given, set_values
+from longcat_sim.config.flags import add_assume_option, add_config_flags, given, set_values
 from longcat_sim.config.serving import DisaggDeployment, PrefillDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import load_model_config
@@ -78,13 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or host-ep (train --nproc on a calibrated host)",
     )
     add_config_flags(parser, *DEPLOYMENTS.values())
-    parser.add_argument(
-        "--assume",
-        action="append",
-        default=[],
-        metavar="TERM=VALUE",
-        help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
-    )
+    add_assume_option(parser)
     parser.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace.json here")
     host_step.add_arguments(parser)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.deployment import DecodeDeployment
-from longcat_sim.config.flags import add_config_flags, set_values
+from longcat_sim.config.flags import add_assume_option, add_config_flags, set_values
 from longcat_sim.config.toml import read_toml
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash
@@ -39,13 +39,7 @@ TABLE_ROWS = 40
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, DecodeDeployment, as_lists=True, defaults=SWEEP_GRID)
-    parser.add_argument(
-        "--assume",
-        action="append",
-        default=None,
-        metavar="TERM=VALUE",
-        help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
-    )
+    add_assume_option(parser, unset_is_none=True)
     parser.add_argument("--grid", type=Path, help="TOML file with a [grid] table of the above")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

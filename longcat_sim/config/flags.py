@@ -115,3 +115,15 @@ def given(args: argparse.Namespace, names: list[str] | tuple[str, ...]) -> list[
 def set_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The values of ``cls``'s fields that were given on the command line."""
     return {n: getattr(args, n) for n in given(args, [f.name for f in dataclasses.fields(cls)])}
+
+
+def add_assume_option(parser: argparse.ArgumentParser, *, unset_is_none: bool = False) -> None:
+    """``--assume TERM=VALUE`` (repeatable): overrides of the assumption set's terms, collected
+    in a list (``unset_is_none``: None when never given)."""
+    parser.add_argument(
+        "--assume",
+        action="append",
+        default=None if unset_is_none else [],
+        metavar="TERM=VALUE",
+        help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
+    )

@@ -55,7 +55,8 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.report.cache import CACHE_DIR, cached_section, code_fingerprint
 from longcat_sim.report.results import load_determinism, load_sdc, load_training_run
-from longcat_sim.reports.inputs import SERVE_CDFS, TIMELINE_KEYS
+from longcat_sim.reports.inputs import SERVE_CDFS, SERVE_LAYOUTS, TIMELINE_KEYS
+from longcat_sim.reports.inputs import SERVE_FIGURES as PAGE_SERVE_FIGURES
 from longcat_sim.scenarios.decode import (
     DecodeSetup,
     decode_memory,
@@ -549,29 +550,15 @@ def training_overlap_section(r: Resolved) -> dict[str, Any]:
 
 # -- serving ------------------------------------------------------------------------------------
 
-SERVE_LAYOUTS = ("colocated", "disagg")
-# what a serving run keeps of ``serve_results``: its figures (pools and CDFs apart)
+# what a serving run keeps of ``serve_results``: the figures the page draws, and a few more
 SERVE_FIGURES = (
     "rate",
     "requests",
     "requests_finished",
     "total_gpus",
-    "ttft_p50_ms",
-    "ttft_p90_ms",
-    "ttft_p99_ms",
-    "tpot_p50_ms",
-    "tpot_p90_ms",
-    "tpot_p99_ms",
-    "e2e_p50_ms",
-    "e2e_p90_ms",
-    "e2e_p99_ms",
-    "goodput_requests_per_s",
-    "slo_attainment",
     "slo_met",
-    "tgs",
-    "input_tgs",
-    "cost_per_m_tokens",
     "kv_capacity_tokens",
+    *PAGE_SERVE_FIGURES,
 )
 
 
