@@ -140,9 +140,18 @@ _FRACTIONS += (
     "ep_normal_rdma_fraction",
 )
 _SHARES = ("comm_sm_share", "hbm_fragmentation")
+# Stated upper limits (``--assume`` help): a spread or coefficient of variation above 10, or a
+# fixed cost above a second per kernel, call or step, describes no hardware and overflows the
+# sampled draws or the step time.
+MAX_SPREAD = 10.0
+MAX_OVERHEAD_S = 1.0
 _CHOICES = {
     "routing": choice("balanced", "multinomial"),
-    "expert_popularity_sigma": optional(number(0.0)),
+    "expert_popularity_sigma": optional(number(0.0, MAX_SPREAD)),
+    "context_cv": number(0.0, MAX_SPREAD),
+    "kernel_overhead_s": number(0.0, MAX_OVERHEAD_S),
+    "ep_call_latency_s": number(0.0, MAX_OVERHEAD_S),
+    "step_overhead_s": number(0.0, MAX_OVERHEAD_S),
     "linear_precision": choice("bf16", "fp8"),
     "expert_precision": choice("bf16", "fp8"),
     "mtp_accept": number(0.0, 1.0),

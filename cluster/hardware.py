@@ -69,8 +69,14 @@ class Hardware:
         return hardware_from_dict({**dataclasses.asdict(self), **changes})
 
 
-_POSITIVE = number(0.0, open_low=True)
-_NON_NEGATIVE = number(0.0)
+# far beyond any device either way, yet keeping the cost model's products and quotients finite
+MIN_POSITIVE, MAX_VALUE = 1e-9, 1e9
+_POSITIVE = dataclasses.replace(
+    number(MIN_POSITIVE, MAX_VALUE), rule=f"must be positive ({MIN_POSITIVE:g} to {MAX_VALUE:g})"
+)
+_NON_NEGATIVE = dataclasses.replace(
+    number(0.0, MAX_VALUE), rule=f"must be a number >= 0 and at most {MAX_VALUE:g}"
+)
 _CHECKS: dict[str, Check] = {
     "name": name(),
     "bf16_tflops": _POSITIVE,
@@ -81,7 +87,7 @@ _CHECKS: dict[str, Check] = {
     "rdma_gb_s": _POSITIVE,
     "nvlink_latency_us": _NON_NEGATIVE,
     "rdma_latency_us": _NON_NEGATIVE,
-    "gpus_per_node": integer(1),
+    "gpus_per_node": integer(1, 2**20),
     "gpu_hour_usd": _NON_NEGATIVE,
     "source": Check("must be a string", lambda v: isinstance(v, str)),
     "price_source": Check("must be a string", lambda v: isinstance(v, str)),

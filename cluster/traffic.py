@@ -201,7 +201,7 @@ def _read_rows(path: Path) -> list[dict]:
     """The rows of a CSV (header line) or JSONL (one object a line) file, as dicts."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, or a NUL in the path
         raise ClusterInputError(f"trace {path}: cannot read ({err})") from None
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         rows = []
@@ -228,10 +228,15 @@ def _parse_times(values: list, path: Path, column: str) -> np.ndarray:
     try:
         stamps = np.array([str(v).strip() for v in values], dtype="datetime64[ns]")
     except ValueError:
-        bad = next(v for v in values if not _is_time(v))
-        raise ClusterInputError(
-            f"trace {path}: {column} value {bad!r} is neither seconds nor an ISO date-time"
-        ) from None
+        stamps = None
+    if stamps is None or np.isnat(stamps).any():  # an empty value parses as "not a time"
+        bad = next((v for v in values if not _is_time(v)), None)
+        problem = (
+            "mixes seconds and ISO date-times"
+            if bad is None
+            else f"value {bad!r} is neither seconds nor an ISO date-time"
+        )
+        raise ClusterInputError(f"trace {path}: {column} {problem}")
     return (stamps - stamps.min()).astype(np.int64) / 1e9
 
 
@@ -241,10 +246,13 @@ def _is_time(value: object) -> bool:
         return True
     except (TypeError, ValueError):
         try:
-            np.datetime64(str(value).strip(), "ns")
-            return True
+            return not np.isnat(np.datetime64(str(value).strip(), "ns"))
         except ValueError:
             return False
+
+
+# a request's tokens, far past any model's window (config.deployment.MAX_REQUEST_TOKENS)
+MAX_TRACE_TOKENS = 10_000_000
 
 
 def _parse_tokens(values: list, path: Path, column: str) -> np.ndarray:
@@ -254,9 +262,12 @@ def _parse_tokens(values: list, path: Path, column: str) -> np.ndarray:
             number = float(v)
         except (TypeError, ValueError):
             number = float("nan")
-        if not (np.isfinite(number) and number >= 0 and number == int(number)):
+        if not (np.isfinite(number) and 0 <= number <= MAX_TRACE_TOKENS):
+            number = float("nan")
+        if not (np.isfinite(number) and number == int(number)):
             raise ClusterInputError(
-                f"trace {path} row {i + 1}: {column} value {v!r} is not a whole number >= 0"
+                f"trace {path} row {i + 1}: {column} value {v!r} is not a whole number >= 0 "
+                f"and at most {MAX_TRACE_TOKENS:,}"
             )
         out[i] = int(number)
     return out

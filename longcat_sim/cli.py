@@ -9,9 +9,18 @@ from pathlib import Path
 from typing import NoReturn
 
 from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.config.paths import path_arg
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError
-from longcat_sim.runs import build_manifest, default_run_dir, dumps_json, write_run
+from longcat_sim.processes import Stopped, stop_signals
+from longcat_sim.runs import (
+    build_manifest,
+    claim_run_dir,
+    default_run_dir,
+    dumps_json,
+    release_run_dir,
+    write_run,
+)
 
 # command name -> module in longcat_sim.commands exposing HELP, add_arguments(parser), run(args)
 COMMANDS: dict[str, str] = {
@@ -54,7 +63,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true", help="print machine-readable JSON only")
         cmd.add_argument(
             "--run-dir",
-            type=Path,
+            type=path_arg,
             default=None,
             help="where to write manifest.json and results.json (default runs/COMMAND/CONFIG_HASH)",
         )
@@ -76,10 +85,37 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # a usage error (already one line on stderr) or --help
         return int(exc.code or 0)
     try:
-        output = args._module.run(args)
+        return _run_and_commit(args)
+    finally:
+        if args.run_dir is not None:
+            release_run_dir(args.run_dir)
+
+
+def _abandon(run_dir: Path | None) -> None:
+    """A command that stopped before its results: release the run directory it claimed (the
+    command sets ``--run-dir`` when it picks the default itself), removing it if the claim
+    created it and it holds nothing else."""
+    if run_dir is not None:
+        release_run_dir(run_dir, unused=True)
+
+
+def _run_and_commit(args: argparse.Namespace) -> int:
+    """Claim the run directory, run the command, commit its manifest and results, print."""
+    try:
+        if args.run_dir is not None:
+            claim_run_dir(args.run_dir, args.command)
+        with stop_signals():
+            output = args._module.run(args)
+        run_dir = args.run_dir or claim_run_dir(
+            default_run_dir(args.command, output.config_hash), args.command
+        )
+    except Stopped as exc:
+        _abandon(args.run_dir)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (UserError, ConfigError, ClusterInputError) as exc:
+        _abandon(args.run_dir)
         return _fail(str(exc))
-    run_dir = args.run_dir or default_run_dir(args.command, output.config_hash)
     manifest = build_manifest(
         args.command, output.config, output.config_hash, output.seeds, output.device
     )
@@ -87,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         write_run(run_dir, manifest, output.results)
     except OSError as exc:
         return _fail(f"cannot write run directory {str(run_dir)!r}: {exc.strerror or exc}")
+    finally:
+        release_run_dir(run_dir)
     for warning in output.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:

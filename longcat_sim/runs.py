@@ -1,15 +1,33 @@
-"""Run directories: atomic file writes and the manifest that ties results to their inputs."""
+"""Run directories: one writer at a time, atomic file writes, and the manifest that ties results
+to their inputs, committed together with them.
+
+A run directory is owned by the process that claims it (:func:`claim_run_dir`): an exclusive
+``flock`` on ``.lock``, which records the owner's pid, host and command, and which the kernel
+releases when the owner dies, so a crashed writer never leaves a stale lock. Claiming removes the
+temporary files of writes a crash interrupted. :func:`write_run` commits ``manifest.json`` and
+``results.json`` with ``commit.json`` written last, holding the SHA-256 of both; :func:`read_run`
+refuses a directory whose files do not match it (a crash between the two writes, or two runs'
+files side by side).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
 import platform
+import re
+import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from longcat_sim.config.hashing import config_hash
+from longcat_sim.errors import UserError
 from longcat_sim.model.files import (
     dumps_json,
     write_bytes_atomic,
@@ -19,8 +37,10 @@ from longcat_sim.model.files import (
 
 __all__ = [
     "build_manifest",
+    "claim_run_dir",
     "config_hash",
     "dumps_json",
+    "read_run",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_run",
@@ -81,13 +101,143 @@ def build_manifest(
     }
 
 
+LOCK_NAME = ".lock"
+COMMIT_NAME = "commit.json"
+COMMITTED = ("manifest.json", "results.json")
+# the temporary files of write_bytes_atomic (".NAME.XXXXXXXX.tmp", mkstemp's 8 random characters)
+_STALE_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# run directory -> (the open file descriptor holding its lock, whether the claim created it)
+_claimed: dict[Path, tuple[int, bool]] = {}
+
+
+def _owner_text(path: Path) -> str:
+    """Who holds the lock at ``path``, as its owner recorded it."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+        return (
+            f"pid {owner['pid']} on host {owner['host']} "
+            f"(longcat-sim {owner['command']}, since {owner['since']})"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _is_other_rank() -> bool:
+    """A rank other than 0 of a torchrun world: rank 0 owns the run directory for all."""
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
+def claim_run_dir(run_dir: str | Path, command: str) -> Path:
+    """Make this process the only writer of ``run_dir`` until it exits (idempotent), creating
+    the directory and removing the temporary files of interrupted writes. A second writer gets
+    one line naming the owner."""
+    path = Path(run_dir)
+    key = path.resolve()
+    if key in _claimed or _is_other_rank():
+        return path
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write run directory {str(path)!r}: {exc.strerror or exc}; "
+            "choose a writable --run-dir"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"run directory {str(path)!r} is in use by {_owner_text(path / LOCK_NAME)}; "
+            "wait for it to finish or choose another --run-dir"
+        ) from None
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+    _claimed[key] = (fd, created)
+    remove_stale_temporaries(path)
+    return path
+
+
+def release_run_dir(run_dir: str | Path, *, unused: bool = False) -> None:
+    """Give up the claim on ``run_dir`` (the lock file stays; it is free once unlocked). With
+    ``unused`` (the command wrote nothing), a directory the claim created and that holds only
+    its lock is removed."""
+    claim = _claimed.pop(Path(run_dir).resolve(), None)
+    if claim is None:
+        return
+    fd, created = claim
+    try:
+        if unused and created and {p.name for p in Path(run_dir).iterdir()} == {LOCK_NAME}:
+            (Path(run_dir) / LOCK_NAME).unlink()
+            Path(run_dir).rmdir()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left under ``run_dir``."""
+    removed = []
+    for candidate in run_dir.rglob(".*.tmp"):
+        if candidate.is_file() and _STALE_TEMPORARY.match(candidate.name):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def write_run(
     out_dir: str | Path,
     manifest: dict[str, Any],
     results: dict[str, Any],
 ) -> Path:
-    """Write ``manifest.json`` and ``results.json`` into ``out_dir`` atomically."""
+    """Commit ``manifest.json`` and ``results.json`` into ``out_dir``: the old commit marker is
+    removed first and the new one, with both files' SHA-256, written last, so that a crash at
+    any point leaves either a complete pair or a directory :func:`read_run` calls incomplete."""
     out = Path(out_dir)
-    write_json_atomic(out / "manifest.json", manifest)
-    write_json_atomic(out / "results.json", results)
+    texts = {"manifest.json": dumps_json(manifest), "results.json": dumps_json(results)}
+    (out / COMMIT_NAME).unlink(missing_ok=True)
+    for name, text in texts.items():
+        write_text_atomic(out / name, text)
+    marker = {name: _digest(text.encode()) for name, text in texts.items()}
+    write_json_atomic(out / COMMIT_NAME, {"sha256": marker})
     return out
+
+
+def read_run(run_dir: str | Path, flag: str = "run directory") -> tuple[dict, dict]:
+    """``(manifest, results)`` of a committed run directory; one line for a directory whose
+    files are missing, damaged or not the ones committed together."""
+    path = Path(run_dir)
+    where = f"{flag} {str(path)!r}"
+    try:
+        marker = json.loads((path / COMMIT_NAME).read_text(encoding="utf-8"))["sha256"]
+        blobs = {name: (path / name).read_bytes() for name in COMMITTED}
+    except FileNotFoundError as exc:
+        raise UserError(
+            f"{where}: {Path(exc.filename).name} is missing, so the run was not completed "
+            "(interrupted, or still running); rerun the command into it"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{where}: {COMMIT_NAME} is damaged ({exc}); rerun the command") from None
+    for name, blob in blobs.items():
+        if not isinstance(marker, dict) or marker.get(name) != _digest(blob):
+            raise UserError(
+                f"{where}: {name} is not the one committed with the run (a crash between "
+                "writes, or another run's file); rerun the command into the directory"
+            )
+    try:
+        manifest, results = (json.loads(blobs[name].decode("utf-8")) for name in COMMITTED)
+    except ValueError as exc:
+        raise UserError(f"{where}: not valid JSON: {exc}") from None
+    return manifest, results

@@ -10,11 +10,13 @@ standard ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -262,6 +264,24 @@ def _shards(
         yield shard
 
 
+DIGEST_KEY = "tensors_sha256"  # safetensors metadata: the digest of the file's tensors
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _weights_bytes(shard: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file whose metadata carries the digest of its tensors."""
+    return safetensors_bytes(shard, metadata={"format": "pt", DIGEST_KEY: tensors_digest(shard)})
+
+
 def save_pretrained(
     module: torch.nn.Module, path: str | Path, *, max_shard_bytes: int | None = None
 ) -> Path:
@@ -273,14 +293,12 @@ def save_pretrained(
     write_json_atomic(out / CONFIG_NAME, config_to_hf(module.config))
     shards = list(_shards(tensors, max_shard_bytes))
     if len(shards) == 1:
-        write_bytes_atomic(
-            out / WEIGHTS_NAME, safetensors_bytes(shards[0], metadata={"format": "pt"})
-        )
+        write_bytes_atomic(out / WEIGHTS_NAME, _weights_bytes(shards[0]))
         return out
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_bytes_atomic(out / name, safetensors_bytes(shard, metadata={"format": "pt"}))
+        write_bytes_atomic(out / name, _weights_bytes(shard))
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json_atomic(
@@ -317,21 +335,50 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{str(path)!r} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        try:
-            with safe_open(str(path / name), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensors[key] = handle.get_tensor(key)
-        except Exception as exc:  # safetensors reports a damaged file with several types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"cannot read weights file {name!r}: {first}") from None
+        tensors |= _read_weights_file(path, name)
     return tensors
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def _read_weights_file(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """One safetensors file's tensors, checked against the digest in its metadata when it
+    has one (files written by other tools have none)."""
+    try:
+        with safe_open(str(path / name), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors reports a damaged file with several types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read weights file {name!r}: {first}") from None
+    if recorded is not None and recorded != tensors_digest(tensors):
+        raise ConfigError(
+            f"weights file {str(path / name)!r} is damaged: its tensors do not match the "
+            "SHA-256 recorded when it was written"
+        )
+    return tensors
+
+
+def _stored_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most of a checkpoint's weights (float32 when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def load_pretrained(
+    path: str | Path, *, dtype: torch.dtype | Literal["auto"] | None = None
+) -> torch.nn.Module:
     """Load a checkpoint directory (ours or one written by transformers) in eval mode.
 
     Calling the result on ``input_ids`` (LongTensor [B, T]) returns logits [B, T, vocab].
     An MTP module is built when the weights contain ``model.mtp.*`` tensors.
+
+    ``dtype`` picks the parameters' dtype, as ``from_pretrained``'s does in transformers: None
+    (the default) builds float32 parameters, the dtype the trainer and the reference kernels
+    compute in; weights stored in a narrower dtype (float16, bfloat16) are upcast exactly, and
+    one ``warning:`` line on stderr says so. ``"auto"`` keeps the dtype that holds most of the
+    stored weights; a torch dtype converts to it. Outside float32 the routers stay float32.
     """
     from longcat_sim.model.transformer import LongcatFlashForCausalLM
 
@@ -352,8 +399,16 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> to
     cfg = config_from_hf(doc, has_mtp=any(key.startswith("model.mtp.") for key in tensors))
     module = LongcatFlashForCausalLM(cfg)
     from_hf_state_dict(module, tensors)
-    if dtype is not None:
-        module = module.to(dtype)
+    stored = _stored_dtype(tensors)
+    if dtype is None and stored != torch.float32:
+        print(
+            f"warning: checkpoint {str(root)!r} stores {str(stored).removeprefix('torch.')} "
+            "weights; loaded as float32 (pass dtype='auto' to keep them as stored)",
+            file=sys.stderr,
+        )
+    target = stored if dtype == "auto" else dtype
+    if target is not None and target != torch.float32:
+        module = module.to(target)
         for moe in (layer.mlp for layer in module.model.layers):
             moe.router.float()
     return module.eval()

@@ -25,7 +25,9 @@ LayerType = Literal["scmoe", "standard"]
 Topology = Literal["shortcut", "conventional"]
 KernelBackend = Literal["torch", "triton"]
 
-_COUNT, _SIZE = integer(1), integer(0)  # a count of things; a size that may be zero
+# a count of things; a size that may be zero; both below 2**31, so sizes multiply in floats
+MAX_SIZE = 2**31 - 1
+_COUNT, _SIZE = integer(1, MAX_SIZE), integer(0, MAX_SIZE)
 _POS = number(0.0, open_low=True)
 _BOOL = Check("must be true or false", lambda v: isinstance(v, bool))
 _ATTENTIONS, _LAYER_TYPES = choice("mla", "gqa"), choice("scmoe", "standard")

@@ -218,7 +218,7 @@ def test_shaped_wire_paces_loopback_traffic():
         (["--nproc", "3"], "--nproc 3 must divide"),
         (["--nproc", "2,x"], "--nproc needs comma-separated integers"),
         (["--steps", "3"], "--steps must be at least"),
-        (["--wire-mbit", "-5"], "--wire-mbit must be positive"),
+        (["--wire-mbit", "-5"], "--wire-mbit must be a positive rate"),
         (["--seq-len", "0"], "--seq-len must be at least 2"),
     ],
 )
@@ -298,7 +298,7 @@ def test_calibrate_without_run_dir_writes_one_directory(tmp_path, monkeypatch, c
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     (run_dir,) = (tmp_path / "runs" / "calibrate").iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["host.toml", "manifest.json",
-                                                          "results.json"]  # fmt: skip
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "commit.json", "host.toml",
+                                                          "manifest.json", "results.json"]  # fmt: skip
     assert Path(out["profile"]) == run_dir.relative_to(tmp_path) / "host.toml"
     assert json.loads((run_dir / "manifest.json").read_text())["config"]["nproc"] == [2]

@@ -86,14 +86,18 @@ def test_damaged_file_is_refused_naming_it(cache, tmp_path, capsys, victim) -> N
 
 
 def test_weights_changed_under_an_old_marker_fail_the_parameter_hash(cache, tmp_path, capsys):
-    """A marker without file digests (an older checkpoint): 4 KB of random bytes inside the
-    weights still stop the resume, through the recorded parameter hash."""
+    """A marker without file digests and weights without theirs (an older checkpoint): 4 KB of
+    random bytes inside the weights still stop the resume, through the recorded parameter
+    hash."""
+    from safetensors.torch import load_file, save_file
+
     out = tmp_path / "run"
     newest = _two_checkpoints(cache, out)[-1]
     marker = json.loads((newest / MARKER_NAME).read_text())
     del marker["files"]
     (newest / MARKER_NAME).write_text(json.dumps(marker))
     weights = newest / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
     data = bytearray(weights.read_bytes())
     data[-8192:-4096] = os.urandom(4096)
     weights.write_bytes(bytes(data))
@@ -208,3 +212,26 @@ def test_resume_over_a_torn_metrics_line_matches_the_whole_run(cache, tmp_path, 
     assert resumed["param_hash"] == whole["param_hash"]
     steps = [json.loads(line)["step"] for line in (out / METRICS_NAME).read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
+
+
+def test_a_few_flipped_bytes_in_the_weights_are_refused_by_load_pretrained(cache, tmp_path):
+    newest = _two_checkpoints(cache, tmp_path / "run")[-1]
+    weights = newest / "model.safetensors"
+    intact = weights.read_bytes()
+    load_pretrained(newest)  # negative control: the written file loads
+    data = bytearray(intact)
+    for offset in (len(data) // 2, len(data) // 2 + 1, len(data) - 5):  # inside the tensor data
+        data[offset] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"model\.safetensors' is damaged: its tensors do not"):
+        load_pretrained(newest)
+
+
+def test_weights_without_a_recorded_digest_still_load(cache, tmp_path) -> None:
+    """Files written by other tools carry no digest: nothing to check, they load."""
+    from safetensors.torch import load_file, save_file
+
+    newest = _two_checkpoints(cache, tmp_path / "run")[-1]
+    weights = newest / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
+    assert load_pretrained(newest) is not None

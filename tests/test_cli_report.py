@@ -16,6 +16,7 @@ import pytest
 from longcat_sim.cli import main
 from longcat_sim.report import pngs
 from longcat_sim.reports import figures, tables
+from longcat_sim.runs import write_run
 from tests.cli_checks import refused
 from tests.reports.test_browser import CHROMIUM, assert_every_figure_drew, probe_page
 
@@ -322,7 +323,7 @@ def _write_train_run(path: Path, steps: int = 6) -> None:
             record["val_loss"] = 6.0 - 0.1 * step
         lines.append(json.dumps(record, sort_keys=True))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (path / "results.json").write_text(json.dumps({"model": "tiny", "target_ffn_experts": 2.0}))
+    write_run(path, {"command": "train"}, {"model": "tiny", "target_ffn_experts": 2.0})
 
 
 def test_results_of_other_commands_get_their_sections(
@@ -333,8 +334,10 @@ def test_results_of_other_commands_get_their_sections(
     _write_train_run(train)
     determinism = tmp_path / "det"
     determinism.mkdir()
-    (determinism / "results.json").write_text(
-        json.dumps({"verdict": "diverged", "runs": 2, "first_divergence": None})
+    write_run(
+        determinism,
+        {"command": "determinism"},
+        {"verdict": "diverged", "runs": 2, "first_divergence": None},
     )
     sdc = tmp_path / "sdc.json"
     trials = [

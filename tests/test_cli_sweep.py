@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,26 @@ def test_every_decode_option_is_a_grid_axis(tmp_path, capsys) -> None:
     grid.write_text("[grid]\nbatch_per_device = [8, 0]\n")
     line = refused(["sweep", "--grid", str(grid), "--no-progress"], capsys, tmp_path / "bad")
     assert "--batch-per-device must be an integer >= 1, got 0" in line
+
+
+def test_a_grid_over_max_points_is_refused_with_its_estimate_before_any_work(
+    tmp_path, capsys
+) -> None:
+    batches = ",".join(str(b) for b in range(1, 201))
+    contexts = ",".join(str(1024 * c) for c in range(1, 101))
+    argv = ["--batch-per-device", batches, "--context", contexts, "--ep", "32,64,128,256"]
+    start = time.perf_counter()
+    message = refused(
+        ["sweep", *argv, "--schedule", "sbo,tbo", "--no-progress"], capsys, tmp_path / "r"
+    )
+    assert time.perf_counter() - start < 30  # the 160,000 points are never built
+    assert "160,000 points, more than --max-points 10,000" in message
+    assert re.search(r"about \d+(\.\d)? (s|min|h) on \d+ worker", message)
+    assert "--max-points 160000" in message
+
+
+def test_max_points_admits_a_grid_of_exactly_that_size(tmp_path, capsys) -> None:
+    assert "4 points, more than --max-points 3" in refused(
+        ["sweep", *GRID, "--max-points", "3"], capsys, tmp_path / "a"
+    )
+    assert len(sweep(tmp_path, capsys, *GRID, "--max-points", "4")["points"]) == 4

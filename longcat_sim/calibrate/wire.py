@@ -18,13 +18,14 @@ import shutil
 import subprocess
 
 from longcat_sim.errors import UserError
+from longcat_sim.processes import child_command
 
 CLONE_NEWNET = 0x40000000
 WIRE_MTU = 9000
 
 
 def _run(*command: str) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(child_command(command), capture_output=True, text=True, check=False)
     if done.returncode:
         message = (done.stderr or done.stdout).strip().splitlines()
         raise UserError(

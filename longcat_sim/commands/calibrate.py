@@ -17,6 +17,7 @@ rate-shaped loopback (``longcat_sim.calibrate.wire``) so communication waits on 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -29,9 +30,10 @@ from longcat_sim import stages
 from longcat_sim.calibrate import measure, wire
 from longcat_sim.cluster import hoststep
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
-from longcat_sim.runs import config_hash, default_run_dir, write_text_atomic
+from longcat_sim.runs import claim_run_dir, config_hash, default_run_dir, write_text_atomic
 from longcat_sim.train import distributed, training
 from longcat_sim.train.config import default_train_config
 from longcat_sim.train.world import check_nproc
@@ -43,7 +45,9 @@ HELP = "measure this host's operator costs, write a hardware TOML, check predict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="preset or TOML file (default tiny)")
+    parser.add_argument(
+        "--model", type=text_arg, default="tiny", help="preset or TOML file (default tiny)"
+    )
     parser.add_argument(
         "--nproc", default="2,4", help="comma list of process counts to measure (default 2,4)"
     )
@@ -55,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100,
         help="training steps per configuration (2 warm-up, then ScMoE on and off alternating)",
     )
-    parser.add_argument("--data-cache", type=Path, default=None, help="tokenizer/token cache")
+    parser.add_argument("--data-cache", type=path_arg, default=None, help="tokenizer/token cache")
     parser.add_argument(
         "--wire-mbit",
         type=float,
@@ -149,6 +153,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[int], ModelCo
     """(process counts, batch sizes, model) of a valid command line; UserError otherwise."""
     nprocs = _ints(args.nproc, "--nproc")
     batches = sorted(set(_ints(args.batch_sizes, "--batch-sizes")))
+    if args.wire_mbit is not None and not (math.isfinite(args.wire_mbit) and args.wire_mbit > 0):
+        raise UserError(f"--wire-mbit must be a positive rate in Mbit/s, got {args.wire_mbit}")
     if args.steps < WARMUP_STEPS + 2:
         raise UserError(
             f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are "
@@ -170,6 +176,10 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], list[int], ModelCo
     for world in nprocs:
         for batch in batches:
             check_nproc(world, cfg, batch)
+    # the trainer's own checks (a runnable model that fits in memory), before any measurement
+    training.check_compatible(cfg, _train_config(cfg, batches[-1], args.steps, args))
+    if args.data_cache is not None:
+        check_output_dir(args.data_cache, "--data-cache")
     return nprocs, batches, cfg
 
 
@@ -403,6 +413,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     digest = config_hash(config)
     if args.run_dir is None:  # the directory the command line writes the manifest into
         args.run_dir = default_run_dir("calibrate", digest)
+    claim_run_dir(args.run_dir, "calibrate")
     if args.wire_mbit is not None:
         wire.enter_shaped_network(args.wire_mbit)
     torch.set_num_threads(1)
@@ -413,7 +424,6 @@ def run(args: argparse.Namespace) -> CommandOutput:
     single = _single_process(cfg, batches, args)
     probe = _probe_worlds(cfg, host, nprocs, batches, args, single)
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "host.toml", host.to_toml())
     # predictions come from the profile as written, as simulate --mode host-ep reads it
     profile = hoststep.load_host_profile(run_dir / "host.toml")

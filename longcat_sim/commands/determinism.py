@@ -12,24 +12,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
+from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ConfigError, load_model_config
+from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
 from longcat_sim.model.transformer import require_runnable
 from longcat_sim.repro.fingerprint import RunSpec
 from longcat_sim.repro.harness import check_determinism
 from longcat_sim.repro.inject import SITES, Fault
 from longcat_sim.runs import config_hash
 
+if TYPE_CHECKING:
+    from longcat_sim.train.config import TrainConfig
+
 HELP = "rerun training in separate processes in deterministic mode and compare bit for bit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="preset name or TOML file (default tiny)")
+    parser.add_argument(
+        "--model", type=text_arg, default="tiny", help="preset name or TOML file (default tiny)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="training steps per run")
     parser.add_argument("--runs", type=int, default=20, help="independent runs to compare")
     parser.add_argument(
@@ -45,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--byte-budget", type=int, default=2**19, help="corpus bytes (smaller trains faster)"
     )
     parser.add_argument(
-        "--data-cache", type=Path, default=None, help="tokenizer/token cache folder"
+        "--data-cache", type=path_arg, default=None, help="tokenizer/token cache folder"
     )
     parser.add_argument(
         "--inject",
@@ -68,6 +75,8 @@ def parse_threads(text: str) -> list[int]:
         raise UserError(f"--threads expects comma-separated integers, got {text!r}") from None
     if not threads or min(threads) < 1:
         raise UserError(f"--threads needs positive thread counts, got {text!r}")
+    for count in threads:
+        check_threads(count)
     return threads
 
 
@@ -153,18 +162,36 @@ def run(args: argparse.Namespace) -> CommandOutput:
     )
 
 
-def _warm_data_cache(spec: RunSpec) -> None:
-    """Build the tokenizer cache once, before parallel workers would each train it."""
+def _check_spec(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
+    """The train config every run builds from ``spec`` (as ``repro.fingerprint`` does), checked
+    here with the trainer's own checks, so a bad setting is one line before any process
+    starts rather than a failure in every worker."""
+    from longcat_sim.model.determinism import deterministic_config
     from longcat_sim.train.config import default_train_config
-    from longcat_sim.train.data import build_corpus_data
+    from longcat_sim.train.training import check_compatible
 
-    cfg = load_model_config(spec.model)
-    tc = default_train_config(cfg).replace(**spec.train)
+    cfg = deterministic_config(load_model_config(spec.model))
+    steps = max(spec.steps, 1)
+    overrides = {"steps": steps, "seed": spec.seed, "warmup_steps": min(steps, 2), **spec.train}
+    overrides |= {"deterministic": True, "byte_budget": spec.byte_budget}
+    tc = default_train_config(cfg).replace(**overrides)
     if tc.seq_len > cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
             f"{cfg.max_position_embeddings}"
         )
+    check_compatible(cfg, tc)
+    if spec.data_cache is not None:
+        check_output_dir(spec.data_cache, "--data-cache")
+    return cfg, tc
+
+
+def _warm_data_cache(spec: RunSpec) -> None:
+    """Check the runs' settings, then build the tokenizer cache once, before parallel workers
+    would each train it."""
+    from longcat_sim.train.data import build_corpus_data
+
+    cfg, tc = _check_spec(spec)
     build_corpus_data(
         cfg.vocab_size, tc.seq_len, byte_budget=spec.byte_budget, cache_dir=spec.data_cache
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.flags import add_config_flags, set_values
+from longcat_sim.config.paths import path_arg
 from longcat_sim.config.report import ReportConfig, load_report_config
 from longcat_sim.errors import UserError
 from longcat_sim.report import sections
@@ -21,7 +22,7 @@ from longcat_sim.report.pngs import PNG_DIR, write_pngs
 from longcat_sim.reports import tables
 from longcat_sim.reports.inputs import ReportInputError
 from longcat_sim.reports.page import build_report
-from longcat_sim.runs import default_run_dir, write_text_atomic
+from longcat_sim.runs import claim_run_dir, default_run_dir, write_text_atomic
 
 HELP = "HTML report: paper tables vs simulator, timelines, Pareto front, training results"
 REPORT_NAME = "report.html"
@@ -30,7 +31,7 @@ REPORT_NAME = "report.html"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
-        type=Path,
+        type=path_arg,
         default=None,
         metavar="FILE",
         help="TOML file whose [report] table overrides the default settings (options win)",
@@ -38,17 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, ReportConfig)
     parser.add_argument(
         "--train-run",
-        type=Path,
+        type=path_arg,
         action="append",
         default=[],
         metavar="DIR",
         help="a longcat-sim train run directory to plot (repeatable)",
     )
     parser.add_argument(
-        "--determinism-run", type=Path, default=None, metavar="DIR", help="determinism result"
+        "--determinism-run", type=path_arg, default=None, metavar="DIR", help="determinism result"
     )
     parser.add_argument(
-        "--sdc-run", type=Path, default=None, metavar="DIR", help="silent-data-corruption result"
+        "--sdc-run",
+        type=path_arg,
+        default=None,
+        metavar="DIR",
+        help="silent-data-corruption result",
     )
     parser.add_argument(
         "--png",
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     config_hash = sections.config_hash(resolved)
     if args.run_dir is None:
         args.run_dir = default_run_dir("report", config_hash)
-    run_dir = Path(args.run_dir)
+    run_dir = claim_run_dir(args.run_dir, "report")
     gathered = sections.gather(
         resolved,
         run_dir,

@@ -15,6 +15,8 @@ import sys
 from tqdm import tqdm
 
 from longcat_sim.commands.base import CommandOutput
+from longcat_sim.config.paths import text_arg
+from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, load_model_config
 from longcat_sim.model.determinism import DeterministicMode
@@ -33,11 +35,21 @@ HELP = "bit-flip SDC campaign on an MoE-layer step: detection per site, bit and 
 
 # one MoE layer's parameters, gradients and two moments must stay small
 MAX_LAYER_BYTES = 2 * 2**30
+MAX_BIT = 63  # the widest site holds 64-bit values
+MAX_SEED = 2**63 - 1  # seeds torch's and numpy's generators both take
+MAX_TOKENS = 2**16  # tokens in the MoE step: a stated limit, far above what a campaign needs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="preset name or TOML file (default tiny)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens in the MoE step")
+    parser.add_argument(
+        "--model", type=text_arg, default="tiny", help="preset name or TOML file (default tiny)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=128,
+        help=f"tokens in the MoE step (default 128; at most {MAX_TOKENS:,})",
+    )
     parser.add_argument(
         "--sites", default="all", help=f"comma-separated sites or 'all' ({', '.join(SITES)})"
     )
@@ -80,19 +92,21 @@ def parse_bits(text: str) -> tuple[int, ...] | None:
     if text.strip() == "all":
         return None
     bits: list[int] = []
-    try:
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            lo, sep, hi = item.partition("-")
-            bits.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError:
-        raise UserError(
-            f"--bits expects 'all' or integers and ranges like 0-22,31; got {text!r}"
-        ) from None
-    if not bits or min(bits) < 0 or max(bits) > 63:
-        raise UserError(f"--bits must lie in 0..63, got {text!r}")
+    for item in (item.strip() for item in text.split(",")):
+        if not item:
+            continue
+        lo, sep, hi = item.partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise UserError(
+                f"--bits expects 'all' or integers and ranges like 0-22,31; got {text!r}"
+            ) from None
+        if not 0 <= first <= last <= MAX_BIT:  # checked before a range is expanded
+            raise UserError(f"--bits must lie in 0..{MAX_BIT}, low to high, got {text!r}")
+        bits.extend(range(first, last + 1))
+    if not bits:
+        raise UserError(f"--bits selects no bit, got {text!r}")
     return tuple(sorted(set(bits)))
 
 
@@ -102,6 +116,11 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise UserError(
                 f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
             )
+    if args.tokens > MAX_TOKENS:
+        raise UserError(f"--tokens must be at most {MAX_TOKENS:,}, got {args.tokens}")
+    check_threads(args.threads)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
     for flag in ("clean_runs", "attribution_events"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -120,6 +139,11 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError(
             f"one MoE layer of {cfg.name!r} needs {16 * layer_params / 2**30:.1f} GiB for weights, "
             "gradients and moments; run the campaign on tiny or small"
+        )
+    if args.recompute_experts > cfg.n_routed_experts:
+        raise UserError(
+            f"--recompute-experts {args.recompute_experts} exceeds the {cfg.n_routed_experts} "
+            f"routed experts of model {cfg.name!r}; choose 1 to {cfg.n_routed_experts}"
         )
     sites, bits = parse_sites(args.sites), parse_bits(args.bits)
     cc = CampaignConfig(

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.commands.serving import check_fits
 from longcat_sim.config.fields import flag
 from longcat_sim.config.flags import add_assume_option, add_config_flags, given, set_values
+from longcat_sim.config.paths import check_output_file, path_arg
 from longcat_sim.config.serving import ServeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash, write_text_atomic
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_assume_option(parser)
     parser.add_argument(
         "--trace-out",
-        type=Path,
+        type=path_arg,
         help="write a Perfetto trace.json here: one track per instance, a flow from each "
         "sampled request's prefill to its decode",
     )
@@ -118,8 +118,8 @@ def _check_memory(setup: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
-    if args.trace_out is not None and not args.trace_out.parent.is_dir():
-        raise UserError(f"--trace-out {str(args.trace_out)!r}: its folder does not exist")
+    if args.trace_out is not None:
+        check_output_file(args.trace_out, "--trace-out")
     dep = _deployment(args)
     requests = load_requests(dep)
     setup = resolve_serve(dep, requests, args.assume)

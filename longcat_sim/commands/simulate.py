@@ -40,6 +40,7 @@ from longcat_sim.commands.serving import (
 from longcat_sim.config.deployment import DecodeDeployment, TrainDeployment
 from longcat_sim.config.fields import flag
 from longcat_sim.config.flags import add_assume_option, add_config_flags, given, set_values
+from longcat_sim.config.paths import check_output_file, path_arg
 from longcat_sim.config.serving import DisaggDeployment, PrefillDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import load_model_config
@@ -79,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_config_flags(parser, *DEPLOYMENTS.values())
     add_assume_option(parser)
-    parser.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace.json here")
+    parser.add_argument("--trace", type=path_arg, help="write a Chrome/Perfetto trace.json here")
     host_step.add_arguments(parser)
 
 
@@ -152,16 +153,10 @@ def _deployment(args: argparse.Namespace) -> Any:
 
 
 def _check_trace_path(path: Path | None) -> None:
-    """Refuse, before simulating, a trace path whose folder is missing or that is a folder."""
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise UserError(
-            f"--trace {str(path)!r}: folder {str(path.parent)!r} does not exist; create it or "
-            "choose a path in an existing folder"
-        )
-    if path.is_dir():
-        raise UserError(f"--trace {str(path)!r} is a folder; give a file path such as trace.json")
+    """Refuse, before simulating, a trace path that is a folder or whose folder is missing or
+    cannot be written."""
+    if path is not None:
+        check_output_file(path, "--trace")
 
 
 def _output(

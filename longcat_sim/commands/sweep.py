@@ -18,7 +18,9 @@ HBM footprint; a point that does not fit is kept with ``fits`` false and never o
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,22 +29,37 @@ from typing import Any
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.config.flags import add_assume_option, add_config_flags, set_values
+from longcat_sim.config.paths import path_arg
 from longcat_sim.config.toml import read_toml
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash
-from longcat_sim.scenarios.sweep import SWEEP_GRID, grid_setups, pareto_front, run_points
+from longcat_sim.scenarios.sweep import (
+    SWEEP_GRID,
+    grid_setups,
+    pareto_front,
+    point_record,
+    run_points,
+)
 
 HELP = "decode simulations over a grid of deployments, with the TPS/user vs tokens/GPU/s front"
 
 TABLE_ROWS = 40
+DEFAULT_MAX_POINTS = 10_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, DecodeDeployment, as_lists=True, defaults=SWEEP_GRID)
     add_assume_option(parser, unset_is_none=True)
-    parser.add_argument("--grid", type=Path, help="TOML file with a [grid] table of the above")
+    parser.add_argument("--grid", type=path_arg, help="TOML file with a [grid] table of the above")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--max-points",
+        type=int,
+        default=DEFAULT_MAX_POINTS,
+        help=f"refuse a grid of more points, with its estimated run time (default "
+        f"{DEFAULT_MAX_POINTS:,})",
+    )
 
 
 # -- grid -------------------------------------------------------------------------------------
@@ -51,9 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_grid(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
     """A grid file's ``[grid]`` table: field -> value or list of values, and ``assume``."""
     table = read_toml(path, what=f"grid file {str(path)!r}", table="grid")
-    assume = table.pop("assume", [])
-    if isinstance(assume, dict):
-        assume = [f"{k}={v}" for k, v in assume.items()]
+    assume = _grid_assume(path, table.pop("assume", []))
     valid = [f.name for f in fields(DecodeDeployment)]
     unknown = sorted(set(table) - set(valid))
     if unknown:
@@ -62,6 +77,19 @@ def _read_grid(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
             + ", ".join([*valid, "assume"])
         )
     return {k: v if isinstance(v, list) else [v] for k, v in table.items()}, list(assume)
+
+
+def _grid_assume(path: Path, assume: Any) -> list[str]:
+    """A grid file's ``assume``: a table of TERM = value, or a list of "TERM=VALUE" strings."""
+    scalar = (str, int, float, bool)
+    if isinstance(assume, dict) and all(isinstance(v, scalar) for v in assume.values()):
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in assume.items()]
+    if isinstance(assume, list) and all(isinstance(item, str) for item in assume):
+        return list(assume)
+    raise UserError(
+        f"grid file {str(path)!r}: assume must be a table of TERM = value or a list of "
+        f'"TERM=VALUE" strings, got {assume!r}'
+    )
 
 
 def grid_values(args: argparse.Namespace) -> tuple[dict[str, list[Any]], list[str], bool]:
@@ -79,6 +107,40 @@ def grid_values(args: argparse.Namespace) -> tuple[dict[str, list[Any]], list[st
 
 
 # -- running ----------------------------------------------------------------------------------
+
+
+def check_grid_size(
+    grid: dict[str, list[Any]], assume: list[str], max_points: int, workers: int
+) -> int:
+    """The number of grid points (before models drop schedules they cannot run); a grid of
+    more than ``max_points`` is refused with its run time estimated from one point timed here."""
+    if max_points < 1:
+        raise UserError(f"--max-points must be >= 1, got {max_points}")
+    points = math.prod(len(values) for values in grid.values())
+    if points <= max_points:
+        return points
+    first = grid_setups({name: list(values)[:1] for name, values in grid.items()}, assume)[0]
+    timings = []
+    for _ in range(2):  # the second run is warm
+        start = time.perf_counter()
+        point_record(first)
+        timings.append(time.perf_counter() - start)
+    seconds = min(timings) * points / max(workers, 1)
+    raise UserError(
+        f"the grid has {points:,} points, more than --max-points {max_points:,} (about "
+        f"{_duration(seconds)} on {workers} worker(s), timed from one point); narrow the grid "
+        f"or pass --max-points {points}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -129,8 +191,9 @@ def run(args: argparse.Namespace) -> CommandOutput:
             "--hbm-check applies to simulate: a sweep keeps every point, flagging those that do "
             "not fit (fits false) and leaving them off the Pareto front"
         )
-    setups = grid_setups(grid, assume, model_schedules=default_schedules)
     workers = args.workers if args.workers is not None else os.cpu_count() or 1
+    check_grid_size(grid, assume, args.max_points, workers)
+    setups = grid_setups(grid, assume, model_schedules=default_schedules)
     points = run_points(setups, workers=workers, progress=not args.no_progress)
     front = pareto_front(points)
     config = {

@@ -13,26 +13,30 @@ sums) they are equal for any ``--threads`` and any process count.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.flags import add_config_flags, set_values
+from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
+from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.model.determinism import deterministic_config
 from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
-from longcat_sim.runs import default_run_dir
+from longcat_sim.runs import claim_run_dir, default_run_dir
 from longcat_sim.train import config as training_config
 from longcat_sim.train import distributed
 from longcat_sim.train.checkpoint import (
     latest_checkpoint,
     newest_intact,
     read_checkpoint_state,
+    remove_stale,
     verify_checkpoint,
 )
 from longcat_sim.train.config import TrainConfig
@@ -64,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, every train setting (a ``TrainConfig`` field) and the run's options."""
     parser.add_argument(
         "--model",
+        type=text_arg,
         default=None,
         help="preset name or TOML file (default tiny; on --resume, the checkpoint's model)",
     )
@@ -100,7 +105,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--grow-from",
-        type=Path,
+        type=path_arg,
         default=None,
         metavar="DIR",
         help="start from a shallower run's checkpoint stacked into this model's depth",
@@ -131,7 +136,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-cache",
-        type=Path,
+        type=path_arg,
         default=None,
         help="tokenizer/token cache folder (default ~/.cache/longcat-sim)",
     )
@@ -223,12 +228,13 @@ def _model_config(
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.threads <= 0:
-        raise UserError(f"--threads must be positive, got {args.threads}")
+    check_threads(args.threads)
     if args.resume and args.grow_from is not None:
         raise UserError("pass either --resume or --grow-from, not both")
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after must be a positive step, got {args.stop_after}")
+    if args.data_cache is not None:
+        check_output_dir(args.data_cache, "--data-cache")
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
@@ -237,7 +243,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     config_hash = training_config.run_config_hash(model_cfg, train_cfg)
     if args.run_dir is None:
         args.run_dir = default_run_dir("train", config_hash)
-    run_dir = Path(args.run_dir)
+    run_dir = claim_run_dir(args.run_dir, "train")
     if checkpoint is None and latest_checkpoint(run_dir) is not None:
         raise UserError(
             f"{str(run_dir)!r} already holds checkpoints; pass --resume to continue it or choose "
@@ -281,7 +287,19 @@ def _check_kernels(
 
 def _train(run: distributed.RankRun, threads: int, nproc: int, world: World | None) -> TrainSummary:
     """Train in this process (one process, or this rank of torchrun's world) or in ``nproc``
-    spawned processes; ranks of torchrun other than 0 leave once the run is complete."""
+    spawned processes; ranks of torchrun other than 0 leave once the run is complete. A run
+    that stops (an error, a stop signal) leaves its complete checkpoints and no partial one."""
+    try:
+        return _train_ranks(run, threads, nproc, world)
+    except BaseException:
+        if world is None or world.is_main:  # the checkpoints' one writer has stopped
+            remove_stale(Path(run.run_dir))
+        raise
+
+
+def _train_ranks(
+    run: distributed.RankRun, threads: int, nproc: int, world: World | None
+) -> TrainSummary:
     if world is None and nproc > 1:
         load_data(run.model_cfg, run.train_cfg, run.data_cache)  # the cache, built once
         ranks = distributed.launch(
@@ -295,13 +313,23 @@ def _train(run: distributed.RankRun, threads: int, nproc: int, world: World | No
         if world is not None:
             join_env_world(world)
         summary = distributed.run_training(run, world)
+        if world is not None:
+            world.barrier()  # no rank tears down while a peer's collective is in flight
     finally:
         torch.set_num_threads(previous_threads)
         if world is not None and world.distributed and dist.is_initialized():
             dist.destroy_process_group()
     if world is not None and not world.is_main:
-        raise SystemExit(0)
+        _leave()
     return summary
+
+
+def _leave() -> NoReturn:
+    """A torchrun rank other than 0, its part done: exit at once, so that no thread of the
+    torn-down process group is destroyed during interpreter finalization."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _output(

@@ -15,6 +15,15 @@ from longcat_sim.config.fields import validate as _validate
 from longcat_sim.errors import UserError
 
 ATTENTION_DTYPES = ("bf16", "fp8")
+# Stated upper limits where no physical bound exists; each is named in its option's help. A
+# decode step samples one context per request of an EP group, so the group's requests (EP x
+# batch per GPU) are bounded too, keeping a step's memory and time small.
+MAX_GPUS = 2**20
+MAX_BATCH_PER_DEVICE = 2**20
+MAX_REDUNDANT_EXPERTS = 2**20
+MAX_GROUP_REQUESTS = 2**24
+MAX_MTP_DRAFT_TOKENS = 64  # speculative tokens per decode step
+MAX_REQUEST_TOKENS = 10_000_000  # a prompt, output or cached context, far past any model's window
 HBM_CHECKS = ("refuse", "report")
 
 
@@ -30,8 +39,8 @@ def _rdma_gb_s(default: float | None) -> Any:
 
 def _gpus(default: int | None, help: str, *, unset: bool = True) -> Any:
     """A GPU count (``unset``: None is allowed and means the ``help``'s fallback)."""
-    check = optional(integer(1)) if unset else integer(1)
-    return setting(default, help, unit="GPUs", check=check, kind=int)
+    check = optional(integer(1, MAX_GPUS)) if unset else integer(1, MAX_GPUS)
+    return setting(default, help, unit="GPUs", check=check, kind=int, limit=f"at most {MAX_GPUS:,}")
 
 
 def model_schedule() -> Any:
@@ -73,7 +82,11 @@ class Deployment(ModelChoice):
     ep: int | None = _gpus(None, "expert-parallel group size")
     schedule: str = setting("sbo", "overlap schedule of a layer", check=name())
     redundant_experts: int = setting(
-        0, "expert replicas per layer", unit="experts", check=integer(0)
+        0,
+        "expert replicas per layer",
+        unit="experts",
+        check=integer(0, MAX_REDUNDANT_EXPERTS),
+        limit=f"at most {MAX_REDUNDANT_EXPERTS:,}",
     )
     assumptions: str = setting("default", "assumption set name", check=name())
     seed: int = setting(0, "root seed of sampled routing and contexts", check=integer(0))
@@ -97,15 +110,24 @@ class DecodeDeployment(Deployment):
     gpus: int = _gpus(128, "GPUs in the deployment", unset=False)
     ep: int | None = _gpus(None, "expert-parallel group size (unset: all GPUs)")
     schedule: str | None = model_schedule()
-    batch_per_device: int = setting(96, "requests per GPU", unit="requests", check=integer(1))
+    batch_per_device: int = setting(
+        96,
+        "requests per GPU",
+        unit="requests",
+        check=integer(1, MAX_BATCH_PER_DEVICE),
+        limit=f"at most {MAX_BATCH_PER_DEVICE:,}, and EP x this at most {MAX_GROUP_REQUESTS:,}",
+    )
     context: float = setting(
-        5000.0, "cached tokens each request attends to", unit="tokens", check=number(1.0)
+        5000.0,
+        "cached tokens each request attends to",
+        unit="tokens",
+        check=number(1.0, MAX_REQUEST_TOKENS),
     )
     attention_dtype: str = setting("bf16", "KV cache dtype", check=choice(*ATTENTION_DTYPES))
     mtp_draft_tokens: int | None = setting(
         None,
         "MTP draft tokens per step (0: no speculative decoding; unset: the model's MTP layers)",
-        check=optional(integer(0)),
+        check=optional(integer(0, MAX_MTP_DRAFT_TOKENS)),
         kind=int,
     )
     mtp_accept: float | None = setting(
@@ -117,6 +139,16 @@ class DecodeDeployment(Deployment):
     attention_tp: int = setting(1, "attention tensor parallelism", check=integer(1))
     ffn_tp: int = setting(1, "dense FFN tensor parallelism", check=integer(1))
     hbm_check: str = hbm_check()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        group = self.gpus if self.ep is None else self.ep
+        if group * self.batch_per_device > MAX_GROUP_REQUESTS:
+            raise UserError(
+                f"--ep {group} x --batch-per-device {self.batch_per_device} is "
+                f"{group * self.batch_per_device:,} requests in one EP group, more than the "
+                f"{MAX_GROUP_REQUESTS:,} a step samples; lower either"
+            )
 
 
 @dataclass(frozen=True)

@@ -33,14 +33,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Check:
-    """A field validator: ``test(value)`` holds for a valid value; ``rule`` says what valid is."""
+    """A field validator: ``test(value)`` holds for a valid value; ``rule`` says what valid is;
+    ``maximum``, when set, is a stated upper limit named on its own in the complaint."""
 
     rule: str
     test: Callable[[Any], bool]
+    maximum: int | None = None
 
     def problem(self, label: str, value: Any) -> str | None:
         """The one-line complaint about ``value``, or None when it is valid."""
-        return None if self.test(value) else f"{label} {self.rule}, got {value!r}"
+        if self.test(value):
+            return None
+        if self.maximum is not None and _is_int(value) and value > self.maximum:
+            return f"{label} must be at most {self.maximum:,}, got {value}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{label} {self.rule}, got {value!r} (not a finite number)"
+        return f"{label} {self.rule}, got {value!r}"
 
 
 def _is_int(value: Any) -> bool:
@@ -51,8 +59,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def integer(minimum: int = 1) -> Check:
-    return Check(f"must be an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+def integer(minimum: int = 1, maximum: int | None = None) -> Check:
+    """An integer >= ``minimum`` (and <= ``maximum`` when given)."""
+    top = math.inf if maximum is None else maximum
+    return Check(
+        f"must be an integer >= {minimum}",
+        lambda v: _is_int(v) and minimum <= v <= top,
+        maximum=maximum,
+    )
 
 
 def number(minimum: float = 0.0, maximum: float = math.inf, *, open_low: bool = False) -> Check:
@@ -94,15 +108,24 @@ def names(item: Check) -> Check:
 
 
 def optional(check: Check) -> Check:
-    return Check(f"{check.rule} (or unset)", lambda v: v is None or check.test(v))
+    return Check(
+        f"{check.rule} (or unset)", lambda v: v is None or check.test(v), maximum=check.maximum
+    )
 
 
 def setting(
-    default: Any, help: str, *, unit: str = "", check: Check | None = None, kind: type | None = None
+    default: Any,
+    help: str,
+    *,
+    unit: str = "",
+    check: Check | None = None,
+    kind: type | None = None,
+    limit: str = "",
 ) -> Any:
     """A dataclass field with its help text, unit and validator; ``kind`` parses a flag's text
-    (default: the type of ``default``)."""
+    (default: the type of ``default``); ``limit`` states an upper limit in the help."""
     meta = {"help": help, "unit": unit, "check": check, "kind": kind or type(default)}
+    meta["limit"] = limit
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults: use a tuple")
     return dataclasses.field(default=default, metadata=meta)

@@ -43,7 +43,8 @@ def _help(field: dataclasses.Field, owners: list[type], defaults: Mapping[str, A
         default = next(iter(shown.values()))
     else:
         default = "; ".join(f"{label} {value}" for label, value in shown.items())
-    return f"{meta['help']}{unit} (default {default})"
+    limit = f"; {meta['limit']}" if meta.get("limit") else ""
+    return f"{meta['help']}{unit} (default {default}){limit}"
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
@@ -125,5 +126,7 @@ def add_assume_option(parser: argparse.ArgumentParser, *, unset_is_none: bool = 
         action="append",
         default=None if unset_is_none else [],
         metavar="TERM=VALUE",
-        help="override one term of the assumption set, e.g. routing=balanced (repeatable)",
+        help="override one term of the assumption set, e.g. routing=balanced (repeatable); "
+        "fractions of peak lie in (0, 1], context_cv and expert_popularity_sigma in [0, 10], "
+        "the *_s overheads in [0, 1] seconds",
     )

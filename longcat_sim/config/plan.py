@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longcat_sim.config.deployment import ATTENTION_DTYPES, ModelChoice
+from longcat_sim.config.deployment import ATTENTION_DTYPES, MAX_MTP_DRAFT_TOKENS, ModelChoice
 from longcat_sim.config.fields import choice, integer, name, names, number, optional, setting
 from longcat_sim.config.serving import LAYOUTS, ServiceLevel
 
@@ -91,7 +91,7 @@ class PlanSettings(PlanChoices, PlanTraffic, ServiceLevel, ModelChoice):
     mtp_draft_tokens: int | None = setting(
         None,
         "MTP draft tokens per step (unset: the model's MTP layers)",
-        check=optional(integer(0)),
+        check=optional(integer(0, MAX_MTP_DRAFT_TOKENS)),
         kind=int,
     )
     mtp_accept: float | None = setting(

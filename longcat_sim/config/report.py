@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from longcat_sim.config.deployment import ATTENTION_DTYPES
+from longcat_sim.config.deployment import ATTENTION_DTYPES, MAX_MTP_DRAFT_TOKENS
 from longcat_sim.config.fields import (
     choice,
     integer,
@@ -39,7 +39,9 @@ class ReportConfig:
     seed: int = setting(0, "root seed of sampled routing and contexts", check=integer(0))
     context: int = setting(5000, "cached tokens per request", unit="tokens", check=integer(1))
     attention_dtype: str = setting("bf16", "KV cache dtype", check=choice(*ATTENTION_DTYPES))
-    mtp_draft_tokens: int = setting(1, "MTP draft tokens per step", check=integer(0))
+    mtp_draft_tokens: int = setting(
+        1, "MTP draft tokens per step", check=integer(0, MAX_MTP_DRAFT_TOKENS)
+    )
     mtp_accept: float | None = setting(
         None,
         "share of draft tokens accepted (unset: the assumption set's mtp_accept)",

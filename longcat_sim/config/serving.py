@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from longcat_sim.config.deployment import (
     ATTENTION_DTYPES,
+    MAX_REQUEST_TOKENS,
     DecodeDeployment,
     Deployment,
     hbm_check,
@@ -25,7 +26,9 @@ class PromptLoad:
     tokens_per_device: int = setting(
         16384, "prompt tokens computed per GPU per forward", unit="tokens", check=integer(1)
     )
-    prompt_len: float = setting(4096.0, "mean prompt length", unit="tokens", check=number(1.0))
+    prompt_len: float = setting(
+        4096.0, "mean prompt length", unit="tokens", check=number(1.0, MAX_REQUEST_TOKENS)
+    )
     prompt_cv: float = setting(
         0.0, "coefficient of variation of prompt lengths (gamma)", check=number(0.0, 10.0)
     )
@@ -66,7 +69,7 @@ class DisaggDeployment(PromptLoad, DecodeDeployment):
         None,
         "cached tokens each decode request attends to (unset: prompt_len + output_len / 2)",
         unit="tokens",
-        check=optional(number(1.0)),
+        check=optional(number(1.0, MAX_REQUEST_TOKENS)),
         kind=float,
     )
     prefill_gpus: int = setting(32, "GPUs in the prefill pool", unit="GPUs", check=integer(1))
@@ -85,7 +88,10 @@ class DisaggDeployment(PromptLoad, DecodeDeployment):
     )
     prefill_schedule: str | None = model_schedule()
     output_len: float = setting(
-        1024.0, "mean output length per request", unit="tokens", check=number(1.0)
+        1024.0,
+        "mean output length per request",
+        unit="tokens",
+        check=number(1.0, MAX_REQUEST_TOKENS),
     )
     kv_transfer: str = setting(
         "layerwise",

@@ -21,11 +21,22 @@ def read_toml(
     ``table`` is None); ``only_table`` refuses other top-level keys. Errors name ``what``
     (e.g. ``"model file 'x.toml'"``) in one line of ``error``."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL character
+        raise error(f"{what} cannot be opened: {getattr(exc, 'strerror', None) or exc}") from None
+    if not exists:
         raise error(f"{what} does not exist")
     try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise error(f"{what} cannot be read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
         raise error(f"{what} is not valid TOML: {exc}") from None
     if table is None:
         return doc

@@ -15,11 +15,12 @@ from longcat_sim.reports.inputs import (
     check_sdc,
     check_training_run,
 )
+from longcat_sim.runs import read_run
 
 
 def _read_json(path: Path, flag: str) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{flag}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except ValueError as exc:
@@ -35,7 +36,16 @@ def load_training_run(run_dir: Path) -> dict[str, Any]:
     if not metrics_path.is_file():
         raise UserError(f"{flag} holds no metrics.jsonl; pass a longcat-sim train run directory")
     records = []
-    for number, line in enumerate(metrics_path.read_text().splitlines(), start=1):
+    try:
+        text = metrics_path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot read metrics.jsonl: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{flag}: metrics.jsonl is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}); pass the directory a longcat-sim train run wrote"
+        ) from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -47,7 +57,7 @@ def load_training_run(run_dir: Path) -> dict[str, Any]:
         keep = ("step", "lm_loss", "ffn_experts_mean", "val_loss")
         records.append({k: record[k] for k in keep if k in record})
     if (run_dir / "results.json").is_file():
-        results = _read_json(run_dir / "results.json", flag)
+        _, results = read_run(run_dir, "--train-run")
         model, target = results.get("model"), results.get("target_ffn_experts")
     elif (run_dir / "manifest.json").is_file():
         model_cfg = _read_json(run_dir / "manifest.json", flag).get("config", {}).get("model", {})
@@ -80,7 +90,7 @@ def load_result(
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"{flag} {str(path)!r}: no results.json there; pass a run directory")
-    result = adapt(_read_json(file, flag))
+    result = adapt(read_run(path, flag)[1] if path.is_dir() else _read_json(file, flag))
     try:
         check(result, f"{flag} {str(path)!r}")
     except ReportInputError as exc:

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from longcat_sim.config.report import ReportConfig
 from longcat_sim.config.serving import PrefillDeployment, ServeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
+from longcat_sim.processes import process_pool
 from longcat_sim.report.cache import CACHE_DIR, cached_section, code_fingerprint
 from longcat_sim.report.results import load_determinism, load_sdc, load_training_run
 from longcat_sim.reports.inputs import SERVE_CDFS, SERVE_LAYOUTS, TIMELINE_KEYS
@@ -621,7 +621,7 @@ def serving_section(r: Resolved) -> dict[str, Any]:
     order = sorted(range(len(plan)), key=lambda i: (-plan[i][1], plan[i][0]))
     workers = min(len(plan), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:  # killed on an exception
             futures = {i: pool.submit(_serve_run, plan[i][2]) for i in order}
             outs = [futures[i].result() for i in range(len(plan))]
     else:
@@ -662,7 +662,7 @@ def _serving_reads(r: Resolved) -> dict[str, Any]:
     trace = Path(AZURE_TRACES.get(r.config.serve_trace, r.config.serve_trace))
     try:
         digest = hashlib.sha256(trace.read_bytes()).hexdigest()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         digest = None  # the run itself names the problem
     serve = ("seed", "serve_trace", "serve_duration_s", "serve_rate_scale", "serve_gpus")
     return {

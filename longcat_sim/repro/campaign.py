@@ -18,7 +18,6 @@ recompute alarms) and each detector's overhead relative to the unprotected step,
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -277,16 +276,17 @@ def attribution_trials(
     return {
         "events_per_class": n,
         "correct": correct,
-        "accuracy": {k: correct[k] / n if n else math.nan for k in ATTRIBUTIONS},
+        "accuracy": {k: correct[k] / n if n else None for k in ATTRIBUTIONS},
         "confusion": confusion,
         "spike_flagged": flagged,
         "reruns": reruns,
     }
 
 
-def _rate(t: Tally) -> float:
+def _rate(t: Tally) -> float | None:
+    """Detected over non-masked trials; None (JSON null) when every trial was masked."""
     effective = t.detected + t.missed
-    return t.detected / effective if effective else math.nan
+    return t.detected / effective if effective else None
 
 
 def summarise(tallies: dict[tuple[str, int, str], Tally], sites: Iterable[str]) -> dict[str, Any]:
@@ -312,7 +312,7 @@ def summarise(tallies: dict[tuple[str, int, str], Tally], sites: Iterable[str]) 
             high.detected += v.detected
             high.missed += v.missed
         rate = _rate(v)
-        if not math.isnan(rate) and rate < 0.5:
+        if rate is not None and rate < 0.5:
             blind.setdefault(s, []).append(b)
     out["abft_exponent_sign_detection"] = _rate(high)
     out["abft_exponent_sign_trials"] = high.detected + high.missed

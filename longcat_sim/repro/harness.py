@@ -10,10 +10,10 @@ localised and both tensors are captured by two more runs to measure the differen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from longcat_sim.processes import Children
 from longcat_sim.repro.compare import Divergence, first_divergence, measured
 from longcat_sim.repro.fingerprint import RunRecord, RunSpec
 
@@ -33,19 +34,19 @@ from longcat_sim.repro.fingerprint import RunRecord, RunSpec
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_in_subprocess(spec: RunSpec, *, timeout: float | None = None) -> RunRecord:
-    """Run ``spec`` in a fresh Python process and return its fingerprints."""
+def run_in_subprocess(
+    spec: RunSpec, *, timeout: float | None = None, children: Children | None = None
+) -> RunRecord:
+    """Run ``spec`` in a fresh Python process (one of ``children``, so a caller that stops can
+    kill it) and return its fingerprints."""
     with tempfile.TemporaryDirectory(prefix="determinism-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
         spec_path.write_text(json.dumps(spec.to_dict()))
         env = {**os.environ, **WORKER_ENV}
-        proc = subprocess.run(
+        proc = (children or Children()).run(
             [sys.executable, "-m", "longcat_sim.repro.fingerprint", str(spec_path), str(out_path)],
-            capture_output=True,
-            text=True,
             env=env,
             timeout=timeout,
-            check=False,
         )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -61,18 +62,28 @@ def run_many(
     *,
     workers: int = 1,
     on_done: Callable[[], None] | None = None,
-    runner: Callable[[RunSpec], RunRecord] = run_in_subprocess,
+    runner: Callable[[RunSpec], RunRecord] | None = None,
 ) -> list[RunRecord]:
-    """Run every spec (``workers`` processes at a time); results in spec order."""
+    """Run every spec (``workers`` processes at a time; by default each in a fresh process by
+    :func:`run_in_subprocess`); results in spec order. On an exception (a failed run, a stop
+    signal) the running processes are killed and no other starts."""
+    children = Children()
+    run = runner or functools.partial(run_in_subprocess, children=children)
 
     def one(spec: RunSpec) -> RunRecord:
-        record = runner(spec)
+        record = run(spec)
         if on_done is not None:
             on_done()
         return record
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         return list(pool.map(one, specs))
+    except BaseException:
+        children.close()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,7 @@ def check_determinism(
     workers: int = 1,
     fault_in_run: tuple[int, dict[str, Any]] | None = None,
     on_done: Callable[[], None] | None = None,
-    runner: Callable[[RunSpec], RunRecord] = run_in_subprocess,
+    runner: Callable[[RunSpec], RunRecord] | None = None,
 ) -> DeterminismReport:
     """``runs`` reruns of ``base`` (run r on ``threads[r % len(threads)]`` threads), compared
     bitwise with run 0. ``fault_in_run=(r, fault)`` plants a fault in run r (negative control).

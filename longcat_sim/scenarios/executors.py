@@ -7,11 +7,11 @@ import math
 import os
 import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.errors import UserError
+from longcat_sim.processes import process_pool
 
 T = TypeVar("T")
 EXECUTORS = ("local", "ray")
@@ -32,14 +32,9 @@ def map_local(fn: Callable[[Any], T], items: Sequence[Any], workers: int | None 
     if workers <= 1 or len(items) < 2:
         return [fn(item) for item in items]
     chunks = _chunks(items, workers)
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+    with process_pool(min(workers, len(chunks))) as pool:  # killed on an exception
         futures = [pool.submit(_apply, fn, chunk) for chunk in chunks]
-        try:
-            return [x for f in futures for x in f.result()]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        return [x for f in futures for x in f.result()]
 
 
 def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -> list[T]:

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import fields
 from typing import Any
 
@@ -17,6 +17,7 @@ from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, load_model_config
+from longcat_sim.processes import process_pool
 from longcat_sim.scenarios.decode import (
     DecodeSetup,
     decode_results,
@@ -127,18 +128,13 @@ def run_points(
         else:
             size = max(1, math.ceil(len(indexed) / (workers * 8)))
             chunks = [indexed[i : i + size] for i in range(0, len(indexed), size)]
-            with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+            with process_pool(min(workers, len(chunks))) as pool:  # killed on an exception
                 futures = [pool.submit(_run_chunk, chunk) for chunk in chunks]
-                try:
-                    for future in as_completed(futures):
-                        done = future.result()
-                        for index, record in done:
-                            records[index] = record
-                        bar.update(len(done))
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+                for future in as_completed(futures):
+                    done = future.result()
+                    for index, record in done:
+                        records[index] = record
+                    bar.update(len(done))
     return [r for r in records if r is not None]
 
 

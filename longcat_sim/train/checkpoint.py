@@ -195,12 +195,21 @@ def write_checkpoint(
     marker = {"step": step, "param_hash": parameter_hash(model), "files": file_digests(tmp)}
     write_json_atomic(tmp / MARKER_NAME, marker)
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint folder: renamed out of sight first, so a process killed while
+    deleting leaves a stale temporary folder, never a checkpoint with files missing."""
+    doomed = checkpoint.with_name(f".tmp-{checkpoint.name}-discarded-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def check_resumable(state: dict[str, Any], model_cfg: ModelConfig, tc: TrainConfig, path) -> None:

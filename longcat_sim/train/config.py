@@ -30,6 +30,10 @@ _OPEN_SHARE = Check(
     "must lie strictly between 0 and 1",
     lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0.0 < v < 1.0,
 )
+_BETA = Check(  # Adam needs a decay below 1
+    "must lie in [0, 1)",
+    lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+)
 _RATE_KINDS = Check("must be constant, cosine or exponential", lambda v: v in RATE_KINDS)
 _BOOL = Check("must be true or false", lambda v: isinstance(v, bool))
 
@@ -66,8 +70,8 @@ class TrainConfig:
     warmup_steps: int = setting(20, "linear LR warmup (at most steps)", unit="steps", check=_SIZE)
     min_lr_ratio: float = setting(0.1, "final LR as a share of the peak", check=_SHARE)
     weight_decay: float = setting(0.1, "AdamW weight decay", check=_NON_NEG)
-    beta1: float = setting(0.9, "Adam first-moment decay", check=_SHARE)
-    beta2: float = setting(0.95, "Adam second-moment decay", check=_SHARE)
+    beta1: float = setting(0.9, "Adam first-moment decay", check=_BETA)
+    beta2: float = setting(0.95, "Adam second-moment decay", check=_BETA)
     adam_eps: float = setting(PAPER_ADAM_EPS, "Adam epsilon", check=_NON_NEG)
     grad_clip: float = setting(1.0, "global gradient-norm clip", check=_NON_NEG)
     proxy_width: int = setting(

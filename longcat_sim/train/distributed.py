@@ -1,9 +1,11 @@
 """Process launch for multi-process runs, and the entry points their ranks run.
 
 :func:`launch` spawns ``world`` processes (``torch.multiprocessing`` spawn context), each joining
-one process group (gloo by default: the trainer's tensors are on the CPU; NCCL when asked) through a TCP rendezvous on a port picked by
-binding a socket to port 0; the function each rank runs returns a picklable result, collected
-in rank order. A failing rank's traceback is re-raised in the parent.
+one process group (gloo by default: the trainer's tensors are on the CPU; NCCL when asked)
+through a TCP store the parent hosts; the store and gloo's pairs listen on 127.0.0.1 only. The
+ranks die with the parent (even a SIGKILL-ed one) and are killed when it stops for any reason
+(a failing rank, a stop signal); the function each rank runs returns a picklable result,
+collected in rank order. A failing rank's traceback is re-raised in the parent.
 
 A rank runs :func:`train_rank` (the ranks of ``train --nproc N``: the whole run, checkpoints
 and evaluation included) or :func:`ep_train` (a timing probe: steps only, in a temporary run
@@ -16,6 +18,7 @@ import io
 import os
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -28,24 +31,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.model.hashing import parameter_hash
+from longcat_sim.processes import init_worker, sigint_ignored
 from longcat_sim.train.config import TrainConfig
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import Trainer
 from longcat_sim.train.world import TRAIN_BACKEND, World
 
 LAUNCH_TIMEOUT_S = 600.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bound to port 0 by this process, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -60,29 +58,64 @@ def _from_bytes(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), weights_only=False)
 
 
+def loopback_interface() -> str | None:
+    """The loopback network interface's name (``lo`` on Linux), or None if none is found."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def loopback_store(timeout_s: float) -> dist.TCPStore:
+    """A TCP store served by this process on 127.0.0.1 only (a store given no socket listens
+    on every interface)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = int(listener.getsockname()[1])
+    except OSError:
+        listener.close()
+        raise
+    fd = listener.detach()  # the store owns the socket from here on
+    try:
+        return dist.TCPStore(
+            "127.0.0.1", port, None, True, timedelta(seconds=timeout_s),
+            wait_for_workers=False, master_listen_fd=fd,
+        )  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _worker(
     rank: int,
     world: int,
-    port: int,
+    parent: tuple[int, int],
     backend: str,
     threads: int,
     fn: Callable[..., Any],
     args: tuple,
     queue: Any,
 ) -> None:
+    """Rank ``rank``: dies with the parent (``parent``: its pid and store port), joins the
+    group on loopback, runs ``fn`` and reports its result or traceback on ``queue``."""
+    parent_pid, port = parent
+    init_worker(parent_pid)
+    # tqdm's default lock is a named semaphore here (a spawned process): a rank killed when the
+    # parent stops would leave it for the resource tracker to reclaim, with a warning
+    tqdm.set_lock(threading.RLock())
     try:
         torch.set_num_threads(threads)
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=LAUNCH_TIMEOUT_S),
-        )
+        interface = loopback_interface()
+        if interface is not None:  # gloo's pairs listen on the loopback, not the host's address
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
+        timeout = timedelta(seconds=LAUNCH_TIMEOUT_S)
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         try:
             result = fn(rank, world, *args)
+            dist.barrier()  # no rank tears down while a peer's collective is in flight
         finally:
             dist.destroy_process_group()
         queue.put((rank, "ok", _to_bytes(result)))
@@ -100,50 +133,65 @@ def launch(
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``world`` fresh processes; results in rank order.
 
-    ``fn`` must be importable (a module-level function) and its result picklable.
+    ``fn`` must be importable (a module-level function) and its result picklable. Leaving by
+    an exception (a failed rank, a stop signal in this process) kills every rank.
     """
     if not isinstance(world, int) or world < 1:
         raise UserError(f"the number of processes must be a positive integer, got {world!r}")
     backend = backend or TRAIN_BACKEND  # the trainer's tensors live on the CPU
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    store = loopback_store(timeout_s)
+    parent = (os.getpid(), store.port)
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world, port, backend, threads, fn, args, queue),
+            args=(rank, world, parent, backend, threads, fn, args, queue),
             daemon=True,
         )
         for rank in range(world)
     ]
-    for proc in procs:
-        proc.start()
-    results: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout_s
+    finished = False
     try:
-        while len(results) < world:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"{world} processes did not finish within {timeout_s:.0f} s")
-            try:
-                rank, status, payload = queue.get(timeout=min(remaining, 5.0))
-            except Exception:  # queue.Empty: check for ranks that died without reporting
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(
-                        f"a worker process exited with code {dead[0].exitcode} before reporting"
-                    ) from None
-                continue
-            if status == "error":
-                raise RuntimeError(f"rank {rank} of {world} failed:\n{payload}")
-            results[rank] = _from_bytes(payload)
+        with sigint_ignored():  # Ctrl-C is the parent's: it stops the ranks
+            for proc in procs:
+                proc.start()
+        results = _collect(queue, procs, world, timeout_s)
+        finished = True
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            if proc.pid is None:
+                continue
+            proc.join(timeout=10 if finished else 0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        del store
     return [results[r] for r in range(world)]
+
+
+def _collect(queue: Any, procs: list[Any], world: int, timeout_s: float) -> dict[int, Any]:
+    """Each rank's result from ``queue``; raises for a failed rank, a rank that died without
+    reporting, or ``timeout_s`` passing."""
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) < world:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"{world} processes did not finish within {timeout_s:.0f} s")
+        try:
+            rank, status, payload = queue.get(timeout=min(remaining, 5.0))
+        except Exception:  # queue.Empty: check for ranks that died without reporting
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(
+                    f"a worker process exited with code {dead[0].exitcode} before reporting"
+                ) from None
+            continue
+        if status == "error":
+            raise RuntimeError(f"rank {rank} of {world} failed:\n{payload}")
+        results[rank] = _from_bytes(payload)
+    return results
 
 
 # -- what a rank runs --------------------------------------------------------------------------

@@ -77,12 +77,16 @@ class MetricsLog:
     def parse(self) -> tuple[list[dict[str, Any]], bool]:
         """(the records, whether a torn last line, left by an interrupted write, was dropped);
         any other line that is not a JSON object is a one-line error naming it."""
-        if not self.path.is_file():
+        if not self.path.exists():
             return [], False
         try:
             text = self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise UserError(f"{str(self.path)!r} is not UTF-8 text ({exc.reason})") from None
+        except OSError as exc:  # a folder in its place, no permission
+            raise UserError(
+                f"{str(self.path)!r} cannot be read: {exc.strerror or exc}; move it away"
+            ) from None
         lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
         records: list[dict[str, Any]] = []
         for i, (number, line) in enumerate(lines):

@@ -147,10 +147,10 @@ class TrainStep:
         weight = tc.slice_size / tc.batch_size
         rows = self.world.gather_rows(torch.stack(stats)).flatten(0, 1)
         record = batch_stats(rows, weight, self.cfg.num_layers, self.cfg.n_routed_experts)
-        if not math.isfinite(record["loss"]):
+        loss = record.get("loss", math.nan)  # batch_stats leaves NaN terms out
+        if not math.isfinite(loss):
             raise UserError(
-                f"training diverged at step {step} (loss {record['loss']}); lower --lr or raise "
-                "warmup_steps"
+                f"training diverged at step {step} (loss {loss}); lower --lr or raise warmup_steps"
             )
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         clip = clip_grad_norm_fixed_order if tc.deterministic else torch.nn.utils.clip_grad_norm_

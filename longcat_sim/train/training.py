@@ -253,6 +253,11 @@ class Trainer:
                 count += targets.size
         finally:
             self.model.train()
+        if not math.isfinite(total):
+            raise UserError(
+                f"training diverged by step {self.step} (validation loss {total / count}); "
+                "lower --lr or raise --adam-eps or warmup_steps"
+            )
         return total / count
 
     # -- the loop ------------------------------------------------------------------------------

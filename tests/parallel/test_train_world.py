@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import get_preset
 from longcat_sim.train.data import build_corpus_data
 from longcat_sim.train.world import World, check_nproc, env_world
+from tests.proctree import listening_addresses
 
 BYTE_BUDGET = 2**18
 SHAPE = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2"]
@@ -92,28 +94,66 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _hosts(agent: subprocess.Popen, endpoint: str) -> bool:
+    """Whether ``agent`` listens on ``endpoint``'s port (elsewhere than Linux: whether
+    anything answers there)."""
+    host, port = endpoint.rsplit(":", 1)
+    if sys.platform.startswith("linux"):
+        return any(a.rpartition(":")[2] == port for a in listening_addresses([agent.pid]))
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _host_agent(start, tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """Agent 0, hosting the rendezvous store on a port picked free, once it listens there; a
+    port taken between the pick and the bind (agent 0 exits) is retried with another."""
+    for _ in range(tries):
+        endpoint = f"127.0.0.1:{_free_port()}"
+        agent = start(0, endpoint)
+        deadline = time.monotonic() + 120
+        while agent.poll() is None and time.monotonic() < deadline:
+            if _hosts(agent, endpoint):
+                return agent, endpoint
+            time.sleep(0.2)
+        agent.kill()
+        agent.communicate()
+    pytest.fail(f"torchrun agent 0 could not host the rendezvous in {tries} tries")
+
+
 def test_two_nodes_under_torchrun_end_where_one_process_does(one_process, cache, tmp_path) -> None:
     """Two torchrun agents, one per "host" (``--nnodes 2``, c10d rendezvous on loopback, a
-    shared run directory): the same parameters as one process."""
+    shared run directory): the same parameters as one process. Agent 0 alone hosts the
+    rendezvous store (``is_host``), and agent 1 starts once it listens."""
     single, _ = one_process
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    endpoint = f"127.0.0.1:{_free_port()}"
     run_dir = tmp_path / "two-nodes"
-    agents = [
-        subprocess.Popen(
+
+    def start(node: int, endpoint: str) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
              "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "-m", "longcat_sim",
+             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+             "--rdzv-conf", f"is_host={int(node == 0)},join_timeout=120", "-m", "longcat_sim",
              *train_args(cache, run_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for node in (0, 1)
-    ]  # fmt: skip
-    outputs = [agent.communicate(timeout=300) for agent in agents]
+        )  # fmt: skip
+
+    host, endpoint = _host_agent(start)
+    agents = [host, start(1, endpoint)]
+    try:
+        outputs = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
     for agent, (_, err) in zip(agents, outputs, strict=True):
         assert agent.returncode == 0, err
-    results = json.loads(outputs[0][0])  # node 0 holds global rank 0, which alone prints
-    assert outputs[1][0].strip() == ""
+    # the rendezvous, not --node-rank, decides which agent holds global rank 0: it alone prints
+    printed = [out for out, _ in outputs if out.strip()]
+    assert len(printed) == 1, outputs
+    results = json.loads(printed[0])
     assert results["nproc"] == 2 and results["param_hash"] == single["param_hash"]
 
 
