@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -78,6 +79,17 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command line; SIGINT or SIGTERM at any point ends it with one line and exit
+    code 130 or 143, and no results committed."""
+    try:
+        with stop_signals():
+            return _main(argv)
+    except Stopped as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = argv[0] if argv and argv[0] in COMMANDS else None
     try:
@@ -104,18 +116,20 @@ def _run_and_commit(args: argparse.Namespace) -> int:
     try:
         if args.run_dir is not None:
             claim_run_dir(args.run_dir, args.command)
-        with stop_signals():
-            output = args._module.run(args)
+        output = args._module.run(args)
         run_dir = args.run_dir or claim_run_dir(
             default_run_dir(args.command, output.config_hash), args.command
         )
-    except Stopped as exc:
+    except Stopped:
         _abandon(args.run_dir)
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        raise
     except (UserError, ConfigError, ClusterInputError) as exc:
         _abandon(args.run_dir)
         return _fail(str(exc))
+    except OSError as exc:  # the file system refused a read or write the command checked
+        _abandon(args.run_dir)
+        where = f"{str(exc.filename)!r}: " if exc.filename else ""
+        return _fail(f"cannot read or write {where}{exc.strerror or exc}; check the path")
     manifest = build_manifest(
         args.command, output.config, output.config_hash, output.seeds, output.device
     )
@@ -136,7 +150,12 @@ def _run_and_commit(args: argparse.Namespace) -> int:
 
 
 def entry() -> NoReturn:  # pragma: no cover - thin wrapper
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before main installed its handlers
+        print(f"{PROG}: {Stopped(signal.SIGINT)}", file=sys.stderr)
+        code = Stopped(signal.SIGINT).exit_code
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

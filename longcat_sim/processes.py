@@ -9,8 +9,9 @@
 * :func:`process_pool` is a ``ProcessPoolExecutor`` whose workers die with their parent, leave
   SIGINT to it, and are killed when the block exits by an exception; processes started inside
   :func:`sigint_ignored` ignore SIGINT from birth.
-* :func:`child_command` wraps a command so the started program dies with its parent;
-  :class:`Children` runs such commands from any thread and kills those running on :meth:`close`.
+* :func:`child_command` wraps a command so the started program dies with its parent and
+  ignores SIGINT; :class:`Children` runs such commands from any thread (SIGINT blocked while
+  one starts, so none ever holds a SIGINT handler) and kills those running on :meth:`close`.
 
 No torch here: the simulator's packages use it too. ``python -m longcat_sim.processes PID
 COMMAND...`` is the wrapper :func:`child_command` builds.
@@ -72,6 +73,20 @@ def stop_signals() -> Iterator[None]:
 
 
 @contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in the calling thread (any thread) inside the block: a process started
+    in it is born with SIGINT blocked, and one arriving meanwhile is delivered afterwards."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
 def sigint_ignored() -> Iterator[None]:
     """SIGINT ignored inside the block (in the main thread), so the processes started in it
     ignore it from birth: a terminal's Ctrl-C reaches the whole process group, and stopping
@@ -110,13 +125,25 @@ def init_worker(parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+class _Pool(ProcessPoolExecutor):
+    """A pool whose workers are started inside :func:`sigint_ignored`: a submit that may start
+    one (all of them at the first submit under ``fork``, one at a time under other start
+    methods) runs inside it, so no worker holds this process's SIGINT handler before
+    :func:`init_worker` runs."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(getattr(self, "_processes", None) or {}) >= self._max_workers:
+            return super().submit(fn, *args, **kwargs)
+        with sigint_ignored():
+            return super().submit(fn, *args, **kwargs)
+
+
 @contextmanager
 def process_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
-    """A process pool whose workers die with this process; leaving the block by an exception
-    (a failed item, :class:`Stopped`) kills the workers instead of waiting for their items."""
-    pool = ProcessPoolExecutor(
-        max_workers=max_workers, initializer=init_worker, initargs=(os.getpid(),)
-    )
+    """A process pool whose workers die with this process and ignore SIGINT from birth;
+    leaving the block by an exception (a failed item, :class:`Stopped`) kills the workers
+    instead of waiting for their items."""
+    pool = _Pool(max_workers=max_workers, initializer=init_worker, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException:
@@ -171,13 +198,14 @@ class Children:
         with self._lock:
             if self._closed:
                 raise ChildrenClosed("no command starts after close()")
-            proc = subprocess.Popen(
-                child_command(command),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=None if env is None else dict(env),
-            )
+            with sigint_blocked():  # the wrapper ignores SIGINT before it unblocks it
+                proc = subprocess.Popen(
+                    child_command(command),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=None if env is None else dict(env),
+                )
             self._live.add(proc)
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -204,6 +232,11 @@ def _wrapper(argv: Sequence[str]) -> None:
     if len(argv) < 2 or not argv[0].isdigit():
         sys.exit("usage: python -m longcat_sim.processes PARENT_PID COMMAND [ARG...]")
     die_with_parent(int(argv[0]))
+    # SIGINT is the parent's (a terminal's Ctrl-C reaches the whole process group): COMMAND
+    # starts with it ignored; one held since birth is discarded here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.execvp(argv[1], list(argv[1:]))
 
 

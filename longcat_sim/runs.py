@@ -12,6 +12,7 @@ files side by side).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -22,11 +23,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from longcat_sim.config.hashing import config_hash
+from longcat_sim.config.paths import check_output_dir
 from longcat_sim.errors import UserError
 from longcat_sim.model.files import (
     dumps_json,
@@ -106,8 +109,17 @@ COMMIT_NAME = "commit.json"
 COMMITTED = ("manifest.json", "results.json")
 # the temporary files of write_bytes_atomic (".NAME.XXXXXXXX.tmp", mkstemp's 8 random characters)
 _STALE_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-# run directory -> (the open file descriptor holding its lock, whether the claim created it)
-_claimed: dict[Path, tuple[int, bool]] = {}
+LOCK_ATTEMPTS = 5  # a lock file removed between our open and flock: reopen and retry
+
+
+@dataclass(frozen=True)
+class _Claim:
+    fd: int  # the open lock file, flock-ed
+    created_dir: bool  # the claim created the run directory
+    created_lock: bool  # ... or only its lock file
+
+
+_claimed: dict[Path, _Claim] = {}
 
 
 def _owner_text(path: Path) -> str:
@@ -122,74 +134,110 @@ def _owner_text(path: Path) -> str:
         return "another process"
 
 
-def _is_other_rank() -> bool:
-    """A rank other than 0 of a torchrun world: rank 0 owns the run directory for all."""
-    return os.environ.get("RANK", "0").strip() not in ("", "0")
+def _is_other_rank(command: str) -> bool:
+    """A torchrun rank other than 0 of ``train``: rank 0 owns the run directory for all."""
+    return command == "train" and os.environ.get("RANK", "0").strip() not in ("", "0")
 
 
-def claim_run_dir(run_dir: str | Path, command: str) -> Path:
-    """Make this process the only writer of ``run_dir`` until it exits (idempotent), creating
-    the directory and removing the temporary files of interrupted writes. A second writer gets
-    one line naming the owner."""
-    path = Path(run_dir)
-    key = path.resolve()
-    if key in _claimed or _is_other_rank():
-        return path
-    created = not path.exists()
+def _lock(path: Path) -> int:
+    """An open descriptor of ``path/.lock`` holding its exclusive flock; one line naming the
+    owner when another process holds it."""
+    lock = path / LOCK_NAME
+    for _ in range(LOCK_ATTEMPTS):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"run directory {str(path)!r} is in use by {_owner_text(lock)}; "
+                "wait for it to finish or choose another --run-dir"
+            ) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its owner removed the file as we locked it: the lock is a new file
+    raise UserError(f"run directory {str(path)!r}: its lock keeps changing; try again")
+
+
+def _take(path: Path, command: str) -> int:
+    """Prove ``path`` writable, lock it and record this process as its owner."""
+    check_output_dir(path, "--run-dir")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _lock(path)
     except OSError as exc:
-        raise UserError(
-            f"cannot write run directory {str(path)!r}: {exc.strerror or exc}; "
-            "choose a writable --run-dir"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f"run directory {str(path)!r} is in use by {_owner_text(path / LOCK_NAME)}; "
-            "wait for it to finish or choose another --run-dir"
-        ) from None
+        raise UserError(f"--run-dir {str(path)!r}: cannot lock it: {exc.strerror or exc}") from None
     owner = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "command": command,
         "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
-    _claimed[key] = (fd, created)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+        os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            (path / LOCK_NAME).unlink()  # ours, still locked: no other claimer trusts it
+        os.close(fd)
+        raise UserError(f"--run-dir {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    return fd
+
+
+def claim_run_dir(run_dir: str | Path, command: str) -> Path:
+    """Make this process the only writer of ``run_dir`` until it exits (idempotent): the
+    directory is created and proven writable, its lock taken (a second writer gets one line
+    naming the owner) and the temporary files of interrupted writes removed."""
+    path = Path(run_dir)
+    key = path.resolve()
+    if key in _claimed or _is_other_rank(command):
+        return path
+    created_dir = not path.exists()
+    created_lock = not (path / LOCK_NAME).exists()
+    try:
+        fd = _take(path, command)
+    except UserError:
+        if created_dir:  # refused before anything was written: leave no folder behind
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty: another claimer's lock stays
+        raise
+    _claimed[key] = _Claim(fd, created_dir, created_lock)
     remove_stale_temporaries(path)
     return path
 
 
 def release_run_dir(run_dir: str | Path, *, unused: bool = False) -> None:
     """Give up the claim on ``run_dir`` (the lock file stays; it is free once unlocked). With
-    ``unused`` (the command wrote nothing), a directory the claim created and that holds only
-    its lock is removed."""
+    ``unused`` (the command wrote nothing), what the claim created goes: the directory, when
+    it holds nothing else, or else the lock file. Removal happens under the lock, and a claimer
+    that locked the removed file retries on the new one."""
     claim = _claimed.pop(Path(run_dir).resolve(), None)
     if claim is None:
         return
-    fd, created = claim
+    folder = Path(run_dir)
     try:
-        if unused and created and {p.name for p in Path(run_dir).iterdir()} == {LOCK_NAME}:
-            (Path(run_dir) / LOCK_NAME).unlink()
-            Path(run_dir).rmdir()
+        if unused and claim.created_lock:
+            (folder / LOCK_NAME).unlink()
+            if claim.created_dir and not any(folder.iterdir()):
+                folder.rmdir()
     except OSError:
         pass
     finally:
-        os.close(fd)
+        os.close(claim.fd)
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files that interrupted atomic writes left under ``run_dir``."""
+    """Delete the temporary files that interrupted atomic writes left in ``run_dir`` and its
+    ``checkpoints`` folder (not deeper: a nested folder may be another run's)."""
     removed = []
-    for candidate in run_dir.rglob(".*.tmp"):
-        if candidate.is_file() and _STALE_TEMPORARY.match(candidate.name):
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for candidate in folder.glob(".*.tmp"):
+            if candidate.is_file() and _STALE_TEMPORARY.match(candidate.name):
+                candidate.unlink(missing_ok=True)
+                removed.append(candidate)
     return removed
 
 

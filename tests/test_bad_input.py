@@ -23,6 +23,7 @@ from longcat_sim.config.deployment import (
     MAX_GROUP_REQUESTS,
     DecodeDeployment,
 )
+from longcat_sim.config.threads import MAX_WORKERS, WORKERS_RULE, check_workers
 from longcat_sim.errors import UserError
 from longcat_sim.model.checkpoint import load_pretrained, save_pretrained
 from longcat_sim.model.config import get_preset
@@ -148,10 +149,14 @@ CASES = [
     (["serve", *TINY, "--trace-out", ""], "argument --trace-out: needs a path"),
     # 8. counts beyond the model
     (["sdc", "--recompute-experts", "1000"], "exceeds the 8 routed experts of model 'tiny'"),
+    # 9. worker processes past the stated limit (each a full interpreter)
+    (["sweep", *TINY, "--workers", "1000000", "--no-progress"], "--workers must be at most"),
+    (["determinism", "--workers", "1000", "--runs", "1000"], "--workers must be at most"),
+    (["plan", "--model", "tiny", "--rate", "1", "--workers", "1000000"], "--workers must be"),
 ]
 
-# Commands whose refusals used to come only after seconds of work (worker processes, a
-# tokenizer of the model's vocabulary, host measurements): refused well under a second now.
+# Commands whose long work (worker processes, a tokenizer of the model's vocabulary, host
+# measurements) comes before they could otherwise notice bad input: refused well under a second.
 SLOW_BEFORE = ("determinism", "calibrate")
 
 
@@ -177,7 +182,8 @@ def test_no_probe_file_is_left_and_a_good_cache_passes(tmp_path) -> None:
 
 
 def test_full_disk_is_one_line_before_training(tmp_path, monkeypatch, capsys) -> None:
-    """ENOSPC on the probe write (a full disk, simulated) refuses --data-cache up front."""
+    """ENOSPC on the probe write (a full disk, simulated) refuses the run before training:
+    the run directory's probe comes first, and neither folder keeps a file."""
     real_write = os.write
 
     def full(fd: int, data: bytes) -> int:
@@ -188,6 +194,9 @@ def test_full_disk_is_one_line_before_training(tmp_path, monkeypatch, capsys) ->
     monkeypatch.setattr(os, "write", full)
     line = refused(["train", "--data-cache", str(tmp_path / "cache")], capsys, tmp_path / "run")
     assert "is not writable: No space left on device" in line
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with pytest.raises(UserError, match=r"--data-cache .* is not writable: No space left"):
+        paths.check_output_dir(tmp_path / "cache", "--data-cache")
     assert list((tmp_path / "cache").iterdir()) == []  # the probe removed itself
     with pytest.raises(UserError, match="No space left on device"):
         paths.check_output_file(tmp_path / "trace.json", "--trace")
@@ -262,3 +271,17 @@ def test_fp16_checkpoint_auto_keeps_its_dtype(tiny_fp16_checkpoint, capsys) -> N
     capsys.readouterr()
     load_pretrained(fp32)
     assert capsys.readouterr().err == ""  # a float32 checkpoint loads without a warning
+
+
+@pytest.mark.parametrize("command", ["determinism", "plan"])
+def test_worker_limit_is_stated_in_help_and_message(command, capsys) -> None:
+    """The one limit on local worker processes, with this machine's core count, in each
+    ``--workers`` help and in the refusal; the limit itself is accepted."""
+    with pytest.raises(SystemExit):
+        build_parser(command).parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"at most {MAX_WORKERS} ({WORKERS_RULE})" in help_text
+    assert check_workers(MAX_WORKERS) == MAX_WORKERS
+    with pytest.raises(UserError, match=r"must be at most \d+ worker processes \(4 per core"):
+        check_workers(MAX_WORKERS + 1)
+    assert max(8, 4 * (os.cpu_count() or 1)) == MAX_WORKERS

@@ -235,3 +235,94 @@ def test_weights_without_a_recorded_digest_still_load(cache, tmp_path) -> None:
     weights = newest / "model.safetensors"
     save_file(load_file(weights), weights, metadata={"format": "pt"})
     assert load_pretrained(newest) is not None
+
+
+def test_a_complete_invalid_last_line_is_damage_not_a_torn_write(tmp_path) -> None:
+    """Only a last line without its newline can be a write cut short; one that ends with a
+    newline and does not parse is damage, named by file and line."""
+    for tail in (b'{"step": 2, "lm_lo\n', b"garbage\n", b'{"step": "2"}\n'):
+        with pytest.raises(UserError, match=r"metrics\.jsonl' line 3 is not a step record"):
+            _log(tmp_path, GOOD + tail).parse()
+    records, torn = _log(tmp_path, GOOD + b"garbage").parse()  # control: no newline, torn
+    assert torn and [r["step"] for r in records] == [0, 1]
+    assert _log(tmp_path, GOOD + b"\n  \n").parse() == (
+        records,
+        False,
+    )  # blank lines are no records
+
+
+# -- checkpoint markers ------------------------------------------------------------------------
+
+HASH = "ab" * 32
+
+
+def _marked(tmp_path: Path, marker) -> Path:
+    """A checkpoint folder with two files and ``marker`` (JSON-encoded unless bytes)."""
+    from longcat_sim.train.checkpoint import file_digests
+
+    folder = tmp_path / "step-00000002"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}\n")
+    (folder / STATE_NAME).write_bytes(b"state")
+    if callable(marker):
+        marker = marker(file_digests(folder))
+    data = marker if isinstance(marker, bytes) else json.dumps(marker).encode()
+    (folder / MARKER_NAME).write_bytes(data)
+    return folder
+
+
+def _only(name: str, files: dict[str, str]) -> dict[str, str]:
+    return {name: files[name]}
+
+
+@pytest.mark.parametrize(
+    ("marker", "fragment"),
+    [
+        ({}, "no step"),
+        (b"[]", "not a JSON object"),
+        ({"step": "2", "param_hash": HASH, "files": {}}, "no step"),
+        ({"step": True, "param_hash": HASH}, "no step"),
+        ({"step": 2}, "no param_hash"),
+        ({"step": 2, "param_hash": 5}, "no param_hash"),
+        ({"step": 2, "param_hash": HASH, "files": []}, "files is not a map"),
+        ({"step": 2, "param_hash": HASH, "files": {"config.json": "x"}}, "files is not a map"),
+        (lambda files: {"step": 2, "param_hash": HASH, "files": _only("config.json", files)},
+         f"{STATE_NAME} is not recorded"),
+    ],
+)  # fmt: skip
+def test_a_marker_without_its_fields_is_damaged(tmp_path, marker, fragment) -> None:
+    from longcat_sim.train.checkpoint import verify_checkpoint
+
+    folder = _marked(tmp_path, marker)
+    named = MARKER_NAME if "not recorded" not in fragment else STATE_NAME
+    with pytest.raises(UserError, match=named) as info:
+        verify_checkpoint(folder)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_whole_marker_and_an_older_one_pass(tmp_path) -> None:
+    """Negative controls: the current format with every file's digest, and an older marker
+    (step and param_hash, no files), are accepted."""
+    from longcat_sim.train.checkpoint import verify_checkpoint
+
+    whole = _marked(tmp_path, lambda files: {"step": 2, "param_hash": HASH, "files": files})
+    assert verify_checkpoint(whole)["step"] == 2
+    older = _marked(tmp_path, {"step": 2, "param_hash": HASH})
+    assert verify_checkpoint(older) == {"step": 2, "param_hash": HASH}
+
+
+def test_files_are_hashed_in_chunks(tmp_path, monkeypatch) -> None:
+    """Neither the marker's digests nor their check read a whole file into memory."""
+    import hashlib
+
+    from longcat_sim.train.checkpoint import file_digests, verify_checkpoint
+
+    folder = _marked(tmp_path, lambda files: {"step": 2, "param_hash": HASH, "files": files})
+    expected = hashlib.sha256(b"state").hexdigest()
+
+    def whole_file(self, *args, **kwargs):
+        raise AssertionError(f"{self.name} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole_file)
+    assert file_digests(folder)[STATE_NAME] == expected
+    verify_checkpoint(folder)

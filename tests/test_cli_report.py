@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from longcat_sim.cli import main
+from longcat_sim.errors import UserError
 from longcat_sim.report import pngs
 from longcat_sim.reports import figures, tables
 from longcat_sim.runs import write_run
@@ -437,3 +438,28 @@ def test_a_real_training_run_is_plotted(default_run: dict, tmp_path: Path, capsy
     assert "fig-training-run-1" in json.loads(stdout)["figures"]
     html = (out / "report.html").read_text()
     assert '"name":"target 2"' in html  # the tiny preset's target of FFN experts per token
+
+
+def test_a_training_run_with_a_torn_last_line_loads_without_it(tmp_path) -> None:
+    from longcat_sim.report.results import load_training_run
+
+    run = tmp_path / "train-torn"
+    _write_train_run(run)
+    whole = load_training_run(run)["records"]
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 99, "lm_loss": 1.')  # a write cut short
+    assert load_training_run(run)["records"] == whole
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write("\n")  # negative control: with its newline the line is damage, not torn
+    with pytest.raises(UserError, match=r"metrics\.jsonl line \d+ is not JSON"):
+        load_training_run(run)
+
+
+def test_an_uncommitted_training_run_is_refused(tmp_path) -> None:
+    from longcat_sim.report.results import load_training_run
+
+    run = tmp_path / "train-running"
+    _write_train_run(run)
+    (run / "commit.json").unlink()
+    with pytest.raises(UserError, match="not completed"):
+        load_training_run(run)

@@ -192,3 +192,13 @@ def test_max_points_admits_a_grid_of_exactly_that_size(tmp_path, capsys) -> None
         ["sweep", *GRID, "--max-points", "3"], capsys, tmp_path / "a"
     )
     assert len(sweep(tmp_path, capsys, *GRID, "--max-points", "4")["points"]) == 4
+
+
+def test_max_points_times_a_point_the_model_can_run(tmp_path, capsys) -> None:
+    """DeepSeek-V3 has no ScMoE layers: the timed point is its TBO one, not a refused SBO."""
+    message = refused(
+        ["sweep", "--model", "deepseek-v3", "--max-points", "2", "--no-progress"],
+        capsys,
+        tmp_path / "r",
+    )
+    assert "more than --max-points 2" in message

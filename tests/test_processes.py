@@ -191,3 +191,53 @@ def test_the_module_needs_no_torch() -> None:
     """The simulator's packages may use it: importing it loads no torch."""
     code = f"import sys, {processes.__name__}; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+INIT_WORKER = processes.init_worker
+
+
+def _interrupted_at_birth(parent_pid: int) -> None:
+    """A worker's initializer that first receives SIGINT: what a terminal's Ctrl-C does to a
+    worker just forked, before it could ignore the signal."""
+    os.kill(os.getpid(), signal.SIGINT)
+    INIT_WORKER(parent_pid)
+
+
+def test_pool_workers_ignore_sigint_from_birth(monkeypatch) -> None:
+    """A SIGINT between a worker's fork and its initializer leaves the worker running (it used
+    to raise in the worker, which broke the pool with a traceback)."""
+    monkeypatch.setattr(processes, "init_worker", _interrupted_at_birth)
+    with process_pool(2) as pool:
+        assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+def test_children_commands_ignore_sigint() -> None:
+    """A command :class:`Children` runs starts with SIGINT ignored (Ctrl-C is the parent's)."""
+    code = "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    assert Children().run([sys.executable, "-c", code]).stdout == "True\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's is kept
+
+
+def test_sigint_to_the_process_group_stops_a_sweep_with_one_line(tmp_path) -> None:
+    """A terminal's Ctrl-C (SIGINT to the whole process group): exit 130, one line, no worker
+    left and no worker traceback."""
+    argv = [sys.executable, "-m", "longcat_sim", *SWEEP, "--run-dir", str(tmp_path / "run")]
+    with (tmp_path / "stderr").open("w") as err:
+        sweep = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    workers: dict[int, int] = {}
+    try:
+        workers = wait_for(
+            lambda: (found := descendants(sweep.pid)) and len(found) >= 2 and found,
+            60, "two sweep workers", sweep,
+        )  # fmt: skip
+        os.killpg(sweep.pid, signal.SIGINT)
+        assert sweep.wait(timeout=20) == 130
+        lines = (tmp_path / "stderr").read_text().splitlines()
+        assert lines == ["longcat-sim: stopped by SIGINT; no results were written"]
+        assert survivors(workers) == []
+        assert not (tmp_path / "run" / "results.json").exists()
+    finally:
+        sweep.kill()
+        kill_all(workers)

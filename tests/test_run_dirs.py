@@ -89,7 +89,7 @@ def test_an_unused_claim_removes_only_a_directory_it_created(tmp_path) -> None:
     for run_dir in (fresh, existing):
         claim_run_dir(run_dir, "calibrate")
         runs.release_run_dir(run_dir, unused=True)
-    assert not fresh.exists() and existing.is_dir()
+    assert not fresh.exists() and existing.is_dir() and not (existing / LOCK_NAME).exists()
     claim_run_dir(fresh, "calibrate")
     (fresh / "host.toml").write_text("x")
     runs.release_run_dir(fresh, unused=True)  # negative control: it holds a file
@@ -107,6 +107,37 @@ def test_stale_temporaries_are_removed_and_other_files_kept(tmp_path) -> None:
     runs.release_run_dir(run_dir)
     assert [p.exists() for p in stale] == [False, False]
     assert all(p.exists() for p in kept)
+
+
+def test_temporaries_of_a_nested_run_are_left_to_it(tmp_path) -> None:
+    nested = tmp_path / "outer" / "other-run" / ".results.json.abcdefgh.tmp"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("a live writer's file")
+    claim_run_dir(tmp_path / "outer", "params")
+    runs.release_run_dir(tmp_path / "outer")
+    assert nested.exists()
+
+
+def test_a_lock_file_removed_under_a_claimer_is_not_trusted(tmp_path, monkeypatch) -> None:
+    """The owner removes an unused lock while a claimer has it open: the claimer's flock then
+    holds a file no longer on disk, so it reopens the new one instead of writing unlocked."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    real_flock, calls = runs.fcntl.flock, []
+
+    def flock_after_removal(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            (run_dir / LOCK_NAME).unlink()  # the owner's release, between open and flock
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(runs.fcntl, "flock", flock_after_removal)
+    claim_run_dir(run_dir, "params")
+    assert len(calls) == 2  # the first lock was on the removed file
+    assert (
+        os.fstat(runs._claimed[run_dir.resolve()].fd).st_ino == os.stat(run_dir / LOCK_NAME).st_ino
+    )
+    runs.release_run_dir(run_dir)
 
 
 def test_commit_is_read_back(tmp_path) -> None:

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
-from longcat_sim.config.threads import check_threads
+from longcat_sim.config.threads import WORKERS_LIMIT, check_threads, check_workers
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
 from longcat_sim.model.transformer import require_runnable
-from longcat_sim.repro.fingerprint import RunSpec
+from longcat_sim.repro.fingerprint import RunSpec, spec_configs
 from longcat_sim.repro.harness import check_determinism
 from longcat_sim.repro.inject import SITES, Fault
 from longcat_sim.runs import config_hash
@@ -44,7 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="1",
         help="comma-separated thread counts the runs cycle through (e.g. 1,2)",
     )
-    parser.add_argument("--workers", type=int, default=1, help="runs executed at the same time")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help=f"runs executed at the same time (default 1; {WORKERS_LIMIT})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="root seed of the runs")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError(f"--steps must be positive, got {args.steps}")
     if args.workers < 1:
         raise UserError(f"--workers must be positive, got {args.workers}")
+    check_workers(args.workers)
     threads = parse_threads(args.threads)
     try:
         cfg = load_model_config(args.model)
@@ -163,18 +169,12 @@ def run(args: argparse.Namespace) -> CommandOutput:
 
 
 def _check_spec(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
-    """The train config every run builds from ``spec`` (as ``repro.fingerprint`` does), checked
-    here with the trainer's own checks, so a bad setting is one line before any process
-    starts rather than a failure in every worker."""
-    from longcat_sim.model.determinism import deterministic_config
-    from longcat_sim.train.config import default_train_config
+    """The configs every run builds from ``spec`` (``repro.fingerprint.spec_configs``, the
+    runs' own), checked here with the trainer's own checks, so a bad setting is one line
+    before any process starts rather than a failure in every worker."""
     from longcat_sim.train.training import check_compatible
 
-    cfg = deterministic_config(load_model_config(spec.model))
-    steps = max(spec.steps, 1)
-    overrides = {"steps": steps, "seed": spec.seed, "warmup_steps": min(steps, 2), **spec.train}
-    overrides |= {"deterministic": True, "byte_budget": spec.byte_budget}
-    tc = default_train_config(cfg).replace(**overrides)
+    cfg, tc = spec_configs(spec)
     if tc.seq_len > cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "

@@ -21,6 +21,7 @@ from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.fields import flag
 from longcat_sim.config.flags import add_assume_option, add_config_flags, given, set_values
 from longcat_sim.config.plan import PlanChoices, PlanSettings
+from longcat_sim.config.threads import check_workers
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash
 from longcat_sim.scenarios.plan import PlanProblem, run_plan
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError("--address applies to --executor ray")
     if args.workers is not None and args.executor == "ray":
         raise UserError("--workers applies to --executor local; Ray uses its cluster's CPUs")
+    if args.workers is not None:
+        check_workers(args.workers)
     settings = PlanSettings(**set_values(args, PlanSettings))
     problem = _problem(settings, args.assume)
     choices = PlanChoices(**{f.name: getattr(settings, f.name) for f in fields(PlanChoices)})

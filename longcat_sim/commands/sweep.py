@@ -30,6 +30,7 @@ from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.deployment import DecodeDeployment
 from longcat_sim.config.flags import add_assume_option, add_config_flags, set_values
 from longcat_sim.config.paths import path_arg
+from longcat_sim.config.threads import WORKERS_LIMIT, check_workers
 from longcat_sim.config.toml import read_toml
 from longcat_sim.errors import UserError
 from longcat_sim.runs import config_hash
@@ -51,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, DecodeDeployment, as_lists=True, defaults=SWEEP_GRID)
     add_assume_option(parser, unset_is_none=True)
     parser.add_argument("--grid", type=path_arg, help="TOML file with a [grid] table of the above")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"processes (default: all cores; {WORKERS_LIMIT})",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
         "--max-points",
@@ -110,7 +116,11 @@ def grid_values(args: argparse.Namespace) -> tuple[dict[str, list[Any]], list[st
 
 
 def check_grid_size(
-    grid: dict[str, list[Any]], assume: list[str], max_points: int, workers: int
+    grid: dict[str, list[Any]],
+    assume: list[str],
+    max_points: int,
+    workers: int,
+    default_schedules: bool,
 ) -> int:
     """The number of grid points (before models drop schedules they cannot run); a grid of
     more than ``max_points`` is refused with its run time estimated from one point timed here."""
@@ -119,7 +129,9 @@ def check_grid_size(
     points = math.prod(len(values) for values in grid.values())
     if points <= max_points:
         return points
-    first = grid_setups({name: list(values)[:1] for name, values in grid.items()}, assume)[0]
+    corner = {name: list(values)[:1] for name, values in grid.items() if name != "schedule"}
+    corner["schedule"] = list(grid.get("schedule", ["sbo"]))
+    first = grid_setups(corner, assume, model_schedules=default_schedules)[0]
     timings = []
     for _ in range(2):  # the second run is warm
         start = time.perf_counter()
@@ -191,8 +203,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
             "--hbm-check applies to simulate: a sweep keeps every point, flagging those that do "
             "not fit (fits false) and leaving them off the Pareto front"
         )
-    workers = args.workers if args.workers is not None else os.cpu_count() or 1
-    check_grid_size(grid, assume, args.max_points, workers)
+    workers = check_workers(args.workers if args.workers is not None else os.cpu_count() or 1)
+    check_grid_size(grid, assume, args.max_points, workers, default_schedules)
     setups = grid_setups(grid, assume, model_schedules=default_schedules)
     points = run_points(setups, workers=workers, progress=not args.no_progress)
     front = pareto_front(points)

@@ -41,7 +41,7 @@ from longcat_sim.train.checkpoint import (
 )
 from longcat_sim.train.config import TrainConfig
 from longcat_sim.train.metrics import TrainSummary
-from longcat_sim.train.training import load_data
+from longcat_sim.train.training import grow_source, load_data, trained_config
 from longcat_sim.train.world import (
     TRAIN_BACKEND,
     World,
@@ -255,6 +255,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError(f"--nproc {args.nproc} differs from torchrun's WORLD_SIZE={world.size}")
     check_nproc(nproc, model_cfg, train_cfg.batch_size, train_cfg.slice_size)
     _check_kernels(model_cfg, train_cfg, nproc)
+    if args.grow_from is not None and world is None:  # before any process starts
+        grow_source(args.grow_from, trained_config(model_cfg, train_cfg), train_cfg.steps)
     rank_run = distributed.RankRun(
         model_cfg, train_cfg, str(run_dir),
         data_cache=None if args.data_cache is None else str(args.data_cache),

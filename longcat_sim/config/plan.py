@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from longcat_sim.config.deployment import ATTENTION_DTYPES, MAX_MTP_DRAFT_TOKENS, ModelChoice
 from longcat_sim.config.fields import choice, integer, name, names, number, optional, setting
 from longcat_sim.config.serving import LAYOUTS, ServiceLevel
+from longcat_sim.config.threads import WORKERS_LIMIT
 
 EXECUTORS = ("local", "ray")
 
@@ -119,5 +120,9 @@ class PlanSettings(PlanChoices, PlanTraffic, ServiceLevel, ModelChoice):
         kind=str,
     )
     workers: int | None = setting(
-        None, "local worker processes (unset: every core)", check=optional(integer(1)), kind=int
+        None,
+        "local worker processes (unset: every core)",
+        check=optional(integer(1)),
+        kind=int,
+        limit=WORKERS_LIMIT,
     )

@@ -28,9 +28,9 @@ def _read_json(path: Path, flag: str) -> Any:
 
 
 def load_training_run(run_dir: Path) -> dict[str, Any]:
-    """A ``longcat-sim train`` run directory -> TRAIN_RUN (``reports.inputs``): the loss and
-    FFN-experts columns of ``metrics.jsonl`` and the target from ``results.json`` (or, for a
-    run still in progress, from the model config in ``manifest.json``)."""
+    """A completed ``longcat-sim train`` run directory -> TRAIN_RUN (``reports.inputs``): the
+    loss and FFN-experts columns of ``metrics.jsonl`` and the target from its committed
+    ``results.json``. A last line without its newline (a write cut short) is left out."""
     flag = f"--train-run {str(run_dir)!r}"
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -45,7 +45,8 @@ def load_training_run(run_dir: Path) -> dict[str, Any]:
             f"{flag}: metrics.jsonl is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
             f"offset {exc.start}); pass the directory a longcat-sim train run wrote"
         ) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = text.split("\n")
+    for number, line in enumerate(lines[:-1], start=1):  # the last is "" or a torn line
         if not line.strip():
             continue
         try:
@@ -56,16 +57,8 @@ def load_training_run(run_dir: Path) -> dict[str, Any]:
             raise UserError(f"{flag}: metrics.jsonl line {number} is not a JSON object")
         keep = ("step", "lm_loss", "ffn_experts_mean", "val_loss")
         records.append({k: record[k] for k in keep if k in record})
-    if (run_dir / "results.json").is_file():
-        _, results = read_run(run_dir, "--train-run")
-        model, target = results.get("model"), results.get("target_ffn_experts")
-    elif (run_dir / "manifest.json").is_file():
-        model_cfg = _read_json(run_dir / "manifest.json", flag).get("config", {}).get("model", {})
-        # manifests written before the rename call the field expected_ffn_experts
-        target = model_cfg.get("target_ffn_experts", model_cfg.get("expected_ffn_experts"))
-        model = model_cfg.get("name")
-    else:
-        raise UserError(f"{flag} holds neither results.json nor manifest.json")
+    _, results = read_run(run_dir, "--train-run")
+    model, target = results.get("model"), results.get("target_ffn_experts")
     run = {
         "name": run_dir.resolve().name,
         "model": model,

@@ -258,25 +258,32 @@ class RunRecord:
         )
 
 
-def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
-    """The Trainer a spec describes (deterministic model and settings when asked), in a world of
-    one with the model's own modules running the MoE, so every module's output is hooked."""
+def spec_configs(spec: RunSpec) -> tuple[Any, Any]:
+    """The (model config, train config) a spec's run trains with: deterministic model and
+    settings when asked, no evaluation or checkpoint inside the run. The one definition both
+    the run and ``longcat-sim determinism``'s up-front check use."""
     from longcat_sim.model.config import load_model_config
     from longcat_sim.model.determinism import deterministic_config
-    from longcat_sim.train import training
-    from longcat_sim.train.config import TrainConfig, default_train_config
-    from longcat_sim.train.data import build_corpus_data
+    from longcat_sim.train.config import default_train_config
 
     cfg = load_model_config(spec.model)
     if spec.deterministic:
         cfg = deterministic_config(cfg)
     overrides = {"steps": max(spec.steps, 1), "seed": spec.seed, **spec.train}
     overrides.setdefault("warmup_steps", min(overrides["steps"], 2))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if spec.deterministic and "deterministic" in fields:
+    if spec.deterministic:
         overrides["deterministic"] = True
     overrides.update(eval_every=10**9, checkpoint_every=10**9, byte_budget=spec.byte_budget)
-    tc = default_train_config(cfg).replace(**overrides)
+    return cfg, default_train_config(cfg).replace(**overrides)
+
+
+def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
+    """The Trainer a spec describes (:func:`spec_configs`), in a world of one with the model's
+    own modules running the MoE, so every module's output is hooked."""
+    from longcat_sim.train import training
+    from longcat_sim.train.data import build_corpus_data
+
+    cfg, tc = spec_configs(spec)
     data = build_corpus_data(
         cfg.vocab_size,
         tc.seq_len,

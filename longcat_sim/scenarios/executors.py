@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.config.threads import check_workers
 from longcat_sim.errors import UserError
 from longcat_sim.processes import process_pool
 
 T = TypeVar("T")
 EXECUTORS = ("local", "ray")
+RAY_MAX_WORKERS = 4096  # a cluster's CPUs the items are split over, however many it reports
 
 
 def _apply(fn: Callable[[Any], T], chunk: Sequence[Any]) -> list[T]:
@@ -27,8 +29,9 @@ def _chunks(items: Sequence[Any], workers: int) -> list[Sequence[Any]]:
 
 
 def map_local(fn: Callable[[Any], T], items: Sequence[Any], workers: int | None = None) -> list[T]:
-    """``[fn(x) for x in items]`` on up to ``workers`` processes (default: every core)."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    """``[fn(x) for x in items]`` on up to ``workers`` processes (default: every core; at most
+    :data:`~longcat_sim.config.threads.MAX_WORKERS`)."""
+    workers = (os.cpu_count() or 1) if workers is None else check_workers(workers)
     if workers <= 1 or len(items) < 2:
         return [fn(item) for item in items]
     chunks = _chunks(items, workers)
@@ -58,7 +61,7 @@ def map_ray(fn: Callable[[Any], T], items: Sequence[Any], address: str | None) -
             raise UserError(f"--executor ray: cannot start or reach {where}: {reason}") from None
     try:
         remote = ray.remote(_apply)
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = min(max(1, int(ray.cluster_resources().get("CPU", 1))), RAY_MAX_WORKERS)
         refs = [remote.remote(fn, chunk) for chunk in _chunks(items, workers)]
         try:
             parts = ray.get(refs)

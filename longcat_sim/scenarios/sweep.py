@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.config.deployment import DecodeDeployment
+from longcat_sim.config.threads import check_workers
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, load_model_config
 from longcat_sim.processes import process_pool
@@ -108,8 +109,7 @@ def run_points(
 ) -> list[dict[str, Any]]:
     """Simulate every point; records come back in the order of ``setups``."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    check_workers(workers)
     indexed = list(enumerate(setups))
     records: list[dict[str, Any] | None] = [None] * len(indexed)
     bar = tqdm(

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -96,44 +97,88 @@ def read_checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
     return state
 
 
+def _sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (never whole into memory)."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def file_digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every file of a checkpoint folder but the marker, by name."""
     out = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MARKER_NAME:
-            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[path.name] = _sha256_file(path)
     return out
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _marker_problem(marker: Any) -> str | None:
+    """What makes a parsed marker damaged (None when its fields are all well formed)."""
+    if not isinstance(marker, dict):
+        return "not a JSON object"
+    step, param_hash = marker.get("step"), marker.get("param_hash")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return "no step (a whole number >= 0)"
+    if not isinstance(param_hash, str) or not _HEX64.match(param_hash):
+        return "no param_hash (64 hex digits)"
+    if "files" not in marker:
+        return None  # an older checkpoint: the parameter hash is its only check
+    files = marker["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(d, str) and _HEX64.match(d) for d in files.values()
+    ):
+        return "files is not a map of file names to SHA-256 digests (64 hex digits)"
+    return None
+
+
 def read_marker(checkpoint: Path) -> dict[str, Any]:
-    """The marker of a complete checkpoint (step, param_hash, files), or a one-line error."""
+    """The marker of a complete checkpoint (step, param_hash and, unless it is an older one,
+    files), or a one-line error naming it."""
     path = checkpoint / MARKER_NAME
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"checkpoint marker {str(path)!r} is damaged: {exc}") from None
-    if not isinstance(marker, dict) or not isinstance(marker.get("files", {}), dict):
-        raise UserError(f"checkpoint marker {str(path)!r} is damaged: not a JSON object")
+    problem = _marker_problem(marker)
+    if problem is not None:
+        raise UserError(
+            f"checkpoint marker {str(path)!r} is damaged: {problem}; resume from an older "
+            "checkpoint with --resume latest-valid"
+        )
     return marker
 
 
 def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
-    """Check every file of a checkpoint against the SHA-256 its marker records; the marker,
-    or a one-line error naming the damaged file. A marker without digests (an older
-    checkpoint) leaves the parameter hash, checked after loading, as the only check."""
+    """Check every file of a checkpoint against the SHA-256 its marker records, and that the
+    marker records every file; the marker, or a one-line error naming the damaged file. A
+    marker without digests (an older checkpoint) leaves the parameter hash, checked after
+    loading, as the only check."""
     path = Path(checkpoint)
     marker = read_marker(path)
-    for name, digest in marker.get("files", {}).items():
+    if "files" not in marker:
+        return marker
+    recorded: dict[str, str] = marker["files"]
+    for name, digest in recorded.items():
         target = path / name
         if Path(name).name != name or name in ("", ".", ".."):
             raise UserError(f"checkpoint {str(path)!r} is damaged: its marker names {name!r}")
         if not target.is_file():
-            raise UserError(f"checkpoint {str(path)!r} is damaged: {name} is missing")
-        if hashlib.sha256(target.read_bytes()).hexdigest() != digest:
+            raise UserError(f"checkpoint {str(path)!r} is damaged: {name} is missing or not a file")
+        if _sha256_file(target) != digest:
             raise UserError(
                 f"checkpoint {str(path)!r} is damaged: {name} does not match the SHA-256 its "
                 "marker records; resume from an older one with --resume latest-valid"
             )
+    files = {p.name for p in path.iterdir() if p.is_file() and p.name != MARKER_NAME}
+    extra = sorted(files - set(recorded))
+    if extra:
+        raise UserError(
+            f"checkpoint {str(path)!r} is damaged: {extra[0]} is not recorded in its marker; "
+            "resume from an older one with --resume latest-valid"
+        )
     return marker
 
 
@@ -154,8 +199,7 @@ def newest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
 
 def check_param_hash(model: torch.nn.Module, marker: dict[str, Any], path: Path) -> None:
     """The loaded parameters must hash to what the checkpoint recorded."""
-    recorded = marker.get("param_hash")
-    if recorded is not None and parameter_hash(model) != recorded:
+    if parameter_hash(model) != marker["param_hash"]:
         raise UserError(
             f"checkpoint {str(path)!r} is damaged: its weights do not hash to the recorded "
             "param_hash; resume from an older one with --resume latest-valid"

@@ -5,7 +5,8 @@ one process group (gloo by default: the trainer's tensors are on the CPU; NCCL w
 through a TCP store the parent hosts; the store and gloo's pairs listen on 127.0.0.1 only. The
 ranks die with the parent (even a SIGKILL-ed one) and are killed when it stops for any reason
 (a failing rank, a stop signal); the function each rank runs returns a picklable result,
-collected in rank order. A failing rank's traceback is re-raised in the parent.
+collected in rank order. A rank refusing its input (:class:`UserError` and the like) is one
+line of UserError in the parent; any other failure re-raises the rank's traceback there.
 
 A rank runs :func:`train_rank` (the ranks of ``train --nproc N``: the whole run, checkpoints
 and evaluation included) or :func:`ep_train` (a timing probe: steps only, in a temporary run
@@ -33,8 +34,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
+from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.config import ConfigError, ModelConfig
 from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.processes import init_worker, sigint_ignored
@@ -97,7 +99,7 @@ def _worker(
     queue: Any,
 ) -> None:
     """Rank ``rank``: dies with the parent (``parent``: its pid and store port), joins the
-    group on loopback, runs ``fn`` and reports its result or traceback on ``queue``."""
+    group on loopback, runs ``fn`` and reports its result, refusal or traceback on ``queue``."""
     parent_pid, port = parent
     init_worker(parent_pid)
     # tqdm's default lock is a named semaphore here (a spawned process): a rank killed when the
@@ -113,14 +115,34 @@ def _worker(
         timeout = timedelta(seconds=LAUNCH_TIMEOUT_S)
         store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-        try:
-            result = fn(rank, world, *args)
-            dist.barrier()  # no rank tears down while a peer's collective is in flight
-        finally:
-            dist.destroy_process_group()
-        queue.put((rank, "ok", _to_bytes(result)))
     except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
+        _report(queue, (rank, "error", traceback.format_exc()))
+        return
+    try:
+        # reported before the group is torn down: a peer's failure that the teardown causes
+        # (a closed connection) reaches the parent after this rank's own outcome
+        _report(queue, _run_rank(rank, world, fn, args))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_rank(rank: int, world: int, fn: Callable[..., Any], args: tuple) -> tuple[int, str, Any]:
+    """This rank's outcome: ``fn``'s result, the one line of bad input, or a bug's traceback."""
+    try:
+        result = fn(rank, world, *args)
+        dist.barrier()  # no rank tears down while a peer's collective is in flight
+        return rank, "ok", _to_bytes(result)
+    except (UserError, ConfigError, ClusterInputError) as exc:
+        return rank, "refused", str(exc)
+    except BaseException:
+        return rank, "error", traceback.format_exc()
+
+
+def _report(queue: Any, outcome: tuple[int, str, Any]) -> None:
+    """Put ``outcome`` on ``queue`` and wait until it is in the pipe to the parent."""
+    queue.put(outcome)
+    queue.close()
+    queue.join_thread()
 
 
 def launch(
@@ -188,6 +210,8 @@ def _collect(queue: Any, procs: list[Any], world: int, timeout_s: float) -> dict
                     f"a worker process exited with code {dead[0].exitcode} before reporting"
                 ) from None
             continue
+        if status == "refused":
+            raise UserError(f"rank {rank}: {payload}")
         if status == "error":
             raise RuntimeError(f"rank {rank} of {world} failed:\n{payload}")
         results[rank] = _from_bytes(payload)

@@ -76,7 +76,8 @@ class MetricsLog:
 
     def parse(self) -> tuple[list[dict[str, Any]], bool]:
         """(the records, whether a torn last line, left by an interrupted write, was dropped);
-        any other line that is not a JSON object is a one-line error naming it."""
+        only a last line without its newline can be torn: any other line that is not a step
+        record is a one-line error naming it."""
         if not self.path.exists():
             return [], False
         try:
@@ -87,22 +88,32 @@ class MetricsLog:
             raise UserError(
                 f"{str(self.path)!r} cannot be read: {exc.strerror or exc}; move it away"
             ) from None
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        records: list[dict[str, Any]] = []
-        for i, (number, line) in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                if i == len(lines) - 1:
-                    return records, True
-                raise UserError(
-                    f"{str(self.path)!r} line {number} is not a step record; the file is "
-                    "damaged beyond its last line"
-                )
-            records.append(record)
+        *complete, tail = text.split("\n")  # tail: what follows the last newline
+        records = [
+            self._record(line, number)
+            for number, line in enumerate(complete, start=1)
+            if line.strip()
+        ]
+        if not tail.strip():
+            return records, False
+        try:
+            records.append(self._record(tail, len(complete) + 1))
+        except UserError:
+            return records, True  # a write cut short before its newline
         return records, False
+
+    def _record(self, line: str, number: int) -> dict[str, Any]:
+        """Line ``number`` as a step record, or a one-line error naming it."""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(
+                f"{str(self.path)!r} line {number} is not a step record; the file is damaged "
+                "(only a last line cut short before its newline is dropped); move it away"
+            )
+        return record
 
     def truncate(self, step: int) -> bool:
         """Drop records of steps at or past ``step`` (left by an interrupted run) and a torn

@@ -98,6 +98,28 @@ def build_model(
     return model, optimizer
 
 
+def trained_config(model_cfg: ModelConfig, tc: TrainConfig) -> ModelConfig:
+    """The model config the trainer builds: ``model_cfg``, made deterministic when asked."""
+    return deterministic_config(model_cfg) if tc.deterministic else model_cfg
+
+
+def grow_source(
+    checkpoint: str | Path, model_cfg: ModelConfig, steps: int
+) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint a run grows from (a checkpoint folder, or a run directory's latest) and its
+    trainer state: its files match their recorded SHA-256, it stacks into the depth of
+    ``model_cfg`` (a :func:`trained_config`) and it lies before ``steps``; one line of
+    UserError otherwise. Cheap next to training, so a command checks it before any process."""
+    path = ckpt.resolve_checkpoint(checkpoint)
+    ckpt.verify_checkpoint(path)
+    state = ckpt.read_checkpoint_state(path)
+    ckpt.check_growable(state["model_config"], model_cfg)
+    step = int(state["step"])
+    if step >= steps:
+        raise UserError(f"the checkpoint is at step {step}; the grown run needs steps > {step}")
+    return path, state
+
+
 def load_data(cfg: ModelConfig, tc: TrainConfig, cache: str | Path | None) -> CorpusData:
     """The corpus a run trains on (tokenizer and tokens cached under ``cache``)."""
     return build_corpus_data(
@@ -130,8 +152,7 @@ class Trainer:
         """``expert_parallel`` unset: the expert-parallel MoE (the same numerics at every
         world size) with the torch kernels, the model's own MoE with the Triton kernels, which
         run in one process only."""
-        if train_cfg.deterministic:
-            model_cfg = deterministic_config(model_cfg)
+        model_cfg = trained_config(model_cfg, train_cfg)
         self.model_cfg, self.tc, self.run_dir = model_cfg, train_cfg, Path(run_dir)
         self.world = world if world is not None else current_world()
         self.progress = progress if self.world.is_main else False
@@ -190,14 +211,9 @@ class Trainer:
     def grow_from(self, checkpoint: str | Path) -> None:
         """Start from a shallower checkpoint stacked into this model's depth (spec §3.4); the
         step counter (hence the data position and LR schedule) and the controller carry on."""
-        path = ckpt.resolve_checkpoint(checkpoint)
-        state = ckpt.read_checkpoint_state(path)
-        ckpt.check_growable(state["model_config"], self.model_cfg)
-        step = int(state["step"])
-        if step >= self.tc.steps:
-            raise UserError(f"the checkpoint is at step {step}; the grown run needs steps > {step}")
+        path, state = grow_source(checkpoint, self.model_cfg, self.tc.steps)
         ckpt.grow_into(path, state, self.model, self.optimizer, self.controller)
-        self.step = step
+        self.step = int(state["step"])
         self.grown_from = str(path)
 
     def save_checkpoint(self) -> Path:

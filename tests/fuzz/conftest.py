@@ -1,10 +1,10 @@
 """The fuzz suite's settings profile, sandbox and case count.
 
 ``fuzz-ci`` is derandomized with no example database, so every run generates the same cases
-(over 1,000 in all; ``test_zz_case_count`` checks the total when the whole suite runs). It is
-applied to the fuzz tests through ``FUZZ`` rather than made the process-wide default, which
-would change every other test's settings too. ``FUZZ_PROFILE=fuzz-dev`` draws fresh random
-cases of the same sizes instead.
+(over 1,000 run for real, not stubbed; ``test_zz_case_count`` checks it when the whole suite
+runs). It is applied to the fuzz tests through ``FUZZ`` rather than made the process-wide
+default, which would change every other test's settings too. ``FUZZ_PROFILE=fuzz-dev``
+draws fresh random cases of the same sizes instead.
 """
 
 from __future__ import annotations
@@ -89,7 +89,21 @@ def paths(sandbox) -> dict[str, Path]:
     }
 
 
+# seconds the fuzz tests took (setup, call and teardown, module fixtures included)
+SPENT = {"seconds": 0.0}
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Called for the reports of this folder's tests only (a conftest hook of the folder)."""
+    SPENT["seconds"] += report.duration
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if CASES["run"]:
-        ends = ", ".join(f"{k} {v}" for k, v in CASES.items() if k != "run")
-        terminalreporter.write_line(f"fuzz: {CASES['run']} generated cases checked ({ends})")
+        stubbed = CASES["accepted"]
+        ends = ", ".join(f"{k} {v}" for k, v in CASES.items() if k not in ("run", "accepted"))
+        terminalreporter.write_line(
+            f"fuzz: {CASES['run']} generated cases checked in {SPENT['seconds']:.1f} s: "
+            f"{CASES['run'] - stubbed} run for real ({ends}), {stubbed} stubbed at the start "
+            "of long work"
+        )

@@ -3,7 +3,8 @@
 The contract, for any input: exit code 0 or 2; no traceback; on 2, exactly one non-empty
 stderr line starting ``longcat-sim: error:``; with ``--run-dir``, no half-written run directory
 (on 2 no ``manifest.json``, ``results.json`` or ``commit.json`` written, nor a temporary file
-left; on 0 ``manifest.json`` and ``results.json`` both parse as JSON).
+left, and a run committed there before still read back unchanged by ``read_run``; on 0 its
+own committed run, which ``read_run`` accepts with the commit marker verified).
 
 Work that takes tens of seconds whatever the sizes (calibrate's host measurements, the
 processes determinism and ``train --nproc`` spawn, a Ray cluster) is replaced by a stub that
@@ -25,6 +26,8 @@ import pytest
 import torch
 
 from longcat_sim.cli import main
+from longcat_sim.errors import UserError
+from longcat_sim.runs import read_run
 
 PREFIX = "longcat-sim: error:"
 # commands whose documented contract exits 1 (e.g. a check that found a difference): none today
@@ -40,7 +43,8 @@ LONG_WORK = (
     "longcat_sim.scenarios.executors.map_ray",
 )
 
-# cases checked this session, and how they ended (conftest prints them; the total is checked)
+# cases checked this session, and how they ended (conftest prints them; the total is checked);
+# "accepted" cases reached a stub of long work, every other one ran for real
 CASES = {"run": 0, "exit 0": 0, "exit 2": 0, "accepted": 0, "failed": 0}
 
 
@@ -62,6 +66,7 @@ class Outcome:
     accepted: bool = False
     run_dir: Path | None = None
     before: dict[str, bytes | None] = field(default_factory=dict)  # result files beforehand
+    committed: tuple[dict, dict] | None = None  # what read_run read there beforehand
     problems: list[str] = field(default_factory=list)
 
 
@@ -113,6 +118,7 @@ def run_case(
     generated case, counted in ``CASES``."""
     out = Outcome(argv=list(argv), run_dir=named_run_dir(argv))
     out.before = _result_files(out.run_dir)
+    out.committed = committed_run(out.run_dir)
     stdout, stderr = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
     try:
@@ -184,6 +190,16 @@ def _result_files(run_dir: Path | None) -> dict[str, bytes | None]:
     return found
 
 
+def committed_run(run_dir: Path | None) -> tuple[dict, dict] | None:
+    """``read_run(run_dir)``, or None where it holds no committed run."""
+    if run_dir is None:
+        return None
+    try:
+        return read_run(run_dir)
+    except UserError:
+        return None
+
+
 def _run_dir_problems(out: Outcome) -> list[str]:
     run_dir = out.run_dir
     if run_dir is None or out.code not in (0, 2) or _asked_for_help(out.argv):
@@ -194,14 +210,17 @@ def _run_dir_problems(out: Outcome) -> list[str]:
         after = _result_files(run_dir)
         left = [n for n, data in after.items() if data is not None and data != out.before.get(n)]
         left += [str(p.relative_to(run_dir)) for p in run_dir.rglob(".*.tmp")]
-        return [f"exit 2 wrote {', '.join(left)} in the run directory"] if left else []
-    problems = []
-    for name in RESULT_FILES:
-        try:
-            json.loads((run_dir / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            problems.append(f"exit 0 without a readable {name}: {type(exc).__name__}")
-    return problems
+        problems = [f"exit 2 wrote {', '.join(left)} in the run directory"] if left else []
+        if out.committed is not None and committed_run(run_dir) != out.committed:
+            problems.append("exit 2 left the run committed there before unreadable or changed")
+        return problems
+    try:
+        committed = read_run(run_dir)
+    except UserError as exc:
+        return [f"exit 0 without a committed run: {exc}"]
+    if committed == out.committed:
+        return ["exit 0 left the run committed there before in place of its own"]
+    return []
 
 
 def check(out: Outcome) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from hypothesis import given, settings
 
 from longcat_sim.cli import COMMANDS
+from longcat_sim.runs import write_run
 from tests.fuzz.conftest import FUZZ
 from tests.fuzz.harness import check, run_case
 from tests.fuzz.pools import SPECS, command_lines, resolve
@@ -19,16 +20,20 @@ EXAMPLES = {
     "plan": 150, "determinism": 120, "sdc": 120, "calibrate": 100,
 }  # fmt: skip
 _serial = itertools.count()
+# the run an existing run directory holds before a case (a refusal must leave it as it is)
+EARLIER_MANIFEST = {"command": "earlier", "config": {"case": "committed before"}}
+EARLIER_RESULTS = {"earlier": True}
 
 
 def run_dir_args(kind: str, root: Path, paths: dict[str, Path]) -> list[str]:
-    """``--run-dir`` for a run directory kind: a fresh path, an existing empty folder, a
-    file, a path below a file, or no flag at all."""
+    """``--run-dir`` for a run directory kind: a fresh path, an existing folder holding an
+    earlier committed run, a file, a path below a file, or no flag at all."""
     if kind == "none":
         return []
     fresh = root / "runs" / f"case-{next(_serial)}"
     if kind == "dir":
         fresh.mkdir(parents=True)
+        write_run(fresh, EARLIER_MANIFEST, EARLIER_RESULTS)
     target = {"fresh": fresh, "dir": fresh, "file": paths["file"]}.get(kind)
     return ["--run-dir", str(target or paths["below-file"])]
 

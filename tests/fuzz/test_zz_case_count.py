@@ -1,5 +1,6 @@
-"""Runs last in the fuzz folder: the suite generated at least ``MIN_CASES`` cases, when all of
-its generating tests ran in this session."""
+"""Runs last in the fuzz folder: the suite ran at least ``MIN_CASES`` cases for real (not
+counting those stopped at a stub of long work), when all of its generating tests ran in this
+session."""
 
 from __future__ import annotations
 
@@ -24,4 +25,4 @@ def test_at_least_min_cases(request) -> None:
     missing = _generators() - ran
     if missing:
         pytest.skip(f"only part of the fuzz suite ran ({len(missing)} generating tests left out)")
-    assert CASES["run"] >= MIN_CASES, CASES
+    assert CASES["run"] - CASES["accepted"] >= MIN_CASES, CASES  # run for real, not stubbed
