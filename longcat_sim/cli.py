@@ -11,9 +11,9 @@ from typing import NoReturn
 
 from longcat_sim.cluster.errors import ClusterInputError
 from longcat_sim.config.paths import path_arg
-from longcat_sim.errors import UserError
+from longcat_sim.errors import UserError, os_error_line
 from longcat_sim.model.config import ConfigError
-from longcat_sim.processes import Stopped, stop_signals
+from longcat_sim.processes import Stopped, signals_held, stop_signals
 from longcat_sim.runs import (
     build_manifest,
     claim_run_dir,
@@ -126,26 +126,27 @@ def _run_and_commit(args: argparse.Namespace) -> int:
     except (UserError, ConfigError, ClusterInputError) as exc:
         _abandon(args.run_dir)
         return _fail(str(exc))
-    except OSError as exc:  # the file system refused a read or write the command checked
+    except OSError as exc:  # a full disk, a folder removed meanwhile, a refused socket
         _abandon(args.run_dir)
-        where = f"{str(exc.filename)!r}: " if exc.filename else ""
-        return _fail(f"cannot read or write {where}{exc.strerror or exc}; check the path")
+        return _fail(os_error_line(exc))
     manifest = build_manifest(
         args.command, output.config, output.config_hash, output.seeds, output.device
     )
-    try:
-        write_run(run_dir, manifest, output.results)
-    except OSError as exc:
-        return _fail(f"cannot write run directory {str(run_dir)!r}: {exc.strerror or exc}")
-    finally:
-        release_run_dir(run_dir)
-    for warning in output.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if args.json:
-        sys.stdout.write(dumps_json(output.results))
-    else:
-        print(output.text)
-        print(f"run directory: {run_dir}")
+    with signals_held():  # the commit and its report finish; a stop signal waits for them
+        try:
+            write_run(run_dir, manifest, output.results)
+        except OSError as exc:
+            return _fail(f"cannot write run directory {str(run_dir)!r}: {exc.strerror or exc}")
+        finally:
+            release_run_dir(run_dir)
+        for warning in output.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if args.json:
+            sys.stdout.write(dumps_json(output.results))
+        else:
+            print(output.text)
+            print(f"run directory: {run_dir}")
+        sys.stdout.flush()
     return 0
 
 

@@ -87,6 +87,25 @@ def sigint_blocked() -> Iterator[None]:
 
 
 @contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back inside the block (main thread), so what it does (a commit,
+    its report) finishes; a stop signal that arrives meanwhile is dropped, since the work it
+    would have stopped is done."""
+    main = threading.current_thread() is threading.main_thread()
+    if not (main and hasattr(signal, "pthread_sigmask")):
+        yield
+        return
+    held = set(STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        while pending := signal.sigpending() & held:
+            signal.sigtimedwait(pending, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
 def sigint_ignored() -> Iterator[None]:
     """SIGINT ignored inside the block (in the main thread), so the processes started in it
     ignore it from birth: a terminal's Ctrl-C reaches the whole process group, and stopping

@@ -144,22 +144,35 @@ def _lock(path: Path) -> int:
     owner when another process holds it."""
     lock = path / LOCK_NAME
     for _ in range(LOCK_ATTEMPTS):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(
-                f"run directory {str(path)!r} is in use by {_owner_text(lock)}; "
-                "wait for it to finish or choose another --run-dir"
-            ) from None
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # its owner removed the unused folder: make it again
+            path.mkdir(parents=True, exist_ok=True)
+            continue
         try:
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            if _locked_current(fd, lock):
                 return fd
-        except FileNotFoundError:
-            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)  # its owner removed the file as we locked it: the lock is a new file
     raise UserError(f"run directory {str(path)!r}: its lock keeps changing; try again")
+
+
+def _locked_current(fd: int, lock: Path) -> bool:
+    """Take the flock on ``fd``; whether ``fd`` is still the file at ``lock``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(
+            f"run directory {str(lock.parent)!r} is in use by {_owner_text(lock)}; "
+            "wait for it to finish or choose another --run-dir"
+        ) from None
+    try:
+        held, current = os.fstat(fd), os.stat(lock)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
 
 def _take(path: Path, command: str) -> int:

@@ -15,7 +15,14 @@ from concurrent.futures import Future
 import pytest
 
 from longcat_sim import processes
-from longcat_sim.processes import Children, ChildrenClosed, Stopped, process_pool, stop_signals
+from longcat_sim.processes import (
+    Children,
+    ChildrenClosed,
+    Stopped,
+    process_pool,
+    signals_held,
+    stop_signals,
+)
 from tests.proctree import descendants, kill_all, survivors, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -241,3 +248,19 @@ def test_sigint_to_the_process_group_stops_a_sweep_with_one_line(tmp_path) -> No
     finally:
         sweep.kill()
         kill_all(workers)
+
+
+def test_a_stop_signal_during_a_commit_waits_for_it() -> None:
+    """Inside ``signals_held`` a SIGINT neither interrupts the work nor is raised after it;
+    outside (negative control) the same signal stops the block."""
+    done = []
+    with stop_signals(), signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append("committed")
+    assert done == ["committed"]
+    with pytest.raises(Stopped), stop_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        done.append("not reached")
+    assert done == ["committed"]

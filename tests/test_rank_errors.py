@@ -4,7 +4,9 @@ traceback. ``--grow-from`` is checked before any rank starts."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +34,19 @@ def test_a_rank_refusing_its_input_is_one_line() -> None:
     with pytest.raises(UserError) as caught:
         distributed.launch(_refuse_on_rank_1, 2)
     assert str(caught.value) == "rank 1: no such setting 'x'; see --help"
+
+
+def _disk_full(rank: int, world: int) -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")
+
+
+def test_a_full_disk_in_a_rank_is_one_line() -> None:
+    with pytest.raises(UserError) as caught:
+        distributed.launch(_disk_full, 1)
+    assert str(caught.value) == (
+        "rank 0: cannot read or write '/runs/x/metrics.jsonl': No space left on device; "
+        "check the path and free space"
+    )
 
 
 def test_a_bug_in_a_rank_keeps_its_traceback() -> None:

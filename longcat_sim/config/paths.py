@@ -110,9 +110,10 @@ def check_output_file(path: str | Path, flag: str) -> Path:
 
 def _probe(folder: Path) -> None:
     """Write ``PROBE_BYTES`` to a temporary file in ``folder`` and remove it."""
-    fd, name = tempfile.mkstemp(dir=folder, prefix=".longcat-sim-probe.", suffix=".tmp")
+    # not named like an interrupted write's temporary, which a run directory's new owner removes
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".longcat-sim-probe.", suffix=".probe")
     try:
         os.write(fd, b"\0" * PROBE_BYTES)
     finally:
         os.close(fd)
-        os.unlink(name)
+        Path(name).unlink(missing_ok=True)

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from longcat_sim.cluster.errors import ClusterInputError
-from longcat_sim.errors import UserError
+from longcat_sim.errors import UserError, os_error_line
 from longcat_sim.model.config import ConfigError, ModelConfig
 from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.model.hashing import parameter_hash
@@ -134,6 +134,8 @@ def _run_rank(rank: int, world: int, fn: Callable[..., Any], args: tuple) -> tup
         return rank, "ok", _to_bytes(result)
     except (UserError, ConfigError, ClusterInputError) as exc:
         return rank, "refused", str(exc)
+    except OSError as exc:  # a full disk or a removed folder: one line, as in one process
+        return rank, "refused", os_error_line(exc)
     except BaseException:
         return rank, "error", traceback.format_exc()
 
