@@ -60,7 +60,7 @@ def stop_signals() -> Iterator[None]:
     stopping: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        if not stopping:
+        if not stopping and not _held:
             stopping.append(signum)
             raise Stopped(signum)
 
@@ -86,23 +86,20 @@ def sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+_held: list[bool] = []  # non-empty inside signals_held: stop_signals' handler does not raise
+
+
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back inside the block (main thread), so what it does (a commit,
-    its report) finishes; a stop signal that arrives meanwhile is dropped, since the work it
-    would have stopped is done."""
-    main = threading.current_thread() is threading.main_thread()
-    if not (main and hasattr(signal, "pthread_sigmask")):
-        yield
-        return
-    held = set(STOP_SIGNALS)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Inside the block a stop signal does not interrupt :func:`stop_signals`' block, so what
+    it does (a commit, its report) finishes; the signal is dropped, since the work it would
+    have stopped is done. (Python runs signal handlers in the main thread, so this holds
+    whichever thread the kernel delivers the signal to.)"""
+    _held.append(True)
     try:
         yield
     finally:
-        while pending := signal.sigpending() & held:
-            signal.sigtimedwait(pending, 0)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _held.pop()
 
 
 @contextmanager
