@@ -159,15 +159,15 @@ def _requested_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[
 def _resume_checkpoint(run_dir: Path, mode: str) -> Path:
     """The checkpoint ``--resume`` continues from, its files checked against their digests
     before any work starts (``latest-valid``: the newest intact one, saying what it skipped)."""
-    if latest_checkpoint(run_dir) is None:
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
         raise UserError(
             f"--resume: {str(run_dir)!r} holds no complete checkpoint; run without --resume "
             "to start training"
         )
     if mode == "latest":
-        checkpoint = latest_checkpoint(run_dir)
-        verify_checkpoint(checkpoint)
-        return checkpoint
+        verify_checkpoint(latest)
+        return latest
     checkpoint, skipped = newest_intact(run_dir)
     for reason in skipped:
         print(f"warning: skipped: {reason}", file=sys.stderr)

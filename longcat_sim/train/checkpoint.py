@@ -188,8 +188,8 @@ def newest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     skipped = []
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
-            verify_checkpoint(path)
-            read_checkpoint_state(path)
+            if "files" not in verify_checkpoint(path):  # older: no digest covers its state
+                read_checkpoint_state(path)
         except UserError as exc:
             skipped.append(str(exc))
             continue
