@@ -147,7 +147,7 @@ def _run_and_commit(args: argparse.Namespace) -> int:
             print(output.text)
             print(f"run directory: {run_dir}")
         sys.stdout.flush()
-    return 0
+    return output.exit_code
 
 
 def entry() -> NoReturn:  # pragma: no cover - thin wrapper

@@ -8,6 +8,11 @@ temporary files of writes a crash interrupted. :func:`write_run` commits ``manif
 ``results.json`` with ``commit.json`` written last, holding the SHA-256 of both; :func:`read_run`
 refuses a directory whose files do not match it (a crash between the two writes, or two runs'
 files side by side).
+
+JSON has no NaN or infinity: :func:`json_safe` (applied to every ``results.json`` and to each
+command's results) stores such a float as ``null`` and lists where, and what it was, under the
+results' top-level ``non_finite`` key, e.g. ``{"summary.rate.abft": "nan", "losses[3]": "inf"}``
+(dotted keys, ``[i]`` for list items; values ``"nan"``, ``"inf"`` or ``"-inf"``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -43,6 +49,7 @@ __all__ = [
     "claim_run_dir",
     "config_hash",
     "dumps_json",
+    "json_safe",
     "read_run",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -254,6 +261,33 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
+NON_FINITE_KEY = "non_finite"
+
+
+def _finite(value: Any, path: str, found: dict[str, str]) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, recorded in ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path or "."] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def json_safe(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with NaN and infinite floats as null, listed under ``non_finite`` (merged with
+    an existing list); unchanged (the same object) when every float is finite."""
+    found: dict[str, str] = {}
+    safe = _finite(results, "", found)
+    if not found:
+        return results
+    earlier = results.get(NON_FINITE_KEY)
+    safe[NON_FINITE_KEY] = {**(earlier if isinstance(earlier, dict) else {}), **found}
+    return safe
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -265,9 +299,13 @@ def write_run(
 ) -> Path:
     """Commit ``manifest.json`` and ``results.json`` into ``out_dir``: the old commit marker is
     removed first and the new one, with both files' SHA-256, written last, so that a crash at
-    any point leaves either a complete pair or a directory :func:`read_run` calls incomplete."""
+    any point leaves either a complete pair or a directory :func:`read_run` calls incomplete.
+    NaN and infinite floats are stored as null and listed (:func:`json_safe`)."""
     out = Path(out_dir)
-    texts = {"manifest.json": dumps_json(manifest), "results.json": dumps_json(results)}
+    texts = {
+        "manifest.json": dumps_json(json_safe(manifest)),
+        "results.json": dumps_json(json_safe(results)),
+    }
     (out / COMMIT_NAME).unlink(missing_ok=True)
     for name, text in texts.items():
         write_text_atomic(out / name, text)

@@ -18,6 +18,7 @@ from torch import nn
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward, silu_grad
 from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
+from longcat_sim.model.probes import GemmHook
 from longcat_sim.model.router import default_generator
 
 # gate [N, I, H], up [N, I, H], down [N, H, I]
@@ -34,22 +35,30 @@ def expert_forward(
     y_rD: torch.Tensor | None = None,
     *,
     deterministic: bool = False,
+    gemm_hook: GemmHook | None = None,
 ) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for one expert's rows, given the *transposed* weights
     (views from ``transposed_experts``). Writes the two pre-activations (kept for backward)
     and returns y (written into ``y_rD`` when given). No autograd. ``deterministic``:
     batch-invariant GEMMs (``batch_invariant.mm_rows``) and SiLU, so a row's result does not
-    depend on the expert's other rows."""
-    if deterministic:
-        mm_rows(x_rD, w_gate_DI, out=pre_gate_rI)
-        mm_rows(x_rD, w_up_DI, out=pre_up_rI)
-        return mm_rows(silu_forward(pre_gate_rI).mul_(pre_up_rI), w_down_ID, out=y_rD)
-    torch.mm(x_rD, w_gate_DI, out=pre_gate_rI)
-    torch.mm(x_rD, w_up_DI, out=pre_up_rI)
-    hidden_rI = F.silu(pre_gate_rI).mul_(pre_up_rI)
-    if y_rD is None:
-        return torch.mm(hidden_rI, w_down_ID)
-    return torch.mm(hidden_rI, w_down_ID, out=y_rD)
+    depend on the expert's other rows. ``gemm_hook(name, output)`` runs after each GEMM
+    (``model/probes.py``)."""
+    mm = mm_rows if deterministic else _mm
+    mm(x_rD, w_gate_DI, out=pre_gate_rI)
+    if gemm_hook is not None:
+        gemm_hook("gate", pre_gate_rI)
+    mm(x_rD, w_up_DI, out=pre_up_rI)
+    if gemm_hook is not None:
+        gemm_hook("up", pre_up_rI)
+    silu = silu_forward(pre_gate_rI) if deterministic else F.silu(pre_gate_rI)
+    y_rD = mm(silu.mul_(pre_up_rI), w_down_ID, out=y_rD)
+    if gemm_hook is not None:
+        gemm_hook("down", y_rD)
+    return y_rD
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
 
 def per_expert(weights: Weights | tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:

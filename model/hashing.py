@@ -25,6 +25,11 @@ def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
     digest.update(raw)
 
 
+def update_digest(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    """Feed one named tensor (dtype, shape, bytes) into a running SHA-256."""
+    _update(digest, name, tensor)
+
+
 def tensor_hash(tensor: torch.Tensor, name: str = "") -> str:
     """Hex SHA-256 of one tensor's dtype, shape and bytes (and ``name``)."""
     digest = hashlib.sha256()

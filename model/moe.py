@@ -19,6 +19,7 @@ pre-activations.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ from longcat_sim.model.kernels.batch_invariant import (
 )
 from longcat_sim.model.kernels.moe_forward import moe_forward_triton
 from longcat_sim.model.kernels.permute import plan_permutation
+from longcat_sim.model.probes import CombineCall, ExpertCall, MoEProbe, rows_of_blocks
 from longcat_sim.model.router import RouterOutput, TopkRouter, default_generator
 
 
@@ -131,8 +133,10 @@ class _MoECore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, plan, deterministic):  # type: ignore[override]
+    def forward(ctx, x_TD, zero_gate_T, gate_S, w_gate, w_up, w_down, plan, deterministic, probe):  # type: ignore[override]
         if plan.backend == "triton":
+            if probe is not None:
+                raise ValueError("MoE probes need the torch kernels (kernels='torch')")
             out_TD, pre_gate_SI, pre_up_SI = moe_forward_triton(
                 x_TD,
                 zero_gate_T,
@@ -145,7 +149,7 @@ class _MoECore(torch.autograd.Function):
             )
         else:
             out_TD, pre_gate_SI, pre_up_SI = _torch_forward(
-                x_TD, zero_gate_T, gate_S, (w_gate, w_up, w_down), plan, deterministic
+                x_TD, zero_gate_T, gate_S, (w_gate, w_up, w_down), plan, deterministic, probe
             )
         ctx.plan, ctx.deterministic = plan, deterministic
         ctx.save_for_backward(
@@ -196,7 +200,7 @@ class _MoECore(torch.autograd.Function):
                 deterministic=det,
             )
             grad_x_TD.index_add_(0, tokens, _as_float(grad_x_rD))
-        return grad_x_TD.to(dtype), grad_zero_gate_T, grad_gate_S, *grads, None, None
+        return grad_x_TD.to(dtype), grad_zero_gate_T, grad_gate_S, *grads, None, None, None
 
 
 def _torch_forward(
@@ -206,24 +210,57 @@ def _torch_forward(
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     plan: DispatchPlan,
     deterministic: bool,
+    probe: MoEProbe | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_MoECore``'s forward in torch ops: ``(out_TD float32, pre_gate_SI, pre_up_SI)``."""
+    """``_MoECore``'s forward in torch ops: ``(out_TD float32, pre_gate_SI, pre_up_SI)``.
+    With a ``probe`` the expert outputs are kept per row and shown to it, then the combine."""
     out_TD = x_TD.float() * zero_gate_T.unsqueeze(-1)
     pre_gate_SI = x_TD.new_empty(plan.num_rows, weights[0].shape[1])
     pre_up_SI = torch.empty_like(pre_gate_SI)
-    for _, tokens, gate_r1, a_rI, b_rI, w_g, w_u, w_d in used_experts(
+    y_SD = x_TD.new_empty(plan.num_rows, x_TD.shape[1]) if probe is not None else None
+    ys = y_SD.split(plan.counts_N) if y_SD is not None else [None] * len(plan.counts_N)
+    for e, tokens, gate_r1, a_rI, b_rI, w_g, w_u, w_d, y_rD in used_experts(
         plan.counts_N,
         plan.token_S,
         gate_S.unsqueeze(-1),
         pre_gate_SI,
         pre_up_SI,
         *transposed_experts(weights),
+        list(ys),
     ):
         y_rD = expert_forward(
-            x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI, deterministic=deterministic
-        )
-        out_TD.index_add_(0, tokens, _as_float(y_rD).mul_(gate_r1))
+            x_TD.index_select(0, tokens), w_g, w_u, w_d, a_rI, b_rI, y_rD,
+            deterministic=deterministic,
+            gemm_hook=probe.gemm_hook(e) if probe is not None else None,
+        )  # fmt: skip
+        contrib_rD = _as_float(y_rD)  # y itself is kept (not scaled in place) for a probe
+        contrib_rD = contrib_rD.mul(gate_r1) if probe is not None else contrib_rD.mul_(gate_r1)
+        out_TD.index_add_(0, tokens, contrib_rD)
+    if probe is not None and y_SD is not None:
+        _show_probe(probe, x_TD, zero_gate_T, gate_S, weights, plan, deterministic,
+                    (pre_gate_SI, pre_up_SI, y_SD, out_TD))  # fmt: skip
     return out_TD, pre_gate_SI, pre_up_SI
+
+
+def _show_probe(probe, x_TD, zero_gate_T, gate_S, weights, plan, deterministic, tensors) -> None:
+    """Show a probe the experts' rows of one call, then its combine (``model/probes.py``)."""
+    pre_gate_SI, pre_up_SI, y_SD, out_TD = tensors
+    starts = [0, *itertools.accumulate(plan.counts_N)]
+    blocks = [(e, slice(starts[e], starts[e + 1])) for e, c in enumerate(plan.counts_N) if c]
+    with torch.no_grad():
+        probe.on_experts(
+            ExpertCall(
+                rows_of_blocks(blocks, plan.num_rows),
+                blocks,
+                x_TD.index_select(0, plan.token_S),
+                pre_gate_SI,
+                pre_up_SI,
+                y_SD,
+                tuple(w.detach() for w in weights),
+                deterministic,
+            )
+        )
+        probe.on_combine(CombineCall(out_TD, x_TD, zero_gate_T, gate_S, plan.token_S, y_SD))
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> torch.Tensor:
@@ -271,6 +308,7 @@ class MoE(nn.Module):
         self.kernels = cfg.kernels
         self.router = TopkRouter(cfg, generator=gen)
         self.experts = GroupedExperts(cfg, generator=gen)
+        self.probe: MoEProbe | None = None  # model/probes.py: faults and checks, when set
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         gen = generator if generator is not None else default_generator()
@@ -306,6 +344,7 @@ class MoE(nn.Module):
             *self.experts.weights(x_TD.dtype),
             plan,
             self.deterministic,
+            self.probe,
         )
         return out_TD[:tokens].to(x.dtype).reshape(x.shape), routing
 

@@ -37,6 +37,7 @@ from torch import nn
 from longcat_sim.model.experts import expert_backward_from_hidden, expert_forward
 from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward
 from longcat_sim.model.moe import MoE, plan_dispatch
+from longcat_sim.model.probes import CombineCall, ExpertCall, rows_of_blocks
 from longcat_sim.model.router import RouterOutput
 from longcat_sim.model.transformer import LongcatFlashForCausalLM, ModelOutput
 
@@ -216,14 +217,31 @@ class _ShardExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RD, w_gate, w_up, w_down, counts_SE, ledger):  # type: ignore[override]
+    def forward(ctx, x_RD, w_gate, w_up, w_down, counts_SE, ledger, probe, first):  # type: ignore[override]
         pre_gate_RI = x_RD.new_empty(x_RD.shape[0], w_gate.shape[1])
         pre_up_RI = torch.empty_like(pre_gate_RI)
         y_RD = torch.empty_like(x_RD)
+        blocks = []
         for _, e, rows in _expert_blocks(counts_SE):
+            hook = probe.gemm_hook(first + e) if probe is not None else None
             expert_forward(x_RD[rows], w_gate[e].t(), w_up[e].t(), w_down[e].t(),
                            pre_gate_RI[rows], pre_up_RI[rows], y_RD[rows],
-                           deterministic=True)  # fmt: skip
+                           deterministic=True, gemm_hook=hook)  # fmt: skip
+            blocks.append((first + e, rows))
+        if probe is not None:
+            probe.on_experts(
+                ExpertCall(
+                    rows_of_blocks(blocks, x_RD.shape[0]),
+                    blocks,
+                    x_RD,
+                    pre_gate_RI,
+                    pre_up_RI,
+                    y_RD,
+                    (w_gate, w_up, w_down),
+                    True,
+                    first,
+                )
+            )
         ctx.counts_SE, ctx.ledger = counts_SE, ledger
         ctx.slice_of_source = list(ledger.slice_of_source) if ledger is not None else None
         ctx.save_for_backward(x_RD, w_gate, w_up, w_down, pre_gate_RI, pre_up_RI)
@@ -254,11 +272,11 @@ class _ShardExperts(torch.autograd.Function):
                                         w_up[e], g_gate, g_up, grad_x_RD[rows],
                                         deterministic=True)  # fmt: skip
         if ctx.ledger is not None:
-            return grad_x_RD, None, None, None, None, None
+            return grad_x_RD, None, None, None, None, None, None, None
         totals = per_source[0]
         for grads in per_source[1:]:
             totals = tuple(t + g for t, g in zip(totals, grads, strict=True))
-        return grad_x_RD, *totals, None, None
+        return grad_x_RD, *totals, None, None, None, None
 
 
 @dataclass
@@ -348,8 +366,9 @@ class ExpertParallelMoE(nn.Module):
         assert flight.pending is not None
         received_RD = flight.pending.wait()
         y_RD = _ShardExperts.apply(
-            received_RD, *self.local_weights(), flight.counts_SE, self.ledger
-        )
+            received_RD, *self.local_weights(), flight.counts_SE, self.ledger, self.moe.probe,
+            self.shard.first,
+        )  # fmt: skip
         flight.pending = start_exchange(
             y_RD, flight.recv_splits, flight.send_splits, self.group, self.clock
         )
@@ -370,6 +389,13 @@ class ExpertParallelMoE(nn.Module):
         out_TD = x_TD.float() * flight.zero_gate_T.unsqueeze(-1)
         for slot in range(k):
             out_TD = out_TD + slots_TKD[:, slot]
+        probe = self.moe.probe
+        if probe is not None:
+            token_S = torch.div(flight.slot_S, k, rounding_mode="floor")
+            with torch.no_grad():
+                probe.on_combine(
+                    CombineCall(out_TD, x_TD, flight.zero_gate_T, flight.gate_S, token_S, y_SD)
+                )
         return out_TD.to(x_TD.dtype).view(flight.shape), flight.routing
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:

@@ -44,6 +44,8 @@ td.miss { background: #fbe0de; }
 .verdict { font-size: 16px; padding: 10px 14px; border-radius: 4px; margin: 8px 0; }
 .verdict.identical { background: #e3f3e1; border: 1px solid #7fbf7b; }
 .verdict.diverged { background: #fbe0de; border: 1px solid #d6604d; }
+.verdict.control { background: #e4ecf7; border: 1px solid #6b8fc7; }
+.verdict.control-failed { background: #fbe0de; border: 2px solid #b2182b; font-weight: 600; }
 """
 
 

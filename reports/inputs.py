@@ -48,6 +48,7 @@ Report data (one mapping; ``longcat_sim.report.sections`` assembles it)::
     training_runs: [TRAIN_RUN]   (may be empty)
     determinism:   DETERMINISM | null
     sdc:           SDC | null
+    provenance:    PROVENANCE (optional)
 
 Results of other commands, read from their run directories:
 
@@ -62,14 +63,39 @@ DETERMINISM (``results.json`` of a determinism run; the verdict is the only requ
     {"verdict": "identical" | "diverged",
      "runs": int,                      # optional: runs compared
      "steps": int,                     # optional: steps per run
-     "first_divergence": null | {"step": int, "tensor": str, "max_abs_diff": number},
+     "first_divergence": null | {"step": int, "tensor": str,
+                                 "max_abs_diff": number | null,  # optional; null: not finite
+                                 "max_ulp": int | null,          # optional
+                                 "run": int},                    # optional: the run that differs
+     "injected": null | {"site": str, "bit": int, "step": int, "run": int, ...},
+                                       # optional: a negative control, the fault planted in run
+                                       # ``run`` (default the last); it must be found
      "fingerprints": [str],            # optional: final parameter hash of each run
+     "non_finite": {path: str},        # optional: values stored as null (``runs.json_safe``)
      ...}                              # other scalar keys are listed as they are
 
 SDC (``results.json`` of a silent-data-corruption campaign: one record per injected bit flip)::
 
     {"trials": [{"site": str, "bit": int, "detected": {detector: bool}}],
-     "detectors": [str]}               # optional: panel order (default: sorted names seen)
+     "detectors": [str],               # optional: panel order (default: sorted names seen)
+     "counts": {detector: {"detected", "missed", "masked", "crashed": int}},   # optional
+     "false_positives": {detector: int | null},  # optional, over "clean_runs": int | null steps
+     "overhead": {detector: number | null},      # optional: extra time over the plain step
+     "attribution": {"events_per_class": int, "accuracy": {class: number | null}}}  # optional
+
+Detector and site names are free: a detector or site the page has not seen before is drawn
+like the others. A null number is one the run could not give (no trial, or not finite).
+
+PROVENANCE (optional top-level ``provenance``: where each of determinism and sdc came from)::
+
+    {"determinism" | "sdc": {"source": "report" | "run" | "skipped" | "failed",
+        "command": str,        # optional: the command line that gave the result
+        "full_command": str,   # optional: the full-size command to run instead
+        "seconds": number | null, "path": str, "error": str}}   # optional
+
+``report``: computed by the report itself with quick settings; ``run``: read from the run
+directory ``path``; ``skipped``: not computed (``--no-repro``); ``failed``: the quick run
+raised ``error``.
 
 Each detector's heat map shows, per (site, bit), the share of trials it detected.
 """
@@ -122,6 +148,8 @@ CDF_POINTS = 101  # percentiles 0, 1, ..., 100
 TIMELINE_KEYS = ("t_s", "queued", "running", "kv_tokens", "busy_share")
 OVERLAP_KEYS = ("exposed_comm_share", "step_ms", "comm_ms", "exposed_comm_ms")
 VERDICTS = ("identical", "diverged")
+SOURCES = ("report", "run", "skipped", "failed")
+SDC_OUTCOMES = ("detected", "missed", "masked", "crashed")
 
 
 class ReportInputError(ValueError):
@@ -413,6 +441,35 @@ def check_training_run(run: Any, path: str) -> None:
         layers = len(means)
 
 
+def _maybe_number(value: Any, path: str) -> float | None:
+    """A finite number, or null (a value the run could not give)."""
+    return None if value is None else number(value, path)
+
+
+def _maybe_integer(value: Any, path: str) -> int | None:
+    return None if value is None else integer(value, path)
+
+
+def _check_divergence(divergence: Any, where: str) -> None:
+    divergence = mapping(divergence, where)
+    integer(field(divergence, "step", where), _where(where, "step"))
+    text(field(divergence, "tensor", where), _where(where, "tensor"))
+    if "max_abs_diff" in divergence:
+        _maybe_number(divergence["max_abs_diff"], _where(where, "max_abs_diff"))
+    for key in ("max_ulp", "run"):
+        if key in divergence:
+            _maybe_integer(divergence[key], _where(where, key))
+
+
+def _check_injected(injected: Any, where: str) -> None:
+    injected = mapping(injected, where)
+    text(field(injected, "site", where), _where(where, "site"))
+    integer(field(injected, "bit", where), _where(where, "bit"))
+    for key in ("step", "run"):
+        if key in injected:
+            integer(injected[key], _where(where, key))
+
+
 def check_determinism(result: Any, path: str = "determinism") -> None:
     result = mapping(result, path)
     verdict = text(field(result, "verdict", path), _where(path, "verdict"))
@@ -423,14 +480,10 @@ def check_determinism(result: Any, path: str = "determinism") -> None:
     for key in ("runs", "steps"):
         if key in result:
             integer(result[key], _where(path, key))
-    divergence = result.get("first_divergence")
-    if divergence is not None:
-        where = _where(path, "first_divergence")
-        divergence = mapping(divergence, where)
-        integer(field(divergence, "step", where), _where(where, "step"))
-        text(field(divergence, "tensor", where), _where(where, "tensor"))
-        if "max_abs_diff" in divergence:
-            number(divergence["max_abs_diff"], _where(where, "max_abs_diff"))
+    if result.get("first_divergence") is not None:
+        _check_divergence(result["first_divergence"], _where(path, "first_divergence"))
+    if result.get("injected") is not None:
+        _check_injected(result["injected"], _where(path, "injected"))
     for i, fingerprint in enumerate(items(result.get("fingerprints", []), f"{path}.fingerprints")):
         text(fingerprint, _where(_where(path, "fingerprints"), i))
 
@@ -456,6 +509,53 @@ def check_sdc(result: Any, path: str = "sdc") -> None:
     if "detectors" in result:
         for i, name in enumerate(items(result["detectors"], f"{path}.detectors", non_empty=True)):
             text(name, _where(_where(path, "detectors"), i))
+    _check_sdc_extras(result, path)
+
+
+def _per_detector(result: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    """The optional ``key`` mapping of an SDC result (detector -> value); empty when absent."""
+    return mapping(result[key], _where(path, key)) if key in result else {}
+
+
+def _check_sdc_extras(result: Mapping[str, Any], path: str) -> None:
+    """The optional per-detector totals, false positives, overheads and attribution."""
+    for detector, tally in _per_detector(result, "counts", path).items():
+        where = _where(_where(path, "counts"), detector)
+        tally = mapping(tally, where)
+        for outcome in SDC_OUTCOMES:
+            if integer(field(tally, outcome, where), _where(where, outcome)) < 0:
+                raise ReportInputError(f"{where}.{outcome} must be >= 0")
+    for detector, count in _per_detector(result, "false_positives", path).items():
+        _maybe_integer(count, _where(_where(path, "false_positives"), detector))
+    for detector, share in _per_detector(result, "overhead", path).items():
+        _maybe_number(share, _where(_where(path, "overhead"), detector))
+    if "clean_runs" in result:
+        _maybe_integer(result["clean_runs"], _where(path, "clean_runs"))
+    if "attribution" in result:
+        where = _where(path, "attribution")
+        attribution = mapping(result["attribution"], where)
+        integer(field(attribution, "events_per_class", where), _where(where, "events_per_class"))
+        for name, share in _per_detector(attribution, "accuracy", where).items():
+            _maybe_number(share, _where(_where(where, "accuracy"), name))
+
+
+def check_provenance(provenance: Any, path: str = "provenance") -> None:
+    provenance = mapping(provenance, path)
+    for section, origin in provenance.items():
+        where = _where(path, section)
+        if section not in ("determinism", "sdc"):
+            raise ReportInputError(f"{path} names {section!r}; only determinism and sdc")
+        origin = mapping(origin, where)
+        source = text(field(origin, "source", where), _where(where, "source"))
+        if source not in SOURCES:
+            raise ReportInputError(
+                f"{where}.source must be one of {', '.join(SOURCES)}, got {source!r}"
+            )
+        for key in ("command", "full_command", "path", "error"):
+            if key in origin:
+                text(origin[key], _where(where, key))
+        if "seconds" in origin:
+            _maybe_number(origin["seconds"], _where(where, "seconds"))
 
 
 _SECTION_CHECKS = {
@@ -486,3 +586,5 @@ def check_report_data(data: Any) -> None:
         check_determinism(data["determinism"])
     if field(data, "sdc", "report data") is not None:
         check_sdc(data["sdc"])
+    if data.get("provenance") is not None:
+        check_provenance(data["provenance"])

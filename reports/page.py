@@ -42,28 +42,111 @@ def _note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
+def _divergence_text(where: Mapping[str, Any] | None) -> str:
+    if not where:
+        return ""
+    out = f", first at step {where['step']} in {where['tensor']}"
+    if where.get("max_abs_diff") is not None:
+        out += f" (max |diff| {where['max_abs_diff']:.3g})"
+    elif "max_abs_diff" in where:
+        out += " (max |diff| not finite)"
+    return out
+
+
+def _fault_text(fault: Mapping[str, Any]) -> str:
+    step = f" step {fault['step']}" if "step" in fault else ""
+    run = f" of run {fault['run']}" if "run" in fault else ""
+    return f"fault injected at {fault['site']} bit {fault['bit']}{step}{run}"
+
+
+def _verdict(result: Mapping[str, Any]) -> tuple[str, str]:
+    """(CSS class, headline) of a determinism result; an injected run is a negative control:
+    its divergence is expected and its absence is the alarm."""
+    runs = f"{result['runs']} runs" if "runs" in result else "the runs"
+    where = result.get("first_divergence")
+    fault = result.get("injected")
+    if fault is not None:
+        if result["verdict"] == "identical":
+            return "control-failed", (
+                f"Negative control FAILED: {_fault_text(fault)}, yet {runs} matched bit for "
+                "bit. The check did not see a planted fault; its verdicts cannot be trusted."
+            )
+        other = where and "run" in where and "run" in fault and where["run"] != fault["run"]
+        if not other:
+            return "control", (
+                f"Negative control: {_fault_text(fault)}; divergence found (expected)"
+                f"{_divergence_text(where)}."
+            )
+        return "diverged", (
+            f"Diverged before the negative control: run {where['run']} differs from run 0"
+            f"{_divergence_text(where)}, though only run {fault['run']} had a fault."
+        )
+    if result["verdict"] == "identical":
+        return "identical", f"Bitwise identical: {runs} produced the same parameters and metrics."
+    return "diverged", f"Diverged: {runs} differ{_divergence_text(where)}."
+
+
+def _non_finite_note(result: Mapping[str, Any]) -> list[str]:
+    flagged = result.get("non_finite")
+    if not isinstance(flagged, Mapping) or not flagged:
+        return []
+    listed = ", ".join(f"{path} ({value})" for path, value in sorted(flagged.items()))
+    return [_note(f"Values that were not finite numbers, stored as null: {listed}.")]
+
+
 def _determinism_blocks(result: Mapping[str, Any] | None) -> list[str]:
     if result is None:
-        return [_note("No determinism result given: pass --determinism-run DIR.")]
-    verdict = result["verdict"]
-    runs = f"{result['runs']} runs" if "runs" in result else "the runs"
-    if verdict == "identical":
-        headline = f"Bitwise identical: {runs} produced the same parameters and metrics."
-    else:
-        where = result.get("first_divergence")
-        headline = f"Diverged: {runs} differ"
-        if where:
-            headline += f", first at step {where['step']} in {where['tensor']}"
-            if "max_abs_diff" in where:
-                headline += f" (max |diff| {where['max_abs_diff']:.3g})"
-        headline += "."
-    blocks = [f'<div class="verdict {esc(verdict)}">{esc(headline)}</div>']
+        return []
+    kind, headline = _verdict(result)
+    blocks = [f'<div class="verdict {esc(kind)}">{esc(headline)}</div>']
     blocks.append(table_html(tables.key_value_table("Determinism result", result, ("verdict",))))
     prints = result.get("fingerprints") or []
     if prints:
         items = "".join(f"<li><code>{esc(p)}</code></li>" for p in prints)
         blocks.append(f"<p>Final parameter fingerprints:</p><ul>{items}</ul>")
-    return blocks
+    return blocks + _non_finite_note(result)
+
+
+FLAGS = {"determinism": "--determinism-run", "sdc": "--sdc-run"}
+MISSING = {
+    "determinism": "No determinism result given: pass --determinism-run DIR.",
+    "sdc": "No silent-data-corruption result given: pass --sdc-run DIR.",
+}
+
+
+def _code(command: str) -> str:
+    return f"<code>{esc(command)}</code>"
+
+
+def _origin_blocks(section: str, origin: Mapping[str, Any] | None) -> list[str]:
+    """Where a determinism or SDC result came from, and how to run the full-size version."""
+    if origin is None:
+        return []
+    source, flag = origin["source"], FLAGS[section]
+    full = origin.get("full_command")
+    then = (
+        f"The full-size run: {_code(full)}, then <code>longcat-sim report {flag} DIR</code> "
+        "with its run directory."
+        if full
+        else ""
+    )
+    if source == "run":
+        return [f'<p class="note">From {esc(flag)} {_code(origin.get("path", "?"))}.</p>']
+    if source == "report":
+        seconds = origin.get("seconds")
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
+        text = (
+            "Computed by this report with quick settings (a smoke test, not the full check)"
+            f"{took}: {_code(origin.get('command', '?'))}. {then}"
+        )
+    elif source == "skipped":
+        text = f"Not computed: the report ran with --no-repro. {then}"
+    else:
+        text = (
+            f"The report's quick run failed: {esc(origin.get('error', 'unknown error'))} "
+            f"(command {_code(origin.get('command', '?'))}). {then}"
+        )
+    return [f'<p class="note">{text.rstrip()}</p>']
 
 
 class _Figures:
@@ -212,23 +295,44 @@ def _serving_note(section: Mapping[str, Any]) -> str:
     )
 
 
+def _sdc_blocks(result: Mapping[str, Any] | None, figs: _Figures) -> list[str]:
+    if result is None:
+        return []
+    blocks = [
+        figs.add("fig-sdc", figures.sdc_figure(result)),
+        _note(
+            "Share of injected bit flips each detector caught, per site and bit position, over "
+            "the flips that changed something it compares (masked flips are left out; a blank "
+            "cell had none)."
+        ),
+    ]
+    for table in (tables.sdc_detector_table(result), tables.sdc_attribution_table(result)):
+        if table is not None:
+            blocks.append(table_html(table))
+    return blocks + _non_finite_note(result)
+
+
+def _repro_section(anchor: str, blocks: list[str], origin: Mapping[str, Any] | None) -> str:
+    """A determinism or SDC section: its result, or a note saying why there is none, and
+    where it came from."""
+    if not blocks and origin is None:
+        blocks = [_note(MISSING[anchor])]
+    return _section(anchor, _TITLES[anchor], *blocks, *_origin_blocks(anchor, origin))
+
+
 def _result_sections(data: Mapping[str, Any], figs: _Figures) -> list[str]:
     """The sections other commands' results fill: training runs, determinism, SDC."""
     run_blocks = [
         figs.add(f"fig-training-run-{i}", figures.training_figure(run))
         for i, run in enumerate(data["training_runs"], start=1)
     ] or [_note("No training run given: pass --train-run DIR (a longcat-sim train run).")]
-    if data["sdc"] is None:
-        sdc_blocks = [_note("No silent-data-corruption result given: pass --sdc-run DIR.")]
-    else:
-        sdc_blocks = [
-            figs.add("fig-sdc", figures.sdc_figure(data["sdc"])),
-            _note("Share of injected bit flips each detector caught, per site and bit position."),
-        ]
+    provenance = data.get("provenance") or {}
+    determinism = _determinism_blocks(data["determinism"])
+    sdc = _sdc_blocks(data["sdc"], figs)
     return [
         _section("training-runs", _TITLES["training-runs"], *run_blocks),
-        _section("determinism", _TITLES["determinism"], *_determinism_blocks(data["determinism"])),
-        _section("sdc", _TITLES["sdc"], *sdc_blocks),
+        _repro_section("determinism", determinism, provenance.get("determinism")),
+        _repro_section("sdc", sdc, provenance.get("sdc")),
     ]
 
 

@@ -15,6 +15,7 @@ from longcat_sim.reports.inputs import (
     TABLE7_KEYS,
     check_memory,
     check_prefill,
+    check_sdc,
     check_serving,
     check_table6,
     check_table7,
@@ -400,3 +401,70 @@ def key_value_table(caption: str, values: Mapping[str, Any], order: Sequence[str
         shown = "null" if value is None else f"{value:.6g}" if isinstance(value, float) else value
         rows.append((Cell(key), Cell(str(shown))))
     return Table(caption=caption, columns=("", ""), rows=tuple(rows))
+
+
+# -- silent data corruption ---------------------------------------------------------------------
+
+
+def _share(part: int, whole: int) -> Cell:
+    return Cell("n/a" if whole == 0 else f"{part / whole:.1%}", "num")
+
+
+def sdc_detector_table(result: Mapping[str, Any]) -> Table | None:
+    """Per detector: flips detected of those not masked, masked and crashed flips, false alarms
+    over the clean steps and overhead; None when the result holds no per-detector totals."""
+    check_sdc(result)
+    counts = result.get("counts") or {}
+    if not counts:
+        return None
+    false_positives = result.get("false_positives") or {}
+    overhead = result.get("overhead") or {}
+    clean = result.get("clean_runs")
+    rows = []
+    order = list(result.get("detectors", []))
+    for detector in sorted(counts, key=lambda d: (order.index(d) if d in order else len(order), d)):
+        tally = counts[detector]
+        seen = tally["detected"] + tally["missed"]
+        alarms = false_positives.get(detector)
+        rows.append(
+            (
+                Cell(detector),
+                Cell(f"{tally['detected']} / {seen}", "num"),
+                _share(tally["detected"], seen),
+                Cell(str(tally["masked"]), "num"),
+                Cell(str(tally["crashed"]), "num"),
+                Cell("n/a" if alarms is None else str(alarms), "num"),
+                _maybe(overhead.get(detector), "+.1%"),
+            )
+        )
+    return Table(
+        caption="Detectors over the campaign (detected of the flips that changed something)",
+        columns=(
+            "detector",
+            "detected / not masked",
+            "detection rate",
+            "masked",
+            "crashed",
+            f"false alarms ({'n/a' if clean is None else clean} clean steps)",
+            "overhead",
+        ),
+        rows=tuple(rows),
+    )
+
+
+def sdc_attribution_table(result: Mapping[str, Any]) -> Table | None:
+    """Rerun attribution: the share of synthetic events of each class attributed correctly;
+    None when the result holds none."""
+    check_sdc(result)
+    attribution = result.get("attribution")
+    if not attribution or not attribution.get("accuracy"):
+        return None
+    rows = tuple(
+        (Cell(name), _maybe(share, ".1%"))
+        for name, share in sorted(attribution["accuracy"].items())
+    )
+    return Table(
+        caption=f"Rerun attribution ({attribution['events_per_class']} events per class)",
+        columns=("event class", "attributed correctly"),
+        rows=rows,
+    )

@@ -124,7 +124,7 @@ CASES = [
         "'context_cv' must lie in [0, 10]",
     ),
     (["sdc", "--bits", "0-9999999999"], "--bits must lie in 0..63"),
-    (["sdc", "--tokens", "1000000000"], "--tokens must be at most 65,536"),
+    (["sdc", "--batch-size", "1000000000"], "--batch-size x --seq-len must be at most 65,536"),
     # 6. settings a worker refused only after seconds, and models too large to train
     (["determinism", "--seed", "-1", "--runs", "2"], "'seed' must be an integer >= 0, got -1"),
     (["determinism", "--model", "longcat-flash", "--runs", "2"], "needs about"),

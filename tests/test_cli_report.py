@@ -22,7 +22,7 @@ from tests.cli_checks import refused
 from tests.reports.test_browser import CHROMIUM, assert_every_figure_drew, probe_page
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = [
+SIM_SECTIONS = [
     "table7",
     "table6",
     "timelines",
@@ -32,7 +32,8 @@ SECTIONS = [
     "training_overlap",
     "serving",
 ]
-FIGURES = [
+SECTIONS = [*SIM_SECTIONS, "determinism", "sdc"]  # the report's own quick runs, cached too
+SIM_FIGURES = [
     "fig-timelines",
     "fig-pareto",
     "fig-memory",
@@ -41,7 +42,8 @@ FIGURES = [
     "fig-serving-load",
     "fig-training-overlap",
 ]
-BUILD_SECONDS = 60.0  # the default report, PNGs included, on two shared CPU cores
+FIGURES = [*SIM_FIGURES, "fig-sdc"]  # the quick campaign's heat maps
+BUILD_SECONDS = 120.0  # the default report, PNGs and quick runs included, on two shared CPU cores
 
 
 def _png_expected() -> bool:
@@ -116,6 +118,23 @@ def test_default_report_from_a_fresh_directory(default_run: dict) -> None:
         assert results["png"] == [] and results["png_skipped"]
         assert "PNG figures        skipped:" in default_run["stdout"]
     assert default_run["seconds"] < BUILD_SECONDS
+    assert "Computed by this report with quick settings" in html
+
+
+def test_the_default_report_runs_quick_reproducibility_checks(default_run: dict) -> None:
+    """Without --determinism-run / --sdc-run the report runs both commands itself: the quick
+    determinism check is bitwise identical and replay catches every flip that mattered."""
+    results = json.loads((default_run["dir"] / "results.json").read_text())
+    repro = results["repro"]
+    assert repro["determinism"]["source"] == "report" == repro["sdc"]["source"]
+    assert repro["determinism"]["verdict"] == "identical"
+    assert repro["determinism"]["injected"] is None
+    assert repro["sdc"]["detected_share"]["replay"] == 1.0
+    assert repro["determinism"]["command"].startswith("longcat-sim determinism --model tiny")
+    html = (default_run["dir"] / "report.html").read_text()
+    assert 'class="verdict identical"' in html
+    for full in ("longcat-sim determinism --model tiny --steps 10", "longcat-sim sdc --model tiny"):
+        assert full in html
 
 
 def test_the_default_reproduces_the_paper_within_its_tolerances(default_run: dict) -> None:
@@ -307,6 +326,77 @@ def test_sections_are_cached_by_what_they_read(default_run: dict, tmp_path: Path
     assert points == same_batch  # a point's numbers do not depend on the other points
 
 
+def test_no_repro_leaves_the_quick_runs_out(default_run: dict, tmp_path: Path, capsys) -> None:
+    out = _copy(default_run, tmp_path)
+    argv = ["report", "--run-dir", str(out), "--no-png", "--json", "--no-repro"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    results = json.loads(stdout)
+    assert results["simulated"] == [] and results["cached"] == SIM_SECTIONS
+    assert results["figures"] == SIM_FIGURES
+    assert results["repro"]["determinism"]["source"] == "skipped"
+    html = (out / "report.html").read_text()
+    assert html.count("the report ran with --no-repro") == 2
+
+
+def test_a_failing_quick_run_is_a_warning_and_the_report_still_builds(
+    default_run: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from longcat_sim.commands import report as report_command
+
+    out = _copy(default_run, tmp_path)
+    for entry in (out / "cache").glob("sdc-*.json"):
+        entry.unlink()
+    real = report_command.run_command
+    calls = []
+
+    def failing(argv):
+        calls.append(argv[0])
+        if argv[0] == "sdc":
+            raise RuntimeError("out of memory")
+        return real(argv)
+
+    monkeypatch.setattr(report_command, "run_command", failing)
+    code, stdout, err = _run(["report", "--run-dir", str(out), "--no-png", "--json"], capsys)
+    assert code == 0, err
+    assert "warning: the report's quick sdc run failed (RuntimeError: out of memory)" in err
+    results = json.loads(stdout)
+    assert results["repro"]["sdc"]["source"] == "failed" and results["figures"] == SIM_FIGURES
+    assert "quick run failed: RuntimeError: out of memory" in (out / "report.html").read_text()
+    assert "determinism" not in calls or "determinism" in results["simulated"]
+
+
+@pytest.mark.parametrize(
+    ("identical", "line", "css"),
+    [
+        (False, "negative control, the planted fault was found (expected)", "control"),
+        (True, "negative control FAILED: the planted fault was not found", "control-failed"),
+    ],
+)
+def test_an_injected_determinism_run_is_shown_as_a_negative_control(
+    default_run: dict, tmp_path: Path, capsys, identical: bool, line: str, css: str
+) -> None:
+    """What ``determinism --inject`` writes, a non-finite difference included."""
+    out = _copy(default_run, tmp_path)
+    det = tmp_path / "det"
+    det.mkdir()
+    divergence = {"step": 1, "module": "m", "tensor": "out", "max_abs": float("inf"), "run": 1}
+    results = {
+        "identical": identical,
+        "runs": 2,
+        "first_divergence": None if identical else divergence,
+        "injected": {"site": "weight", "bit": 30, "step": 1, "target": ""},
+    }
+    write_run(det, {"command": "determinism"}, results)
+    argv = ["report", "--run-dir", str(out), "--no-png", "--no-repro", "--determinism-run"]
+    code, stdout, err = _run([*argv, str(det)], capsys)
+    assert code == 0, err
+    assert f"determinism        from the run given: {line}" in stdout
+    html = (out / "report.html").read_text()
+    assert f'class="verdict {css}"' in html and "fault injected at weight bit 30 step 1" in html
+    assert 'class="verdict diverged"' not in html
+
+
 def _write_train_run(path: Path, steps: int = 6) -> None:
     """A run directory in the format ``longcat-sim train`` writes (extra keys included)."""
     path.mkdir()
@@ -351,7 +441,7 @@ def test_results_of_other_commands_get_their_sections(
     argv += ["--determinism-run", str(determinism), "--sdc-run", str(sdc)]
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
-    assert json.loads(stdout)["figures"] == [*FIGURES, "fig-training-run-1", "fig-sdc"]
+    assert json.loads(stdout)["figures"] == [*SIM_FIGURES, "fig-training-run-1", "fig-sdc"]
     html = (out / "report.html").read_text()
     assert "train-a: tiny" in html and 'class="verdict diverged"' in html
     assert "step_seconds" not in html

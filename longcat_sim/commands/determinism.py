@@ -6,13 +6,18 @@ gradients, parameters, optimizer state). Runs are compared with run 0; on a mism
 divergent (step, module, tensor) is reported with its largest absolute and ULP difference.
 ``--inject SITE:BIT[:STEP[:TARGET]]`` plants one bit flip in the last run: a negative control
 that must be found and localised.
+
+``--entry package.module:function`` runs the same check on user code instead of ``--model``:
+the function builds a :class:`longcat_sim.repro.Experiment` from a seed (see
+docs/reproducibility.md). Exit code 0: all runs bitwise identical; 1: some run differs
+(including under ``--inject``); 2: bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -23,8 +28,8 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
 from longcat_sim.model.transformer import require_runnable
 from longcat_sim.repro.fingerprint import RunSpec, spec_configs
-from longcat_sim.repro.harness import check_determinism
-from longcat_sim.repro.inject import SITES, Fault
+from longcat_sim.repro.harness import DeterminismReport, check_determinism
+from longcat_sim.repro.inject import SITES, Fault, parse_fault
 from longcat_sim.runs import config_hash
 
 if TYPE_CHECKING:
@@ -36,6 +41,12 @@ HELP = "rerun training in separate processes in deterministic mode and compare b
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=text_arg, default="tiny", help="preset name or TOML file (default tiny)"
+    )
+    parser.add_argument(
+        "--entry",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="check user code: the function builds an Experiment from a seed (replaces --model)",
     )
     parser.add_argument("--steps", type=int, default=10, help="training steps per run")
     parser.add_argument("--runs", type=int, default=20, help="independent runs to compare")
@@ -62,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inject",
         default=None,
-        metavar="SITE:BIT[:STEP[:TARGET]]",
+        metavar="SITE:BIT[:STEP[:TARGET[:persistent]]]",
         help=f"plant a bit flip in the last run (negative control); sites: {', '.join(SITES)}",
     )
     parser.add_argument(
@@ -85,20 +96,7 @@ def parse_threads(text: str) -> list[int]:
     return threads
 
 
-def parse_fault(text: str) -> Fault:
-    parts = text.split(":")
-    if not 2 <= len(parts) <= 4:
-        raise UserError(f"--inject expects SITE:BIT[:STEP[:TARGET]], got {text!r}")
-    try:
-        site, bit = parts[0], int(parts[1])
-        step = int(parts[2]) if len(parts) > 2 and parts[2] else 0
-        target = parts[3] if len(parts) > 3 else ""
-        return Fault(site=site, bit=bit, step=step, target=target)
-    except ValueError as exc:
-        raise UserError(f"--inject {text!r}: {exc}") from None
-
-
-def run(args: argparse.Namespace) -> CommandOutput:
+def _check_common(args: argparse.Namespace) -> tuple[list[int], Fault | None]:
     if args.runs < 2:
         raise UserError(f"--runs must be at least 2 to compare anything, got {args.runs}")
     if args.steps < 1:
@@ -107,28 +105,38 @@ def run(args: argparse.Namespace) -> CommandOutput:
         raise UserError(f"--workers must be positive, got {args.workers}")
     check_workers(args.workers)
     threads = parse_threads(args.threads)
-    try:
-        cfg = load_model_config(args.model)
-        require_runnable(cfg)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    train = {k: v for k in ("batch_size", "seq_len") if (v := getattr(args, k)) is not None}
     fault = parse_fault(args.inject) if args.inject else None
     if fault is not None and fault.step >= args.steps:
         raise UserError(f"--inject step {fault.step} is past the last step {args.steps - 1}")
-    data_cache = None if args.data_cache is None else str(args.data_cache)
-    options = {k: getattr(args, k) for k in ("model", "steps", "seed", "byte_budget")}
-    spec = RunSpec(**options, deterministic=True, train=train, data_cache=data_cache)
-    _warm_data_cache(spec)
-    bar = tqdm(
+    return threads, fault
+
+
+def _progress(args: argparse.Namespace) -> tqdm:
+    return tqdm(
         total=args.runs,
         desc="determinism",
         unit="run",
         file=sys.stderr,
         disable=None if args.progress is None else not args.progress,
     )
+
+
+def run(args: argparse.Namespace) -> CommandOutput:
+    threads, fault = _check_common(args)
+    if getattr(args, "entry", None) is not None:
+        return _run_entry(args, threads, fault)
     try:
-        with bar:
+        cfg = load_model_config(args.model)
+        require_runnable(cfg)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    train = {k: v for k in ("batch_size", "seq_len") if (v := getattr(args, k)) is not None}
+    data_cache = None if args.data_cache is None else str(args.data_cache)
+    options = {k: getattr(args, k) for k in ("model", "steps", "seed", "byte_budget")}
+    spec = RunSpec(**options, deterministic=True, train=train, data_cache=data_cache)
+    _warm_data_cache(spec)
+    try:
+        with _progress(args) as bar:
             report = check_determinism(
                 spec,
                 args.runs,
@@ -139,32 +147,70 @@ def run(args: argparse.Namespace) -> CommandOutput:
             )
     except RuntimeError as exc:
         raise UserError(str(exc)) from None
+    config = {"model": cfg.to_dict(), "spec": spec.to_dict()}
+    return _output(args, report, threads, fault, cfg.name, config)
+
+
+def _run_entry(args: argparse.Namespace, threads: list[int], fault: Fault | None) -> CommandOutput:
+    """The rerun check on the Experiment an entry point builds (each run a fresh process)."""
+    from longcat_sim.repro.entry import build_experiment
+    from longcat_sim.repro.library import check_entry_determinism
+    from longcat_sim.repro.targets import MODEL_SITES, check_target
+
+    if fault is not None and fault.site not in MODEL_SITES:
+        raise UserError(f"--inject with --entry takes a site among {', '.join(MODEL_SITES)}")
+    experiment = build_experiment(args.entry, args.seed)  # fails here, not in every run
+    if fault is not None and fault.target:
+        check_target(experiment.model, fault.site, fault.target)
+    try:
+        with _progress(args) as bar:
+            report = check_entry_determinism(
+                args.entry,
+                runs=args.runs,
+                steps=args.steps,
+                threads=threads,
+                seed=args.seed,
+                workers=args.workers,
+                fault_in_run=(args.runs - 1, fault.to_dict()) if fault else None,
+                on_done=lambda: bar.update(1),
+            )
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    config = {"entry": args.entry, "steps": args.steps, "seed": args.seed}
+    return _output(args, report, threads, fault, args.entry, config)
+
+
+def _output(
+    args: argparse.Namespace,
+    report: DeterminismReport,
+    threads: list[int],
+    fault: Fault | None,
+    name: str,
+    config: dict[str, Any],
+) -> CommandOutput:
+    """Results, text and exit code (1 when a run differs) of a determinism check."""
     results = report.to_json()
-    results["model"] = cfg.name
+    results["model"] = name
     results["injected"] = None if fault is None else fault.to_dict()
-    div = report.first_divergence
+    mode = "user code" if getattr(args, "entry", None) else "deterministic"
     lines = [
         f"{report.identical}/{report.runs} runs bitwise identical to run 0 "
-        f"({cfg.name}, {report.steps} steps, deterministic, threads {threads})",
+        f"({name}, {report.steps} steps, {mode}, threads {threads})",
         f"  final step digest  {results['final_step_digest']}",
         f"  run threads        {report.run_threads}",
         f"  wall time          {report.seconds:.1f} s",
     ]
+    div = report.first_divergence
     if div is not None:
         lines.append(f"  first divergence   run {report.divergent_run}: {div.describe()}")
-    config = {
-        "model": cfg.to_dict(),
-        "spec": spec.to_dict(),
-        "runs": args.runs,
-        "threads": threads,
-        "inject": results["injected"],
-    }
+    config = {**config, "runs": args.runs, "threads": threads, "inject": results["injected"]}
     return CommandOutput(
         results=results,
         text="\n".join(lines),
         config=config,
         config_hash=config_hash(config),
         seeds={"seed": args.seed},
+        exit_code=0 if report.all_identical else 1,
     )
 
 

@@ -3,14 +3,20 @@ from other commands' run directories.
 
 Writes ``DIR/report.html`` (``--run-dir``, default ``runs/report/CONFIG_HASH``), ``DIR/figures/*.png``
 when kaleido and a Chromium are present, and the simulations it ran under ``DIR/cache`` keyed
-by their inputs' hash, so a second report with the same settings simulates nothing.
+by their inputs' hash, so a second report with the same settings simulates nothing. Without
+``--determinism-run`` / ``--sdc-run`` it runs a quick ``determinism`` and ``sdc`` itself
+(``report.repro``: their command lines parsed by the command's own parser and run in this
+process), cached the same way; ``--no-repro`` leaves them out.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.flags import add_config_flags, set_values
@@ -56,11 +62,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="silent-data-corruption result",
     )
     parser.add_argument(
+        "--repro",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="without --determinism-run / --sdc-run, run a quick determinism check and bit-flip "
+        "campaign on the tiny model, cached like the simulations (default on; --no-repro skips)",
+    )
+    parser.add_argument(
         "--png",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also write PNG figures through kaleido when Chromium is present (default on)",
     )
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser for the report's quick runs: a refused option is one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def run_command(argv: Sequence[str]) -> dict[str, Any]:
+    """Results of one ``longcat-sim COMMAND ...`` line run in this process, as the command line
+    would run it (its module's options beside ``--json`` and ``--run-dir``), without writing a
+    run directory."""
+    name, *rest = argv
+    module = importlib.import_module(f"longcat_sim.commands.{name}")
+    parser = _CommandParser(prog=f"longcat-sim {name}", add_help=False)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--run-dir", type=path_arg, default=None)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.command, args._module = name, module
+    return module.run(args).results
 
 
 def _summary(data: dict) -> dict:
@@ -82,7 +117,56 @@ def _summary(data: dict) -> dict:
             for name, s in data["timelines"]["schedules"].items()
         },
         "pareto": data["pareto"]["models"],
+        "repro": _repro_summary(data),
     }
+
+
+def _repro_summary(data: dict) -> dict:
+    """Per determinism and SDC: where the result came from and its headline."""
+    out = {}
+    for name in ("determinism", "sdc"):
+        origin, result = data["provenance"][name], data[name]
+        entry = {"source": origin["source"], "command": origin.get("command")}
+        if name == "determinism" and result is not None:
+            entry |= {"verdict": result["verdict"], "injected": result.get("injected")}
+        if name == "sdc" and result is not None:
+            entry["detected_share"] = {
+                d: (
+                    c["detected"] / (c["detected"] + c["missed"])
+                    if c["detected"] + c["missed"]
+                    else None
+                )
+                for d, c in result.get("counts", {}).items()
+            }
+        out[name] = entry
+    return out
+
+
+def _verdict_words(verdict: str, injected: bool) -> str:
+    if not injected:
+        return verdict
+    if verdict == "diverged":
+        return "negative control, the planted fault was found (expected)"
+    return "negative control FAILED: the planted fault was not found"
+
+
+def _repro_lines(summary: dict) -> list[str]:
+    lines = []
+    for name, entry in summary.items():
+        source = {"report": "quick run", "run": "from the run given"}.get(
+            entry["source"], entry["source"]
+        )
+        if "verdict" in entry:
+            what = _verdict_words(entry["verdict"], entry["injected"] is not None)
+        elif entry.get("detected_share"):
+            what = "detected " + ", ".join(
+                f"{d} {'n/a' if v is None else f'{v * 100:.0f} %'}"
+                for d, v in entry["detected_share"].items()
+            )
+        else:
+            what = ""
+        lines.append(f"  {name:<18} {source}{': ' + what if what else ''}")
+    return lines
 
 
 def _text(summary: dict, run_dir: Path, seconds: float, gathered, pngs) -> str:
@@ -102,6 +186,7 @@ def _text(summary: dict, run_dir: Path, seconds: float, gathered, pngs) -> str:
     )
     for name, s in sorted(summary["timelines"].items()):
         lines.append(f"  {name:<18} {s['tpl_us']:.0f} us/layer, TPOT {s['tpot_ms']:.1f} ms")
+    lines += _repro_lines(summary["repro"])
     reused = ", ".join(gathered.reused) or "none"
     lines.append(f"  simulated now      {', '.join(gathered.computed) or 'none'}")
     lines.append(f"  from the cache     {reused}")
@@ -129,6 +214,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         train_runs=args.train_run,
         determinism_run=args.determinism_run,
         sdc_run=args.sdc_run,
+        repro_runner=run_command if args.repro else None,
     )
     try:
         report = build_report(gathered.data)
@@ -154,4 +240,5 @@ def run(args: argparse.Namespace) -> CommandOutput:
         config=resolved.identity(),
         config_hash=config_hash,
         seeds={"seed": config.seed},
+        warnings=gathered.warnings,
     )

@@ -1,9 +1,11 @@
-"""``longcat-sim sdc``: a bit-flip campaign on one MoE layer's training step.
+"""``longcat-sim sdc``: a bit-flip campaign on the model's real training step.
 
-For every site and bit, ``--trials`` faults are injected and the replay, recompute and ABFT
-detectors are scored (detected / masked / missed); ``--clean-runs`` fault-free steps give the
-false positives and each detector's overhead; ``--attribution-events`` synthetic events per
-class (transient, persistent, genuine) score the rerun attribution. Deterministic mode is on.
+For every site and bit, ``--trials`` faults are planted in ``train``'s own step (the
+expert-parallel path, deterministic mode, the SDC guard attached) and every detector is scored
+(detected / masked / missed): bitwise replay, and the guard's ABFT, recompute, validators and
+at-rest checks; ``--clean-runs`` clean guarded steps give the false positives;
+``--attribution-events`` events per class (transient, persistent, genuine) score the rerun
+attribution; ``--overhead-rounds`` paired rounds time the guard against unguarded steps.
 """
 
 from __future__ import annotations
@@ -15,40 +17,46 @@ import sys
 from tqdm import tqdm
 
 from longcat_sim.commands.base import CommandOutput
-from longcat_sim.config.paths import text_arg
+from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
 from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, load_model_config
 from longcat_sim.model.determinism import DeterministicMode
+from longcat_sim.model.transformer import require_runnable
 from longcat_sim.repro.campaign import (
     ABFT_SITES,
     DETECTORS,
     CampaignConfig,
+    guard_overhead,
     run_campaign,
     total_units,
 )
+from longcat_sim.repro.fingerprint import RunSpec, spec_configs
+from longcat_sim.repro.flips import add_entry_argument, describe_campaign, run_entry_campaign
 from longcat_sim.repro.inject import SITES
-from longcat_sim.repro.moe_step import MoEStepConfig
+from longcat_sim.repro.targets import MODEL_SITES
 from longcat_sim.runs import config_hash
 
-HELP = "bit-flip SDC campaign on an MoE-layer step: detection per site, bit and detector"
+HELP = (
+    "bit-flip SDC campaign on the model's real training step: detection per site, bit and detector"
+)
 
-# one MoE layer's parameters, gradients and two moments must stay small
-MAX_LAYER_BYTES = 2 * 2**30
 MAX_BIT = 63  # the widest site holds 64-bit values
 MAX_SEED = 2**63 - 1  # seeds torch's and numpy's generators both take
-MAX_TOKENS = 2**16  # tokens in the MoE step: a stated limit, far above what a campaign needs
+MAX_TOKENS = 2**16  # tokens per step (batch x sequence): a stated limit, far above a campaign's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=text_arg, default="tiny", help="preset name or TOML file (default tiny)"
     )
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (default 2)")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
     parser.add_argument(
-        "--tokens",
-        type=int,
-        default=128,
-        help=f"tokens in the MoE step (default 128; at most {MAX_TOKENS:,})",
+        "--byte-budget", type=int, default=2**19, help="corpus bytes (smaller builds faster)"
+    )
+    parser.add_argument(
+        "--data-cache", type=path_arg, default=None, help="tokenizer/token cache folder"
     )
     parser.add_argument(
         "--sites", default="all", help=f"comma-separated sites or 'all' ({', '.join(SITES)})"
@@ -66,9 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attribution-events", type=int, default=100, help="synthetic events per class"
     )
     parser.add_argument(
-        "--recompute-experts", type=int, default=1, help="experts recomputed per step"
+        "--recompute-experts", type=int, default=1, help="expert blocks recomputed per MoE call"
+    )
+    parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=5,
+        help="paired rounds timing the guard against unguarded steps (0: skip)",
     )
     parser.add_argument("--seed", type=int, default=0, help="root seed of the campaign")
+    add_entry_argument(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--progress",
@@ -111,35 +126,55 @@ def parse_bits(text: str) -> tuple[int, ...] | None:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for flag in ("tokens", "trials", "threads", "recompute_experts"):
+    for flag in ("batch_size", "seq_len", "trials", "threads", "recompute_experts", "byte_budget"):
         if getattr(args, flag) < 1:
             raise UserError(
                 f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
             )
-    if args.tokens > MAX_TOKENS:
-        raise UserError(f"--tokens must be at most {MAX_TOKENS:,}, got {args.tokens}")
+    if args.batch_size * args.seq_len > MAX_TOKENS:
+        raise UserError(
+            f"--batch-size x --seq-len must be at most {MAX_TOKENS:,} tokens, got "
+            f"{args.batch_size * args.seq_len:,}"
+        )
     check_threads(args.threads)
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
-    for flag in ("clean_runs", "attribution_events"):
+    for flag in ("clean_runs", "attribution_events", "overhead_rounds"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
 
 
+def _spec(args: argparse.Namespace, cc: CampaignConfig) -> RunSpec:
+    """The training the campaign corrupts: ``train``'s step on the chosen model and sizes."""
+    steps = cc.states * cc.chain + cc.clean_runs + 2 * cc.attribution_events + 16
+    train = {"batch_size": args.batch_size, "seq_len": args.seq_len}
+    data_cache = None if args.data_cache is None else str(args.data_cache)
+    return RunSpec(model=args.model, steps=steps, seed=args.seed, train=train,
+                   byte_budget=args.byte_budget, data_cache=data_cache)  # fmt: skip
+
+
+def _trainer_factory(spec: RunSpec):
+    """Checks the spec as ``train`` would (one line on a bad setting), builds the corpus once,
+    and returns ``make_trainer(run_dir)``."""
+    from longcat_sim.train.training import Trainer, check_compatible, load_data
+
+    cfg, tc = spec_configs(spec)
+    check_compatible(cfg, tc)
+    if spec.data_cache is not None:
+        check_output_dir(spec.data_cache, "--data-cache")
+    data = load_data(cfg, tc, spec.data_cache)
+    return lambda run_dir: Trainer(cfg, tc, run_dir, data=data)
+
+
 def run(args: argparse.Namespace) -> CommandOutput:
     _check_counts(args)
+    if args.entry is not None:
+        return _run_entry(args)
     try:
         cfg = load_model_config(args.model)
+        require_runnable(cfg)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    layer_params = cfg.num_experts_total * cfg.hidden_size + 3 * (
-        cfg.n_routed_experts * cfg.hidden_size * cfg.expert_ffn_hidden_size
-    )
-    if 16 * layer_params > MAX_LAYER_BYTES:
-        raise UserError(
-            f"one MoE layer of {cfg.name!r} needs {16 * layer_params / 2**30:.1f} GiB for weights, "
-            "gradients and moments; run the campaign on tiny or small"
-        )
     if args.recompute_experts > cfg.n_routed_experts:
         raise UserError(
             f"--recompute-experts {args.recompute_experts} exceeds the {cfg.n_routed_experts} "
@@ -153,26 +188,58 @@ def run(args: argparse.Namespace) -> CommandOutput:
         clean_runs=args.clean_runs,
         attribution_events=args.attribution_events,
         seed=args.seed,
-        recompute_experts=args.recompute_experts,
+        recompute_blocks=args.recompute_experts,
     )
     if not any(cc.bits_for(s) for s in sites):
         raise UserError(f"--bits {args.bits!r} selects no bit of the chosen sites")
-    sc = MoEStepConfig(cfg.replace(deterministic=True), tokens=args.tokens)
-    bar = tqdm(
-        total=total_units(cc),
-        desc="sdc",
-        unit="run",
-        file=sys.stderr,
-        disable=None if args.progress is None else not args.progress,
-    )
-    with bar, DeterministicMode(threads=args.threads):
-        result = run_campaign(sc, cc, progress=bar.update)
+    spec = _spec(args, cc)
+    with DeterministicMode(threads=args.threads):
+        make_trainer = _trainer_factory(spec)
+        bar = tqdm(
+            total=total_units(cc),
+            desc="sdc",
+            unit="run",
+            file=sys.stderr,
+            disable=None if args.progress is None else not args.progress,
+        )
+        with bar:
+            overhead = (
+                guard_overhead(make_trainer, rounds=args.overhead_rounds)
+                if args.overhead_rounds
+                else {}
+            )
+            result = run_campaign(make_trainer, cc, progress=bar.update, overhead=overhead)
     results = result.to_json()
     results["model"] = cfg.name
-    config = {"model": cfg.to_dict(), "tokens": args.tokens, "campaign": _plain(cc)}
+    results["tokens_per_step"] = args.batch_size * args.seq_len
+    config = {"model": cfg.to_dict(), "spec": spec.to_dict(), "campaign": _plain(cc)}
     return CommandOutput(
         results=results,
         text=_text(results, cfg.name, args),
+        config=config,
+        config_hash=config_hash(config),
+        seeds={"seed": args.seed},
+    )
+
+
+def _run_entry(args: argparse.Namespace) -> CommandOutput:
+    """The campaign on a user's experiment (``--entry``): its weights, activations, gradients
+    and optimizer state, scored by replay and the validators."""
+    sites = tuple(s for s in parse_sites(args.sites) if s in MODEL_SITES)
+    if not sites:
+        raise UserError(f"--entry runs the sites {', '.join(MODEL_SITES)}; pick some of them")
+    bits = parse_bits(args.bits)
+    bits = tuple(range(32)) if bits is None else tuple(b for b in bits if b < 32)
+    if not bits:
+        raise UserError(f"--bits {args.bits!r} selects no bit of a float32 value (0..31)")
+    results = run_entry_campaign(
+        args.entry, sites=sites, bits=bits, trials=args.trials, seed=args.seed,
+        threads=args.threads,
+    )  # fmt: skip
+    config = {"entry": args.entry, "sites": list(sites), "bits": list(bits), "trials": args.trials}
+    return CommandOutput(
+        results=results,
+        text=describe_campaign(results),
         config=config,
         config_hash=config_hash(config),
         seeds={"seed": args.seed},
@@ -189,7 +256,7 @@ def _plain(cc: CampaignConfig) -> dict:
         "states": cc.states,
         "chain": cc.chain,
         "seed": cc.seed,
-        "recompute_experts": cc.recompute_experts,
+        "recompute_blocks": cc.recompute_blocks,
     }
 
 
@@ -206,8 +273,9 @@ def _text(results: dict, model: str, args: argparse.Namespace) -> str:
         DETECTORS
     )
     lines = [
-        f"SDC campaign on one MoE layer of {model}: {trials} faults "
-        f"({args.trials} per site and bit), detection over non-masked faults",
+        f"SDC campaign on the training step of {model} ({args.batch_size} x {args.seq_len} "
+        f"tokens): {trials} faults ({args.trials} per site and bit), detection over non-masked "
+        "faults",
         f"  {'site':<{width}}  " + "  ".join(f"{d:>9}" for d in DETECTORS),
     ]
     for site in sites:
@@ -215,15 +283,20 @@ def _text(results: dict, model: str, args: argparse.Namespace) -> str:
             f"  {site:<{width}}  " + "  ".join(f"{_pct(rates[d][site]):>9}" for d in DETECTORS)
         )
     fp = results["false_positives"]
+    summary_gemm = summary["abft_expert_gemm_exponent_sign_detection"]
     lines += [
         f"  false positives over {results['clean_runs']} clean steps: "
         + ", ".join(f"{d} {fp[d]}" for d in DETECTORS)
         + f" (ABFT per-check rate {results['abft_false_alarm_rate']:.2g} over "
         f"{results['abft_checks']} checks)",
-        "  overhead vs the unprotected step: "
-        + ", ".join(f"{d} {v:.3f}" for d, v in results["overhead"].items()),
+        "  guard overhead per step (paired rounds, median): "
+        + (
+            ", ".join(f"{d} {100 * v:+.1f}%" for d, v in results["overhead"].items())
+            or "not measured"
+        ),
         f"  ABFT on {', '.join(ABFT_SITES)}: exponent+sign flips detected "
-        f"{_pct(summary['abft_exponent_sign_detection'])}; blind bits {summary['abft_blind_bits']}",
+        f"{_pct(summary['abft_exponent_sign_detection'])} (expert GEMMs alone "
+        f"{_pct(summary_gemm)}); blind bits {summary['abft_blind_bits']}",
     ]
     attribution = results["attribution"]
     if attribution["events_per_class"]:

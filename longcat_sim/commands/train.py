@@ -13,6 +13,7 @@ sums) they are equal for any ``--threads`` and any process count.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.model.determinism import deterministic_config
 from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
+from longcat_sim.repro.inject import SITES, parse_fault, trainer_faults
 from longcat_sim.runs import claim_run_dir, default_run_dir
 from longcat_sim.train import config as training_config
 from longcat_sim.train import distributed
@@ -40,6 +42,7 @@ from longcat_sim.train.checkpoint import (
     verify_checkpoint,
 )
 from longcat_sim.train.config import TrainConfig
+from longcat_sim.train.guard import POLICIES, GuardSettings
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import grow_source, load_data, trained_config
 from longcat_sim.train.world import (
@@ -146,6 +149,32 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tqdm progress bar on stderr (default: when stderr is a terminal)",
     )
+    _add_guard_arguments(parser)
+
+
+def _add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SDC guard (``longcat_sim/train/guard.py``) and its negative controls."""
+    parser.add_argument(
+        "--sdc-guard",
+        action="store_true",
+        help="silent-data-corruption guard: ABFT on the expert GEMMs and the combine, sampled "
+        "recompute, loss/gradient/routing validators, at-rest state checks; an alarm replays "
+        "the step and attributes it (transient, persistent, genuine); needs --deterministic",
+    )
+    parser.add_argument(
+        "--sdc-policy",
+        choices=POLICIES,
+        default="continue",
+        help="after an SDC event: continue with the clean replay, skip the step's update, or "
+        "stop the run (exit 1) keeping the state before the step (default continue)",
+    )
+    parser.add_argument(
+        "--sdc-inject",
+        action="append",
+        default=[],
+        metavar="SITE:BIT[:STEP[:TARGET[:persistent]]]",
+        help=f"plant a bit flip (negative control; repeatable; one process); sites: {', '.join(SITES)}",
+    )
 
 
 def _requested_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -235,6 +264,27 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--stop-after must be a positive step, got {args.stop_after}")
     if args.data_cache is not None:
         check_output_dir(args.data_cache, "--data-cache")
+    if args.sdc_inject and not args.sdc_guard:
+        raise UserError("--sdc-inject plants faults for the SDC guard; add --sdc-guard")
+
+
+def _guard(
+    args: argparse.Namespace, train_cfg: training_config.TrainConfig, nproc: int
+) -> tuple[GuardSettings | None, Any]:
+    """The guard's settings and planted faults (checked before any work), or None."""
+    if not args.sdc_guard:
+        return None, None
+    if not train_cfg.deterministic:
+        raise UserError(
+            "--sdc-guard replays a step and compares it bit for bit; add --deterministic"
+        )
+    faults = [parse_fault(text, "--sdc-inject") for text in args.sdc_inject]
+    if faults and nproc > 1:
+        raise UserError("--sdc-inject runs in one process; drop --nproc")
+    if any(f.step >= train_cfg.steps for f in faults):
+        raise UserError(f"--sdc-inject: a fault's step is past the last step {train_cfg.steps - 1}")
+    settings = GuardSettings(policy=args.sdc_policy, seed=train_cfg.seed)
+    return settings, functools.partial(trainer_faults, faults=faults) if faults else None
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
@@ -257,12 +307,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
     _check_kernels(model_cfg, train_cfg, nproc)
     if args.grow_from is not None and world is None:  # before any process starts
         grow_source(args.grow_from, trained_config(model_cfg, train_cfg), train_cfg.steps)
+    guard, faults = _guard(args, train_cfg, nproc)
     rank_run = distributed.RankRun(
         model_cfg, train_cfg, str(run_dir),
         data_cache=None if args.data_cache is None else str(args.data_cache),
         resume_from=None if checkpoint is None else str(checkpoint),
         grow_from=None if args.grow_from is None else str(args.grow_from),
-        stop_after=args.stop_after, progress=args.progress,
+        stop_after=args.stop_after, progress=args.progress, guard=guard, faults=faults,
     )  # fmt: skip
     summary = _train(rank_run, args.threads, nproc, world)
     return _output(args, model_cfg, train_cfg, config_hash, summary)
@@ -363,6 +414,8 @@ def _output(
         "kernels": model_cfg.kernels,
         "deterministic": train_cfg.deterministic,
         "data": summary.data,
+        "sdc_guard": summary.sdc_guard,
+        "stopped": summary.stopped,
     }
     avg = ", ".join(f"{x:.3f}" for x in summary.avg_ffn_experts_per_token)
     text = "\n".join(
@@ -379,6 +432,7 @@ def _output(
             "thread(s) per process",
             f"  parameters sha256  {summary.param_hash}",
             f"  checkpoint         {summary.checkpoint}",
+            *_guard_lines(summary),
         ]
     )
     return CommandOutput(
@@ -387,4 +441,19 @@ def _output(
         config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
         config_hash=config_hash,
         seeds={"seed": train_cfg.seed, **training_config.derive_seeds(train_cfg.seed)},
+        exit_code=1 if summary.stopped else 0,
     )
+
+
+def _guard_lines(summary: TrainSummary) -> list[str]:
+    guard = summary.sdc_guard
+    if guard is None:
+        return []
+    by = ", ".join(f"{k} {v}" for k, v in guard["attribution"].items())
+    lines = [
+        f"  SDC guard          {guard['events']} event(s) in {guard['steps']} steps ({by}); "
+        f"{guard['abft_checks']:,} ABFT checks, policy {guard['policy']}"
+    ]
+    if summary.stopped:
+        lines.append(f"  stopped            {summary.stopped}")
+    return lines

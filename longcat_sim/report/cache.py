@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_sim import bridge, cluster, runs, scenarios
-from longcat_sim.runs import dumps_json, write_json_atomic
+from longcat_sim.runs import dumps_json, json_safe, write_json_atomic
 
 CACHE_DIR = "cache"
 CACHE_FORMAT = "longcat-sim-report-cache-v1"
@@ -35,7 +35,8 @@ def cached_section(
     cache_dir: Path, name: str, inputs: Any, compute: Callable[[], dict[str, Any]], code: str
 ) -> tuple[dict[str, Any], bool]:
     """(section, whether it came from the cache). The key hashes the section's inputs and the
-    code fingerprint; a missing, unreadable or mismatched cache file is recomputed."""
+    code fingerprint; a missing, unreadable or mismatched cache file is recomputed. NaN and
+    infinities in a computed section are stored as null (``runs.json_safe``)."""
     key = runs.config_hash(
         {"format": CACHE_FORMAT, "section": name, "inputs": inputs, "code": code}
     )
@@ -46,6 +47,6 @@ def cached_section(
             return doc["result"], True
     except (OSError, ValueError):
         pass
-    result = json.loads(dumps_json(compute()))
+    result = json.loads(dumps_json(json_safe(compute())))
     write_json_atomic(path, {"format": CACHE_FORMAT, "key": key, "section": name, "result": result})
     return result, False

@@ -15,7 +15,7 @@ from longcat_sim.reports.inputs import (
     check_sdc,
     check_training_run,
 )
-from longcat_sim.runs import read_run
+from longcat_sim.runs import NON_FINITE_KEY, json_safe, read_run
 
 
 def _read_json(path: Path, flag: str) -> Any:
@@ -91,47 +91,98 @@ def load_result(
     return result
 
 
+DIVERGENCE_KEYS = ("step", "tensor", "max_abs_diff", "max_ulp", "run")
+
+
+def _divergence(divergence: Any) -> Any:
+    """``first_divergence`` of the determinism command in the report's shape: the module joins
+    the tensor's name, ``max_abs`` becomes ``max_abs_diff``."""
+    if not isinstance(divergence, dict):
+        return divergence
+    divergence = dict(divergence)
+    module = divergence.pop("module", None)
+    if module and isinstance(divergence.get("tensor"), str):
+        divergence["tensor"] = f"{module}: {divergence['tensor']}"
+    if "max_abs" in divergence and "max_abs_diff" not in divergence:
+        divergence["max_abs_diff"] = divergence.pop("max_abs")
+    return {k: v for k, v in divergence.items() if k in DIVERGENCE_KEYS}
+
+
 def determinism_input(result: Any) -> Any:
     """``longcat-sim determinism`` results (``identical``, ``runs``, ``first_divergence`` with
-    ``module``, ``tensor`` and ``max_ulp``) in the report's determinism shape; results already in
-    that shape pass unchanged."""
-    if not isinstance(result, dict) or "verdict" in result or "identical" not in result:
+    ``module``, ``tensor``, ``max_abs`` and ``max_ulp``, ``injected``: the planted fault of a
+    negative control, in the last run) in the report's determinism shape; results already in
+    that shape pass unchanged. NaN and infinities (older files) become null."""
+    if not isinstance(result, dict):
+        return result
+    result = json_safe(result)
+    if "verdict" in result or "identical" not in result:
         return result
     adapted = {k: v for k, v in result.items() if k not in ("identical", "first_divergence")}
     adapted["verdict"] = "identical" if result["identical"] is True else "diverged"
-    divergence = result.get("first_divergence")
-    if isinstance(divergence, dict):
-        divergence = dict(divergence)
-        module = divergence.pop("module", None)
-        if module and isinstance(divergence.get("tensor"), str):
-            divergence["tensor"] = f"{module}: {divergence['tensor']}"
-        divergence = {
-            k: v for k, v in divergence.items() if k in ("step", "tensor", "max_abs_diff")
-        }
-    adapted["first_divergence"] = divergence
+    adapted["first_divergence"] = _divergence(result.get("first_divergence"))
+    if isinstance(result.get("injected"), dict) and isinstance(result.get("runs"), int):
+        adapted["injected"] = {"run": result["runs"] - 1, **result["injected"]}
     return adapted
+
+
+SDC_OUTCOMES = ("detected", "missed", "masked", "crashed")
+
+
+def _count(row: dict[str, Any], outcome: str) -> int:
+    """A row's count of ``outcome`` (0 when absent or not a count)."""
+    value = row.get(outcome, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _sdc_extras(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-detector totals of the campaign's rows, false positives, overheads and the
+    attribution accuracy, as far as the result holds them."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        tally = counts.setdefault(str(row.get("detector")), dict.fromkeys(SDC_OUTCOMES, 0))
+        for outcome in SDC_OUTCOMES:
+            tally[outcome] += _count(row, outcome)
+    extras: dict[str, Any] = {"counts": counts}
+    for key in ("false_positives", "overhead", "clean_runs", NON_FINITE_KEY):
+        if key in result:
+            extras[key] = result[key]
+    attribution = result.get("attribution")
+    if isinstance(attribution, dict) and attribution.get("events_per_class"):
+        extras["attribution"] = {
+            k: attribution[k] for k in ("events_per_class", "accuracy") if k in attribution
+        }
+    return extras
 
 
 def sdc_input(result: Any) -> Any:
     """``longcat-sim sdc`` results (``results``: per site, bit and detector, counts of detected,
-    masked and missed flips) as the report's per-trial records: masked flips change nothing a
-    detector compares, so each detector's share is detected / (detected + missed)."""
-    if not isinstance(result, dict) or "trials" in result or "results" not in result:
+    masked, missed and crashed flips) as the report's per-trial records: masked flips change
+    nothing a detector compares, so each detector's share is detected / (detected + missed).
+    Per-detector totals, false positives, overheads and attribution come along when present;
+    NaN and infinities (older files) become null."""
+    if not isinstance(result, dict):
+        return result
+    result = json_safe(result)
+    if "trials" in result or "results" not in result:
         return result
     trials = []
     detectors: list[str] = []
-    for row in result["results"]:
+    rows = result["results"]
+    if not isinstance(rows, list):
+        return result
+    for row in rows:
         if not isinstance(row, dict):
             return result  # let the shape check name what is wrong
         detector = row.get("detector")
         if detector not in detectors:
             detectors.append(detector)
-        for hit, count in ((True, row.get("detected", 0)), (False, row.get("missed", 0))):
+        for hit, count in ((True, _count(row, "detected")), (False, _count(row, "missed"))):
             trials.extend(
                 {"site": row.get("site"), "bit": row.get("bit"), "detected": {detector: hit}}
-                for _ in range(int(count))
+                for _ in range(count)
             )
-    return {"trials": trials, "detectors": detectors}
+    return {"trials": trials, "detectors": detectors, **_sdc_extras(result, rows)}
 
 
 def load_determinism(path: Path) -> dict[str, Any]:

@@ -21,6 +21,9 @@ Sections and what they compare:
   prompt tokens per GPU per second), and the DeepSeek-V3 prefill profile row.
 - ``training_overlap``: the paper's §5 training setting (the training defaults of
   ``longcat-sim simulate --mode train``), without and with ScMoE.
+- ``determinism`` and ``sdc``: other commands' results (``--determinism-run``, ``--sdc-run``)
+  or, without them, the report's own quick runs of those commands (``report.repro``), cached
+  like the sections above.
 - ``serving``: the configured model serving a real trace (``longcat-sim serve``), co-located and
   disaggregated, at the trace's recorded rate and time-scaled to a multiple of it: latency
   CDFs, percentiles, goodput, cost and each pool's load over time.
@@ -53,6 +56,7 @@ from longcat_sim.config.serving import PrefillDeployment, ServeDeployment
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.processes import process_pool
+from longcat_sim.report import repro
 from longcat_sim.report.cache import CACHE_DIR, cached_section, code_fingerprint
 from longcat_sim.report.results import load_determinism, load_sdc, load_training_run
 from longcat_sim.reports.inputs import SERVE_CDFS, SERVE_LAYOUTS, TIMELINE_KEYS
@@ -746,14 +750,57 @@ SECTIONS: dict[str, tuple[Callable[[Resolved], dict[str, Any]], Callable[[Resolv
 @dataclass(frozen=True)
 class Gathered:
     data: dict[str, Any]
-    computed: tuple[str, ...]  # sections simulated now
+    computed: tuple[str, ...]  # sections simulated (or run) now
     reused: tuple[str, ...]  # sections read from the cache
+    warnings: tuple[str, ...] = ()
 
 
 def title(r: Resolved) -> str:
     from longcat_sim.reports.tables import model_label
 
     return f"{model_label(r.model.name)} on {r.config.gpus} {r.hardware.name} GPUs"
+
+
+@dataclass
+class _Repro:
+    """The determinism and SDC parts of the report data, as they are gathered."""
+
+    data: dict[str, Any]
+    provenance: dict[str, Any]
+    computed: list[str]
+    reused: list[str]
+    warnings: list[str]
+
+
+_LOADERS = {"determinism": load_determinism, "sdc": load_sdc}
+
+
+def _repro_results(
+    run_dir: Path,
+    given: Mapping[str, tuple[Path, dict[str, Any]]],
+    runner: repro.Runner | None,
+) -> _Repro:
+    """Determinism and SDC: the result read from the run given for each (path, result), else
+    the report's quick run of the command (``runner``; none: skipped)."""
+    out = _Repro({}, {}, [], [], [])
+    code = repro.repro_fingerprint() if runner is not None else ""
+    for name in _LOADERS:
+        if name in given:
+            path, out.data[name] = given[name]
+            out.provenance[name] = repro.given(path)
+            continue
+        if runner is None:
+            out.data[name], out.provenance[name] = None, repro.skipped(name)
+            continue
+        quick = repro.quick_run(name, runner, run_dir / CACHE_DIR, code)
+        out.data[name], out.provenance[name] = quick.result, quick.origin
+        if quick.warning:
+            out.warnings.append(quick.warning)
+        elif quick.cached:
+            out.reused.append(name)
+        else:
+            out.computed.append(name)
+    return out
 
 
 def gather(
@@ -763,12 +810,16 @@ def gather(
     train_runs: Sequence[Path] = (),
     determinism_run: Path | None = None,
     sdc_run: Path | None = None,
+    repro_runner: repro.Runner | None = None,
 ) -> Gathered:
-    """Report data for ``resolved``: simulated sections (cached under ``run_dir/cache``) and the
-    results of the runs given."""
+    """Report data for ``resolved``: simulated sections (cached under ``run_dir/cache``), the
+    results of the runs given and, for determinism and SDC without a run, the quick runs of
+    ``repro_runner`` (cached too; without it they are skipped)."""
     training = [load_training_run(p) for p in train_runs]
-    determinism = load_determinism(determinism_run) if determinism_run else None
-    sdc = load_sdc(sdc_run) if sdc_run else None
+    paths = {"determinism": determinism_run, "sdc": sdc_run}
+    given = {  # read first: bad input is one line before anything is simulated
+        name: (path, _LOADERS[name](path)) for name, path in paths.items() if path is not None
+    }
     code = code_fingerprint()
     data: dict[str, Any] = {
         "meta": {
@@ -784,7 +835,13 @@ def gather(
         )
         data[name] = section
         (reused if hit else computed).append(name)
+    rep = _repro_results(run_dir, given, repro_runner)
     data["training_runs"] = training
-    data["determinism"] = determinism
-    data["sdc"] = sdc
-    return Gathered(data=data, computed=tuple(computed), reused=tuple(reused))
+    data.update(rep.data)
+    data["provenance"] = rep.provenance
+    return Gathered(
+        data=data,
+        computed=(*computed, *rep.computed),
+        reused=(*reused, *rep.reused),
+        warnings=tuple(rep.warnings),
+    )

@@ -1,61 +1,52 @@
-"""The SDC campaign: flip bits at every site, run every detector, count what each one catches.
+"""The SDC campaign: flip bits in the real training step of a model, score every detector.
 
-For each (site, bit) the campaign draws ``trials`` faults (random element, random target
-within the site) and runs the MoE-layer step (:mod:`longcat_sim.repro.moe_step`) with each
-fault on simulated device 0, with the ABFT and recompute monitors attached. Per detector a
-trial ends as
+The step is ``train``'s own (:class:`~longcat_sim.train.training.Trainer`, expert-parallel
+path, deterministic mode) with the SDC guard (``longcat_sim/train/guard.py``) attached; faults
+land through the injection points the model and trainer expose (``repro/inject.py``). For each
+(site, bit) the campaign draws ``trials`` faults (random element and target within the site),
+each in a step taken from a pool of states reached by clean training, and per detector a trial
+ends as
 
-- ``masked``: the faulty step produced bitwise the same values as the clean step (the golden
-  run), so there is nothing to detect;
-- ``detected``: otherwise, when the detector raised an alarm (a step that crashed counts as
-  detected by every detector: the failure is visible; ``crashed`` counts these);
+- ``masked``: the faulty step left bitwise the same state and loss as the clean step;
+- ``detected``: otherwise, when the detector raised an alarm (a step that failed counts as
+  detected by every detector, ``crashed`` counts these);
 - ``missed``: otherwise.
 
-Then ``clean_runs`` fault-free steps measure false positives (replay mismatches, ABFT and
-recompute alarms) and each detector's overhead relative to the unprotected step, and
-``attribution_events`` synthetic events per class check the rerun attribution.
+Detectors: ``replay`` (the step replayed from its snapshot on another device and compared bit
+for bit: full duplication), and the guard's online ones, ``abft``, ``recompute``,
+``validators`` and ``at_rest``; ``guard`` is any of the online ones. Then ``clean_runs`` clean
+guarded steps give the false positives (each also replayed), and ``attribution_events`` events
+per class (transient, persistent, genuine) score the rerun attribution.
 """
 
 from __future__ import annotations
 
+import re
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from longcat_sim.repro.detectors import (
+from longcat_sim.repro.inject import SITES, Fault, FaultPlan, ModelFaultInjector, site_bits
+from longcat_sim.train.guard import (
     ATTRIBUTIONS,
     GENUINE,
     PERSISTENT,
-    AbftMonitor,
-    RecomputeMonitor,
-    RerunStateMachine,
-    SpikeValidator,
-)
-from longcat_sim.repro.inject import SITES, Fault, FaultPlan, site_bits
-from longcat_sim.repro.moe_step import (
-    PARAMS,
-    MoEStepConfig,
-    StepCrash,
-    StepResult,
-    StepState,
-    initial_state,
-    moe_step,
+    GuardSettings,
+    Outcome,
+    SdcGuard,
+    Snapshot,
 )
 
-DETECTORS = ("replay", "recompute", "abft")
+ONLINE = ("abft", "recompute", "validators", "at_rest")
+DETECTORS = ("replay", *ONLINE, "guard")
 FLOAT_EXPONENT_BITS = tuple(range(23, 31))
 FLOAT_SIGN_BIT = 31
 ABFT_SITES = ("expert_gemm", "combine")
-
-_TARGETS: dict[str, tuple[str, ...]] = {
-    "weight": PARAMS,
-    "gradient": PARAMS,
-    "expert_gemm": ("gate_up", "down"),
-    "optimizer_state": tuple(f"{p}:{m}" for p in PARAMS for m in ("exp_avg", "exp_avg_sq")),
-}
 
 
 @dataclass(frozen=True)
@@ -68,7 +59,7 @@ class CampaignConfig:
     states: int = 8
     chain: int = 10
     seed: int = 0
-    recompute_experts: int = 1
+    recompute_blocks: int = 1
 
     def bits_for(self, site: str) -> list[int]:
         width = site_bits(site)
@@ -98,6 +89,7 @@ class CampaignResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "detectors": list(DETECTORS),
             "results": self.results,
             "false_positives": self.false_positives,
             "clean_runs": self.clean_runs,
@@ -111,175 +103,202 @@ class CampaignResult:
         }
 
 
-def state_pool(sc: MoEStepConfig, count: int, chain: int, seed: int) -> list[StepState]:
-    """``count`` states: chains of ``chain`` clean steps from independent seeds, so states
-    with non-zero optimizer moments and evolved weights are represented."""
-    pool: list[StepState] = []
-    s = 0
-    while len(pool) < count:
-        state = initial_state(sc, seed * 7919 + s)
-        for _ in range(chain):
-            pool.append(state)
-            if len(pool) == count:
-                break
-            state = moe_step(state, sc).next_state
-        s += 1
-    return pool
+class Rig:
+    """A trainer with the guard attached, states to start trials from and their clean
+    digests. ``make_trainer(run_dir)`` builds the trainer (deterministic mode entered)."""
+
+    def __init__(self, make_trainer: Callable[[str], Any], cc: CampaignConfig) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="sdc-")
+        self.trainer = make_trainer(self._tmp.name)
+        self.guard = SdcGuard(
+            self.trainer, GuardSettings(seed=cc.seed, recompute_blocks=cc.recompute_blocks)
+        )
+        self.pool: list[Snapshot] = []
+        self.history: list[tuple[float, float]] = []
+        for _ in range(cc.states):
+            self.pool.append(self._snapshot())
+            for _ in range(cc.chain):
+                record = self.trainer.train_step()
+                self.history.append((float(record["loss"]), float(record["grad_norm"])))
+        self.goldens = [self.execute(i, None, 0)[0].digest for i in range(len(self.pool))]
+
+    def _snapshot(self) -> Snapshot:
+        snap = Snapshot()
+        snap.take(self.trainer)
+        return snap
+
+    def close(self) -> None:
+        self.guard.close()
+        self._tmp.cleanup()
+
+    def start(self, state: int) -> None:
+        """The trainer at pool state ``state``, the guard's snapshot and checksums with it."""
+        self.pool[state].restore(self.trainer)
+        self.guard.snapshot.take(self.trainer)
+        self.guard.checksums.encode()
+        for check, column in ((self.guard.loss_check, 0), (self.guard.grad_check, 1)):
+            check.history = [h[column] for h in self.history[-check.window :]]
+
+    def execute(
+        self, state: int, plan: FaultPlan | None, device: int
+    ) -> tuple[Outcome, dict[str, Any]]:
+        """One step from pool state ``state`` with ``plan``'s faults on ``device``."""
+        self.start(state)
+        injector = None
+        if plan is not None:
+            injector = ModelFaultInjector(self.trainer.model, plan)
+            injector.attach_trainer(self.trainer)
+        self.guard.faults = injector
+        try:
+            return self.guard.execute(device)
+        finally:
+            self.guard.faults = None
+            if injector is not None:
+                injector.close()
 
 
-def draw_fault(site: str, bit: int, rng: np.random.Generator, step: int, **kw: Any) -> Fault:
-    targets = _TARGETS.get(site, ("",))
-    target = targets[int(rng.integers(len(targets)))]
+def draw_fault(
+    site: str, bit: int, rng: np.random.Generator, step: int, targets: dict[str, list[str]], **kw
+) -> Fault:
+    choices = targets.get(site, [""])
+    target = choices[int(rng.integers(len(choices)))]
     index = int(rng.integers(0, 2**62))
     return Fault(site=site, bit=bit, index=index, target=target, step=step, **kw)
 
 
-def _run(
-    state: StepState,
-    sc: MoEStepConfig,
-    plan: FaultPlan | None,
-    device: int,
-    monitors: tuple = (),
-) -> StepResult | None:
-    injector = plan.injector(state.step, device) if plan is not None else None
-    try:
-        return moe_step(state, sc, injector=injector, monitors=monitors)
-    except StepCrash:
-        return None
+def site_targets(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Where each site's faults may land in ``model``: every parameter (weights, gradients,
+    both AdamW moments), every MoE layer's GEMMs and combine, every router, and the outputs
+    of the dense blocks."""
+    params = [n for n, p in model.named_parameters() if p.requires_grad]
+    moes = [n for n, m in model.named_modules() if hasattr(m, "probe")]
+    routers = [f"{n}.router" for n in moes]
+    dense = [n for n, _ in model.named_modules() if re.search(r"\.(mlps|self_attn)\.\d+$", n)]
+    return {
+        "weight": params,
+        "gradient": params,
+        "optimizer_state": [f"{p}:{m}" for p in params for m in ("exp_avg", "exp_avg_sq")],
+        "expert_gemm": [f"{m}:{g}" for m in moes for g in ("gate", "up", "down")],
+        "combine": moes,
+        "routing_indices": routers,
+        "routing_counts": routers,
+        "activation": dense,
+    }
 
 
-def _digest(result: StepResult | None) -> str:
-    return "crash" if result is None else result.digest()
-
-
-def fault_trial(
-    state: StepState,
-    golden: str,
-    fault: Fault,
-    sc: MoEStepConfig,
-    recompute_seed: int,
-    recompute_experts: int = 1,
-) -> dict[str, str]:
+def fault_trial(rig: Rig, state: int, fault: Fault) -> dict[str, str]:
     """Outcome per detector (detected / masked / missed / crashed) of one fault."""
     plan = FaultPlan([fault])
-    abft, recompute = AbftMonitor(), RecomputeMonitor(recompute_seed, recompute_experts)
-    faulty = _run(state, sc, plan, fault.device, (abft, recompute))
-    if faulty is None:
+    faulty, alarms = rig.execute(state, plan, fault.device)
+    if faulty.record is None:
         return dict.fromkeys(DETECTORS, "crashed")
-    if faulty.digest() == golden:
+    if faulty.digest == rig.goldens[state]:
         return dict.fromkeys(DETECTORS, "masked")
-    replay = _run(state, sc, plan, fault.device + 1)
-    alarms = {
-        "replay": _digest(replay) != faulty.digest(),
-        "recompute": recompute.alarms > 0,
-        "abft": abft.alarms > 0,
+    replay, _ = rig.execute(state, plan, fault.device + 1)
+    seen = {
+        "replay": replay.digest != faulty.digest,
+        **{d: d in alarms for d in ONLINE},
+        "guard": any(d in alarms for d in ONLINE),
     }
-    return {d: "detected" if alarms[d] else "missed" for d in DETECTORS}
+    return {d: "detected" if seen[d] else "missed" for d in DETECTORS}
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def clean_runs(
-    sc: MoEStepConfig,
-    cc: CampaignConfig,
-    *,
-    on_run: Callable[[], None] | None = None,
-) -> tuple[dict[str, int], int, float, dict[str, float], list[float]]:
-    """False positives and overheads over fault-free steps (states chained from fresh seeds)."""
+def clean_runs(rig: Rig, cc: CampaignConfig, on_run: Callable[[], None] | None) -> dict:
+    """False positives over ``cc.clean_runs`` clean guarded steps of continued training, each
+    also replayed from its snapshot and compared (ABFT checks counted in the first execution)."""
+    guard = rig.guard
+    rig.start(len(rig.pool) - 1)
     fp = dict.fromkeys(DETECTORS, 0)
-    seconds = dict.fromkeys(("base", *DETECTORS), 0.0)
-    abft_checks, worst = 0, 0.0
-    losses: list[float] = []
-    state: StepState | None = None
-    for run in range(cc.clean_runs):
-        if run % cc.chain == 0:
-            state = initial_state(sc, 10**6 + cc.seed * 7919 + run)
-        assert state is not None
-        base, t_base = _timed(lambda s=state: moe_step(s, sc))
-        abft = AbftMonitor()
-        with_abft, t_abft = _timed(lambda s=state, m=abft: moe_step(s, sc, monitors=(m,)))
-        recompute = RecomputeMonitor(cc.seed + run, cc.recompute_experts)
-        with_rec, t_rec = _timed(lambda s=state, m=recompute: moe_step(s, sc, monitors=(m,)))
-        replay, t_replay = _timed(lambda s=state: moe_step(s.clone(), sc))
-        start = time.perf_counter()
-        fp["replay"] += replay.digest() != base.digest()
-        t_replay += time.perf_counter() - start
-        fp["abft"] += abft.alarms
-        fp["recompute"] += recompute.alarms
-        if with_abft.digest() != base.digest() or with_rec.digest() != base.digest():
-            raise AssertionError("a monitor changed the step's results")
-        abft_checks += abft.checks
-        worst = max(worst, abft.worst_ratio)
-        seconds["base"] += t_base
-        seconds["abft"] += t_abft
-        seconds["recompute"] += t_rec
-        seconds["replay"] += t_replay
-        losses.append(base.loss)
-        state = base.next_state
+    abft = guard.tallies["abft"]
+    checks, abft.worst_ratio = 0, 0.0
+    for _ in range(cc.clean_runs):
+        before = abft.checks
+        outcome, alarms = guard.execute(guard.settings.device)
+        checks += abft.checks - before
+        for d in ONLINE:
+            fp[d] += d in alarms
+        fp["guard"] += any(d in alarms for d in ONLINE)
+        if outcome.record is None:
+            raise RuntimeError(f"a clean step failed: {outcome.error}")
+        guard.restore()
+        replay, _ = guard.execute(guard.settings.device)
+        fp["replay"] += replay.digest != outcome.digest
+        guard.loss_check.observe(float(outcome.record["loss"]))
+        guard.grad_check.observe(float(outcome.record["grad_norm"]))
+        guard.snapshot.take(rig.trainer)
         if on_run is not None:
             on_run()
-    base = max(seconds["base"], 1e-12)
-    overhead = {
-        "replay": seconds["replay"] / base,
-        "recompute": max(0.0, seconds["recompute"] / base - 1.0),
-        "abft": max(0.0, seconds["abft"] / base - 1.0),
+    return {
+        "false_positives": fp,
+        "abft_checks": checks,
+        "abft_worst_clean_ratio": abft.worst_ratio,
     }
-    return fp, abft_checks, worst, overhead, losses
 
 
-def attribution_trials(
-    sc: MoEStepConfig,
-    cc: CampaignConfig,
-    pool: Sequence[StepState],
-    validator: SpikeValidator,
-    *,
-    on_event: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """``attribution_events`` events per class, each attributed by the rerun state machine."""
+def _effective_fault(rig: Rig, state: int, rng, sites: list[str], persistent: bool) -> Fault:
+    """A fault that changes the step's result and raises an online alarm."""
+    step = rig.pool[state].step
+    targets = site_targets(rig.trainer.model)
+    for _ in range(10_000):
+        site = sites[int(rng.integers(len(sites)))]
+        bit = int(rng.integers(site_bits(site)))
+        fault = draw_fault(site, bit, rng, step, targets, persistent=persistent)
+        outcome, alarms = rig.execute(state, FaultPlan([fault]), 0)
+        if alarms and outcome.digest != rig.goldens[state]:
+            return fault
+    raise RuntimeError("no effective fault found in 10,000 draws")
+
+
+def _genuine_state(rig: Rig, state: int, scale: float = 30.0) -> None:
+    """Pool state ``state`` with the output head scaled: a genuine, data-driven loss spike
+    (the state itself is what it is; every replay sees the same)."""
+    rig.start(state)
+    with torch.no_grad():
+        rig.trainer.model.lm_head.weight.mul_(scale)
+    rig.guard.snapshot.take(rig.trainer)
+    rig.guard.checksums.encode()
+
+
+def attribution_trials(rig: Rig, cc: CampaignConfig, on_event: Callable[[], None] | None) -> dict:
+    """``attribution_events`` events per class, each attributed by the guard's replays."""
     rng = np.random.default_rng([cc.seed, 2])
     confusion = {c: dict.fromkeys(ATTRIBUTIONS, 0) for c in ATTRIBUTIONS}
     flagged = dict.fromkeys(ATTRIBUTIONS, 0)
-    reruns = 0
-    fault_sites = [s for s in SITES if s in cc.sites] or list(SITES)
+    sites = list(cc.sites)
     for kind in ATTRIBUTIONS:
         for event in range(cc.attribution_events):
+            state = event % len(rig.pool)
+            plan = None
             if kind == GENUINE:
-                state = initial_state(sc, 2 * 10**6 + cc.seed * 7919 + event, outlier=1e3)
-                plan = FaultPlan([])
+                _genuine_state(rig, state)
             else:
-                state = pool[event % len(pool)]
-                golden = _digest(_run(state, sc, None, 0))
-                while True:  # an effective fault: one that changes the step's results
-                    site = fault_sites[int(rng.integers(len(fault_sites)))]
-                    bit = int(rng.integers(site_bits(site)))
-                    fault = draw_fault(site, bit, rng, state.step, persistent=kind == PERSISTENT)
-                    if _digest(_run(state, sc, FaultPlan([fault]), 0)) != golden:
-                        break
+                fault = _effective_fault(rig, state, rng, sites, kind == PERSISTENT)
                 plan = FaultPlan([fault])
-            original = _run(state, sc, plan, 0)
-            if original is None or validator.suspicious(original.loss):
-                flagged[kind] += 1
-            machine = RerunStateMachine(
-                lambda device, s=state, p=plan: _digest(_run(s, sc, p, device))
-            )
-            label = machine.attribute(_digest(original), device=0, other_device=1)
-            reruns += machine.reruns
+                rig.start(state)
+            injector = None
+            if plan is not None:
+                injector = ModelFaultInjector(rig.trainer.model, plan)
+                injector.attach_trainer(rig.trainer)
+            rig.guard.faults = injector
+            try:
+                original, alarms = rig.guard.execute(0)
+                flagged[kind] += bool(alarms)
+                label, _ = rig.guard.attribute(original)
+            finally:
+                rig.guard.faults = None
+                if injector is not None:
+                    injector.close()
             confusion[kind][label] += 1
             if on_event is not None:
                 on_event()
-    correct = {k: confusion[k][k] for k in ATTRIBUTIONS}
     n = cc.attribution_events
+    correct = {k: confusion[k][k] for k in ATTRIBUTIONS}
     return {
         "events_per_class": n,
         "correct": correct,
         "accuracy": {k: correct[k] / n if n else None for k in ATTRIBUTIONS},
         "confusion": confusion,
-        "spike_flagged": flagged,
-        "reruns": reruns,
+        "alarm_flagged": flagged,
     }
 
 
@@ -291,7 +310,8 @@ def _rate(t: Tally) -> float | None:
 
 def summarise(tallies: dict[tuple[str, int, str], Tally], sites: Iterable[str]) -> dict[str, Any]:
     """Detection rates (over non-masked trials) per detector and site; ABFT's exponent/sign
-    rate on its sites and the bits where it misses half or more (its blind spot)."""
+    rate on the expert GEMMs and the combine, and the bits where it misses half or more."""
+    sites = list(sites)
     out: dict[str, Any] = {"detection_rate": {}}
     for det in DETECTORS:
         per_site = {}
@@ -303,46 +323,37 @@ def summarise(tallies: dict[tuple[str, int, str], Tally], sites: Iterable[str]) 
                     t.missed += v.missed
             per_site[site] = _rate(t)
         out["detection_rate"][det] = per_site
-    high = Tally()
+    high, gemm_high = Tally(), Tally()
     blind: dict[str, list[int]] = {}
     for (s, b, d), v in tallies.items():
         if d != "abft" or s not in ABFT_SITES:
             continue
         if b in FLOAT_EXPONENT_BITS or b == FLOAT_SIGN_BIT:
-            high.detected += v.detected
-            high.missed += v.missed
+            for t in (high, gemm_high) if s == "expert_gemm" else (high,):
+                t.detected += v.detected
+                t.missed += v.missed
         rate = _rate(v)
         if rate is not None and rate < 0.5:
             blind.setdefault(s, []).append(b)
     out["abft_exponent_sign_detection"] = _rate(high)
     out["abft_exponent_sign_trials"] = high.detected + high.missed
+    out["abft_expert_gemm_exponent_sign_detection"] = _rate(gemm_high)
     out["abft_blind_bits"] = {s: sorted(v) for s, v in blind.items()}
     return out
 
 
-def run_campaign(
-    sc: MoEStepConfig,
-    cc: CampaignConfig,
-    *,
-    progress: Callable[[int], None] | None = None,
-) -> CampaignResult:
-    """Fault trials, clean runs and attribution events; ``progress(n)`` after each unit."""
-    start = time.perf_counter()
-    tick = (lambda: progress(1)) if progress is not None else None
-    pool = state_pool(sc, cc.states, cc.chain, cc.seed)
-    goldens = [_digest(_run(s, sc, None, 0)) for s in pool]
+def fault_trials(rig: Rig, cc: CampaignConfig, tick: Callable[[], None] | None) -> dict:
+    """Every (site, bit) times ``cc.trials`` faults; tallies per (site, bit, detector)."""
     rng = np.random.default_rng([cc.seed, 1])
+    targets = site_targets(rig.trainer.model)
     tallies: dict[tuple[str, int, str], Tally] = {}
     trial_no = 0
     for site in cc.sites:
         for bit in cc.bits_for(site):
             for _ in range(cc.trials):
-                i = trial_no % len(pool)
-                fault = draw_fault(site, bit, rng, pool[i].step)
-                outcome = fault_trial(
-                    pool[i], goldens[i], fault, sc, cc.seed + trial_no, cc.recompute_experts
-                )
-                for det, result in outcome.items():
+                state = trial_no % len(rig.pool)
+                fault = draw_fault(site, bit, rng, rig.pool[state].step, targets)
+                for det, result in fault_trial(rig, state, fault).items():
                     t = tallies.setdefault((site, bit, det), Tally())
                     if result == "crashed":
                         t.crashed += 1
@@ -352,28 +363,38 @@ def run_campaign(
                 trial_no += 1
                 if tick is not None:
                     tick()
-    fp, checks, worst, overhead, losses = clean_runs(sc, cc, on_run=tick)
-    validator = SpikeValidator(history=list(losses))
-    attribution = attribution_trials(sc, cc, pool, validator, on_event=tick)
+    return tallies
+
+
+def run_campaign(
+    make_trainer: Callable[[str], Any],
+    cc: CampaignConfig,
+    *,
+    progress: Callable[[int], None] | None = None,
+    overhead: dict[str, float] | None = None,
+) -> CampaignResult:
+    """Fault trials, clean runs and attribution events; ``progress(n)`` after each unit."""
+    start = time.perf_counter()
+    tick = (lambda: progress(1)) if progress is not None else None
+    rig = Rig(make_trainer, cc)
+    try:
+        tallies = fault_trials(rig, cc, tick)
+        clean = clean_runs(rig, cc, tick)
+        attribution = attribution_trials(rig, cc, tick)
+    finally:
+        rig.close()
     results = [
-        {
-            "site": s,
-            "bit": b,
-            "detector": d,
-            "detected": t.detected,
-            "masked": t.masked,
-            "missed": t.missed,
-            "crashed": t.crashed,
-        }
+        {"site": s, "bit": b, "detector": d, "detected": t.detected, "masked": t.masked,
+         "missed": t.missed, "crashed": t.crashed}
         for (s, b, d), t in tallies.items()
-    ]
+    ]  # fmt: skip
     return CampaignResult(
         results=results,
-        false_positives=fp,
+        false_positives=clean["false_positives"],
         clean_runs=cc.clean_runs,
-        abft_checks=checks,
-        abft_worst_clean_ratio=worst,
-        overhead=overhead,
+        abft_checks=clean["abft_checks"],
+        abft_worst_clean_ratio=clean["abft_worst_clean_ratio"],
+        overhead=overhead or {},
         attribution=attribution,
         summary=summarise(tallies, cc.sites),
         seconds=time.perf_counter() - start,
@@ -384,3 +405,40 @@ def total_units(cc: CampaignConfig) -> int:
     """How many progress units :func:`run_campaign` reports."""
     trials = sum(len(cc.bits_for(s)) for s in cc.sites) * cc.trials
     return trials + cc.clean_runs + 3 * cc.attribution_events
+
+
+OVERHEAD_SETS = {"abft_validators": ("abft", "validators"), "guard": ONLINE}
+
+
+def guard_overhead(
+    make_trainer: Callable[[str], Any], rounds: int = 5, steps: int = 4, warmup: int = 2
+) -> dict[str, float]:
+    """Per-step time of guarded training over unguarded, as ratios minus one: ``abft_validators``
+    (ABFT and the validators, with the snapshot the replays need) and ``guard`` (every online
+    detector). Medians of paired rounds: each round times ``steps`` steps from one state
+    unguarded, then with each detector set."""
+    with tempfile.TemporaryDirectory(prefix="sdc-overhead-") as tmp:
+        trainer = make_trainer(tmp)
+        for _ in range(warmup):
+            trainer.train_step()
+        start = Snapshot()
+        start.take(trainer)
+        ratios: dict[str, list[float]] = {name: [] for name in OVERHEAD_SETS}
+        for _ in range(rounds):
+            start.restore(trainer)
+            base = _timed_steps(trainer.train_step, steps)
+            for name, detectors in OVERHEAD_SETS.items():
+                start.restore(trainer)
+                guard = SdcGuard(trainer, GuardSettings(detectors=(*detectors,)))
+                try:
+                    ratios[name].append(_timed_steps(guard.step, steps) / base - 1.0)
+                finally:
+                    guard.close()
+    return {name: float(np.median(values)) for name, values in ratios.items()}
+
+
+def _timed_steps(step: Callable[[], Any], steps: int) -> float:
+    begin = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - begin

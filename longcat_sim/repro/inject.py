@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from longcat_sim.errors import UserError
+from longcat_sim.model.probes import CombineCall, MoEProbe, add_probe, remove_probe
+
 SITES = (
     "weight",
     "activation",
@@ -162,9 +165,7 @@ class StepInjector:
         firing = [
             f
             for f in self.due
-            if f.site == site
-            and f not in self.fired
-            and not (f.target and target and f.target != target)
+            if f.site == site and f not in self.fired and _target_matches(f.target, target)
         ]
         for fault in firing:
             self._fire(fault)
@@ -179,6 +180,12 @@ class StepInjector:
         """In-place variant for state at rest (weights, gradients, optimizer moments)."""
         for fault in self._firing(site, target):
             flip_bit_(tensor, fault.index, fault.bit)
+
+
+def _target_matches(wanted: str, target: str) -> bool:
+    """A fault's target names the site's target, or a part of it before a ``:`` (a MoE layer
+    for one of its GEMMs); an empty one on either side matches anything."""
+    return not wanted or not target or target == wanted or target.startswith(wanted + ":")
 
 
 class FaultPlan:
@@ -202,87 +209,229 @@ class FaultPlan:
 
 
 class ModelFaultInjector:
-    """One fault placed in a full model through hooks, on simulated device ``device``.
+    """Faults placed in a model's real training step, on simulated device ``device``.
 
-    Call :meth:`begin_step` before and :meth:`end_step` after each training step, and
-    :meth:`close` at the end. ``target`` names a parameter (weight, gradient, optimizer_state),
-    a module (activation: its first tensor output; combine: an MoE module) or a router module
-    (routing sites). The ``expert_gemm`` site lives inside the fused MoE kernel and is only
-    reachable in the SDC campaign's MoE step.
+    ``faults`` is one :class:`Fault`, a list of them or a :class:`FaultPlan` (whose transient
+    faults fire once in time, so a replay of their step is clean). Call :meth:`begin_step`
+    before each step (it plants the faults at rest: ``weight``, and ``optimizer_state`` when the
+    optimizer is known), :meth:`end_step` after it, :meth:`close` at the end. Targets:
+
+    - ``weight``, ``gradient``, ``optimizer_state``: a parameter name (``NAME:exp_avg_sq`` picks
+      AdamW's second moment; the first by default);
+    - ``activation``: a module (its first tensor output); ``routing_indices`` and
+      ``routing_counts``: a router module;
+    - ``combine``: a MoE module (``model/probes.py``; any other module: its first output);
+    - ``expert_gemm``: a MoE module, optionally ``MODULE:gate``, ``:up`` or ``:down``.
+
+    With :meth:`attach_trainer` gradients are corrupted after the trainer reduced them (before
+    clipping); otherwise when autograd has accumulated them.
     """
 
-    def __init__(self, model: nn.Module, fault: Fault, *, device: int = 0) -> None:
-        if fault.site == "expert_gemm":
-            raise ValueError(
-                "site 'expert_gemm' is inside the fused MoE kernel; inject it with the SDC "
-                "campaign's MoE-layer step instead"
-            )
-        self.model, self.fault, self.device = model, fault, device
+    def __init__(
+        self,
+        model: nn.Module,
+        faults: Fault | list[Fault] | tuple[Fault, ...] | FaultPlan,
+        *,
+        device: int = 0,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if isinstance(faults, Fault):
+            faults = [faults]
+        self.plan = faults if isinstance(faults, FaultPlan) else FaultPlan(list(faults))
+        self.model, self.device, self.optimizer = model, device, optimizer
         self.step = -1
-        self._fired_this_step = False
+        self.current = StepInjector([], 0, 0)
         self._handles: list[Any] = []
+        self._probes: list[tuple[nn.Module, Any]] = []
+        self._trainer: Any = None
+        self.targets = [self._resolve(f) for f in self.plan.faults]
+        self._hook_sites()
+
+    # -- where each fault lands ------------------------------------------------------------------
+    def _resolve(self, fault: Fault) -> str:
         target = fault.target or _default_target(fault.site)
-        self.target = target
-        if fault.site in ("activation", "combine", "routing_indices", "routing_counts"):
-            module = dict(model.named_modules()).get(target)
-            if module is None:
-                raise ValueError(f"fault target module {target!r} does not exist in the model")
-            self._handles.append(module.register_forward_hook(self._output_hook))
-        elif fault.site in ("weight", "gradient", "optimizer_state"):
-            params = dict(model.named_parameters())
-            if target not in params:
-                raise ValueError(f"fault target parameter {target!r} does not exist in the model")
-            self.param = params[target]
-            if fault.site == "gradient":
-                self._handles.append(self.param.register_post_accumulate_grad_hook(self._grad_hook))
+        name = target.split(":")[0]
+        if fault.site in ("weight", "gradient", "optimizer_state"):
+            if name not in dict(self.model.named_parameters()):
+                raise ValueError(f"fault target parameter {name!r} does not exist in the model")
+        elif name not in dict(self.model.named_modules()):
+            raise ValueError(f"fault target module {name!r} does not exist in the model")
+        if fault.site == "expert_gemm" and not hasattr(self._module(name), "probe"):
+            raise ValueError(f"fault target {name!r} of site 'expert_gemm' is not a MoE layer")
+        return target
 
-    def _due(self) -> bool:
-        return not self._fired_this_step and self.fault.fires(self.step, self.device)
+    def _module(self, name: str) -> nn.Module:
+        return dict(self.model.named_modules())[name]
 
-    def _output_hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
-        if not self._due():
-            return None
-        self._fired_this_step = True
-        f = self.fault
-        if f.site in ("routing_indices", "routing_counts"):
-            name = "topk_idx_TK" if f.site == "routing_indices" else "counts_E"
-            value = getattr(output, name)
-            return dataclasses.replace(output, **{name: flipped(value, f.index, f.bit)})
-        if isinstance(output, tuple):
-            return (flipped(output[0], f.index, f.bit), *output[1:])
-        return flipped(output, f.index, f.bit)
+    def _hook_sites(self) -> None:
+        hooked: set[tuple[str, str]] = set()
+        for fault, target in zip(self.plan.faults, self.targets, strict=True):
+            name = target.split(":")[0]
+            if (fault.site, name) in hooked:
+                continue
+            hooked.add((fault.site, name))
+            if fault.site in ("expert_gemm", "combine") and hasattr(self._module(name), "probe"):
+                module = self._module(name)
+                probe = _FaultProbe(self, name)
+                add_probe(module, probe, first=True)
+                self._probes.append((module, probe))
+            elif fault.site in ("activation", "combine", *INT_SITES):
+                hook = self._output_hook(fault.site, name)
+                module = self._module(name)
+                self._handles.append(module.register_forward_hook(hook, prepend=True))
+            elif fault.site == "gradient":
+                param = dict(self.model.named_parameters())[name]
+                hook = self._grad_hook(name)
+                self._handles.append(param.register_post_accumulate_grad_hook(hook))
 
-    def _grad_hook(self, param: torch.Tensor) -> None:
-        if self._due() and param.grad is not None:
-            self._fired_this_step = True
-            flip_bit_(param.grad, self.fault.index, self.fault.bit)
+    def attach_trainer(self, trainer: Any) -> None:
+        """Corrupt gradients where ``trainer`` has reduced them (its gradient hooks); read the
+        optimizer state at rest from its optimizer."""
+        self._trainer = trainer
+        self.optimizer = trainer.optimizer
+        trainer.stepper.gradient_hooks.insert(0, self.on_gradients)
 
-    def begin_step(self, step: int) -> None:
-        self.step, self._fired_this_step = step, False
-        if self.fault.site == "weight" and self._due():
-            self._fired_this_step = True
-            flip_bit_(self.param.data, self.fault.index, self.fault.bit)
+    # -- the hooks ---------------------------------------------------------------------------------
+    def _output_hook(self, site: str, name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            if not self.current.wants(site):
+                return None
+            if site in INT_SITES:
+                field_name = "topk_idx_TK" if site == "routing_indices" else "counts_E"
+                value = getattr(output, field_name)
+                changed = self.current.at(site, value, name)
+                return dataclasses.replace(output, **{field_name: changed})
+            if isinstance(output, tuple):
+                return (self.current.at(site, output[0], name), *output[1:])
+            return self.current.at(site, output, name)
 
-    def end_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.fault.site == "optimizer_state" and self._due():
-            state = optimizer.state.get(self.param, {})
-            if "exp_avg" in state:
-                self._fired_this_step = True
-                flip_bit_(state["exp_avg"], self.fault.index, self.fault.bit)
+        return hook
+
+    def _grad_hook(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            if self._trainer is None and param.grad is not None:
+                self.current.at_("gradient", param.grad, name)
+
+        return hook
+
+    def on_gradients(self) -> None:
+        """Plant due gradient faults into the reduced gradients (a trainer's gradient hook)."""
+        if not self.current.wants("gradient"):
+            return
+        params = dict(self.model.named_parameters())
+        for fault, target in zip(self.plan.faults, self.targets, strict=True):
+            grad = params[target].grad if fault.site == "gradient" else None
+            if grad is not None:
+                self.current.at_("gradient", grad, target)
+
+    def begin_step(self, step: int, device: int | None = None) -> None:
+        """Start step ``step`` on ``device`` (default: the injector's): faults at rest now."""
+        self.step = step
+        self.current = self.plan.injector(step, self.device if device is None else device)
+        self._at_rest()
+
+    def _at_rest(self) -> None:
+        params = dict(self.model.named_parameters())
+        for fault, target in zip(self.plan.faults, self.targets, strict=True):
+            if fault.site == "weight":
+                with torch.no_grad():
+                    self.current.at_("weight", params[target].data, target)
+            elif fault.site == "optimizer_state" and self.optimizer is not None:
+                self._flip_moment(params, target)
+
+    def _flip_moment(self, params: dict[str, nn.Parameter], target: str) -> None:
+        name, _, moment = target.partition(":")
+        state = self.optimizer.state.get(params[name], {}) if self.optimizer else {}
+        key = moment or "exp_avg"
+        if key in state:
+            self.current.at_("optimizer_state", state[key], target)
+
+    def end_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After the step: an ``optimizer_state`` fault of an injector that did not know the
+        optimizer at the step's start lands in the updated moments."""
+        if self.optimizer is None and optimizer is not None:
+            params = dict(self.model.named_parameters())
+            self.optimizer = optimizer
+            try:
+                for fault, target in zip(self.plan.faults, self.targets, strict=True):
+                    if fault.site == "optimizer_state":
+                        self._flip_moment(params, target)
+            finally:
+                self.optimizer = None
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, probe in self._probes:
+            remove_probe(module, probe)
+        self._probes.clear()
+        if self._trainer is not None and self.on_gradients in self._trainer.stepper.gradient_hooks:
+            self._trainer.stepper.gradient_hooks.remove(self.on_gradients)
+
+
+class _FaultProbe(MoEProbe):
+    """Plants ``expert_gemm`` and ``combine`` faults of one MoE layer (``model/probes.py``)."""
+
+    def __init__(self, injector: ModelFaultInjector, name: str) -> None:
+        self.injector, self.name = injector, name
+
+    def gemm_hook(self, expert: int):
+        current = self.injector.current
+        if not current.wants("expert_gemm"):
+            return None
+
+        def hook(gemm: str, output: torch.Tensor) -> None:
+            current.at_("expert_gemm", output, f"{self.name}:{gemm}")
+
+        return hook
+
+    def on_combine(self, call: CombineCall) -> None:
+        if self.injector.current.wants("combine"):
+            self.injector.current.at_("combine", call.out_TD, self.name)
 
 
 def _default_target(site: str) -> str:
     return {
         "weight": "model.layers.0.mlp.experts.down_proj",
         "activation": "model.layers.0.mlps.0",
+        "expert_gemm": "model.layers.0.mlp",
         "combine": "model.layers.0.mlp",
         "gradient": "model.layers.0.mlp.experts.down_proj",
         "optimizer_state": "model.layers.0.mlp.experts.down_proj",
         "routing_indices": "model.layers.0.mlp.router",
         "routing_counts": "model.layers.0.mlp.router",
     }[site]
+
+
+def parse_fault(text: str, flag: str = "--inject") -> Fault:
+    """``SITE:BIT[:STEP[:TARGET[:persistent]]]`` as a :class:`Fault` (a one-line UserError
+    otherwise). TARGET may hold a ``:`` itself (``model.layers.0.mlp:down``)."""
+    parts = text.split(":")
+    persistent = len(parts) > 3 and parts[-1] == "persistent"
+    if persistent:
+        parts = parts[:-1]
+    if len(parts) < 2:
+        raise UserError(f"{flag} expects SITE:BIT[:STEP[:TARGET[:persistent]]], got {text!r}")
+    try:
+        bit = int(parts[1])
+        step = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: BIT and STEP must be integers") from None
+    try:
+        return Fault(
+            site=parts[0], bit=bit, step=step, target=":".join(parts[3:]), persistent=persistent
+        )
+    except ValueError as exc:
+        raise UserError(f"{flag} {text!r}: {exc}") from None
+
+
+def trainer_faults(trainer: Any, faults: list[Fault]) -> ModelFaultInjector:
+    """An injector of ``faults`` attached to a trainer (what ``train --sdc-inject`` plants);
+    a target the model lacks is a one-line error."""
+    try:
+        injector = ModelFaultInjector(trainer.model, FaultPlan(faults))
+    except ValueError as exc:
+        raise UserError(f"--sdc-inject: {exc}") from None
+    injector.attach_trainer(trainer)
+    return injector

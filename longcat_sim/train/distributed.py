@@ -41,6 +41,7 @@ from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.processes import init_worker, sigint_ignored
 from longcat_sim.train.config import TrainConfig
+from longcat_sim.train.guard import GuardSettings, StepFaults, guarded
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import Trainer
 from longcat_sim.train.world import TRAIN_BACKEND, World
@@ -235,6 +236,8 @@ class RankRun:
     grow_from: str | None = None
     stop_after: int | None = None
     progress: bool | None = False
+    guard: GuardSettings | None = None  # train/guard.py: the SDC guard's settings, when on
+    faults: Callable[[Any], StepFaults] | None = None  # planted faults (negative controls)
 
 
 def run_training(run: RankRun, world: World | None = None) -> TrainSummary:
@@ -250,6 +253,9 @@ def run_training(run: RankRun, world: World | None = None) -> TrainSummary:
             trainer.load_checkpoint(run.resume_from)
         elif run.grow_from is not None:
             trainer.grow_from(run.grow_from)
+        if run.guard is not None:
+            faults = run.faults(trainer) if run.faults is not None else None
+            guarded(trainer, run.guard, faults)
         summary = trainer.train(stop_after=run.stop_after)
         if not trainer.world.agree(summary.param_hash):
             raise RuntimeError("the ranks ended with different parameters")

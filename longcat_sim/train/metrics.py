@@ -145,6 +145,8 @@ class TrainSummary:
     nproc: int = 1
     data: dict[str, Any] = field(default_factory=dict)
     grown_from: str | None = None
+    sdc_guard: dict[str, Any] | None = None  # the SDC guard's summary, when the run had one
+    stopped: str | None = None  # why the SDC guard stopped the run before its last step
 
 
 def window_means(records: list[dict[str, Any]], key: str, layers: int) -> list[float]:

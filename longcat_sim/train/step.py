@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,6 +80,8 @@ class TrainStep:
             expert_ids = {id(p) for p in self.ep.expert_parameters()}
         self.dense = [p for p in model.parameters() if p.requires_grad and id(p) not in expert_ids]
         self.routers = find_routers(model)
+        # run after the gradients are reduced, before clipping (checks and planted faults)
+        self.gradient_hooks: list[Callable[[], None]] = []
 
     @property
     def slices_per_rank(self) -> int:
@@ -144,6 +147,8 @@ class TrainStep:
             counts = slice_counts if micro == 0 else counts + slice_counts
         slices_seconds, exchange_seconds = time.perf_counter() - start, self.clock.seconds
         self.reduce_gradients(grads)
+        for hook in self.gradient_hooks:
+            hook()
         weight = tc.slice_size / tc.batch_size
         rows = self.world.gather_rows(torch.stack(stats)).flatten(0, 1)
         record = batch_stats(rows, weight, self.cfg.num_layers, self.cfg.n_routed_experts)

@@ -181,6 +181,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir)
         self.step = 0
         self.grown_from: str | None = None
+        self.guard: Any = None  # train/guard.py SdcGuard, when the run is guarded
+        self.stopped: str | None = None  # why the guard stopped the run early
 
     @property
     def routers(self) -> list[torch.nn.Module]:
@@ -300,7 +302,7 @@ class Trainer:
         log = self.metrics.path.open("a") if self.world.is_main else None
         try:
             while self.step < end:
-                record = self.train_step()
+                record = self.guard.step() if self.guard is not None else self.train_step()
                 tokens += record["tokens"]
                 seconds += record["step_seconds"]
                 if self.step % tc.eval_every == 0 or self.step == end:
@@ -308,6 +310,9 @@ class Trainer:
                 if log is not None:
                     log.write(json.dumps(record, sort_keys=True) + "\n")
                     log.flush()
+                if "sdc_stop" in record:  # the guard's stop policy: end here, state kept
+                    self.stopped = record["sdc_stop"]
+                    break
                 if self.step % tc.checkpoint_every == 0 and self.step != end:
                     self.save_checkpoint()
                 bar.update(1)
@@ -367,4 +372,6 @@ class Trainer:
             nproc=self.world.size,
             data=dict(self.data.fingerprint),
             grown_from=self.grown_from,
+            sdc_guard=self.guard.summary() if self.guard is not None else None,
+            stopped=self.stopped,
         )

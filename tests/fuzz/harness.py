@@ -7,7 +7,8 @@ left, and a run committed there before still read back unchanged by ``read_run``
 own committed run, which ``read_run`` accepts with the commit marker verified).
 
 Work that takes tens of seconds whatever the sizes (calibrate's host measurements, the
-processes determinism and ``train --nproc`` spawn, a Ray cluster) is replaced by a stub that
+processes determinism and ``train --nproc`` spawn, the SDC campaign's training steps, a Ray
+cluster) is replaced by a stub that
 raises :class:`Accepted`: reaching it means the command accepted its input before starting the
 long work, which is all a fuzz case can check of it.
 """
@@ -30,13 +31,15 @@ from longcat_sim.errors import UserError
 from longcat_sim.runs import read_run
 
 PREFIX = "longcat-sim: error:"
-# commands whose documented contract exits 1 (e.g. a check that found a difference): none today
-EXIT_ONE: frozenset[str] = frozenset()
+# commands whose documented contract exits 1 (e.g. a check that found a difference)
+EXIT_ONE: frozenset[str] = frozenset({"determinism"})
 CASE_TIMEOUT_S = 20.0
 RESULT_FILES = ("manifest.json", "results.json")
 # callables that start long work, by module attribute; each stub raises Accepted
 LONG_WORK = (
     "longcat_sim.commands.determinism.check_determinism",
+    "longcat_sim.commands.sdc.guard_overhead",
+    "longcat_sim.commands.sdc.run_campaign",
     "longcat_sim.commands.calibrate._host",
     "longcat_sim.calibrate.wire.enter_shaped_network",
     "longcat_sim.train.distributed.launch",

@@ -78,8 +78,9 @@ DETERMINISM_BASE = (
     "--byte-budget", "262144", "--data-cache", CACHE, "--workers", "1",
 )  # fmt: skip
 SDC_BASE = (
-    "--tokens", "4", "--trials", "1", "--clean-runs", "1", "--attribution-events", "1",
-    "--sites", "weight", "--bits", "0",
+    "--batch-size", "1", "--seq-len", "8", "--trials", "1", "--clean-runs", "1",
+    "--attribution-events", "1", "--overhead-rounds", "0", "--sites", "weight", "--bits", "0",
+    "--byte-budget", "262144", "--data-cache", CACHE,
 )  # fmt: skip
 CALIBRATE_BASE = (
     "--steps", "4", "--seq-len", "8", "--batch-sizes", "2", "--nproc", "2", "--data-cache", CACHE,
@@ -164,8 +165,10 @@ SPECS: dict[str, Spec] = {
         SDC_BASE,
         {
             "--model": ["tiny", "longcat-flash", "nope", "x.toml", *JUNK[:4]],
-            "--tokens": ["1", "4", "8", *SMALL],
+            "--batch-size": ["1", "2", "100000", *SMALL],
+            "--seq-len": ["1", "8", "2048", *SMALL],
             "--trials": ["1", "2", *SMALL],
+            "--overhead-rounds": ["0", "1", *SMALL],
             "--clean-runs": ["1", "2", *SMALL],
             "--attribution-events": ["1", "2", *SMALL],
             "--recompute-experts": ["0", "1", "8", "9", *HUGE_INTS, *SMALL],

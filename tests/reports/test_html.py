@@ -142,3 +142,39 @@ def test_determinism_verdicts() -> None:
     html = build_report(diverged).html
     assert 'class="verdict diverged"' in html
     assert "first at step 7 in layers.1.moe.w1 (max |diff| 0.5)" in html
+
+
+def _control(verdict: str, divergent_run: int = 1) -> dict:
+    """A determinism result of 2 runs with a fault planted in run 1 (a negative control)."""
+    return {
+        "verdict": verdict,
+        "runs": 2,
+        "first_divergence": None
+        if verdict == "identical"
+        else {"step": 1, "tensor": "layers.0.mlp: output[0]", "max_abs_diff": None,
+              "run": divergent_run},
+        "injected": {"site": "weight", "bit": 30, "step": 1, "run": 1},
+    }  # fmt: skip
+
+
+def test_an_injected_run_is_a_negative_control_not_a_plain_divergence() -> None:
+    html = build_report(sample_report_data(determinism=_control("diverged"))).html
+    assert 'class="verdict control"' in html and 'class="verdict diverged"' not in html
+    assert (
+        "Negative control: fault injected at weight bit 30 step 1 of run 1; divergence found "
+        "(expected), first at step 1 in layers.0.mlp: output[0] (max |diff| not finite)."
+    ) in html
+
+
+def test_a_negative_control_that_finds_nothing_is_the_alarm() -> None:
+    html = build_report(sample_report_data(determinism=_control("identical"))).html
+    assert 'class="verdict control-failed"' in html and "Negative control FAILED" in html
+    assert 'class="verdict identical"' not in html and "Bitwise identical" not in html
+
+
+def test_a_divergence_before_the_planted_run_is_a_real_one() -> None:
+    result = _control("diverged") | {"runs": 3}
+    result["first_divergence"]["run"] = 1
+    result["injected"]["run"] = 2
+    html = build_report(sample_report_data(determinism=result)).html
+    assert 'class="verdict diverged"' in html and "Diverged before the negative control" in html

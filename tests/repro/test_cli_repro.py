@@ -19,13 +19,13 @@ def test_determinism_three_runs_on_one_and_two_threads_and_a_planted_flip(
     tmp_path, capsys, data_cache
 ) -> None:
     """Runs 0 (1 thread) and 1 (2 threads) agree bit for bit; run 2 carries a flipped lowest
-    mantissa bit in a dense FFN's output at step 1, found there, 1 ULP wide."""
+    mantissa bit in a dense FFN's output at step 1, found there, 1 ULP wide; the runs differ, so the exit code is 1."""
     argv = ["determinism", "--model", "tiny", "--steps", "3", "--runs", "3"]
     argv += ["--threads", "1,2", "--batch-size", "4", "--seq-len", "32"]
     argv += ["--byte-budget", str(2**18), "--data-cache", data_cache, "--workers", "2"]
     argv += ["--inject", "activation:0:1:model.layers.0.mlps.1", "--json"]
     code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "run")], capsys)
-    assert code == 0, err
+    assert code == 1, err
     results = json.loads(out)
     assert results["runs"] == 3 and results["run_threads"] == [1, 2, 1]
     assert results["identical"] is False and results["identical_runs"] == 2

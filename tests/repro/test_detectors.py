@@ -1,349 +1,371 @@
-"""The SDC workload and detectors: the MoE step is LongCat's MoE, replays are bitwise, ABFT's
-tolerance holds on clean data and catches large flips, recompute catches flips in what it
-recomputes, attribution names the fault class, and a small campaign adds up."""
+"""The SDC guard on the real training step: ABFT checksums, sampled recompute, validators,
+replay attribution and the policies (``model/abft.py``, ``longcat_sim/train/guard.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longcat_sim.model.config import get_preset
-from longcat_sim.model.moe import MoE
-from longcat_sim.repro.campaign import (
-    DETECTORS,
-    CampaignConfig,
-    draw_fault,
-    run_campaign,
-    state_pool,
-    total_units,
-)
-from longcat_sim.repro.detectors import (
-    GENUINE,
-    PERSISTENT,
-    TRANSIENT,
-    AbftMonitor,
-    RecomputeMonitor,
-    RerunStateMachine,
-    SpikeValidator,
+from longcat_sim.errors import UserError
+from longcat_sim.model.abft import (
+    AbftProbe,
+    CheckTally,
+    ExpertChecksums,
+    RecomputeProbe,
     abft_lambda,
-    replay_detects,
-    unit_roundoff,
+    moe_layers,
 )
-from longcat_sim.repro.inject import Fault, FaultPlan, StepInjector
-from longcat_sim.repro.moe_step import (
-    CHECK_ROWS,
-    ExpertGemms,
-    ExpertRows,
-    MoEStepConfig,
-    StepCrash,
-    encode_checksums,
-    grouped_gemm,
-    initial_state,
-    moe_step,
-    plain_weight,
-    stable_topk,
+from longcat_sim.model.determinism import DeterministicMode
+from longcat_sim.model.probes import CombineCall, ExpertCall, MoEProbe, add_probe, remove_probe
+from longcat_sim.repro.campaign import CampaignConfig, Rig, _genuine_state, attribution_trials
+from longcat_sim.repro.inject import SITES, Fault, flip_bit_, trainer_faults
+from longcat_sim.train.guard import (
+    GuardSettings,
+    RoutingValidator,
+    SdcGuard,
+    SpikeValidator,
+    guarded,
 )
-from tests.repro.conftest import threads
-from tests.strategies import seeds
+from tests.repro.sdc_support import Run, full_digest, make_trainer, run_steps
 
-SC = MoEStepConfig(get_preset("tiny").replace(deterministic=True), tokens=64)
+STEPS = 3  # a transient fault lands in step 1; a persistent one in every step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with threads(1):
+@pytest.fixture(scope="module", autouse=True)
+def deterministic():
+    with DeterministicMode(threads=1):
         yield
 
 
-def test_the_step_is_lonCat_moe_forward_and_backward() -> None:
-    """Output, routing and gradients against ``model.moe.MoE`` with the same weights
-    (rtol = atol = 1e-5: the two sum the K slots in different orders)."""
-    state = initial_state(SC, 3)
-    moe = MoE(SC.model)
-    with torch.no_grad():
-        moe.router.classifier.weight.copy_(state.params["router"])
-        gate, up = plain_weight(state.params["gate_up"]).chunk(2, dim=1)
-        moe.experts.gate_proj.copy_(gate)
-        moe.experts.up_proj.copy_(up)
-        moe.experts.down_proj.copy_(plain_weight(state.params["down"]))
-    out, routing = moe(state.x_TD)
-    out.backward(state.grad_out_TD)
-    result = moe_step(state, SC)
-    tol = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(result.tensors["out"], out.detach(), **tol)
-    assert torch.equal(result.tensors["routing.idx"], routing.topk_idx_TK)
-    assert torch.equal(result.tensors["routing.counts"], routing.counts_E)
-    grads = {
-        "router": moe.router.classifier.weight.grad,
-        "gate_up": torch.cat((moe.experts.gate_proj.grad, moe.experts.up_proj.grad), dim=1),
-        "down": moe.experts.down_proj.grad,
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Run:
+    """The unguarded, fault-free run every guarded run must end like."""
+    return run_steps(tmp_path_factory.mktemp("plain"), STEPS)
+
+
+# -- the guard on whole runs ---------------------------------------------------------------------
+def test_a_guarded_clean_run_ends_bitwise_like_an_unguarded_one(plain, tmp_path) -> None:
+    run = run_steps(tmp_path, STEPS, guard=GuardSettings())
+    assert run.digest == plain.digest and run.param_hash == plain.param_hash
+    assert [r["loss"] for r in run.records] == [r["loss"] for r in plain.records]
+    assert run.events == []
+    summary = run.guard.summary()
+    assert summary["steps"] == summary["clean_steps"] == STEPS and summary["events"] == 0
+    assert summary["abft_checks"] > 0 and summary["abft_alarms"] == 0
+    assert 0 < summary["abft_worst_ratio"] < 1
+    assert summary["recompute_checks"] > 0 and summary["routing_checks"] > 0
+
+
+def test_negative_controls_a_planted_fault_changes_the_end_state(plain, tmp_path) -> None:
+    fault = Fault(site="expert_gemm", bit=30, index=12345, step=1)
+    unguarded = run_steps(tmp_path / "unguarded", STEPS, faults=[fault])
+    assert unguarded.param_hash != plain.param_hash
+    skipped = run_steps(
+        tmp_path / "skip", STEPS, guard=GuardSettings(policy="skip"), faults=[fault]
+    )
+    assert [e["step"] for e in skipped.events] == [1]
+    assert skipped.param_hash != plain.param_hash  # the step's update was dropped
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
+@pytest.mark.parametrize("site", SITES)
+def test_every_site_is_detected_attributed_and_repaired(site, persistent, plain, tmp_path) -> None:
+    fault = Fault(site=site, bit=30, index=12345, step=1, persistent=persistent)
+    run = run_steps(tmp_path, STEPS, guard=GuardSettings(), faults=[fault])
+    if not persistent:
+        expected = [1]
+    elif site == "optimizer_state":  # no moments before the first step
+        expected = list(range(1, STEPS))
+    else:
+        expected = list(range(STEPS))
+    assert [e["step"] for e in run.events] == expected, run.events
+    attribution = "persistent" if persistent else "transient"
+    assert {e["attribution"] for e in run.events} == {attribution}
+    assert all(e["detectors"] and e["action"] == "continue" for e in run.events)
+    assert all(e["original_digest"] != e["replay_digest"] for e in run.events)
+    assert run.digest == plain.digest  # the clean replay's result was kept
+    assert [r["loss"] for r in run.records] == [r["loss"] for r in plain.records]
+
+
+def test_a_scaled_output_head_is_a_genuine_spike_and_faults_are_not(tmp_path) -> None:
+    cc = CampaignConfig(sites=("expert_gemm",), states=1, chain=8, attribution_events=1)
+    rig = Rig(make_trainer, cc)
+    try:
+        rig.start(0)
+        assert "sdc_events" not in rig.guard.step()  # the state itself raises nothing
+        _genuine_state(rig, 0)
+        record = rig.guard.step()
+        (event,) = record["sdc_events"]
+        assert event["attribution"] == "genuine" and "validators" in event["detectors"]
+        assert event["original_digest"] == event["replay_digest"] and event["ranks"] == []
+        scores = attribution_trials(rig, cc, None)
+        assert scores["accuracy"] == {"transient": 1.0, "persistent": 1.0, "genuine": 1.0}
+        assert scores["alarm_flagged"] == {"transient": 1, "persistent": 1, "genuine": 1}
+    finally:
+        rig.close()
+
+
+def test_policy_skip_drops_the_update_and_moves_on(plain, tmp_path) -> None:
+    trainer = make_trainer(tmp_path)
+    injector = trainer_faults(trainer, [Fault(site="expert_gemm", bit=30, index=7, step=1)])
+    guard = SdcGuard(trainer, GuardSettings(policy="skip"), faults=injector)
+    guard.step()
+    after_first = full_digest(trainer)
+    record = guard.step()
+    assert record["sdc_skipped"] is True and trainer.step == 2
+    (event,) = record["sdc_events"]
+    assert event["action"] == "skip" and event["attribution"] == "transient"
+    assert full_digest(trainer) == after_first  # the state before the step: not updated
+    assert "sdc_events" not in guard.step() and trainer.step == 3  # then training goes on
+    assert full_digest(trainer) != after_first
+    guard.close()
+    injector.close()
+
+
+def test_policy_stop_ends_the_train_loop_with_the_state_before_the_step(tmp_path) -> None:
+    trainer = make_trainer(tmp_path)
+    fault = Fault(site="expert_gemm", bit=30, index=7, step=2)
+    injector = trainer_faults(trainer, [fault])
+    guarded(trainer, GuardSettings(policy="stop"), injector)
+    summary = trainer.train(stop_after=5)
+    assert trainer.step == 2 and summary.stopped and "step 2" in summary.stopped
+    assert trainer.stopped == summary.stopped and "transient" in summary.stopped
+    assert summary.sdc_guard["events"] == 1 and summary.sdc_guard["steps"] == 3
+    injector.close()
+
+
+# -- ABFT and recompute on captured MoE calls ----------------------------------------------------
+class Capture(MoEProbe):
+    """Keeps a copy of every call it sees."""
+
+    def __init__(self) -> None:
+        self.experts: list[ExpertCall] = []
+        self.combines: list[CombineCall] = []
+
+    def on_experts(self, call: ExpertCall) -> None:
+        self.experts.append(_cloned(call))
+
+    def on_combine(self, call: CombineCall) -> None:
+        self.combines.append(_cloned(call))
+
+
+def _cloned(call):
+    changes = {}
+    for f in dataclasses.fields(call):
+        value = getattr(call, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.detach().clone()
+        elif f.name == "weights":
+            changes[f.name] = tuple(w.detach().clone() for w in value)
+    return dataclasses.replace(call, **changes)
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory) -> Capture:
+    """Layer 0's calls in two training steps (the first step's forward included)."""
+    trainer = make_trainer(tmp_path_factory.mktemp("capture"))
+    capture = Capture()
+    (_, moe), *_ = moe_layers(trainer.model)
+    add_probe(moe, capture)
+    for _ in range(2):
+        trainer.train_step()
+    remove_probe(moe, capture)
+    assert capture.experts and capture.combines
+    return capture
+
+
+def checksums_of(call: ExpertCall) -> ExpertChecksums:
+    gate, up, down = call.weights
+    return ExpertChecksums([SimpleNamespace(gate_proj=gate, up_proj=up, down_proj=down)])
+
+
+class RowTally(CheckTally):
+    """A tally that keeps each check's per-row alarms; ``scale`` multiplies the tolerance."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def verify(self, name: str, diff: torch.Tensor, tol: torch.Tensor) -> None:
+        self.rows[name] = ~(diff <= tol * self.scale)
+        super().verify(name, diff, tol * self.scale)
+
+
+def abft_rows(call: ExpertCall, gemm: str, scale: float = 1.0) -> torch.Tensor:
+    """Which rows of ``call`` the ABFT check of ``gemm`` flags."""
+    tally = RowTally(scale)
+    AbftProbe(checksums_of(call), 0, tally).on_experts(call)
+    return tally.rows[f"layer 0 expert_gemm.{gemm}"]
+
+
+OUTPUT = {"gate": "pre_gate_RI", "up": "pre_up_RI", "down": "y_RD"}
+
+
+def flipped_in_every_row(call: ExpertCall, gemm: str, column: int, bit: int) -> ExpertCall:
+    """``call`` with bit ``bit`` of column ``column`` of every row of ``gemm``'s output flipped."""
+    out = getattr(call, OUTPUT[gemm]).clone()
+    width = out.shape[1]
+    for row in range(out.shape[0]):
+        flip_bit_(out, row * width + column % width, bit)
+    return dataclasses.replace(call, **{OUTPUT[gemm]: out})
+
+
+def test_abft_raises_no_alarm_on_clean_calls_and_alarms_with_a_shrunken_tolerance(captured):
+    for call in captured.experts:
+        tally = CheckTally()
+        AbftProbe(checksums_of(call), 0, tally).on_experts(call)
+        assert tally.checks == 3 * call.y_RD.shape[0] and tally.alarms == 0
+        assert 0 < tally.worst_ratio < 0.1
+    # negative control: the same clean data fails a tolerance a million times tighter
+    assert abft_rows(captured.experts[0], "down", scale=1e-6).float().mean() > 0.5
+
+
+def test_abft_checks_the_combine(captured) -> None:
+    tally = CheckTally()
+    combine = captured.combines[0]
+    probe = AbftProbe(checksums_of(captured.experts[0]), 0, tally)
+    probe.on_combine(combine)
+    assert tally.checks == combine.out_TD.shape[0] and tally.alarms == 0
+    out = combine.out_TD.clone()
+    flip_bit_(out, 5, 31)
+    probe.on_combine(dataclasses.replace(combine, out_TD=out))
+    assert tally.alarms == 1 and tally.where == ["layer 0 combine"]
+
+
+@settings(max_examples=40)
+@given(
+    gemm=st.sampled_from(["gate", "up", "down"]),
+    bit=st.integers(23, 31),
+    column=st.integers(0, 127),
+    which=st.integers(0, 7),
+)
+def test_abft_flags_exponent_and_sign_flips_larger_than_its_bound(
+    captured, gemm, bit, column, which
+) -> None:
+    """Every row whose flipped value moved by more than twice the row's bound is flagged, none
+    that moved by less than half of it."""
+    call = captured.experts[which % len(captured.experts)]
+    bad = flipped_in_every_row(call, gemm, column, bit)
+    delta = (getattr(bad, OUTPUT[gemm]) - getattr(call, OUTPUT[gemm])).abs().sum(dim=1)
+    probe_tol = _tolerances(call, gemm)
+    flagged = abft_rows(bad, gemm)
+    big = ~torch.isfinite(delta) | (delta > 2 * probe_tol)
+    small = delta < 0.5 * probe_tol
+    assert bool(big.any()) and bool(flagged[big].all()) and not bool(flagged[small].any())
+
+
+def _tolerances(call: ExpertCall, gemm: str) -> torch.Tensor:
+    """The per-row bound of ``gemm``'s check on ``call`` (read from a recording tally)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    class Keep(CheckTally):
+        def verify(self, name: str, diff: torch.Tensor, tol: torch.Tensor) -> None:
+            seen[name] = tol
+
+    AbftProbe(checksums_of(call), 0, Keep()).on_experts(call)
+    return seen[f"layer 0 expert_gemm.{gemm}"]
+
+
+@pytest.mark.parametrize("gemm", ["gate", "up", "down"])
+def test_abft_catches_high_bits_and_is_blind_to_the_lowest_mantissa_bit(captured, gemm) -> None:
+    call = captured.experts[0]
+    rate = {
+        bit: float(abft_rows(flipped_in_every_row(call, gemm, 3, bit), gemm).float().mean())
+        for bit in (0, 30, 31)
     }
-    for name, grad in grads.items():
-        mine = result.tensors[f"grad.{name}"]
-        if name != "router":  # encoded weights: the checksum rows get no gradient
-            assert not mine[:, -CHECK_ROWS:].any()
-            mine = plain_weight(mine)
-        torch.testing.assert_close(mine, grad, **tol)
+    assert rate[30] == 1.0 and rate[31] >= 0.9
+    assert rate[0] == 0.0  # a 1-ulp change is far inside the rounding bound
 
 
-def test_the_step_is_bitwise_reproducible_and_leaves_its_state_alone() -> None:
-    state = initial_state(SC, 0)
-    snapshot = state.clone()
-    first, second = moe_step(state, SC), moe_step(state, SC)
-    assert first.digest() == second.digest()
-    assert all(torch.equal(state.params[k], snapshot.params[k]) for k in state.params)
-    chained = moe_step(first.next_state, SC)
-    assert chained.next_state.step == 2 and chained.digest() != first.digest()
-    for name in ("gate_up", "down"):  # the optimizer keeps the weights checksum-encoded
-        encoded = chained.next_state.params[name]
-        assert torch.equal(encoded[:, -CHECK_ROWS], plain_weight(encoded).sum(dim=1))
-        assert not encoded[:, -CHECK_ROWS + 1 :].any()
+def test_checksums_follow_the_weights_through_optimizer_steps(tmp_path) -> None:
+    def alarms_in_second_step(keep: bool) -> int:
+        trainer = make_trainer(tmp_path / f"keep-{keep}")
+        layers = moe_layers(trainer.model)
+        checksums = ExpertChecksums([moe.experts for _, moe in layers])
+        handle = checksums.keep_through(trainer.optimizer)
+        if not keep:
+            handle.remove()
+        tally = CheckTally()
+        for index, (_, moe) in enumerate(layers):
+            add_probe(moe, AbftProbe(checksums, index, tally))
+        trainer.train_step()
+        first = tally.alarms
+        trainer.train_step()
+        assert first == 0 and tally.checks > 0
+        return tally.alarms
+
+    assert alarms_in_second_step(keep=True) == 0
+    assert alarms_in_second_step(keep=False) > 0  # a stale encoding: the new weights fail
 
 
-def test_stable_topk_gives_exact_ties_to_the_lower_index() -> None:
-    scores = torch.tensor([[0.1, 0.5, 0.5, 0.2, 0.5]])
-    assert stable_topk(scores, 2).tolist() == [[1, 2]]
-    assert stable_topk(scores.flip(-1), 3).tolist() == [[0, 2, 3]]
+def test_abft_lambda_grows_with_the_rounding_count_and_falls_with_the_alarm_rate() -> None:
+    assert abft_lambda(10) < abft_lambda(10_000)
+    assert abft_lambda(100, 1e-3) < abft_lambda(100, 1e-9)
+    assert abft_lambda(1, 2e-7) ** 2 == pytest.approx(2 * torch.log(torch.tensor(1e7)).item())
 
 
-def test_the_deterministic_router_gives_exact_ties_to_the_lower_expert_id() -> None:
-    """A zero classifier makes all N + Z scores equal: every token picks experts 0..K-1."""
-    cfg = get_preset("tiny").replace(deterministic=True)
-    moe = MoE(cfg)
-    with torch.no_grad():
-        moe.router.classifier.weight.zero_()
-    routing = moe.router(torch.randn(50, cfg.hidden_size))
-    assert routing.topk_idx_TK.tolist() == [list(range(cfg.moe_topk))] * 50
+def _recompute_alarms(call: ExpertCall, blocks_per_call: int) -> int:
+    tally = CheckTally()
+    RecomputeProbe(0, tally, seed=3, blocks_per_call=blocks_per_call).on_experts(call)
+    assert tally.checks == min(blocks_per_call, len(call.blocks))
+    return tally.alarms
 
 
-# -- ABFT ------------------------------------------------------------------------------------------
+def test_recompute_sees_a_flip_in_its_sampled_block_and_only_there(captured) -> None:
+    call = next(c for c in captured.experts if len(c.blocks) > 2)
+    assert _recompute_alarms(call, 1) == 0 and _recompute_alarms(call, len(call.blocks)) == 0
+    caught = []
+    for number, (_, rows) in enumerate(call.blocks):
+        for name in ("pre_gate_RI", "y_RD"):
+            out = getattr(call, name).clone()
+            flip_bit_(out, rows.start * out.shape[1], 0)  # the lowest mantissa bit
+            bad = dataclasses.replace(call, **{name: out})
+            assert _recompute_alarms(bad, len(call.blocks)) == 1  # every block recomputed
+            if _recompute_alarms(bad, 1):
+                caught.append((number, name))
+    sampled = {number for number, _ in caught}
+    assert len(sampled) == 1 and len(caught) == 2  # one sampled block, both its outputs
 
 
-def test_abft_lambda_and_unit_roundoff_follow_the_formulas() -> None:
-    lam = abft_lambda(64, 1e-7)
-    assert 2 * 64 * math.exp(-(lam**2) / 2) == pytest.approx(1e-7)
-    assert unit_roundoff(torch.float32) == 2.0**-24
-    assert unit_roundoff(torch.bfloat16) == 2.0**-8
+def test_routing_validator_checks_ids_and_counts() -> None:
+    tally = CheckTally()
+    check = RoutingValidator(tally)
+    ids = torch.tensor([[0, 3], [3, 11]])
+    counts = torch.bincount(ids.reshape(-1), minlength=12)
+    check(None, None, SimpleNamespace(topk_idx_TK=ids, counts_E=counts))
+    assert tally.checks == 1 and tally.alarms == 0
+    check(None, None, SimpleNamespace(topk_idx_TK=ids.clone().fill_(12), counts_E=counts))
+    check(None, None, SimpleNamespace(topk_idx_TK=ids - 1, counts_E=counts))
+    wrong = counts.clone()
+    wrong[3] += 1
+    check(None, None, SimpleNamespace(topk_idx_TK=ids, counts_E=wrong))
+    swapped = torch.tensor([[0, 3], [11, 3]])  # the same histogram: passes
+    check(None, None, SimpleNamespace(topk_idx_TK=swapped, counts_E=counts))
+    assert tally.checks == 5 and tally.alarms == 3 and tally.where == ["routing"] * 3
 
 
-@settings(max_examples=30)
-@given(seed=seeds, rows=st.integers(1, 40), k=st.sampled_from([8, 64, 256]))
-def test_abft_tolerance_covers_float32_rounding_of_a_gemm(seed, rows, k) -> None:
-    """The float32 GEMM against its float64 value: the row-checksum error stays within the
-    tolerance (with a wide margin: worst ratios seen are a few percent)."""
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(rows, k, generator=gen) * torch.exp(torch.randn(rows, 1, generator=gen))
-    w = torch.randn(1, 48, k, generator=gen)
-    c = a @ w[0].t()
-    rows_of = ExpertRows([0], [rows], torch.zeros(rows, dtype=torch.int64))
-    monitor = AbftMonitor()
-    encoded, scale = encode_checksums(w)
-    with torch.no_grad():
-        c_enc, reference, padding = grouped_gemm(a, encoded, rows_of)
-    assert padding.shape == (rows, CHECK_ROWS - 1) and not padding.any()
-    monitor.on_expert_gemm(ExpertGemms(("gate",), a, (c,), (reference,), rows_of, (scale,)))
-    monitor.on_expert_gemm(
-        ExpertGemms(("gate",), a, (c_enc,), (reference,), rows_of, (scale,), paddings=(padding,))
-    )
-    assert monitor.alarms == 0 and monitor.checks == 2 * rows
-    assert monitor.worst_ratio < 0.5
+def test_spike_validator() -> None:
+    check = SpikeValidator(factor=10.0, window=4, min_history=3)
+    assert check.suspicious(float("nan")) and check.suspicious(float("inf"))
+    assert not check.suspicious(1e9)  # too little history to judge a magnitude
+    for value in (1.0, 2.0, 3.0):
+        check.observe(value)
+    assert not check.suspicious(20.0) and check.suspicious(20.1)  # median 2
+    assert check.suspicious(-20.1)  # magnitudes are compared
+    for value in (100.0, 100.0, 100.0):
+        check.observe(value)
+    assert check.history == [3.0, 100.0, 100.0, 100.0]  # the window keeps the last 4
+    assert not check.suspicious(1000.0) and check.suspicious(1000.1)
 
 
-def test_abft_has_no_false_alarm_on_clean_steps_and_catches_big_flips() -> None:
-    for state in state_pool(SC, 12, 4, seed=1):
-        monitor = AbftMonitor()
-        moe_step(state, SC, monitors=(monitor,))
-        assert monitor.alarms == 0 and monitor.checks > 0
-    state = initial_state(SC, 2)
-    for site, target in (("expert_gemm", "gate_up"), ("expert_gemm", "down"), ("combine", "")):
-        monitor = AbftMonitor()
-        fault = Fault(site=site, bit=30, index=3, target=target)
-        moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
-        assert monitor.alarms >= 1, site
-
-
-def active_expert(state, sc: MoEStepConfig) -> int:
-    """An FFN expert the step's routing sends rows to."""
-    counts = moe_step(state, sc).tensors["routing.counts"][: sc.model.n_routed_experts]
-    return int(torch.nonzero(counts).flatten()[0])
-
-
-def check_row_index(state, name: str, expert: int, row: int, col: int) -> int:
-    """Flat index of element ``col`` of check row ``row`` (0: checksum, 1..7: padding) of
-    ``expert``'s encoded weight ``name``."""
-    _, height, width = state.params[name].shape
-    return (expert * height + height - CHECK_ROWS + row) * width + col
-
-
-@pytest.mark.parametrize("name", ["gate_up", "down"])
-@pytest.mark.parametrize("bit", [25, 30])
-def test_abft_catches_a_weight_fault_in_a_padding_row(name, bit) -> None:
-    """A flipped bit in a zero padding row turns 0.0 into 2^-123 (bit 25) or 2.0 (bit 30):
-    the padding column the GEMM computes for it is no longer zero."""
-    state = initial_state(SC, 2)
-    expert = active_expert(state, SC)
-    for row, col in ((1, 0), (CHECK_ROWS - 1, 5)):
-        index = check_row_index(state, name, expert, row, col)
-        fault = Fault(site="weight", bit=bit, index=index, target=name)
-        injector = StepInjector([fault], 0, 0)
-        monitor = AbftMonitor()
-        moe_step(state, SC, injector=injector, monitors=(monitor,))
-        assert injector.fired == [fault]
-        assert monitor.alarms >= 1 and monitor.alarm_sites == [f"expert_gemm.{name}.padding"]
-
-
-def test_negative_control_without_the_padding_check_a_padding_fault_is_invisible() -> None:
-    """The row checksum alone never reads the padding columns."""
-    state = initial_state(SC, 2)
-    index = check_row_index(state, "down", active_expert(state, SC), 3, 1)
-    fault = Fault(site="weight", bit=30, index=index, target="down")
-
-    class RowChecksumOnly(AbftMonitor):
-        def on_expert_gemm(self, gemms: ExpertGemms) -> None:
-            super().on_expert_gemm(dataclasses.replace(gemms, paddings=None))
-
-    monitor = RowChecksumOnly()
-    moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
-    assert monitor.alarms == 0 and monitor.checks > 0
-
-
-def assert_encoded(state) -> None:
-    """Checksum rows hold the row sums, padding rows and the moments' check rows are zero."""
-    for name in ("gate_up", "down"):
-        encoded = state.params[name]
-        assert torch.equal(encoded[:, -CHECK_ROWS], plain_weight(encoded).sum(dim=1)), name
-        assert not encoded[:, -CHECK_ROWS + 1 :].any(), name
-        for moments in (state.exp_avg, state.exp_avg_sq):
-            assert not moments[name][:, -CHECK_ROWS:].any(), name
-
-
-@pytest.mark.parametrize("name", ["gate_up", "down"])
-@pytest.mark.parametrize(
-    ("site", "target"), [("weight", ""), ("gradient", ""), ("optimizer_state", ":exp_avg_sq")]
-)
-def test_a_fault_in_a_check_row_does_not_outlive_the_next_step(name, site, target) -> None:
-    """Weights, gradients and moments of the checksum and padding rows: after the next step
-    the state is encoded again and equals the clean run's bit for bit."""
-    state = initial_state(SC, 6)
-    expert = active_expert(state, SC)
-    for row in (0, 2, CHECK_ROWS - 1):
-        index = check_row_index(state, name, expert, row, 3)
-        fault = Fault(site=site, bit=30, index=index, target=name + target)
-        injector = StepInjector([fault], 0, 0)
-        faulty = moe_step(state, SC, injector=injector)
-        assert injector.fired == [fault]
-        clean = moe_step(state, SC)
-        if site == "optimizer_state":  # injected after the update: at rest until the next step
-            assert faulty.next_state.exp_avg_sq[name][expert, -CHECK_ROWS + row, 3] != 0
-            faulty, clean = moe_step(faulty.next_state, SC), moe_step(clean.next_state, SC)
-        assert_encoded(faulty.next_state)
-        assert faulty.digest() == clean.digest()
-
-
-def test_abft_misses_what_it_does_not_checksum() -> None:
-    """A corrupted SwiGLU output feeds the down GEMM consistently: ABFT cannot see it."""
-    state = initial_state(SC, 2)
-    monitor = AbftMonitor()
-    fault = Fault(site="activation", bit=30, index=3)
-    result = moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
-    assert monitor.alarms == 0
-    assert result.digest() != moe_step(state, SC).digest()
-
-
-# -- recompute and replay --------------------------------------------------------------------------
-
-
-def test_recompute_of_every_expert_catches_every_effective_expert_gemm_flip() -> None:
-    state = initial_state(SC, 4)
-    golden = moe_step(state, SC).digest()
-    rng = np.random.default_rng(0)
-    effective = 0
-    for _ in range(20):
-        fault = draw_fault("expert_gemm", int(rng.integers(32)), rng, 0)
-        monitor = RecomputeMonitor(experts_per_step=SC.model.n_routed_experts)
-        result = moe_step(state, SC, injector=StepInjector([fault], 0, 0), monitors=(monitor,))
-        if result.digest() != golden:
-            effective += 1
-            assert monitor.alarms == 1
-    assert effective > 10
-    clean = RecomputeMonitor(experts_per_step=SC.model.n_routed_experts)
-    moe_step(state, SC, monitors=(clean,))
-    assert clean.alarms == 0 and clean.checks == len(set(clean.sampled))
-
-
-def test_replay_from_the_snapshot_on_another_device_detects_transient_and_persistent_faults():
-    state = initial_state(SC, 5)
-    for persistent in (False, True):
-        plan = FaultPlan([Fault(site="combine", bit=25, index=7, persistent=persistent)])
-        original = moe_step(state, SC, injector=plan.injector(0, 0)).digest()
-        assert replay_detects(
-            original, lambda p=plan: moe_step(state, SC, injector=p.injector(0, 1)).digest()
-        )
-    clean = moe_step(state, SC).digest()
-    assert not replay_detects(clean, lambda: moe_step(state.clone(), SC).digest())
-
-
-def test_a_corrupted_routing_index_outside_the_table_crashes_the_step() -> None:
-    fault = Fault(site="routing_indices", bit=40, index=0)
-    with pytest.raises(StepCrash, match="outside the expert table"):
-        moe_step(initial_state(SC, 0), SC, injector=StepInjector([fault], 0, 0))
-
-
-# -- attribution -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("results", "expected"),
-    [
-        ({0: ["b"], 1: ["a"]}, TRANSIENT),  # the same device gives another answer
-        ({0: ["a"], 1: ["b"]}, PERSISTENT),  # reproducible there, not elsewhere
-        ({0: ["a"], 1: ["a"]}, GENUINE),  # reproducible everywhere
-    ],
-)
-def test_rerun_state_machine_decides_by_where_the_result_reproduces(results, expected) -> None:
-    machine = RerunStateMachine(lambda device: results[device].pop(0))
-    assert machine.attribute("a", device=0, other_device=1) == expected
-    with pytest.raises(ValueError, match="different device"):
-        machine.attribute("a", device=0, other_device=0)
-
-
-def test_spike_validator_flags_non_finite_and_outlying_losses() -> None:
-    v = SpikeValidator(factor=10.0, history=[1.0, 1.2, 0.9])
-    assert not v.suspicious(3.0) and v.suspicious(20.0) and v.suspicious(math.nan)
-    assert not SpikeValidator().suspicious(1e9)  # no history yet
-
-
-# -- a small campaign ------------------------------------------------------------------------------
-
-
-def test_a_small_campaign_adds_up() -> None:
-    cc = CampaignConfig(
-        sites=("expert_gemm", "combine", "gradient", "routing_counts"),
-        bits=(0, 12, 23, 30, 31, 40),
-        trials=2,
-        clean_runs=12,
-        attribution_events=4,
-        states=4,
-        chain=3,
-    )
-    result = run_campaign(SC, cc).to_json()
-    rows = result["results"]
-    assert {r["detector"] for r in rows} == set(DETECTORS)
-    for r in rows:
-        assert r["detected"] + r["masked"] + r["missed"] == cc.trials
-        if r["detector"] == "replay":
-            assert r["missed"] == 0
-        if r["bit"] == 40:
-            assert r["site"] == "routing_counts"  # 64-bit site only
-    assert result["false_positives"] == {"replay": 0, "recompute": 0, "abft": 0}
-    assert result["clean_runs"] == 12 and result["abft_checks"] > 0
-    assert set(result["overhead"]) == set(DETECTORS)
-    assert all(acc == 1.0 for acc in result["attribution"]["accuracy"].values())
-    # 5 bits of the float sites, 6 of the 64-bit routing counts; clean runs; 3 event classes
-    assert total_units(cc) == (3 * 5 + 6) * 2 + 12 + 3 * 4
+def test_guard_settings_refuse_unknown_detectors_and_policies() -> None:
+    with pytest.raises(ValueError, match="unknown guard detectors"):
+        GuardSettings(detectors=("abft", "magic"))
+    with pytest.raises(UserError, match="--sdc-policy"):
+        GuardSettings(policy="retry")

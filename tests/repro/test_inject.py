@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from longcat_sim.errors import UserError
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.hashing import hash_named_tensors
+from longcat_sim.model.probes import ExpertCall, MoEProbe, add_probe
 from longcat_sim.model.transformer import LongcatFlashForCausalLM
 from longcat_sim.repro.inject import (
     SITES,
@@ -18,9 +20,12 @@ from longcat_sim.repro.inject import (
     StepInjector,
     flip_bit_,
     flipped,
+    parse_fault,
     site_bits,
+    trainer_faults,
 )
 from tests.repro.cases import bitwise_equal
+from tests.repro.sdc_support import make_trainer
 
 
 def test_flips_of_sign_exponent_and_mantissa_bits_of_float32() -> None:
@@ -143,7 +148,7 @@ def clean_steps() -> list[str]:
     return tiny_steps(None)
 
 
-@pytest.mark.parametrize("site", [s for s in SITES if s != "expert_gemm"])
+@pytest.mark.parametrize("site", SITES)
 def test_model_fault_injector_changes_the_run_from_its_step_on(site, clean_steps) -> None:
     bit = 0 if site.startswith("routing") else 20
     faulty = tiny_steps(Fault(site=site, bit=bit, index=5, step=1))
@@ -151,11 +156,162 @@ def test_model_fault_injector_changes_the_run_from_its_step_on(site, clean_steps
     assert faulty[1] != clean_steps[1]
 
 
-def test_model_fault_injector_refuses_unreachable_sites_and_unknown_targets() -> None:
+class Capture(MoEProbe):
+    """Keeps copies of the GEMM outputs of every call it sees."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, torch.Tensor]] = []
+
+    def on_experts(self, call: ExpertCall) -> None:
+        outputs = {"gate": call.pre_gate_RI, "up": call.pre_up_RI, "down": call.y_RD}
+        self.calls.append({k: v.detach().clone() for k, v in outputs.items()})
+
+
+def gemm_outputs(target: str | None) -> dict[str, torch.Tensor]:
+    """Layer 0's expert GEMM outputs in one forward, with an ``expert_gemm`` fault at
+    ``target`` (None: no fault); the fault's probe runs before the capturing one."""
+    torch.manual_seed(0)
     model = LongcatFlashForCausalLM(get_preset("tiny").replace(num_layers=1))
-    with pytest.raises(ValueError, match="fused MoE kernel"):
-        ModelFaultInjector(model, Fault(site="expert_gemm", bit=0))
+    moe = model.model.layers[0].mlp
+    capture = Capture()
+    add_probe(moe, capture)
+    injector = None
+    if target is not None:
+        injector = ModelFaultInjector(model, Fault(site="expert_gemm", bit=30, target=target))
+        injector.begin_step(0)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+    if injector is not None:
+        injector.close()
+        assert moe.probe is capture  # closing detaches the fault's probe only
+    (call,) = capture.calls
+    return call
+
+
+@pytest.mark.parametrize(
+    ("target", "changed"),
+    [
+        ("model.layers.0.mlp:gate", {"gate", "down"}),
+        ("model.layers.0.mlp:up", {"up", "down"}),
+        ("model.layers.0.mlp:down", {"down"}),
+        ("model.layers.0.mlp", {"gate", "down"}),  # the first GEMM that runs
+    ],
+)
+def test_expert_gemm_faults_land_in_the_named_gemm(target, changed) -> None:
+    clean, faulty = gemm_outputs(None), gemm_outputs(target)
+    differ = {name for name in clean if not bitwise_equal(clean[name], faulty[name])}
+    assert differ == changed
+    flips = (clean["gate"].view(torch.int32) != faulty["gate"].view(torch.int32)).sum()
+    assert int(flips) == ("gate" in changed)  # one element, one flip
+
+
+def test_faults_fire_only_on_their_device() -> None:
+    model = LongcatFlashForCausalLM(get_preset("tiny").replace(num_layers=1))
+    name = "model.layers.0.mlp.experts.up_proj"
+    weight = dict(model.named_parameters())[name]
+    before = weight.detach().clone()
+    fault = Fault(site="weight", bit=31, index=3, target=name, persistent=True, device=1)
+    injector = ModelFaultInjector(model, fault, device=0)
+    injector.begin_step(0)
+    assert bitwise_equal(weight.detach(), before)
+    injector.begin_step(1, device=1)
+    assert weight.detach().view(-1)[3] == -before.view(-1)[3]
+    injector.close()
+
+
+def test_optimizer_state_faults_pick_the_named_moment() -> None:
+    model = LongcatFlashForCausalLM(get_preset("tiny").replace(num_layers=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long)).square().mean().backward()
+    optimizer.step()
+    name = "model.layers.0.mlp.experts.down_proj"
+    state = optimizer.state[dict(model.named_parameters())[name]]
+    copies = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    fault = Fault(site="optimizer_state", bit=31, index=0, target=f"{name}:exp_avg_sq")
+    injector = ModelFaultInjector(model, [fault], optimizer=optimizer)
+    injector.begin_step(0)
+    assert bitwise_equal(state["exp_avg"], copies["exp_avg"])
+    assert not bitwise_equal(state["exp_avg_sq"], copies["exp_avg_sq"])
+    injector.close()
+
+
+def test_model_fault_injector_refuses_unknown_targets() -> None:
+    model = LongcatFlashForCausalLM(get_preset("tiny").replace(num_layers=1))
+    with pytest.raises(ValueError, match="is not a MoE layer"):
+        ModelFaultInjector(model, Fault(site="expert_gemm", bit=0, target="model.layers.0"))
+    with pytest.raises(ValueError, match="does not exist"):
+        ModelFaultInjector(model, Fault(site="expert_gemm", bit=0, target="model.layers.9.mlp"))
     with pytest.raises(ValueError, match="does not exist"):
         ModelFaultInjector(model, Fault(site="activation", bit=0, target="nope"))
     with pytest.raises(ValueError, match="does not exist"):
         ModelFaultInjector(model, Fault(site="weight", bit=0, target="nope"))
+    with pytest.raises(ValueError, match="does not exist"):
+        ModelFaultInjector(model, Fault(site="gradient", bit=0, target="model.layers.0.mlp"))
+
+
+def test_targets_match_a_layer_or_one_of_its_gemms() -> None:
+    inj = StepInjector([Fault(site="expert_gemm", bit=31, target="m.mlp")], step=0, device=0)
+    x = torch.ones(1)
+    assert bitwise_equal(inj.at("expert_gemm", x, target="m.ml:gate"), x)
+    assert bitwise_equal(inj.at("expert_gemm", x, target="m.mlp2:gate"), x)
+    assert inj.at("expert_gemm", x, target="m.mlp:down").tolist() == [-1.0]
+    narrow = StepInjector([Fault(site="expert_gemm", bit=31, target="m.mlp:up")], 0, 0)
+    assert bitwise_equal(narrow.at("expert_gemm", x, target="m.mlp:gate"), x)
+    assert narrow.at("expert_gemm", x, target="m.mlp:up").tolist() == [-1.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "fault"),
+    [
+        ("expert_gemm:30", Fault(site="expert_gemm", bit=30)),
+        ("expert_gemm:30:2", Fault(site="expert_gemm", bit=30, step=2)),
+        ("combine:31:8::persistent", Fault(site="combine", bit=31, step=8, persistent=True)),
+        (
+            "weight:27:6:model.layers.0.mlp.experts.up_proj",
+            Fault(site="weight", bit=27, step=6, target="model.layers.0.mlp.experts.up_proj"),
+        ),
+        (
+            "expert_gemm:3:1:model.layers.0.mlp:down",
+            Fault(site="expert_gemm", bit=3, step=1, target="model.layers.0.mlp:down"),
+        ),
+        (
+            "expert_gemm:3:1:model.layers.0.mlp:down:persistent",
+            Fault(
+                site="expert_gemm", bit=3, step=1, target="model.layers.0.mlp:down", persistent=True
+            ),
+        ),
+        ("routing_counts:63", Fault(site="routing_counts", bit=63)),
+    ],
+)
+def test_parse_fault(text, fault) -> None:
+    assert parse_fault(text) == fault
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("combine", "--sdc-inject expects SITE:BIT"),
+        ("combine:x", "BIT and STEP must be integers"),
+        ("combine:1:y", "BIT and STEP must be integers"),
+        ("disk:1", "unknown fault site 'disk'"),
+        ("combine:32", "out of range for site 'combine'"),
+        ("combine:-1", "out of range"),
+        ("combine:1:-2", "must be >= 0"),
+    ],
+)
+def test_parse_fault_refuses_bad_text_in_one_line(text, message) -> None:
+    with pytest.raises(UserError, match=message) as info:
+        parse_fault(text, "--sdc-inject")
+    assert "\n" not in str(info.value) and "--sdc-inject" in str(info.value)
+
+
+def test_trainer_faults_turns_a_missing_target_into_a_user_error(tmp_path) -> None:
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(UserError, match="--sdc-inject: fault target module 'nope'"):
+        trainer_faults(trainer, [Fault(site="combine", bit=1, target="nope")])
+    assert trainer.stepper.gradient_hooks == []
+    injector = trainer_faults(trainer, [Fault(site="gradient", bit=1)])
+    assert trainer.stepper.gradient_hooks == [injector.on_gradients]
+    injector.close()
+    assert trainer.stepper.gradient_hooks == []

@@ -1,0 +1,87 @@
+"""``longcat-sim train --sdc-guard``: a planted fault is found, attributed and repaired, or
+stops the run; bad guard flags are one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longcat_sim.cli import main
+from longcat_sim.train.checkpoint import latest_checkpoint
+from tests.cli_checks import refused
+
+BYTE_BUDGET = 2**18
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def base_argv(cache, *extra: str) -> list[str]:
+    return [
+        "train", "--model", "tiny", "--steps", "6", "--batch-size", "2", "--seq-len", "32",
+        "--data-cache", str(cache), "--set", f"byte_budget={BYTE_BUDGET}", *extra,
+    ]  # fmt: skip
+
+
+def guarded(cache, out, capsys, *extra: str) -> tuple[int, dict, list[dict]]:
+    argv = [*base_argv(cache, "--deterministic", "--sdc-guard", *extra), "--json"]
+    code = main([*argv, "--run-dir", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert "Traceback" not in stderr, stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return code, json.loads(stdout), records
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--sdc-guard"], "add --deterministic"),
+        (["--deterministic", "--sdc-inject", "expert_gemm:30:2"], "add --sdc-guard"),
+        (["--deterministic", "--sdc-guard", "--sdc-inject", "disk:30:2"], "unknown fault site"),
+        (["--deterministic", "--sdc-guard", "--sdc-inject", "combine:32"], "out of range"),
+        (["--deterministic", "--sdc-guard", "--sdc-inject", "combine"], "expects SITE:BIT"),
+        (["--deterministic", "--sdc-guard", "--sdc-inject", "combine:3:6"], "past the last step"),
+        (
+            ["--deterministic", "--sdc-guard", "--sdc-inject", "combine:3:1:model.nope"],
+            "'model.nope' does not exist",
+        ),
+    ],
+)
+def test_bad_guard_flags_are_one_line_and_exit_2(cache, tmp_path, capsys, extra, fragment):
+    line = refused(base_argv(cache, *extra), capsys, tmp_path / "run")
+    assert fragment in line
+
+
+def test_a_planted_transient_fault_is_repaired(cache, tmp_path, capsys) -> None:
+    code, clean, _ = guarded(cache, tmp_path / "clean", capsys)
+    assert code == 0 and clean["sdc_guard"]["events"] == 0 and clean["stopped"] is None
+    code, results, records = guarded(
+        cache, tmp_path / "run", capsys, "--sdc-inject", "expert_gemm:30:2"
+    )
+    assert code == 0 and results["stopped"] is None
+    assert [r["step"] for r in records if "sdc_events" in r] == [2]
+    (event,) = records[2]["sdc_events"]
+    assert event["attribution"] == "transient" and event["action"] == "continue"
+    assert "abft" in event["detectors"]
+    guard = results["sdc_guard"]
+    assert guard["events"] == 1 and guard["attribution"]["transient"] == 1
+    assert guard["policy"] == "continue" and guard["steps"] == 6 and guard["abft_checks"] > 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["sdc_guard"] == guard
+    assert results["param_hash"] == clean["param_hash"]  # the replay's clean step was kept
+
+
+def test_policy_stop_exits_1_with_the_checkpoint_before_the_faulty_step(
+    cache, tmp_path, capsys
+) -> None:
+    out = tmp_path / "run"
+    code, results, records = guarded(
+        cache, out, capsys, "--sdc-policy", "stop", "--sdc-inject", "expert_gemm:30:2"
+    )
+    assert code == 1
+    assert "step 2" in results["stopped"] and results["sdc_guard"]["policy"] == "stop"
+    assert [r["step"] for r in records][-1] == 2 and "sdc_stop" in records[-1]
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == "step-00000002"
