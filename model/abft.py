@@ -166,7 +166,7 @@ class RecomputeProbe(MoEProbe):
         if not call.blocks:
             return
         gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.layer) * 7919 + self.calls
+            ((self.seed * 1_000_003 + self.layer) * 7919 + self.calls) % 2**64
         )
         picks = torch.randperm(len(call.blocks), generator=gen)[: self.blocks_per_call].tolist()
         w_gate, w_up, w_down = call.weights

@@ -143,7 +143,7 @@ def _origin_blocks(section: str, origin: Mapping[str, Any] | None) -> list[str]:
         text = f"Not computed: the report ran with --no-repro. {then}"
     else:
         text = (
-            f"The report's quick run failed: {esc(origin.get('error', 'unknown error'))} "
+            f"The report's quick run failed: {esc(origin.get('failure', 'unknown error'))} "
             f"(command {_code(origin.get('command', '?'))}). {then}"
         )
     return [f'<p class="note">{text.rstrip()}</p>']

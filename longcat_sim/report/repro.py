@@ -35,10 +35,12 @@ QUICK_DETERMINISM = (
     "--byte-budget", "65536", "--workers", "2", "--no-progress",
 )  # fmt: skip
 # One flip per (site, bit): a low and a high mantissa bit, the lowest exponent bit, the
-# highest exponent bit and the sign of a float32; few clean steps and attribution events.
+# highest exponent bit and the sign of a float32; few clean steps and attribution events,
+# one round of the guard's overhead.
 QUICK_SDC = (
     "sdc", "--model", "tiny", "--sites", "all", "--bits", "0,20,23,30,31", "--trials", "1",
-    "--clean-runs", "10", "--attribution-events", "3", "--seed", "0", "--threads", "1",
+    "--clean-runs", "10", "--attribution-events", "3", "--overhead-rounds", "1", "--seed", "0",
+    "--threads", "1",
 )  # fmt: skip
 QUICK = {"determinism": QUICK_DETERMINISM, "sdc": QUICK_SDC}
 # the full-size runs of the README
@@ -122,7 +124,7 @@ def quick_run(name: str, runner: Runner, cache_dir: Path, code: str) -> Quick:
     except Exception as exc:  # shown on the page and on stderr
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         warning = f"the report's quick {name} run failed ({error}); its section says so"
-        return Quick(None, {**origin, "source": "failed", "error": error}, warning=warning)
+        return Quick(None, {**origin, "source": "failed", "failure": error}, warning=warning)
     origin |= {"source": "report", "seconds": section.get("seconds")}
     return Quick(result, origin, cached=hit)
 

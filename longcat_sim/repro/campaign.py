@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +116,11 @@ class Rig:
         )
         self.pool: list[Snapshot] = []
         self.history: list[tuple[float, float]] = []
-        for _ in range(cc.states):
-            self.pool.append(self._snapshot())
+        for _ in range(cc.states):  # each state after steps (the optimizer has moments)
             for _ in range(cc.chain):
                 record = self.trainer.train_step()
                 self.history.append((float(record["loss"]), float(record["grad_norm"])))
+            self.pool.append(self._snapshot())
         self.goldens = [self.execute(i, None, 0)[0].digest for i in range(len(self.pool))]
 
     def _snapshot(self) -> Snapshot:
@@ -139,22 +140,28 @@ class Rig:
         for check, column in ((self.guard.loss_check, 0), (self.guard.grad_check, 1)):
             check.history = [h[column] for h in self.history[-check.window :]]
 
-    def execute(
-        self, state: int, plan: FaultPlan | None, device: int
-    ) -> tuple[Outcome, dict[str, Any]]:
-        """One step from pool state ``state`` with ``plan``'s faults on ``device``."""
-        self.start(state)
+    @contextmanager
+    def planted(self, plan: FaultPlan | None) -> Iterator[None]:
+        """``plan``'s faults planted in the trainer for the block (none when None)."""
         injector = None
         if plan is not None:
             injector = ModelFaultInjector(self.trainer.model, plan)
             injector.attach_trainer(self.trainer)
         self.guard.faults = injector
         try:
-            return self.guard.execute(device)
+            yield
         finally:
             self.guard.faults = None
             if injector is not None:
                 injector.close()
+
+    def execute(
+        self, state: int, plan: FaultPlan | None, device: int
+    ) -> tuple[Outcome, dict[str, Any]]:
+        """One step from pool state ``state`` with ``plan``'s faults on ``device``."""
+        self.start(state)
+        with self.planted(plan):
+            return self.guard.execute(device)
 
 
 def draw_fault(
@@ -275,19 +282,10 @@ def attribution_trials(rig: Rig, cc: CampaignConfig, on_event: Callable[[], None
                 fault = _effective_fault(rig, state, rng, sites, kind == PERSISTENT)
                 plan = FaultPlan([fault])
                 rig.start(state)
-            injector = None
-            if plan is not None:
-                injector = ModelFaultInjector(rig.trainer.model, plan)
-                injector.attach_trainer(rig.trainer)
-            rig.guard.faults = injector
-            try:
+            with rig.planted(plan):
                 original, alarms = rig.guard.execute(0)
                 flagged[kind] += bool(alarms)
                 label, _ = rig.guard.attribute(original)
-            finally:
-                rig.guard.faults = None
-                if injector is not None:
-                    injector.close()
             confusion[kind][label] += 1
             if on_event is not None:
                 on_event()
@@ -407,16 +405,21 @@ def total_units(cc: CampaignConfig) -> int:
     return trials + cc.clean_runs + 3 * cc.attribution_events
 
 
-OVERHEAD_SETS = {"abft_validators": ("abft", "validators"), "guard": ONLINE}
+OVERHEAD_SETS: dict[str, tuple[str, ...]] = {
+    "abft_validators": ("abft", "validators"),
+    "guard": ONLINE,
+}
 
 
 def guard_overhead(
-    make_trainer: Callable[[str], Any], rounds: int = 5, steps: int = 4, warmup: int = 2
+    make_trainer: Callable[[str], Any], rounds: int = 5, steps: int = 2, warmup: int = 2
 ) -> dict[str, float]:
     """Per-step time of guarded training over unguarded, as ratios minus one: ``abft_validators``
     (ABFT and the validators, with the snapshot the replays need) and ``guard`` (every online
-    detector). Medians of paired rounds: each round times ``steps`` steps from one state
-    unguarded, then with each detector set."""
+    detector). Each round times ``steps`` steps from one state on each side, in an order that
+    rotates from round to round, with the process's CPU clock (other processes' load touches
+    every side alike); the result is the median of the per-round ratios."""
+    sides = ("plain", *OVERHEAD_SETS)
     with tempfile.TemporaryDirectory(prefix="sdc-overhead-") as tmp:
         trainer = make_trainer(tmp)
         for _ in range(warmup):
@@ -424,21 +427,29 @@ def guard_overhead(
         start = Snapshot()
         start.take(trainer)
         ratios: dict[str, list[float]] = {name: [] for name in OVERHEAD_SETS}
-        for _ in range(rounds):
-            start.restore(trainer)
-            base = _timed_steps(trainer.train_step, steps)
-            for name, detectors in OVERHEAD_SETS.items():
+        for r in range(rounds):
+            seconds = {}
+            for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
                 start.restore(trainer)
-                guard = SdcGuard(trainer, GuardSettings(detectors=(*detectors,)))
-                try:
-                    ratios[name].append(_timed_steps(guard.step, steps) / base - 1.0)
-                finally:
-                    guard.close()
+                seconds[side] = _timed_side(trainer, side, steps)
+            for name in OVERHEAD_SETS:
+                ratios[name].append(seconds[name] / seconds["plain"] - 1.0)
     return {name: float(np.median(values)) for name, values in ratios.items()}
 
 
+def _timed_side(trainer: Any, side: str, steps: int) -> float:
+    """CPU seconds of ``steps`` steps, unguarded (``plain``) or with a detector set."""
+    if side == "plain":
+        return _timed_steps(trainer.train_step, steps)
+    guard = SdcGuard(trainer, GuardSettings(detectors=OVERHEAD_SETS[side]))
+    try:
+        return _timed_steps(guard.step, steps)
+    finally:
+        guard.close()
+
+
 def _timed_steps(step: Callable[[], Any], steps: int) -> float:
-    begin = time.perf_counter()
+    begin = time.process_time()
     for _ in range(steps):
         step()
-    return time.perf_counter() - begin
+    return time.process_time() - begin

@@ -4,13 +4,13 @@
   layers, attention, expert GEMMs, SiLU and softmax; fixed-order gradient norm; deterministic
   torch flags). Budget: at most 10 %.
 - the SDC guard (``longcat_sim/train/guard.py``) against the unguarded step on the ``tiny``
-  model's deterministic training step: ABFT on the expert GEMMs and the combine with the
+  model's deterministic training step (4 sequences of 64 tokens): ABFT on the expert GEMMs and the combine with the
   validators and the snapshot a replay needs (``abft_validators``, budget: at most 10 %), and
   every online detector (``guard``: recompute and the at-rest check too, reported only).
 
-Each round times the sides back to back (in rotating order) with the process CPU clock, so
-load from other processes on the machine affects them alike; the ratio reported is the median
-over rounds of the per-round ratios.
+Each round times one step of each side back to back (in rotating order) with the process CPU
+clock, so load from other processes on the machine affects them alike; the ratio reported is
+the median over rounds of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import pytest
 from longcat_sim.model.config import get_preset
 from longcat_sim.model.determinism import DeterministicMode
 from longcat_sim.train.config import default_train_config
-from longcat_sim.train.guard import GuardSettings, SdcGuard, Snapshot
+from longcat_sim.train.guard import GuardSettings, SdcGuard
 from tests.repro.sdc_support import make_trainer
 
 ROUNDS = 15
-GUARD_ROUNDS = 15
-GUARD_STEPS = 4  # timed steps per side and round
+GUARD_ROUNDS = 30
+GUARD_BATCH, GUARD_SEQ = 4, 64  # tokens a step: 4 slices of 64 (~80 ms a step, one thread)
 GUARD_SETS = {
     "abft_validators": ("abft", "validators"),
     "guard": ("abft", "recompute", "validators", "at_rest"),
@@ -77,48 +77,38 @@ def test_overhead_of_deterministic_mode(benchmark, small_trainers) -> None:
     assert median <= 0.10, ratios
 
 
-def guard_round(trainer, start: Snapshot, order: list[str]) -> dict[str, float]:
-    """CPU seconds of ``GUARD_STEPS`` steps from state ``start`` for each side in ``order``
-    (``plain``: unguarded), after one untimed step (the guard's first snapshot)."""
-    seconds = {}
-    for name in order:
-        start.restore(trainer)
-        guard = None
-        if name != "plain":
-            guard = SdcGuard(trainer, GuardSettings(detectors=GUARD_SETS[name]))
-        step = guard.step if guard is not None else trainer.train_step
-        try:
-            step()
-            seconds[name] = cpu_seconds(lambda s=step: [s() for _ in range(GUARD_STEPS)])
-            if guard is not None:
-                assert guard.events == [] and guard.clean_steps == GUARD_STEPS + 1
-        finally:
-            if guard is not None:
-                guard.close()
-    return seconds
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_overhead_of_the_sdc_guard(benchmark, tmp_path) -> None:
+    """One trainer per side, from the same start: each round takes one step of each side, so
+    the sides' states (and costs) stay alike step for step."""
     with DeterministicMode(threads=1):
-        trainer = make_trainer(tmp_path)
-        for _ in range(2):  # warm-up, and the optimizer state's layout in place
-            trainer.train_step()
-        start = Snapshot()
-        start.take(trainer)
-        sides = ["plain", *GUARD_SETS]
+        steps: dict[str, Callable[[], object]] = {}
+        guards = []
+        for name in ("plain", *GUARD_SETS):
+            trainer = make_trainer(tmp_path / name, GUARD_BATCH, GUARD_SEQ)
+            steps[name] = trainer.train_step
+            if name != "plain":
+                guards.append(SdcGuard(trainer, GuardSettings(detectors=GUARD_SETS[name])))
+                steps[name] = guards[-1].step
+        for _ in range(2):  # warm-up (allocator, first-touch pages, the optimizer state)
+            for step in steps.values():
+                step()
+        sides = list(steps)
         ratios: dict[str, list[float]] = {name: [] for name in GUARD_SETS}
         rounds = iter(range(10**6))
 
         def one_round() -> None:
             shift = next(rounds) % len(sides)
-            seconds = guard_round(trainer, start, sides[shift:] + sides[:shift])
+            seconds = {name: cpu_seconds(steps[name]) for name in sides[shift:] + sides[:shift]}
             for name in GUARD_SETS:
                 ratios[name].append(seconds[name] / seconds["plain"] - 1)
 
         benchmark.pedantic(one_round, rounds=GUARD_ROUNDS, iterations=1)
 
+    for guard in guards:  # a clean run: no alarm, nothing replayed
+        assert guard.events == [] and guard.clean_steps == guard.steps == GUARD_ROUNDS + 2
+        guard.close()
     medians = {name: statistics.median(values) for name, values in ratios.items()}
     benchmark.extra_info.update({f"{k}_overhead": v for k, v in medians.items()})
     benchmark.extra_info["per_round"] = ratios

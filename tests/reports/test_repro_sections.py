@@ -19,7 +19,7 @@ from tests.reports import sample_report_data
 # the only sdc options the report may rely on (the command is being rewritten)
 SDC_FLAGS = {
     "--model", "--sites", "--bits", "--trials", "--clean-runs", "--attribution-events",
-    "--seed", "--threads",
+    "--seed", "--threads", "--overhead-rounds",
 }  # fmt: skip
 
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
-import torch
 
+from longcat_sim.repro.properties import num_threads
 
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run the block on ``n`` intra-op threads, restoring the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+threads = num_threads  # the block on ``n`` intra-op threads, the previous count restored
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from longcat_sim.train.training import Trainer
 BATCH, SEQ = 2, 32
 
 
-@functools.lru_cache(maxsize=1)
-def _configs_and_data() -> tuple[Any, Any, Any]:
-    cfg, tc = spec_configs(RunSpec(steps=100, train={"batch_size": BATCH, "seq_len": SEQ}))
+@functools.lru_cache(maxsize=2)
+def _configs_and_data(batch: int, seq: int) -> tuple[Any, Any, Any]:
+    cfg, tc = spec_configs(RunSpec(steps=100, train={"batch_size": batch, "seq_len": seq}))
     data = build_corpus_data(
         cfg.vocab_size,
         tc.seq_len,
@@ -31,10 +31,10 @@ def _configs_and_data() -> tuple[Any, Any, Any]:
     return cfg, tc, data
 
 
-def make_trainer(run_dir: str | Path) -> Trainer:
-    """The tiny model's deterministic trainer, batch 2 x 32 tokens (call inside
+def make_trainer(run_dir: str | Path, batch: int = BATCH, seq: int = SEQ) -> Trainer:
+    """The tiny model's deterministic trainer, ``batch`` x ``seq`` tokens a step (call inside
     ``DeterministicMode``)."""
-    cfg, tc, data = _configs_and_data()
+    cfg, tc, data = _configs_and_data(batch, seq)
     return Trainer(cfg, tc, str(run_dir), data=data)
 
 

@@ -35,30 +35,6 @@ def test_determinism_three_runs_on_one_and_two_threads_and_a_planted_flip(
     assert (tmp_path / "run" / "manifest.json").is_file()
 
 
-def test_sdc_json_has_the_promised_keys_and_replay_misses_nothing(tmp_path, capsys) -> None:
-    argv = ["sdc", "--sites", "expert_gemm,combine,weight", "--bits", "0,22-23,30-31"]
-    argv += ["--trials", "2", "--clean-runs", "10", "--attribution-events", "3", "--json"]
-    code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "run")], capsys)
-    assert code == 0, err
-    results = json.loads(out)
-    assert {"results", "false_positives", "clean_runs", "overhead"} <= results.keys()
-    assert len(results["results"]) == 3 * 5 * 3  # sites x bits x detectors
-    for row in results["results"]:
-        assert {"site", "bit", "detector", "detected", "masked", "missed"} <= row.keys()
-        if row["detector"] == "replay":
-            assert row["missed"] == 0
-    assert results["clean_runs"] == 10 and results["false_positives"]["replay"] == 0
-    assert set(results["overhead"]) == {"replay", "recompute", "abft"}
-
-
-def test_sdc_text_names_every_detector(tmp_path, capsys) -> None:
-    argv = ["sdc", "--sites", "combine", "--bits", "31", "--trials", "1", "--clean-runs", "2"]
-    argv += ["--attribution-events", "1", "--run-dir", str(tmp_path / "run")]
-    code, out, _ = run_cli(argv, capsys)
-    assert code == 0
-    assert "replay" in out and "abft" in out and "attribution" in out
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -73,7 +49,7 @@ def test_sdc_text_names_every_detector(tmp_path, capsys) -> None:
         (["sdc", "--bits", "70"], "0..63"),
         (["sdc", "--sites", "disk"], "unknown --sites"),
         (["sdc", "--trials", "0"], "--trials must be positive"),
-        (["sdc", "--model", "longcat-flash"], "run the campaign on tiny or small"),
+        (["sdc", "--model", "longcat-flash"], "train tiny or small"),
         (["sdc", "--sites", "combine", "--bits", "40"], "selects no bit"),
     ],
 )

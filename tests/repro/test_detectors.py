@@ -110,7 +110,7 @@ def test_a_scaled_output_head_is_a_genuine_spike_and_faults_are_not(tmp_path) ->
         rig.close()
 
 
-def test_policy_skip_drops_the_update_and_moves_on(plain, tmp_path) -> None:
+def test_policy_skip_drops_the_update_and_moves_on(tmp_path) -> None:
     trainer = make_trainer(tmp_path)
     injector = trainer_faults(trainer, [Fault(site="expert_gemm", bit=30, index=7, step=1)])
     guard = SdcGuard(trainer, GuardSettings(policy="skip"), faults=injector)
@@ -128,7 +128,7 @@ def test_policy_skip_drops_the_update_and_moves_on(plain, tmp_path) -> None:
 
 
 def test_policy_stop_ends_the_train_loop_with_the_state_before_the_step(tmp_path) -> None:
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path / "stopped")
     fault = Fault(site="expert_gemm", bit=30, index=7, step=2)
     injector = trainer_faults(trainer, [fault])
     guarded(trainer, GuardSettings(policy="stop"), injector)
@@ -137,6 +137,8 @@ def test_policy_stop_ends_the_train_loop_with_the_state_before_the_step(tmp_path
     assert trainer.stopped == summary.stopped and "transient" in summary.stopped
     assert summary.sdc_guard["events"] == 1 and summary.sdc_guard["steps"] == 3
     injector.close()
+    two_steps = run_steps(tmp_path / "two", 2)
+    assert full_digest(trainer) == two_steps.digest  # the state after step 1, as it was
 
 
 # -- ABFT and recompute on captured MoE calls ----------------------------------------------------
@@ -331,6 +333,13 @@ def test_recompute_sees_a_flip_in_its_sampled_block_and_only_there(captured) -> 
                 caught.append((number, name))
     sampled = {number for number, _ in caught}
     assert len(sampled) == 1 and len(caught) == 2  # one sampled block, both its outputs
+
+
+def test_recompute_takes_any_63_bit_seed(captured) -> None:
+    tally = CheckTally()
+    for seed in (0, 2**63 - 1):
+        RecomputeProbe(1, tally, seed=seed).on_experts(captured.experts[0])
+    assert tally.checks == 2 and tally.alarms == 0
 
 
 def test_routing_validator_checks_ids_and_counts() -> None:

@@ -127,6 +127,19 @@ def test_bit_40_flips_only_the_64_bit_routing_sites(tmp_path, capsys, data_cache
     assert results["summary"]["abft_exponent_sign_detection"] is None
 
 
+@pytest.mark.usefixtures("short_pool")
+def test_optimizer_state_alone_with_the_largest_seed(tmp_path, capsys, data_cache) -> None:
+    """Every pool state has AdamW moments to flip (a state before the first step has none: its
+    trials were all masked and no attribution event could be drawn there), and the largest
+    seed drives the sampled recompute."""
+    argv = ["--sites", "optimizer_state", "--bits", "30", "--trials", "2", "--clean-runs", "1"]
+    argv += ["--attribution-events", "2", "--overhead-rounds", "0", "--seed", str(2**63 - 1)]
+    results = sdc([*argv, *SMALL[-2:]], tmp_path / "run", capsys, data_cache)
+    (replay,) = [r for r in results["results"] if r["detector"] == "replay"]
+    assert replay["masked"] == 0 and replay["detected"] == 2
+    assert results["attribution"]["accuracy"]["transient"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
