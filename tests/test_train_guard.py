@@ -57,7 +57,7 @@ def test_bad_guard_flags_are_one_line_and_exit_2(cache, tmp_path, capsys, extra,
 
 def test_a_planted_transient_fault_is_repaired(cache, tmp_path, capsys) -> None:
     code, clean, _ = guarded(cache, tmp_path / "clean", capsys)
-    assert code == 0 and clean["sdc_guard"]["events"] == 0 and clean["stopped"] is None
+    assert code == 0 and clean["sdc_guard"]["alarmed_steps"] == 0 and clean["stopped"] is None
     code, results, records = guarded(
         cache, tmp_path / "run", capsys, "--sdc-inject", "expert_gemm:30:2"
     )
@@ -67,7 +67,7 @@ def test_a_planted_transient_fault_is_repaired(cache, tmp_path, capsys) -> None:
     assert event["attribution"] == "transient" and event["action"] == "continue"
     assert "abft" in event["detectors"]
     guard = results["sdc_guard"]
-    assert guard["events"] == 1 and guard["attribution"]["transient"] == 1
+    assert guard["alarmed_steps"] == 1 and guard["attribution"]["transient"] == 1
     assert guard["policy"] == "continue" and guard["steps"] == 6 and guard["abft_checks"] > 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["sdc_guard"] == guard
     assert results["param_hash"] == clean["param_hash"]  # the replay's clean step was kept

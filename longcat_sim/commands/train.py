@@ -451,7 +451,7 @@ def _guard_lines(summary: TrainSummary) -> list[str]:
         return []
     by = ", ".join(f"{k} {v}" for k, v in guard["attribution"].items())
     lines = [
-        f"  SDC guard          {guard['events']} event(s) in {guard['steps']} steps ({by}); "
+        f"  SDC guard          {guard['alarmed_steps']} event(s) in {guard['steps']} steps ({by}); "
         f"{guard['abft_checks']:,} ABFT checks, policy {guard['policy']}"
     ]
     if summary.stopped:

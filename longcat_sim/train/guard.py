@@ -442,7 +442,7 @@ class SdcGuard:
             "policy": self.settings.policy,
             "steps": self.steps,
             "clean_steps": self.clean_steps,
-            "events": len(self.events),
+            "alarmed_steps": len(self.events),
             "attribution": by,
             "abft_checks": self.tallies["abft"].checks,
             "abft_alarms": self.tallies["abft"].alarms,

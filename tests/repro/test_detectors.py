@@ -55,7 +55,7 @@ def test_a_guarded_clean_run_ends_bitwise_like_an_unguarded_one(plain, tmp_path)
     assert [r["loss"] for r in run.records] == [r["loss"] for r in plain.records]
     assert run.events == []
     summary = run.guard.summary()
-    assert summary["steps"] == summary["clean_steps"] == STEPS and summary["events"] == 0
+    assert summary["steps"] == summary["clean_steps"] == STEPS and summary["alarmed_steps"] == 0
     assert summary["abft_checks"] > 0 and summary["abft_alarms"] == 0
     assert 0 < summary["abft_worst_ratio"] < 1
     assert summary["recompute_checks"] > 0 and summary["routing_checks"] > 0
@@ -135,7 +135,7 @@ def test_policy_stop_ends_the_train_loop_with_the_state_before_the_step(tmp_path
     summary = trainer.train(stop_after=5)
     assert trainer.step == 2 and summary.stopped and "step 2" in summary.stopped
     assert trainer.stopped == summary.stopped and "transient" in summary.stopped
-    assert summary.sdc_guard["events"] == 1 and summary.sdc_guard["steps"] == 3
+    assert summary.sdc_guard["alarmed_steps"] == 1 and summary.sdc_guard["steps"] == 3
     injector.close()
     two_steps = run_steps(tmp_path / "two", 2)
     assert full_digest(trainer) == two_steps.digest  # the state after step 1, as it was
