@@ -93,6 +93,11 @@ def plan_dispatch(
     caller appends ``plan.padding`` zero gates and ``row_multiple`` zero tokens for them).
     ``kernels="triton"`` plans with the Triton kernel (same order; no padding).
     """
+    if int(counts_E.sum()) != topk_idx_TK.numel():  # buffers are sized from the counts
+        raise RuntimeError(
+            f"routing counts add up to {int(counts_E.sum())}, not the {topk_idx_TK.numel()} "
+            "routed slots: the router's output is corrupted"
+        )
     if kernels == "triton":
         if row_multiple > 1:
             raise ValueError("the Triton dispatch plan has no padding rows; use kernels='torch'")

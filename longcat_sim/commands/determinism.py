@@ -204,12 +204,19 @@ def _output(
     if div is not None:
         lines.append(f"  first divergence   run {report.divergent_run}: {div.describe()}")
     config = {**config, "runs": args.runs, "threads": threads, "inject": results["injected"]}
+    warnings = ()
+    if fault is not None and report.all_identical:
+        warnings = (
+            f"--inject {args.inject}: the negative control changed nothing (the fault never "
+            "fired, or it was masked); its run is identical to the others",
+        )
     return CommandOutput(
         results=results,
         text="\n".join(lines),
         config=config,
         config_hash=config_hash(config),
         seeds={"seed": args.seed},
+        warnings=warnings,
         exit_code=0 if report.all_identical else 1,
     )
 

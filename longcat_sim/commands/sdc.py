@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
         clean_runs=args.clean_runs,
         attribution_events=args.attribution_events,
         seed=args.seed,
-        recompute_blocks=args.recompute_experts,
+        recompute_experts=args.recompute_experts,
     )
     if not any(cc.bits_for(s) for s in sites):
         raise UserError(f"--bits {args.bits!r} selects no bit of the chosen sites")
@@ -256,7 +256,7 @@ def _plain(cc: CampaignConfig) -> dict:
         "states": cc.states,
         "chain": cc.chain,
         "seed": cc.seed,
-        "recompute_blocks": cc.recompute_blocks,
+        "recompute_experts": cc.recompute_experts,
     }
 
 
@@ -269,23 +269,28 @@ def _text(results: dict, model: str, args: argparse.Namespace) -> str:
     rates = summary["detection_rate"]
     sites = list(next(iter(rates.values())).keys())
     width = max(len(s) for s in sites)
-    trials = sum(r["detected"] + r["masked"] + r["missed"] for r in results["results"]) // len(
-        DETECTORS
-    )
+    per_site = {site: [0, 0] for site in sites}  # trials, crashed (counted on one detector)
+    for row in results["results"]:
+        if row["detector"] == DETECTORS[0]:
+            n = row["detected"] + row["masked"] + row["missed"] + row["crashed"]
+            per_site[row["site"]][0] += n
+            per_site[row["site"]][1] += row["crashed"]
+    trials = sum(n for n, _ in per_site.values())
     lines = [
         f"SDC campaign on the training step of {model} ({args.batch_size} x {args.seq_len} "
-        f"tokens): {trials} faults ({args.trials} per site and bit), detection over non-masked "
-        "faults",
-        f"  {'site':<{width}}  " + "  ".join(f"{d:>9}" for d in DETECTORS),
+        f"tokens): {trials} faults ({args.trials} per site and bit), detection over the faults "
+        "that changed the step without crashing it",
+        f"  {'site':<{width}}  " + "  ".join(f"{d:>9}" for d in (*DETECTORS, "crashed")),
     ]
     for site in sites:
-        lines.append(
-            f"  {site:<{width}}  " + "  ".join(f"{_pct(rates[d][site]):>9}" for d in DETECTORS)
-        )
+        n, crashed = per_site[site]
+        cells = [f"{_pct(rates[d][site]):>9}" for d in DETECTORS]
+        cells.append(f"{_pct(crashed / n if n else None):>9}")
+        lines.append(f"  {site:<{width}}  " + "  ".join(cells))
     fp = results["false_positives"]
     summary_gemm = summary["abft_expert_gemm_exponent_sign_detection"]
     lines += [
-        f"  false positives over {results['clean_runs']} clean steps: "
+        f"  false positives over {results['clean_runs']} clean runs: "
         + ", ".join(f"{d} {fp[d]}" for d in DETECTORS)
         + f" (ABFT per-check rate {results['abft_false_alarm_rate']:.2g} over "
         f"{results['abft_checks']} checks)",

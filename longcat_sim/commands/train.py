@@ -24,13 +24,14 @@ import torch.distributed as dist
 
 from longcat_sim.commands.base import CommandOutput
 from longcat_sim.config.flags import add_config_flags, set_values
+from longcat_sim.config.hashing import config_hash as hash_config
 from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
 from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ModelConfig, load_model_config
 from longcat_sim.model.determinism import deterministic_config
 from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
-from longcat_sim.repro.inject import SITES, parse_fault, trainer_faults
+from longcat_sim.repro.inject import SITES, check_fault_targets, parse_fault, trainer_faults
 from longcat_sim.runs import claim_run_dir, default_run_dir
 from longcat_sim.train import config as training_config
 from longcat_sim.train import distributed
@@ -269,7 +270,10 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _guard(
-    args: argparse.Namespace, train_cfg: training_config.TrainConfig, nproc: int
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    train_cfg: training_config.TrainConfig,
+    nproc: int,
 ) -> tuple[GuardSettings | None, Any]:
     """The guard's settings and planted faults (checked before any work), or None."""
     if not args.sdc_guard:
@@ -283,6 +287,8 @@ def _guard(
         raise UserError("--sdc-inject runs in one process; drop --nproc")
     if any(f.step >= train_cfg.steps for f in faults):
         raise UserError(f"--sdc-inject: a fault's step is past the last step {train_cfg.steps - 1}")
+    if faults:
+        check_fault_targets(trained_config(model_cfg, train_cfg), faults)
     settings = GuardSettings(policy=args.sdc_policy, seed=train_cfg.seed)
     return settings, functools.partial(trainer_faults, faults=faults) if faults else None
 
@@ -291,6 +297,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
     _check_flags(args)
     model_cfg, train_cfg, checkpoint = _configs(args, args.run_dir)
     config_hash = training_config.run_config_hash(model_cfg, train_cfg)
+    if args.sdc_guard:  # a guarded run, and one with planted faults, is its own configuration
+        config_hash = hash_config({"run": config_hash, **_guard_config(args)})
     if args.run_dir is None:
         args.run_dir = default_run_dir("train", config_hash)
     run_dir = claim_run_dir(args.run_dir, "train")
@@ -307,7 +315,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     _check_kernels(model_cfg, train_cfg, nproc)
     if args.grow_from is not None and world is None:  # before any process starts
         grow_source(args.grow_from, trained_config(model_cfg, train_cfg), train_cfg.steps)
-    guard, faults = _guard(args, train_cfg, nproc)
+    guard, faults = _guard(args, model_cfg, train_cfg, nproc)
     rank_run = distributed.RankRun(
         model_cfg, train_cfg, str(run_dir),
         data_cache=None if args.data_cache is None else str(args.data_cache),
@@ -435,13 +443,31 @@ def _output(
             *_guard_lines(summary),
         ]
     )
+    config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
+    if args.sdc_guard:
+        config.update(_guard_config(args))
     return CommandOutput(
         results=results,
         text=text,
-        config={"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
+        config=config,
+        warnings=_unfired_warnings(summary),
         config_hash=config_hash,
         seeds={"seed": train_cfg.seed, **training_config.derive_seeds(train_cfg.seed)},
         exit_code=1 if summary.stopped else 0,
+    )
+
+
+def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What the manifest (and the run's hash) records of the SDC guard."""
+    return {"sdc_guard": True, "sdc_policy": args.sdc_policy, "sdc_inject": list(args.sdc_inject)}
+
+
+def _unfired_warnings(summary: TrainSummary) -> tuple[str, ...]:
+    guard = summary.sdc_guard or {}
+    return tuple(
+        f"--sdc-inject {f['site']}:{f['bit']}:{f['step']}: the fault never fired (its step did "
+        "not run, or there was nothing to corrupt yet, e.g. optimizer moments before step 1)"
+        for f in guard.get("planted_unfired", [])
     )
 
 

@@ -8,8 +8,9 @@ each in a step taken from a pool of states reached by clean training, and per de
 ends as
 
 - ``masked``: the faulty step left bitwise the same state and loss as the clean step;
-- ``detected``: otherwise, when the detector raised an alarm (a step that failed counts as
-  detected by every detector, ``crashed`` counts these);
+- ``crashed``: otherwise, when the step failed outright (visible to anyone; counted apart,
+  in no detector's rate);
+- ``detected``: otherwise, when the detector raised an alarm;
 - ``missed``: otherwise.
 
 Detectors: ``replay`` (the step replayed from its snapshot on another device and compared bit
@@ -60,7 +61,7 @@ class CampaignConfig:
     states: int = 8
     chain: int = 10
     seed: int = 0
-    recompute_blocks: int = 1
+    recompute_experts: int = 1
 
     def bits_for(self, site: str) -> list[int]:
         width = site_bits(site)
@@ -82,6 +83,7 @@ class CampaignResult:
     false_positives: dict[str, int]
     clean_runs: int
     abft_checks: int
+    abft_failed_checks: int
     abft_worst_clean_ratio: float
     overhead: dict[str, float]
     attribution: dict[str, Any]
@@ -96,7 +98,8 @@ class CampaignResult:
             "clean_runs": self.clean_runs,
             "overhead": self.overhead,
             "abft_checks": self.abft_checks,
-            "abft_false_alarm_rate": self.false_positives["abft"] / max(1, self.abft_checks),
+            "abft_failed_checks": self.abft_failed_checks,
+            "abft_false_alarm_rate": self.abft_failed_checks / max(1, self.abft_checks),
             "abft_worst_clean_ratio": self.abft_worst_clean_ratio,
             "attribution": self.attribution,
             "summary": self.summary,
@@ -112,7 +115,7 @@ class Rig:
         self._tmp = tempfile.TemporaryDirectory(prefix="sdc-")
         self.trainer = make_trainer(self._tmp.name)
         self.guard = SdcGuard(
-            self.trainer, GuardSettings(seed=cc.seed, recompute_blocks=cc.recompute_blocks)
+            self.trainer, GuardSettings(seed=cc.seed, recompute_experts=cc.recompute_experts)
         )
         self.pool: list[Snapshot] = []
         self.history: list[tuple[float, float]] = []
@@ -217,11 +220,12 @@ def clean_runs(rig: Rig, cc: CampaignConfig, on_run: Callable[[], None] | None) 
     rig.start(len(rig.pool) - 1)
     fp = dict.fromkeys(DETECTORS, 0)
     abft = guard.tallies["abft"]
-    checks, abft.worst_ratio = 0, 0.0
+    checks, failed, abft.worst_ratio = 0, 0, 0.0
     for _ in range(cc.clean_runs):
-        before = abft.checks
+        before, alarms_before = abft.checks, abft.alarms
         outcome, alarms = guard.execute(guard.settings.device)
         checks += abft.checks - before
+        failed += abft.alarms - alarms_before
         for d in ONLINE:
             fp[d] += d in alarms
         fp["guard"] += any(d in alarms for d in ONLINE)
@@ -238,6 +242,7 @@ def clean_runs(rig: Rig, cc: CampaignConfig, on_run: Callable[[], None] | None) 
     return {
         "false_positives": fp,
         "abft_checks": checks,
+        "abft_failed_checks": failed,
         "abft_worst_clean_ratio": abft.worst_ratio,
     }
 
@@ -301,7 +306,8 @@ def attribution_trials(rig: Rig, cc: CampaignConfig, on_event: Callable[[], None
 
 
 def _rate(t: Tally) -> float | None:
-    """Detected over non-masked trials; None (JSON null) when every trial was masked."""
+    """Detected over the trials that changed the step without crashing it; None (JSON null)
+    when there were none."""
     effective = t.detected + t.missed
     return t.detected / effective if effective else None
 
@@ -353,11 +359,7 @@ def fault_trials(rig: Rig, cc: CampaignConfig, tick: Callable[[], None] | None) 
                 fault = draw_fault(site, bit, rng, rig.pool[state].step, targets)
                 for det, result in fault_trial(rig, state, fault).items():
                     t = tallies.setdefault((site, bit, det), Tally())
-                    if result == "crashed":
-                        t.crashed += 1
-                        t.detected += 1
-                    else:
-                        setattr(t, result, getattr(t, result) + 1)
+                    setattr(t, result, getattr(t, result) + 1)
                 trial_no += 1
                 if tick is not None:
                     tick()
@@ -391,6 +393,7 @@ def run_campaign(
         false_positives=clean["false_positives"],
         clean_runs=cc.clean_runs,
         abft_checks=clean["abft_checks"],
+        abft_failed_checks=clean["abft_failed_checks"],
         abft_worst_clean_ratio=clean["abft_worst_clean_ratio"],
         overhead=overhead or {},
         attribution=attribution,

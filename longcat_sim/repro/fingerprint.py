@@ -22,13 +22,14 @@ fresh process (what ``longcat-sim determinism`` launches).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,13 @@ def state_tensors(
 
 
 def fingerprint_step(
-    trainer: Any, *, capture: Iterable[tuple[str, str]] = ()
+    trainer: Any,
+    *,
+    capture: Iterable[tuple[str, str]] = (),
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[StepFingerprint, dict[tuple[str, str], torch.Tensor], dict[str, Any] | None]:
-    """Run ``trainer.train_step()`` and fingerprint it; returns (fingerprint, captured, record).
+    """Run ``trainer.train_step()``, then ``after_step()`` (e.g. a fault landing in the updated
+    state) before the state is fingerprinted; returns (fingerprint, captured, record).
 
     A step that raises (e.g. a diverged loss) ends its fingerprint with an ``error`` entry
     after the activations recorded so far, and the record is None.
@@ -186,6 +191,8 @@ def fingerprint_step(
         digest = hashlib.sha256(failure.encode()).hexdigest()
         entries.append(Entry("<step>", "error", digest))
         return StepFingerprint(step, tuple(entries)), captured, None
+    if after_step is not None:
+        after_step()
     for name in LOSS_FIELDS:
         if name in record:
             entries.append(Entry("loss", name, value_digest(record[name])))
@@ -315,17 +322,17 @@ def fingerprint_run(spec: RunSpec) -> RunRecord:
             for _ in range(spec.steps):
                 step = trainer.step
                 keys = [spec.capture[1:]] if spec.capture and spec.capture[0] == step else []
+                after = None
                 if injector is not None:
                     injector.begin_step(step)
-                fp, got, record = fingerprint_step(trainer, capture=keys)
+                    after = functools.partial(injector.end_step, trainer.optimizer)
+                fp, got, record = fingerprint_step(trainer, capture=keys, after_step=after)
                 fingerprints.append(fp)
                 if keys and tuple(keys[0]) in got:
                     captured = got[tuple(keys[0])]
                 if record is None:
                     losses.append(math.nan)
                     break
-                if injector is not None:
-                    injector.end_step(trainer.optimizer)
                 losses.append(float(record["loss"]))
             if injector is not None:
                 injector.close()

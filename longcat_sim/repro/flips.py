@@ -10,7 +10,8 @@ and runs the step:
 ``activation``      the first tensor output of a module, in the forward pass
 ``gradient``        a parameter's gradient once backward has accumulated it
 ``optimizer_state`` the parameter's first optimizer moment (``exp_avg`` or
-                    ``momentum_buffer``), before the step reads it
+                    ``momentum_buffer``; ``NAME:exp_avg_sq`` the second), before the
+                    step reads it
 ==================  ===================================================================
 
 Detectors: ``replay`` restores the snapshot and reruns the step without the fault (a
@@ -18,7 +19,9 @@ transient fault does not recur); it detects when the two state digests differ.
 ``validators`` flag a non-finite loss, gradient or parameter, or a loss above ``spike`` times
 the median of the last ``window`` clean losses. Per trial and detector the outcome is
 ``masked`` when the faulty step's state digest (parameters, buffers and optimizer state after
-the step) equals the clean one, else ``detected`` or ``missed``.
+the step) equals the clean one, ``crashed`` when the faulty step raised (counted apart from
+the others), else ``detected`` or ``missed``. A step that raises without a fault is a
+:class:`~longcat_sim.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from longcat_sim.repro.targets import MODEL_SITES, check_target, default_target
 
 DETECTORS = ("replay", "validators")
 DEFAULT_BITS = (0, 22, 23, 30, 31)
+OUTCOMES = ("detected", "masked", "missed", "crashed")
 
 
 def state_digest(exp: Experiment) -> str:
@@ -73,8 +77,12 @@ def restore(exp: Experiment, snap: dict[str, Any]) -> None:
     torch.set_rng_state(snap["rng"])
 
 
-def _moment(exp: Experiment, param: torch.Tensor) -> torch.Tensor:
+def _moment(exp: Experiment, param: torch.Tensor, key: str = "") -> torch.Tensor:
     state = {} if exp.optimizer is None else exp.optimizer.state.get(param, {})
+    if key:
+        if not isinstance(state.get(key), torch.Tensor):
+            raise UserError(f"the optimizer keeps no {key!r} for the target parameter")
+        return state[key]
     for key in ("exp_avg", "momentum_buffer"):
         if isinstance(state.get(key), torch.Tensor):
             return state[key]
@@ -102,11 +110,12 @@ def planted(exp: Experiment, site: str, target: str, index: int, bit: int) -> It
         module = dict(exp.model.named_modules())[target]
         handles.append(module.register_forward_hook(hook))
     else:
-        param = dict(exp.model.named_parameters())[target]
+        name, _, key = target.partition(":")
+        param = dict(exp.model.named_parameters())[name]
         if site == "weight":
             flip_bit_(param.data, index, bit)
         elif site == "optimizer_state":
-            flip_bit_(_moment(exp, param), index, bit)
+            flip_bit_(_moment(exp, param, key), index, bit)
         else:
 
             def grad_hook(p: torch.Tensor) -> None:
@@ -142,17 +151,34 @@ def _run(exp: Experiment, step: int) -> tuple[float, str]:
     return loss, state_digest(exp)
 
 
+def _clean_run(exp: Experiment, step: int) -> tuple[float, str]:
+    """:func:`_run` of a step without a fault, which must not raise."""
+    try:
+        return _run(exp, step)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise UserError(
+            f"step {step} raised {type(exc).__name__}: {first} without a fault; "
+            "fix the experiment's step"
+        ) from None
+
+
 def _trial(
     exp: Experiment, snap: dict[str, Any], fault: tuple[str, str, int, int], ctx: dict[str, Any]
 ) -> dict[str, str]:
     """One faulty step and its replay; the outcome for each detector."""
     site, target, index, bit = fault
     restore(exp, snap)
-    with planted(exp, site, target, index, bit):
-        loss, digest = _run(exp, ctx["step"])
+    try:
+        with planted(exp, site, target, index, bit):
+            loss, digest = _run(exp, ctx["step"])
+    except UserError:
+        raise
+    except Exception:
+        return dict.fromkeys(DETECTORS, "crashed")
     flagged = validators_flag(exp, loss, ctx["recent"], ctx["spike"])
     restore(exp, snap)
-    _, replayed = _run(exp, ctx["step"])
+    _, replayed = _clean_run(exp, ctx["step"])
     if digest == ctx["clean_digest"]:
         return dict.fromkeys(DETECTORS, "masked")
     return {
@@ -180,17 +206,17 @@ def run_campaign(
     chosen = {s: (targets or {}).get(s) or default_target(exp.model, s) for s in sites}
     for site, target in chosen.items():
         check_target(exp.model, site, target)
-    recent = [float(exp.step(i).detach().double().item()) for i in range(warmup)][-window:]
+    recent = [_clean_run(exp, i)[0] for i in range(warmup)][-window:]
     snap = snapshot(exp)
-    clean_loss, clean_digest = _run(exp, warmup)
+    clean_loss, clean_digest = _clean_run(exp, warmup)
     ctx = {"step": warmup, "recent": recent, "spike": spike, "clean_digest": clean_digest}
     clean_flag = validators_flag(exp, clean_loss, recent, spike)
     restore(exp, snap)
-    clean_replay = _run(exp, warmup)[1]
+    clean_replay = _clean_run(exp, warmup)[1]
     rng, rows = random.Random(seed), []
     for site in sites:
         for bit in bits:
-            counts = {d: {"detected": 0, "masked": 0, "missed": 0} for d in DETECTORS}
+            counts = {d: dict.fromkeys(OUTCOMES, 0) for d in DETECTORS}
             for _ in range(trials):
                 fault = (site, chosen[site], rng.randrange(2**31), bit)
                 for detector, outcome in _trial(exp, snap, fault, ctx).items():
@@ -263,7 +289,8 @@ def describe_campaign(report: dict[str, Any]) -> str:
     for row in report["results"]:
         lines.append(
             f"  {row['site']:<16} bit {row['bit']:>2}  {row['detector']:<10} "
-            f"detected {row['detected']}  masked {row['masked']}  missed {row['missed']}"
+            f"detected {row['detected']}  masked {row['masked']}  missed {row['missed']}  "
+            f"crashed {row['crashed']}"
         )
     fp = report["clean"]["false_positives"]
     lines.append(f"  clean step flagged: replay {fp['replay']}, validators {fp['validators']}")

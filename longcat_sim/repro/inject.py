@@ -4,11 +4,11 @@ Sites (:data:`SITES`):
 
 ==================  ======================================================================
 ``weight``          a parameter at rest, flipped before the step reads it
-``activation``      a module output (in the MoE step: the SwiGLU hidden between expert GEMMs)
-``expert_gemm``     an expert GEMM output (``target`` ``gate_up``, fused gate and up, or ``down``)
+``activation``      a module output (e.g. a dense FFN's or an attention's)
+``expert_gemm``     an expert GEMM output (``target`` ``MOE:gate``, ``MOE:up`` or ``MOE:down``)
 ``combine``         the MoE combine output
 ``gradient``        a parameter gradient after backward, before the optimizer reads it
-``optimizer_state`` an AdamW moment after the update
+``optimizer_state`` an AdamW moment (at rest before a step, or right after the update)
 ``routing_indices`` the router's top-k expert ids (int64)
 ``routing_counts``  the router's tokens-per-expert counts (int64)
 ==================  ======================================================================
@@ -17,9 +17,9 @@ A :class:`Fault` is *transient* (fires once, at ``step``) or *persistent* (fires
 run on simulated device ``device``: a faulty chip). Bits count from the least significant:
 for float32, 0-22 are the mantissa, 23-30 the exponent and 31 the sign.
 
-:class:`ModelFaultInjector` places a fault in a full ``LongcatFlashForCausalLM`` through hooks
-(used by the determinism harness for its negative control); the SDC campaign's MoE-layer step
-calls :meth:`StepInjector.at` at each site itself.
+:class:`ModelFaultInjector` places faults in a model's real training step through forward hooks,
+gradient hooks and the MoE's probe points (``model/probes.py``): the determinism harness's
+negative control, ``train --sdc-inject`` and the SDC campaign all use it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from longcat_sim.errors import UserError
-from longcat_sim.model.probes import CombineCall, MoEProbe, add_probe, remove_probe
+from longcat_sim.model.probes import GEMMS, CombineCall, MoEProbe, add_probe, remove_probe
 
 SITES = (
     "weight",
@@ -196,12 +196,14 @@ class FaultPlan:
     def __init__(self, faults: list[Fault] | tuple[Fault, ...]) -> None:
         self.faults = list(faults)
         self._consumed: set[int] = set()
+        self.fired: set[int] = set()  # ids of the faults that fired at least once
 
     def injector(self, step: int, device: int) -> StepInjector:
         live = [f for i, f in enumerate(self.faults) if f.persistent or i not in self._consumed]
         return StepInjector(live, step, device, on_fire=self._consume)
 
     def _consume(self, fault: Fault) -> None:
+        self.fired.add(id(fault))
         if not fault.persistent:
             for i, f in enumerate(self.faults):
                 if f is fault:
@@ -258,6 +260,17 @@ class ModelFaultInjector:
             raise ValueError(f"fault target module {name!r} does not exist in the model")
         if fault.site == "expert_gemm" and not hasattr(self._module(name), "probe"):
             raise ValueError(f"fault target {name!r} of site 'expert_gemm' is not a MoE layer")
+        _, _, part = target.partition(":")
+        if fault.site == "expert_gemm" and part not in ("", *GEMMS):
+            raise ValueError(
+                f"expert_gemm target {target!r} names no GEMM; use {name}:gate, :up or :down"
+            )
+        if fault.site == "optimizer_state" and part not in ("", "exp_avg", "exp_avg_sq"):
+            raise ValueError(
+                f"optimizer_state target {target!r}: the moment is exp_avg or exp_avg_sq"
+            )
+        if fault.site not in ("expert_gemm", "optimizer_state") and part:
+            raise ValueError(f"fault target {target!r} of site {fault.site!r} takes no ':' part")
         return target
 
     def _module(self, name: str) -> nn.Module:
@@ -359,6 +372,11 @@ class ModelFaultInjector:
             finally:
                 self.optimizer = None
 
+    def unfired(self) -> list[Fault]:
+        """The planted faults that never fired (their step never ran, or nothing was there to
+        corrupt, e.g. optimizer moments before the first update)."""
+        return [f for f in self.plan.faults if id(f) not in self.plan.fired]
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -424,6 +442,19 @@ def parse_fault(text: str, flag: str = "--inject") -> Fault:
         )
     except ValueError as exc:
         raise UserError(f"{flag} {text!r}: {exc}") from None
+
+
+def check_fault_targets(cfg: Any, faults: list[Fault]) -> None:
+    """Resolve ``faults``' targets on ``cfg``'s model built on the meta device (no memory, no
+    time): a target the model lacks is a one-line error before any work."""
+    from longcat_sim.model.transformer import LongcatFlashForCausalLM
+
+    with torch.device("meta"):
+        model = LongcatFlashForCausalLM(cfg)
+    try:
+        ModelFaultInjector(model, FaultPlan(faults)).close()
+    except ValueError as exc:
+        raise UserError(f"--sdc-inject: {exc}") from None
 
 
 def trainer_faults(trainer: Any, faults: list[Fault]) -> ModelFaultInjector:

@@ -11,6 +11,7 @@ several and localises the first divergent (step, module, tensor).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -42,12 +43,20 @@ WORKER = "longcat_sim.repro.entry_worker"
 
 
 def fingerprint_experiment_step(
-    experiment: Experiment, step: int, *, capture: Iterable[tuple[str, str]] = ()
+    experiment: Experiment,
+    step: int,
+    *,
+    capture: Iterable[tuple[str, str]] = (),
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[StepFingerprint, dict[tuple[str, str], torch.Tensor], float]:
-    """Run ``experiment.step(step)`` under forward hooks; (fingerprint, captured, loss)."""
+    """Run ``experiment.step(step)`` under forward hooks, then ``after_step()`` (e.g. a fault
+    landing in the updated state) before the state is fingerprinted; (fingerprint, captured,
+    loss)."""
     wanted = set(capture)
     with ActivationRecorder(experiment.model, capture=wanted) as recorder:
         loss = experiment.step(step)
+    if after_step is not None:
+        after_step()
     entries, captured = list(recorder.entries), dict(recorder.captured)
     value = float(loss.detach().double().item())
     entries.append(Entry("loss", "loss", value_digest(value)))
@@ -106,11 +115,13 @@ def run_entry(spec: EntrySpec) -> RunRecord:
         fingerprints, losses, captured = [], [], None
         for step in range(spec.steps):
             keys = [spec.capture[1:]] if spec.capture and spec.capture[0] == step else []
+            after = None
             if injector is not None:
                 injector.begin_step(step)
-            fp, got, loss = fingerprint_experiment_step(experiment, step, capture=keys)
-            if injector is not None and experiment.optimizer is not None:
-                injector.end_step(experiment.optimizer)
+                after = functools.partial(injector.end_step, experiment.optimizer)
+            fp, got, loss = fingerprint_experiment_step(
+                experiment, step, capture=keys, after_step=after
+            )
             fingerprints.append(fp)
             losses.append(loss)
             if keys and tuple(keys[0]) in got:

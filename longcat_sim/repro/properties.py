@@ -6,9 +6,11 @@ whose outputs differ. Outputs are aligned by their leading dimension: a tensor w
 dimension is the batch (``B``) or the batch's tokens flattened (``B * T`` for inputs of shape
 ``(B, T, ...)``) is compared row by row; a tensor with leading dimension 1 or a scalar (e.g. a
 rotary table broadcast over the batch) is compared whole; any other (e.g. tokens grouped by
-expert inside an MoE) is not comparable row by row and is skipped. Under a permutation, a
-tensor bitwise unchanged between the two calls agrees whatever its shape (a positional table
-whose length happens to equal the batch size).
+expert inside an MoE) is not comparable row by row and is skipped (``skipped`` counts these).
+Under a permutation, a submodule's tensor bitwise unchanged between the two calls agrees
+whatever its shape (a positional table whose length happens to equal the batch size). The
+model's own output (what ``forward`` returns) is always compared row by row: one that does not
+line up with the batch is a ValueError asking for a ``forward`` that returns ``[B, ...]``.
 
 - :func:`batch_invariance`: row ``index`` computed alone equals row ``index`` of the batch;
 - :func:`permutation_invariance`: permuting the batch permutes every output row the same way;
@@ -34,11 +36,15 @@ import torch
 from torch import nn
 
 from longcat_sim.repro.trace import (
+    ROOT,
     Align,
     ModuleDivergence,
+    Traced,
     bitwise_equal,
+    compare_traces,
     first_module_divergence,
     trace_outputs,
+    with_output,
 )
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
@@ -55,16 +61,20 @@ class PropertyViolation(AssertionError):
 @dataclass(frozen=True)
 class PropertyResult:
     """Whether ``name`` held; if not, the first divergent module. ``compared`` counts the
-    tensor pairs compared."""
+    tensor pairs compared, ``skipped`` the module outputs not comparable with the batch."""
 
     name: str
     holds: bool
     divergence: ModuleDivergence | None
     compared: int
+    skipped: int = 0
 
     def describe(self) -> str:
         if self.holds:
-            return f"{self.name} holds ({self.compared} bitwise comparisons)"
+            return (
+                f"{self.name} holds ({self.compared} bitwise comparisons, "
+                f"{self.skipped} tensors skipped as not aligned with the batch)"
+            )
         where = self.divergence.describe() if self.divergence else "no module output"
         return f"{self.name} fails: first divergence at {where}"
 
@@ -81,11 +91,14 @@ class PropertyResult:
             "holds": self.holds,
             "divergence": div,
             "compared": self.compared,
+            "skipped": self.skipped,
         }
 
 
-def result(name: str, divergence: ModuleDivergence | None, compared: int) -> PropertyResult:
-    return PropertyResult(name, divergence is None, divergence, compared)
+def result(
+    name: str, divergence: ModuleDivergence | None, compared: int, skipped: int = 0
+) -> PropertyResult:
+    return PropertyResult(name, divergence is None, divergence, compared, skipped)
 
 
 def expect_counterexample(outcome: PropertyResult) -> ModuleDivergence:
@@ -153,6 +166,51 @@ def tokens_per_row(batch: torch.Tensor) -> int | None:
     return int(batch.shape[1]) if batch.dim() >= 2 else None
 
 
+def _unaligned(t: torch.Tensor, batch: int) -> ValueError:
+    return ValueError(
+        f"the model's output of shape {tuple(t.shape)} does not line up with the batch of "
+        f"{batch} rows; pass forward= returning a tensor of shape [B, ...]"
+    )
+
+
+def root_slice_align(start: int, stop: int, batch: int, per_row: int | None = None) -> Align:
+    """:func:`slice_align` for the model's own output: it must be rows of the batch."""
+    n = stop - start
+
+    def align(a: torch.Tensor, b: torch.Tensor):
+        if n == batch and a.shape == b.shape:
+            return a, b
+        rows_a, rows_b = _rows(a, n, per_row), _rows(b, batch, per_row)
+        if rows_a is None or rows_b is None or rows_a.shape[1:] != rows_b.shape[1:]:
+            raise _unaligned(b, batch)
+        return rows_a, rows_b[start:stop]
+
+    return align
+
+
+def root_permutation_align(perm: torch.Tensor, per_row: int | None = None) -> Align:
+    """:func:`permutation_align` for the model's own output: rows of the batch, permuted,
+    even when the permutation left it bitwise unchanged."""
+    batch = len(perm)
+
+    def align(a: torch.Tensor, b: torch.Tensor):
+        rows_a, rows_b = _rows(a, batch, per_row), _rows(b, batch, per_row)
+        if a.shape != b.shape or rows_a is None or rows_b is None:
+            raise _unaligned(a, batch)
+        return rows_a[perm], rows_b
+
+    return align
+
+
+def _traced(module: nn.Module, forward: Forward, inputs: torch.Tensor) -> Traced:
+    """Every module's outputs, the root's being what ``forward`` returned."""
+    out, traced = trace_outputs(module, lambda: forward(module, inputs))
+    traced = with_output(traced, out)
+    if not any(name == ROOT for name, _, _ in traced):
+        raise ValueError("the model's output holds no tensor; pass forward= returning [B, ...]")
+    return traced
+
+
 # -- the properties ----------------------------------------------------------------------------
 
 
@@ -164,12 +222,11 @@ def batch_invariance(
     size = batch.shape[0]
     if not 0 <= index < size:
         raise ValueError(f"index {index} is outside a batch of {size}")
-    _, alone = trace_outputs(module, lambda: forward(module, batch[index : index + 1]))
-    _, full = trace_outputs(module, lambda: forward(module, batch))
-    div, compared = first_module_divergence(
-        alone, full, slice_align(index, index + 1, size, tokens_per_row(batch))
-    )
-    return result("batch invariance", div, compared)
+    alone = _traced(module, forward, batch[index : index + 1])
+    full = _traced(module, forward, batch)
+    span = (index, index + 1, size, tokens_per_row(batch))
+    found = compare_traces(alone, full, slice_align(*span), root_slice_align(*span))
+    return result("batch invariance", found.divergence, found.compared, found.skipped)
 
 
 @torch.no_grad()
@@ -187,12 +244,13 @@ def permutation_invariance(
     )
     if sorted(perm.tolist()) != list(range(size)):
         raise ValueError(f"{perm.tolist()} is not a permutation of {size} rows")
-    _, plain = trace_outputs(module, lambda: forward(module, batch))
-    _, permuted = trace_outputs(module, lambda: forward(module, batch[perm]))
-    div, compared = first_module_divergence(
-        plain, permuted, permutation_align(perm, tokens_per_row(batch))
+    plain = _traced(module, forward, batch)
+    permuted = _traced(module, forward, batch[perm])
+    per_row = tokens_per_row(batch)
+    found = compare_traces(
+        plain, permuted, permutation_align(perm, per_row), root_permutation_align(perm, per_row)
     )
-    return result("permutation invariance", div, compared)
+    return result("permutation invariance", found.divergence, found.compared, found.skipped)
 
 
 @contextmanager

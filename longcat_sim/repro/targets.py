@@ -26,10 +26,22 @@ def default_target(model: nn.Module, site: str) -> str:
     return matrices[0] if matrices else params[0][0]
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
 def check_target(model: nn.Module, site: str, target: str) -> None:
-    """One line naming the problem when ``target`` is not in the model for ``site``."""
+    """One line naming the problem when ``target`` is not in the model for ``site``
+    (``optimizer_state`` also takes ``NAME:exp_avg`` or ``NAME:exp_avg_sq``)."""
     if site == "activation":
         if target not in dict(model.named_modules()):
             raise UserError(f"module {target!r} is not in the model; name one of its submodules")
-    elif target not in dict(model.named_parameters()):
-        raise UserError(f"parameter {target!r} is not in the model; name one of its parameters")
+        return
+    name, colon, moment = target.partition(":")
+    if site != "optimizer_state" and colon:
+        name = target
+    elif colon and moment not in MOMENTS:
+        raise UserError(
+            f"optimizer moment {moment!r} of {target!r} is unknown; use exp_avg or exp_avg_sq"
+        )
+    if name not in dict(model.named_parameters()):
+        raise UserError(f"parameter {name!r} is not in the model; name one of its parameters")

@@ -97,21 +97,50 @@ def measure(module: str, tensor: str, a: torch.Tensor, b: torch.Tensor) -> Modul
     return ModuleDivergence(module, tensor, max_abs, max_ulp)
 
 
+def with_output(traced: Traced, result: Any) -> Traced:
+    """``traced`` with the root's hooked outputs replaced by ``result``'s tensors (what the
+    call returned: the model's own output), which come last, as the root finishes last."""
+    kept = [entry for entry in traced if entry[0] != ROOT]
+    return kept + [(ROOT, label, t.detach().clone()) for label, t in _tensors(result)]
+
+
+@dataclass(frozen=True)
+class TraceComparison:
+    """The first divergent module (or None), the tensor pairs compared, those skipped."""
+
+    divergence: ModuleDivergence | None
+    compared: int
+    skipped: int
+
+
+def compare_traces(
+    a: Traced, b: Traced, align: Align | None = None, root_align: Align | None = None
+) -> TraceComparison:
+    """Walk ``a`` in execution order against ``b`` (matched by module and label); ``align``
+    selects the parts that must agree, ``root_align`` (when given) those of the root's
+    outputs, which must line up: a root output missing from ``b`` is a ValueError."""
+    others = {(module, label): t for module, label, t in b}
+    compared = skipped = 0
+    for module, label, ta in a:
+        tb = others.get((module, label))
+        strict = module == ROOT and root_align is not None
+        if tb is None and strict:
+            raise ValueError(f"the model's output {label!r} is missing from the second call")
+        chosen = root_align if strict else align
+        pair = None if tb is None else (ta, tb) if chosen is None else chosen(ta, tb)
+        if pair is None:
+            skipped += 1
+            continue
+        compared += 1
+        if not bitwise_equal(*pair):
+            return TraceComparison(measure(module, label, *pair), compared, skipped)
+    return TraceComparison(None, compared, skipped)
+
+
 def first_module_divergence(
     a: Traced, b: Traced, align: Align | None = None
 ) -> tuple[ModuleDivergence | None, int]:
     """(first divergent module in ``a``'s execution order or None, tensors compared).
     Outputs are matched by (module, label); ``align`` selects the parts that must agree."""
-    others = {(module, label): t for module, label, t in b}
-    compared = 0
-    for module, label, ta in a:
-        tb = others.get((module, label))
-        if tb is None:
-            continue
-        pair = (ta, tb) if align is None else align(ta, tb)
-        if pair is None:
-            continue
-        compared += 1
-        if not bitwise_equal(*pair):
-            return measure(module, label, *pair), compared
-    return None, compared
+    found = compare_traces(a, b, align)
+    return found.divergence, found.compared

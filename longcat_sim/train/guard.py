@@ -69,7 +69,7 @@ class GuardSettings:
     spike_factor: float = 10.0
     window: int = 32
     min_history: int = 8
-    recompute_blocks: int = 1
+    recompute_experts: int = 1
     seed: int = 0
     device: int = 0
     other_device: int = 1
@@ -235,7 +235,7 @@ class SdcGuard:
                     index,
                     self.tallies["recompute"],
                     self.settings.seed,
-                    self.settings.recompute_blocks,
+                    self.settings.recompute_experts,
                 )
                 self._probes.append((moe, probe))
         for moe, probe in self._probes:
@@ -301,6 +301,8 @@ class SdcGuard:
         try:
             outcome = Outcome(self.trainer.train_step(), None)
         except Exception as exc:  # a corrupted step may fail anywhere; the failure is its result
+            if self.trainer.world.distributed:
+                raise  # its peers may wait in a collective: the run stops (launch's one line)
             outcome = Outcome(None, f"{type(exc).__name__}: {exc}", exception=exc)
         if digest:
             outcome.digest = state_digest(self.trainer, outcome.record, outcome.error)
@@ -401,7 +403,19 @@ class SdcGuard:
         finally:
             self.seconds["replay"] += time.perf_counter() - start
 
+    def _every_rank(self, alarms: dict[str, Any]) -> dict[str, Any]:
+        """The alarms of every rank (a rank's own prefixed ``rank N``, when several)."""
+        world = self.trainer.world
+        if not world.distributed:
+            return alarms
+        merged: dict[str, Any] = {}
+        for rank, theirs in enumerate(world.gather_objects(alarms)):
+            for detector, seen in theirs.items():  # type: ignore[union-attr]
+                merged.setdefault(detector, []).append(f"rank {rank}: {seen}")
+        return {d: "; ".join(v) for d, v in merged.items()}
+
     def _handle(self, step: int, outcome: Outcome, alarms: dict[str, Any]) -> dict[str, Any]:
+        alarms = self._every_rank(alarms)
         attribution, clean = self.attribute(outcome)
         policy = self.settings.policy
         event = {
@@ -438,7 +452,9 @@ class SdcGuard:
     def summary(self) -> dict[str, Any]:
         """What the guard checked and found over the run (the train results' ``sdc_guard``)."""
         by = {a: sum(e["attribution"] == a for e in self.events) for a in ATTRIBUTIONS}
+        unfired = getattr(self.faults, "unfired", lambda: [])()
         return {
+            "planted_unfired": [dataclasses.asdict(f) for f in unfired],
             "policy": self.settings.policy,
             "steps": self.steps,
             "clean_steps": self.clean_steps,

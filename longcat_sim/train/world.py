@@ -52,6 +52,14 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    def gather_objects(self, value: object) -> list[object]:
+        """Every rank's picklable ``value``, in rank order."""
+        if not self.distributed:
+            return [value]
+        values: list[object] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
     def agree(self, text: str) -> bool:
         """Whether every rank holds the same ``text`` (e.g. a parameter hash)."""
         if not self.distributed:
