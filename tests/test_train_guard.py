@@ -48,6 +48,19 @@ def guarded(cache, out, capsys, *extra: str) -> tuple[int, dict, list[dict]]:
             ["--deterministic", "--sdc-guard", "--sdc-inject", "combine:3:1:model.nope"],
             "'model.nope' does not exist",
         ),
+        (
+            [
+                "--deterministic",
+                "--sdc-guard",
+                "--sdc-inject",
+                "expert_gemm:3:1:model.layers.0.mlp:gate_up",
+            ],
+            "names no GEMM",
+        ),
+        (
+            ["--deterministic", "--sdc-guard", "--nproc", "2", "--sdc-inject", "combine:3:1"],
+            "drop --nproc",
+        ),
     ],
 )
 def test_bad_guard_flags_are_one_line_and_exit_2(cache, tmp_path, capsys, extra, fragment):
@@ -85,3 +98,20 @@ def test_policy_stop_exits_1_with_the_checkpoint_before_the_faulty_step(
     assert [r["step"] for r in records][-1] == 2 and "sdc_stop" in records[-1]
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None and checkpoint.name == "step-00000002"
+
+
+def test_a_fault_that_never_fired_is_a_warning(cache, tmp_path, capsys) -> None:
+    """AdamW has no moments before its first update: a flip planted in them at step 0 finds
+    nothing, and the run says so instead of passing for a clean negative control."""
+    argv = [
+        *base_argv(cache, "--deterministic", "--sdc-guard"),
+        "--sdc-inject",
+        "optimizer_state:30:0",
+    ]
+    code = main([*argv, "--run-dir", str(tmp_path / "run")])
+    _, err = capsys.readouterr()
+    assert code == 0 and "warning: --sdc-inject optimizer_state:30:0: the fault never fired" in err
+    argv[-1] = "optimizer_state:30:1"  # the control: after step 0 there are moments to flip
+    code = main([*argv, "--run-dir", str(tmp_path / "run-1")])
+    _, err = capsys.readouterr()
+    assert code == 0 and "never fired" not in err

@@ -29,7 +29,7 @@ from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
 from longcat_sim.model.transformer import require_runnable
 from longcat_sim.repro.fingerprint import RunSpec, spec_configs
 from longcat_sim.repro.harness import DeterminismReport, check_determinism
-from longcat_sim.repro.inject import SITES, Fault, parse_fault
+from longcat_sim.repro.inject import SITES, Fault, check_fault_targets, parse_fault
 from longcat_sim.runs import config_hash
 
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
     data_cache = None if args.data_cache is None else str(args.data_cache)
     options = {k: getattr(args, k) for k in ("model", "steps", "seed", "byte_budget")}
     spec = RunSpec(**options, deterministic=True, train=train, data_cache=data_cache)
+    if fault is not None:
+        check_fault_targets(spec_configs(spec)[0], [fault], "--inject")
     _warm_data_cache(spec)
     try:
         with _progress(args) as bar:

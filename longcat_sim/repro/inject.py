@@ -444,7 +444,7 @@ def parse_fault(text: str, flag: str = "--inject") -> Fault:
         raise UserError(f"{flag} {text!r}: {exc}") from None
 
 
-def check_fault_targets(cfg: Any, faults: list[Fault]) -> None:
+def check_fault_targets(cfg: Any, faults: list[Fault], flag: str = "--sdc-inject") -> None:
     """Resolve ``faults``' targets on ``cfg``'s model built on the meta device (no memory, no
     time): a target the model lacks is a one-line error before any work."""
     from longcat_sim.model.transformer import LongcatFlashForCausalLM
@@ -454,7 +454,7 @@ def check_fault_targets(cfg: Any, faults: list[Fault]) -> None:
     try:
         ModelFaultInjector(model, FaultPlan(faults)).close()
     except ValueError as exc:
-        raise UserError(f"--sdc-inject: {exc}") from None
+        raise UserError(f"{flag}: {exc}") from None
 
 
 def trainer_faults(trainer: Any, faults: list[Fault]) -> ModelFaultInjector:

@@ -540,3 +540,15 @@ def test_bad_inputs_raise_clear_errors():
         moe.experts(torch.zeros(4, cfg.hidden_size), [4])
     with pytest.raises(ValueError, match="x_SD must be"):
         moe.experts(torch.zeros(4, cfg.hidden_size + 1), [4] + [0] * (cfg.n_routed_experts - 1))
+
+
+def test_routing_counts_that_do_not_add_up_fail_before_sizing_buffers() -> None:
+    """Counts are what the dispatch sizes its buffers from: a corrupted count (a bit flip of
+    2^30) fails at once instead of allocating rows for a billion tokens."""
+    idx = torch.tensor([[0, 1], [1, 2]])
+    counts = torch.bincount(idx.reshape(-1), minlength=4)
+    assert plan_dispatch(idx, counts, 3, 8).counts_N  # the control: consistent counts plan
+    bad = counts.clone()
+    bad[1] ^= 1 << 30
+    with pytest.raises(RuntimeError, match="routing counts add up to"):
+        plan_dispatch(idx, bad, 3, 8)

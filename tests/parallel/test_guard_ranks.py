@@ -6,6 +6,7 @@ unseen until the ranks' parameters disagree at the end (the negative control).""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ def gradient_fault_on_rank_1(trainer) -> ModelFaultInjector:
     """A flip in rank 1's reduced embedding gradient at step 2 (rank r is device r)."""
     fault = Fault(site="gradient", bit=30, step=STEP, device=FAULTY_RANK,
                   target="model.embed_tokens.weight")  # fmt: skip
+    injector = ModelFaultInjector(trainer.model, FaultPlan([fault]))
+    injector.attach_trainer(trainer)
+    return injector
+
+
+def routing_fault_on_rank_1(trainer) -> ModelFaultInjector:
+    """Rank 1's routing ids pushed out of range at step 1: its step fails mid-forward while
+    rank 0 goes on into the expert exchange."""
+    fault = Fault(site="routing_indices", bit=40, step=1, device=FAULTY_RANK)
     injector = ModelFaultInjector(trainer.model, FaultPlan([fault]))
     injector.attach_trainer(trainer)
     return injector
@@ -57,3 +67,26 @@ def test_a_corrupted_rank_is_caught_named_and_repaired(tmp_path, cache) -> None:
     blind = GuardSettings(detectors=("abft", "recompute", "at_rest"))
     with pytest.raises(Exception, match="different parameters"):
         _train(tmp_path / "blind", cache, blind, gradient_fault_on_rank_1)
+
+
+class Hung(Exception):
+    pass
+
+
+def test_a_step_failing_on_one_rank_stops_the_run(tmp_path, cache) -> None:
+    """A step that fails on one rank only cannot be replayed together (its peer waits in a
+    collective): the run stops with the rank's error instead of hanging (an alarm after 120 s
+    would end a hang)."""
+
+    def hung(*_):
+        raise Hung("the run hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(Exception, match="rank 1") as caught:
+            _train(tmp_path / "run", cache, GuardSettings(), routing_fault_on_rank_1)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not isinstance(caught.value, Hung)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from longcat_sim.cli import main
+from longcat_sim.repro.inject import SITES
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -35,6 +36,19 @@ def test_determinism_three_runs_on_one_and_two_threads_and_a_planted_flip(
     assert (tmp_path / "run" / "manifest.json").is_file()
 
 
+@pytest.mark.parametrize("site", SITES)
+def test_every_site_help_lists_is_a_negative_control_found(site, tmp_path, capsys, data_cache):
+    """A flip of bit 30 at step 1 of the last run, at each site ``--help`` names: the runs
+    differ from that step on, so the exit code is 1."""
+    argv = ["determinism", "--steps", "2", "--runs", "2", "--batch-size", "1", "--seq-len", "8"]
+    argv += ["--byte-budget", str(2**18), "--data-cache", data_cache, "--workers", "2"]
+    argv += ["--inject", f"{site}:30:1", "--json", "--run-dir", str(tmp_path / "run")]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 1, err
+    results = json.loads(out)
+    assert results["identical_runs"] == 1 and results["first_divergence"]["step"] == 1
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -45,6 +59,11 @@ def test_determinism_three_runs_on_one_and_two_threads_and_a_planted_flip(
         (["determinism", "--inject", "combine"], "--inject expects"),
         (["determinism", "--steps", "2", "--inject", "combine:1:5"], "past the last step"),
         (["determinism", "--model", "deepseek-v3"], "analytic-only"),
+        (
+            ["determinism", "--inject", "expert_gemm:30:0:model.layers.0.mlp:gate_up"],
+            "names no GEMM",
+        ),
+        (["determinism", "--inject", "weight:30:0:nope"], "'nope' does not exist"),
         (["sdc", "--bits", "x"], "--bits expects"),
         (["sdc", "--bits", "70"], "0..63"),
         (["sdc", "--sites", "disk"], "unknown --sites"),

@@ -159,6 +159,17 @@ def test_a_run_fingerprints_activations_loss_gradients_parameters_and_optimizer_
             "model.layers.1.mlp",
             "output[0]",
         ),
+        # a moment flipped after the last step's update is part of that step's state
+        (
+            dict(
+                site="optimizer_state",
+                bit=30,
+                step=2,
+                target="model.layers.0.mlp.experts.down_proj",
+            ),
+            "model.layers.0.mlp.experts",
+            "state.exp_avg.down_proj",
+        ),
     ],
 )
 def test_negative_control_a_planted_difference_is_localised(
