@@ -203,6 +203,26 @@ def state_digest(trainer: Any, record: dict[str, Any] | None, error: str | None)
     return digest.hexdigest()
 
 
+def disagreeing_ranks(world: Any, params: list[torch.nn.Parameter]) -> list[int]:
+    """The ranks whose gradients of ``params`` have another digest than the largest group of
+    equal ones, or every rank when no group is larger than the others (the same list on every
+    rank)."""
+    digest = hashlib.sha256()
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            hash_update(digest, str(i), p.grad)
+    words = torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).clone()
+    every = [tuple(row.tolist()) for row in world.gather_rows(words)]
+    groups: dict[tuple, list[int]] = {}
+    for rank, value in enumerate(every):
+        groups.setdefault(value, []).append(rank)
+    if len(groups) == 1:
+        return []
+    sizes = sorted((len(g) for g in groups.values()), reverse=True)
+    largest = max(groups.values(), key=len)
+    return [r for r in range(world.size) if sizes[0] == sizes[1] or r not in largest]
+
+
 @dataclass
 class Outcome:
     """A step's result: its record, or the error it raised; ``digest`` of the state after it
@@ -265,27 +285,11 @@ class SdcGuard:
 
     # -- one step --------------------------------------------------------------------------------
     def _gradient_digest(self) -> None:
-        """Cross-check the reduced dense gradients' digest over the ranks (they must agree).
-        Every rank names the same ranks: those outside the largest group of equal digests, or
-        all of them when no group is larger than the others."""
+        """Cross-check the reduced dense gradients' digest over the ranks (they must agree)."""
         world = self.trainer.world
-        if not world.distributed:
-            return
-        digest = hashlib.sha256()
-        for i, p in enumerate(self.trainer.stepper.dense):
-            if p.grad is not None:
-                hash_update(digest, str(i), p.grad)
-        words = torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).clone()
-        every = [tuple(row.tolist()) for row in world.gather_rows(words)]
-        groups: dict[tuple, list[int]] = {}
-        for rank, value in enumerate(every):
-            groups.setdefault(value, []).append(rank)
-        if len(groups) == 1:
-            return
-        sizes = sorted((len(g) for g in groups.values()), reverse=True)
-        largest = max(groups.values(), key=len)
-        odd = [r for r in range(world.size) if sizes[0] == sizes[1] or r not in largest]
-        self.grad_digests.extend(f"rank {r}" for r in odd)
+        if world.distributed:
+            odd = disagreeing_ranks(world, self.trainer.stepper.dense)
+            self.grad_digests.extend(f"rank {r}" for r in odd)
 
     def execute(self, device: int, *, digest: bool = True) -> tuple[Outcome, dict[str, Any]]:
         """Execute the step on simulated ``device`` from the current state: the faults of the
