@@ -97,9 +97,16 @@ class Snapshot:
         self.optimizer: dict[str, Any] = {}
         self.controller: Any = None
         self.step = 0
+        self._listed: tuple[Any, list[str], list[torch.Tensor]] | None = None
 
-    @staticmethod
-    def _live(trainer: Any) -> tuple[list[str], list[torch.Tensor]]:
+    def _live(self, trainer: Any) -> tuple[list[str], list[torch.Tensor]]:
+        """Names and tensors of the live state. Kept from call to call while the optimizer
+        holds the same state objects (its tensors are updated in place); a restore, or the
+        optimizer's first step, lists them again."""
+        first = next(iter(trainer.optimizer.state.values()), {})
+        key = (id(trainer), len(trainer.optimizer.state), id(next(iter(first.values()), None)))
+        if self._listed is not None and self._listed[0] == key:
+            return self._listed[1], self._listed[2]
         model, optimizer = trainer.model, trainer.optimizer
         names, tensors = [], []
         for name, value in (*model.named_parameters(), *model.named_buffers()):
@@ -107,10 +114,11 @@ class Snapshot:
             tensors.append(value)
         for index, param in enumerate(model.parameters()):
             state = optimizer.state.get(param)
-            for key, value in (state or {}).items():
+            for key_name, value in (state or {}).items():
                 if isinstance(value, torch.Tensor):
-                    names.append(f"optimizer.{index}.{key}")
+                    names.append(f"optimizer.{index}.{key_name}")
                     tensors.append(value)
+        self._listed = (key, names, tensors)
         return names, tensors
 
     @torch.no_grad()
@@ -126,9 +134,11 @@ class Snapshot:
 
     @torch.no_grad()
     def restore(self, trainer: Any) -> None:
+        self._listed = None
         names, tensors = self._live(trainer)
         if names != self.names:
             trainer.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+            self._listed = None
             names, tensors = self._live(trainer)
         torch._foreach_copy_(tensors, self.copies)
         trainer.controller.load_state_dict(copy.deepcopy(self.controller))
