@@ -159,6 +159,12 @@ def _run_entry(args: argparse.Namespace, threads: list[int], fault: Fault | None
     from longcat_sim.repro.library import check_entry_determinism
     from longcat_sim.repro.targets import MODEL_SITES, check_target
 
+    defaults = {"model": "tiny", "batch_size": None, "seq_len": None, "byte_budget": 2**19,
+                "data_cache": None}  # fmt: skip
+    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"{flags} do not apply with --entry (the runs train your experiment)")
     if fault is not None and fault.site not in MODEL_SITES:
         raise UserError(f"--inject with --entry takes a site among {', '.join(MODEL_SITES)}")
     experiment = build_experiment(args.entry, args.seed)  # fails here, not in every run

@@ -225,13 +225,22 @@ def run(args: argparse.Namespace) -> CommandOutput:
 def _run_entry(args: argparse.Namespace) -> CommandOutput:
     """The campaign on a user's experiment (``--entry``): its weights, activations, gradients
     and optimizer state, scored by replay and the validators."""
+    defaults = {"model": "tiny", "batch_size": 2, "seq_len": 32, "byte_budget": 2**19,
+                "data_cache": None, "clean_runs": 1000, "attribution_events": 100,
+                "overhead_rounds": 5, "recompute_experts": 1}  # fmt: skip
+    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"{flags} do not apply with --entry (the campaign runs your experiment)")
     sites = tuple(s for s in parse_sites(args.sites) if s in MODEL_SITES)
     if not sites:
         raise UserError(f"--entry runs the sites {', '.join(MODEL_SITES)}; pick some of them")
     bits = parse_bits(args.bits)
-    bits = tuple(range(32)) if bits is None else tuple(b for b in bits if b < 32)
-    if not bits:
-        raise UserError(f"--bits {args.bits!r} selects no bit of a float32 value (0..31)")
+    if bits is not None and max(bits) > 31:
+        raise UserError(
+            f"--entry flips float32 values: --bits must lie in 0..31, got {args.bits!r}"
+        )
+    bits = tuple(range(32)) if bits is None else bits
     results = run_entry_campaign(
         args.entry, sites=sites, bits=bits, trials=args.trials, seed=args.seed,
         threads=args.threads,

@@ -73,3 +73,18 @@ def test_bad_inject_for_an_entry_is_exit_code_2(inject, message, tmp_path, capsy
     argv = ["determinism", "--entry", ENTRY, "--runs", "2", "--inject", inject]
     code, out, err = run_cli([*argv, "--run-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["determinism", "--batch-size", "4"], "--batch-size do not apply with --entry"),
+        (["determinism", "--model", "small"], "--model do not apply with --entry"),
+        (["sdc", "--clean-runs", "5"], "--clean-runs do not apply with --entry"),
+        (["sdc", "--bits", "0,40"], "--bits must lie in 0..31"),
+    ],
+)
+def test_options_of_the_built_in_model_are_refused_with_an_entry(argv, message, tmp_path, capsys):
+    argv = [*argv, "--entry", ENTRY, "--run-dir", str(tmp_path / "r")]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1
