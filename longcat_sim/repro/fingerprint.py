@@ -288,17 +288,9 @@ def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
     """The Trainer a spec describes (:func:`spec_configs`), in a world of one with the model's
     own modules running the MoE, so every module's output is hooked."""
     from longcat_sim.train import training
-    from longcat_sim.train.data import build_corpus_data
 
     cfg, tc = spec_configs(spec)
-    data = build_corpus_data(
-        cfg.vocab_size,
-        tc.seq_len,
-        byte_budget=tc.byte_budget,
-        val_fraction=tc.val_fraction,
-        split_seed=tc.split_seed,
-        cache_dir=spec.data_cache,
-    )
+    data = training.load_data(cfg, tc, spec.data_cache)
     return training.Trainer(cfg, tc, run_dir, data=data, expert_parallel=False)
 
 

@@ -97,17 +97,17 @@ class Snapshot:
         self.optimizer: dict[str, Any] = {}
         self.controller: Any = None
         self.step = 0
-        self._listed: tuple[Any, list[str], list[torch.Tensor]] | None = None
+        self._listed: tuple[Any, list[str], list[torch.Tensor], tuple] | None = None
 
     def _live(self, trainer: Any) -> tuple[list[str], list[torch.Tensor]]:
-        """Names and tensors of the live state. Kept from call to call while the optimizer
-        holds the same state objects (its tensors are updated in place); a restore, or the
-        optimizer's first step, lists them again."""
-        first = next(iter(trainer.optimizer.state.values()), {})
-        key = (id(trainer), len(trainer.optimizer.state), id(next(iter(first.values()), None)))
+        """Names and tensors of the live state. Kept from call to call while the model, the
+        optimizer and each parameter's optimizer state are the same objects (AdamW updates its
+        tensors in place); a restore, or a state replaced or added, lists them again."""
+        optimizer = trainer.optimizer
+        key = (id(trainer.model), id(optimizer), *map(id, optimizer.state.values()))
         if self._listed is not None and self._listed[0] == key:
             return self._listed[1], self._listed[2]
-        model, optimizer = trainer.model, trainer.optimizer
+        model = trainer.model
         names, tensors = [], []
         for name, value in (*model.named_parameters(), *model.named_buffers()):
             names.append(name)
@@ -118,7 +118,8 @@ class Snapshot:
                 if isinstance(value, torch.Tensor):
                     names.append(f"optimizer.{index}.{key_name}")
                     tensors.append(value)
-        self._listed = (key, names, tensors)
+        # the key's objects stay referenced with it, so that none of their ids is reused
+        self._listed = (key, names, tensors, (model, optimizer, *optimizer.state.values()))
         return names, tensors
 
     @torch.no_grad()

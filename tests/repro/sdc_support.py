@@ -11,9 +11,8 @@ from typing import Any
 from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.repro.fingerprint import RunSpec, spec_configs
 from longcat_sim.repro.inject import Fault, FaultPlan, ModelFaultInjector
-from longcat_sim.train.data import build_corpus_data
 from longcat_sim.train.guard import GuardSettings, SdcGuard, state_digest
-from longcat_sim.train.training import Trainer
+from longcat_sim.train.training import Trainer, load_data
 
 BATCH, SEQ = 2, 32
 
@@ -21,14 +20,7 @@ BATCH, SEQ = 2, 32
 @functools.lru_cache(maxsize=2)
 def _configs_and_data(batch: int, seq: int) -> tuple[Any, Any, Any]:
     cfg, tc = spec_configs(RunSpec(steps=100, train={"batch_size": batch, "seq_len": seq}))
-    data = build_corpus_data(
-        cfg.vocab_size,
-        tc.seq_len,
-        byte_budget=tc.byte_budget,
-        val_fraction=tc.val_fraction,
-        split_seed=tc.split_seed,
-    )
-    return cfg, tc, data
+    return cfg, tc, load_data(cfg, tc, None)
 
 
 def make_trainer(run_dir: str | Path, batch: int = BATCH, seq: int = SEQ) -> Trainer:
