@@ -447,8 +447,14 @@ def parse_fault(text: str, flag: str = "--inject") -> Fault:
 def check_fault_targets(cfg: Any, faults: list[Fault], flag: str = "--sdc-inject") -> None:
     """Resolve ``faults``' targets on ``cfg``'s model built on the meta device (no memory, no
     time): a target the model lacks is a one-line error before any work."""
-    from longcat_sim.model.transformer import LongcatFlashForCausalLM
+    from longcat_sim.model.transformer import LongcatFlashForCausalLM, require_runnable
+    from longcat_sim.train.config import check_fits_in_memory
 
+    try:
+        require_runnable(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    check_fits_in_memory(cfg)  # a model too large to train is refused before it is built
     with torch.device("meta"):
         model = LongcatFlashForCausalLM(cfg)
     try:
