@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from longcat_sim.commands.base import CommandOutput
-from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
+from longcat_sim.config.paths import path_arg, text_arg
 from longcat_sim.config.threads import WORKERS_LIMIT, check_threads, check_workers
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, ModelConfig, load_model_config
 from longcat_sim.model.transformer import require_runnable
-from longcat_sim.repro.fingerprint import RunSpec, spec_configs
+from longcat_sim.repro.fingerprint import RunSpec, checked_spec_configs
 from longcat_sim.repro.harness import DeterminismReport, check_determinism
 from longcat_sim.repro.inject import SITES, Fault, check_fault_targets, parse_fault
 from longcat_sim.runs import config_hash
@@ -134,9 +134,10 @@ def run(args: argparse.Namespace) -> CommandOutput:
     data_cache = None if args.data_cache is None else str(args.data_cache)
     options = {k: getattr(args, k) for k in ("model", "steps", "seed", "byte_budget")}
     spec = RunSpec(**options, deterministic=True, train=train, data_cache=data_cache)
+    spec_cfg, tc = checked_spec_configs(spec)
     if fault is not None:
-        check_fault_targets(spec_configs(spec)[0], [fault], "--inject")
-    _warm_data_cache(spec)
+        check_fault_targets(spec_cfg, [fault], "--inject")
+    _warm_data_cache(spec, spec_cfg, tc)
     try:
         with _progress(args) as bar:
             report = check_determinism(
@@ -155,16 +156,13 @@ def run(args: argparse.Namespace) -> CommandOutput:
 
 def _run_entry(args: argparse.Namespace, threads: list[int], fault: Fault | None) -> CommandOutput:
     """The rerun check on the Experiment an entry point builds (each run a fresh process)."""
-    from longcat_sim.repro.entry import build_experiment
+    from longcat_sim.repro.entry import build_experiment, refuse_options_with_entry
     from longcat_sim.repro.library import check_entry_determinism
     from longcat_sim.repro.targets import MODEL_SITES, check_target
 
     defaults = {"model": "tiny", "batch_size": None, "seq_len": None, "byte_budget": 2**19,
                 "data_cache": None}  # fmt: skip
-    given = [k for k, v in defaults.items() if getattr(args, k) != v]
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UserError(f"{flags} do not apply with --entry (the runs train your experiment)")
+    refuse_options_with_entry(args, defaults, "the runs train your experiment")
     if fault is not None and fault.site not in MODEL_SITES:
         raise UserError(f"--inject with --entry takes a site among {', '.join(MODEL_SITES)}")
     experiment = build_experiment(args.entry, args.seed)  # fails here, not in every run
@@ -229,30 +227,10 @@ def _output(
     )
 
 
-def _check_spec(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
-    """The configs every run builds from ``spec`` (``repro.fingerprint.spec_configs``, the
-    runs' own), checked here with the trainer's own checks, so a bad setting is one line
-    before any process starts rather than a failure in every worker."""
-    from longcat_sim.train.training import check_compatible
-
-    cfg, tc = spec_configs(spec)
-    if tc.seq_len > cfg.max_position_embeddings:
-        raise UserError(
-            f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
-            f"{cfg.max_position_embeddings}"
-        )
-    check_compatible(cfg, tc)
-    if spec.data_cache is not None:
-        check_output_dir(spec.data_cache, "--data-cache")
-    return cfg, tc
-
-
-def _warm_data_cache(spec: RunSpec) -> None:
-    """Check the runs' settings, then build the tokenizer cache once, before parallel workers
-    would each train it."""
+def _warm_data_cache(spec: RunSpec, cfg: ModelConfig, tc: TrainConfig) -> None:
+    """Build the tokenizer cache once, before parallel workers would each train it."""
     from longcat_sim.train.data import build_corpus_data
 
-    cfg, tc = _check_spec(spec)
     build_corpus_data(
         cfg.vocab_size, tc.seq_len, byte_budget=spec.byte_budget, cache_dir=spec.data_cache
     )

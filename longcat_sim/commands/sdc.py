@@ -17,7 +17,7 @@ import sys
 from tqdm import tqdm
 
 from longcat_sim.commands.base import CommandOutput
-from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
+from longcat_sim.config.paths import path_arg, text_arg
 from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
 from longcat_sim.model.config import ConfigError, load_model_config
@@ -31,7 +31,8 @@ from longcat_sim.repro.campaign import (
     run_campaign,
     total_units,
 )
-from longcat_sim.repro.fingerprint import RunSpec, spec_configs
+from longcat_sim.repro.entry import refuse_options_with_entry
+from longcat_sim.repro.fingerprint import RunSpec, checked_spec_configs
 from longcat_sim.repro.flips import add_entry_argument, describe_campaign, run_entry_campaign
 from longcat_sim.repro.inject import SITES
 from longcat_sim.repro.targets import MODEL_SITES
@@ -156,12 +157,9 @@ def _spec(args: argparse.Namespace, cc: CampaignConfig) -> RunSpec:
 def _trainer_factory(spec: RunSpec):
     """Checks the spec as ``train`` would (one line on a bad setting), builds the corpus once,
     and returns ``make_trainer(run_dir)``."""
-    from longcat_sim.train.training import Trainer, check_compatible, load_data
+    from longcat_sim.train.training import Trainer, load_data
 
-    cfg, tc = spec_configs(spec)
-    check_compatible(cfg, tc)
-    if spec.data_cache is not None:
-        check_output_dir(spec.data_cache, "--data-cache")
+    cfg, tc = checked_spec_configs(spec)
     data = load_data(cfg, tc, spec.data_cache)
     return lambda run_dir: Trainer(cfg, tc, run_dir, data=data)
 
@@ -228,10 +226,7 @@ def _run_entry(args: argparse.Namespace) -> CommandOutput:
     defaults = {"model": "tiny", "batch_size": 2, "seq_len": 32, "byte_budget": 2**19,
                 "data_cache": None, "clean_runs": 1000, "attribution_events": 100,
                 "overhead_rounds": 5, "recompute_experts": 1}  # fmt: skip
-    given = [k for k, v in defaults.items() if getattr(args, k) != v]
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UserError(f"{flags} do not apply with --entry (the campaign runs your experiment)")
+    refuse_options_with_entry(args, defaults, "the campaign runs your experiment")
     sites = tuple(s for s in parse_sites(args.sites) if s in MODEL_SITES)
     if not sites:
         raise UserError(f"--entry runs the sites {', '.join(MODEL_SITES)}; pick some of them")

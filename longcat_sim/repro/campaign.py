@@ -108,8 +108,9 @@ class CampaignResult:
 
 
 class Rig:
-    """A trainer with the guard attached, states to start trials from and their clean
-    digests. ``make_trainer(run_dir)`` builds the trainer (deterministic mode entered)."""
+    """A trainer with the guard attached, states to start trials from, their clean digests
+    and where each site's faults may land. ``make_trainer(run_dir)`` builds the trainer
+    (deterministic mode entered)."""
 
     def __init__(self, make_trainer: Callable[[str], Any], cc: CampaignConfig) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="sdc-")
@@ -117,6 +118,7 @@ class Rig:
         self.guard = SdcGuard(
             self.trainer, GuardSettings(seed=cc.seed, recompute_experts=cc.recompute_experts)
         )
+        self.targets = site_targets(self.trainer.model)
         self.pool: list[Snapshot] = []
         self.history: list[tuple[float, float]] = []
         for _ in range(cc.states):  # each state after steps (the optimizer has moments)
@@ -138,8 +140,7 @@ class Rig:
     def start(self, state: int) -> None:
         """The trainer at pool state ``state``, the guard's snapshot and checksums with it."""
         self.pool[state].restore(self.trainer)
-        self.guard.snapshot.take(self.trainer)
-        self.guard.checksums.encode()
+        self.guard.adopt()
         for check, column in ((self.guard.loss_check, 0), (self.guard.grad_check, 1)):
             check.history = [h[column] for h in self.history[-check.window :]]
 
@@ -234,9 +235,7 @@ def clean_runs(rig: Rig, cc: CampaignConfig, on_run: Callable[[], None] | None) 
         guard.restore()
         replay, _ = guard.execute(guard.settings.device)
         fp["replay"] += replay.digest != outcome.digest
-        guard.loss_check.observe(float(outcome.record["loss"]))
-        guard.grad_check.observe(float(outcome.record["grad_norm"]))
-        guard.snapshot.take(rig.trainer)
+        guard.accept(outcome.record)
         if on_run is not None:
             on_run()
     return {
@@ -250,11 +249,10 @@ def clean_runs(rig: Rig, cc: CampaignConfig, on_run: Callable[[], None] | None) 
 def _effective_fault(rig: Rig, state: int, rng, sites: list[str], persistent: bool) -> Fault:
     """A fault that changes the step's result and raises an online alarm."""
     step = rig.pool[state].step
-    targets = site_targets(rig.trainer.model)
     for _ in range(10_000):
         site = sites[int(rng.integers(len(sites)))]
         bit = int(rng.integers(site_bits(site)))
-        fault = draw_fault(site, bit, rng, step, targets, persistent=persistent)
+        fault = draw_fault(site, bit, rng, step, rig.targets, persistent=persistent)
         outcome, alarms = rig.execute(state, FaultPlan([fault]), 0)
         if alarms and outcome.digest != rig.goldens[state]:
             return fault
@@ -267,8 +265,7 @@ def _genuine_state(rig: Rig, state: int, scale: float = 30.0) -> None:
     rig.start(state)
     with torch.no_grad():
         rig.trainer.model.lm_head.weight.mul_(scale)
-    rig.guard.snapshot.take(rig.trainer)
-    rig.guard.checksums.encode()
+    rig.guard.adopt()
 
 
 def attribution_trials(rig: Rig, cc: CampaignConfig, on_event: Callable[[], None] | None) -> dict:
@@ -349,14 +346,13 @@ def summarise(tallies: dict[tuple[str, int, str], Tally], sites: Iterable[str]) 
 def fault_trials(rig: Rig, cc: CampaignConfig, tick: Callable[[], None] | None) -> dict:
     """Every (site, bit) times ``cc.trials`` faults; tallies per (site, bit, detector)."""
     rng = np.random.default_rng([cc.seed, 1])
-    targets = site_targets(rig.trainer.model)
     tallies: dict[tuple[str, int, str], Tally] = {}
     trial_no = 0
     for site in cc.sites:
         for bit in cc.bits_for(site):
             for _ in range(cc.trials):
                 state = trial_no % len(rig.pool)
-                fault = draw_fault(site, bit, rng, rig.pool[state].step, targets)
+                fault = draw_fault(site, bit, rng, rig.pool[state].step, rig.targets)
                 for det, result in fault_trial(rig, state, fault).items():
                     t = tallies.setdefault((site, bit, det), Tally())
                     setattr(t, result, getattr(t, result) + 1)

@@ -97,3 +97,12 @@ def build_experiment(entry: str, seed: int = 0, threads: int | None = None) -> E
             f"entry {entry!r} returned {type(experiment).__name__}; it must return an Experiment"
         )
     return experiment
+
+
+def refuse_options_with_entry(args: Any, defaults: dict[str, Any], what: str) -> None:
+    """One line naming the options of the built-in model that ``args`` sets away from their
+    ``defaults``: with ``--entry`` they would be ignored (``what`` says what runs instead)."""
+    given = [name for name, value in defaults.items() if getattr(args, name) != value]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UserError(f"{flags} do not apply with --entry ({what})")

@@ -284,6 +284,26 @@ def spec_configs(spec: RunSpec) -> tuple[Any, Any]:
     return cfg, default_train_config(cfg).replace(**overrides)
 
 
+def checked_spec_configs(spec: RunSpec) -> tuple[Any, Any]:
+    """:func:`spec_configs`, checked with the trainer's own checks (and the data cache for
+    writing), so a bad setting is one line before any run starts rather than a failure in
+    every worker."""
+    from longcat_sim.config.paths import check_output_dir
+    from longcat_sim.errors import UserError
+    from longcat_sim.train.training import check_compatible
+
+    cfg, tc = spec_configs(spec)
+    if tc.seq_len > cfg.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
+        )
+    check_compatible(cfg, tc)
+    if spec.data_cache is not None:
+        check_output_dir(spec.data_cache, "--data-cache")
+    return cfg, tc
+
+
 def build_trainer(spec: RunSpec, run_dir: str | Path) -> Any:
     """The Trainer a spec describes (:func:`spec_configs`), in a world of one with the model's
     own modules running the MoE, so every module's output is hooked."""

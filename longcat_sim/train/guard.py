@@ -367,9 +367,7 @@ class SdcGuard:
         outcome, alarms = self.execute(self.settings.device, digest=False)
         if not self._agreed(bool(alarms)):
             assert outcome.record is not None
-            self.loss_check.observe(float(outcome.record["loss"]))
-            self.grad_check.observe(float(outcome.record["grad_norm"]))
-            self.snapshot.take(self.trainer)
+            self.accept(outcome.record)
             self.clean_steps += 1
             self.seconds["guard"] += time.perf_counter() - start
             return outcome.record
@@ -377,6 +375,19 @@ class SdcGuard:
         return self._handle(step, outcome, alarms)
 
     # -- after an alarm --------------------------------------------------------------------------
+    def accept(self, record: dict[str, Any]) -> None:
+        """A clean step: its loss and gradient norm join the validators' history and its
+        state becomes the snapshot the next step is checked against and replayed from."""
+        self.loss_check.observe(float(record["loss"]))
+        self.grad_check.observe(float(record["grad_norm"]))
+        self.snapshot.take(self.trainer)
+
+    def adopt(self) -> None:
+        """The current state, however it was reached, as the clean reference: the snapshot
+        and the weights' checksums taken from it."""
+        self.snapshot.take(self.trainer)
+        self.checksums.encode()
+
     def restore(self) -> None:
         """Back to the snapshot, the weights' checksums with them."""
         self.snapshot.restore(self.trainer)
