@@ -143,9 +143,10 @@ def test_exchange_clock_accumulates_even_when_the_exchange_fails():
 
 
 def _spin() -> None:
-    """About 10-20 ms of one core's work (pure Python, one thread)."""
+    """About 30-60 ms of one core's work (pure Python, one thread): long against the ranks'
+    skew leaving a barrier and the scheduler's time slice, so all ranks overlap."""
     total = 0
-    for i in range(300_000):
+    for i in range(1_200_000):
         total += i
 
 
