@@ -1,10 +1,11 @@
 """Online checks of a MoE layer's forward: ABFT checksums and sampled recomputation.
 
-:class:`ExpertChecksums` encodes each expert weight ``W [out, in]`` of every layer by its column
-checksum ``s = sum_y W[y, :]`` and its error scale ``sum_y ||W[y]||_2``. The encoding is taken
-from the weights right after they were written (at attach time and after every optimizer step,
-through an optimizer step hook), so a weight corrupted while at rest is caught too, the next time
-an expert GEMM reads it.
+A model built with ``expert_checksums=True`` encodes each expert weight ``W [out, in]`` of every
+layer by its column checksum ``s = sum_y W[y, :]`` and its error scale ``sum_y ||W[y]||_2``,
+held as buffers of its :class:`GroupedExperts` (``model/experts.py``). The encoding is taken from
+the weights right after they were written (at build and load time, and after every optimizer
+step through :func:`keep_checksums`), so a weight corrupted while at rest is caught too, the next
+time an expert GEMM reads it.
 
 :class:`AbftProbe` checks, per MoE call (``model/probes.py``):
 
@@ -28,14 +29,15 @@ in its own inputs (a weight corrupted at rest is read the same twice).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from longcat_sim.model.experts import GroupedExperts, expert_forward
+from longcat_sim.model.experts import Checksum, GroupedExperts, expert_forward
 from longcat_sim.model.probes import GEMMS, CombineCall, ExpertCall, MoEProbe
 
 ABFT_ALARM_PROBABILITY = 1e-7
@@ -50,38 +52,24 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-@dataclass
-class Checksum:
-    """One stacked expert weight's encoding: column sums ``[N, in]`` and error scales ``[N]``."""
+class HasChecksums(Protocol):
+    """Experts whose stacked weights carry their encodings (:class:`GroupedExperts` built with
+    ``expert_checksums=True``)."""
 
-    sums_NX: torch.Tensor
-    scales_N: torch.Tensor
+    def checksum(self, gemm: str) -> Checksum: ...
 
 
-class ExpertChecksums:
-    """The encodings of every layer's (gate, up, down) expert weights, refreshed by
-    :meth:`encode` (call it whenever the weights were written)."""
+def keep_checksums(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    """Re-encode ``model``'s expert checksums after every step of ``optimizer``."""
+    encoded = [m for m in model.modules() if isinstance(m, GroupedExperts) and m.has_checksums]
+    if not encoded:
+        raise ValueError("the model's experts carry no checksums: build it with expert_checksums")
 
-    def __init__(self, experts: Sequence[GroupedExperts]) -> None:
-        self.experts = list(experts)
-        self.layers: list[dict[str, Checksum]] = []
-        self.encode()
+    def encode(*_: object) -> None:
+        for experts in encoded:
+            experts.encode_checksums()
 
-    @torch.no_grad()
-    def encode(self) -> None:
-        self.layers = []
-        for module in self.experts:
-            weights = (module.gate_proj, module.up_proj, module.down_proj)
-            self.layers.append(
-                {
-                    name: Checksum(w.sum(dim=1), torch.linalg.vector_norm(w, dim=2).sum(dim=1))
-                    for name, w in zip(GEMMS, weights, strict=True)
-                }
-            )
-
-    def keep_through(self, optimizer: torch.optim.Optimizer):
-        """Re-encode after every step of ``optimizer``; returns the hook's handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.encode())
+    return optimizer.register_step_post_hook(encode)
 
 
 @dataclass
@@ -109,8 +97,8 @@ class CheckTally:
 class AbftProbe(MoEProbe):
     """Row-checksum ABFT on the expert GEMMs and the combine of layer ``layer``."""
 
-    def __init__(self, checksums: ExpertChecksums, layer: int, tally: CheckTally) -> None:
-        self.checksums, self.layer, self.tally = checksums, layer, tally
+    def __init__(self, experts: HasChecksums, layer: int, tally: CheckTally) -> None:
+        self.experts, self.layer, self.tally = experts, layer, tally
 
     def on_experts(self, call: ExpertCall) -> None:
         own = call.expert_R.clamp_min(0)
@@ -124,7 +112,7 @@ class AbftProbe(MoEProbe):
         unit = unit_roundoff(call.x_RD.dtype)
         for name in GEMMS:
             a_RX, c_RY = inputs[name], outputs[name]
-            code = self.checksums.layers[self.layer][name]
+            code = self.experts.checksum(name)
             width, out_width = a_RX.shape[1], c_RY.shape[1]
             lam = abft_lambda(2 * (width + 2) * out_width)
             factor = lam * unit * 2 * (math.sqrt(width + 1) + math.sqrt(out_width))

@@ -52,6 +52,7 @@ _EXTRA_FIELDS = (
     "mtp_layers",
     "deterministic",
     "kernels",
+    "expert_checksums",
 )
 
 

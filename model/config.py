@@ -101,6 +101,9 @@ class ModelConfig:
     initializer_range: float = setting(0.02, "initial weights' standard deviation", check=_POS)
     deterministic: bool = setting(False, "batch-invariant, fixed-order kernels", check=_BOOL)
     kernels: KernelBackend = setting("torch", "MoE kernel implementation", check=_KERNELS)
+    expert_checksums: bool = setting(
+        False, "expert weights carry ABFT column checksums", check=_BOOL
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -159,6 +162,17 @@ class ModelConfig:
         """The project's config hash (``config.hashing``) of the fields; equal configs hash
         equal."""
         return config_hash(self.to_dict())
+
+
+# fields that add checks and change neither a parameter nor the arithmetic: a run may resume
+# from, or grow out of, a checkpoint that differs in them
+CHECK_ONLY_FIELDS = ("expert_checksums",)
+
+
+def same_model(a: ModelConfig, b: ModelConfig) -> bool:
+    """``a`` and ``b`` build the same parameters and compute alike (bar :data:`CHECK_ONLY_FIELDS`)."""
+    unchecked = dict.fromkeys(CHECK_ONLY_FIELDS, False)
+    return dataclasses.replace(a, **unchecked) == dataclasses.replace(b, **unchecked)
 
 
 def _coerce(field: dataclasses.Field, value: Any) -> Any:

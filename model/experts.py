@@ -10,6 +10,7 @@ already grouped) is ``model/kernels/grouped_gemm.py``'s grouped SwiGLU.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,26 @@ from torch import nn
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.kernels.batch_invariant import mm_rows, mm_t_rows, silu_forward, silu_grad
 from longcat_sim.model.kernels.grouped_gemm import grouped_swiglu
-from longcat_sim.model.probes import GemmHook
+from longcat_sim.model.probes import GEMMS, GemmHook
 from longcat_sim.model.router import default_generator
 
 # gate [N, I, H], up [N, I, H], down [N, H, I]
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Checksum:
+    """One stacked expert weight's ABFT encoding (``model/abft.py``): column sums ``[N, in]``
+    and error scales ``[N]``."""
+
+    sums_NX: torch.Tensor
+    scales_N: torch.Tensor
+
+
+def column_checksum(weight_NYX: torch.Tensor) -> Checksum:
+    """The encoding of stacked weights ``W [N, out, in]``: per expert the column sums
+    ``sum_y W[y, :]`` and the error scale ``sum_y ||W[y]||_2``."""
+    return Checksum(weight_NYX.sum(dim=1), torch.linalg.vector_norm(weight_NYX, dim=2).sum(dim=1))
 
 
 def expert_forward(
@@ -128,6 +144,10 @@ def used_experts(counts: list[int], *stacked: torch.Tensor | list) -> Iterator[t
             yield e, *(p[e] for p in pieces)
 
 
+def _encode_after_load(module: GroupedExperts, _incompatible_keys: object) -> None:
+    module.encode_checksums()
+
+
 class GroupedExperts(nn.Module):
     """N SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, one GEMM per non-empty expert.
 
@@ -145,13 +165,43 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n, i, h))
         self.up_proj = nn.Parameter(torch.empty(n, i, h))
         self.down_proj = nn.Parameter(torch.empty(n, h, i))
+        self.has_checksums = cfg.expert_checksums
+        if self.has_checksums:  # derived from the weights: never saved, encoded on load
+            for gemm, weight in self._stacked():
+                n_experts, _, width = weight.shape
+                self.register_buffer(f"{gemm}_sums", torch.empty(n_experts, width), False)
+                self.register_buffer(f"{gemm}_scales", torch.empty(n_experts), False)
+            self.register_load_state_dict_post_hook(_encode_after_load)
         self.reset_parameters(generator)
+
+    def _stacked(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        return tuple(zip(GEMMS, (self.gate_proj, self.up_proj, self.down_proj), strict=True))
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         gen = generator if generator is not None else default_generator()
         for weight in (self.gate_proj, self.up_proj, self.down_proj):
             weight.normal_(0.0, self.initializer_range, generator=gen)
+        self.encode_checksums()
+
+    @torch.no_grad()
+    def encode_checksums(self) -> None:
+        """Re-encode each weight's checksum buffers in place from the weight as it is now (a
+        no-op without ``expert_checksums``); call it whenever the weights were written."""
+        if not self.has_checksums:
+            return
+        for gemm, weight in self._stacked():
+            code = column_checksum(weight)
+            getattr(self, f"{gemm}_sums").copy_(code.sums_NX)
+            getattr(self, f"{gemm}_scales").copy_(code.scales_N)
+
+    def checksum(self, gemm: str) -> Checksum:
+        """The encoding of ``gemm``'s stacked weight (``"gate"``, ``"up"`` or ``"down"``)."""
+        if not self.has_checksums:
+            raise ValueError(
+                "these experts carry no checksums: build the model with expert_checksums=True"
+            )
+        return Checksum(getattr(self, f"{gemm}_sums"), getattr(self, f"{gemm}_scales"))
 
     def weights(self, dtype: torch.dtype) -> Weights:
         """(gate, up, down) in ``dtype`` (differentiable casts; no copy when already there)."""
@@ -161,3 +211,10 @@ class GroupedExperts(nn.Module):
         """``x_SD``: rows sorted by expert, ``counts_N[e]`` of them for expert e; returns ``y_SD``
         (``kernels.grouped_gemm.grouped_swiglu`` on ``cfg.kernels``)."""
         return grouped_swiglu(x_SD, *self.weights(x_SD.dtype), counts_N, backend=self.kernels)
+
+
+def encode_checksums(model: nn.Module) -> None:
+    """Re-encode the checksums of every :class:`GroupedExperts` in ``model`` that has them."""
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.encode_checksums()

@@ -9,6 +9,7 @@ from torch import nn
 
 from longcat_sim.model.block import LongcatDecoderLayer
 from longcat_sim.model.config import ConfigError, ModelConfig
+from longcat_sim.model.experts import encode_checksums
 from longcat_sim.model.kernels.batch_invariant import linear_class
 from longcat_sim.model.kv_cache import LatentKVCache
 from longcat_sim.model.layers import RMSNorm, RotaryEmbedding
@@ -82,7 +83,8 @@ class LongcatFlashForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Redraw every parameter from ``generator`` in ``named_parameters`` order."""
+        """Redraw every parameter from ``generator`` in ``named_parameters`` order (buffers zeroed,
+        expert checksums encoded from the new weights)."""
         norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
         std = self.config.initializer_range
         for _, param in self.named_parameters():
@@ -92,6 +94,7 @@ class LongcatFlashForCausalLM(nn.Module):
                 param.normal_(0.0, std, generator=generator)
         for _, buf in self.named_buffers():
             buf.zero_()
+        encode_checksums(self)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

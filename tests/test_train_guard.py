@@ -115,3 +115,29 @@ def test_a_fault_that_never_fired_is_a_warning(cache, tmp_path, capsys) -> None:
     code = main([*argv, "--run-dir", str(tmp_path / "run-1")])
     _, err = capsys.readouterr()
     assert code == 0 and "never fired" not in err
+
+
+def test_guarded_weights_carry_checksums_and_a_run_resumes_across_the_guard(
+    cache, tmp_path, capsys
+) -> None:
+    """``--sdc-guard`` builds the model with ``expert_checksums`` (recorded in the manifest and
+    the checkpoint); the option changes no parameter, so a run resumes with or without it."""
+    whole = tmp_path / "whole"
+    code, full, _ = guarded(cache, whole, capsys)
+    assert code == 0
+    manifest = json.loads((whole / "manifest.json").read_text())
+    assert manifest["config"]["model"]["expert_checksums"] is True
+    saved = json.loads((latest_checkpoint(whole) / "config.json").read_text())
+    assert saved["longcat_sim"]["expert_checksums"] is True
+    for first, then in ((["--sdc-guard"], []), ([], ["--sdc-guard"])):
+        out = tmp_path / f"resumed-{bool(first)}"
+        argv = base_argv(cache, "--deterministic", *first, "--stop-after", "3", "--json")
+        assert main([*argv, "--run-dir", str(out)]) == 0
+        capsys.readouterr()
+        argv = base_argv(cache, "--deterministic", *then, "--resume", "--json")
+        code = main([*argv, "--run-dir", str(out)])
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        resumed = json.loads(stdout)
+        assert resumed["param_hash"] == full["param_hash"]  # the same six steps
+        assert (resumed["sdc_guard"] is not None) == bool(then)

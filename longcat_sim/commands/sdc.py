@@ -27,6 +27,7 @@ from longcat_sim.repro.campaign import (
     ABFT_SITES,
     DETECTORS,
     CampaignConfig,
+    MakeTrainer,
     guard_overhead,
     run_campaign,
     total_units,
@@ -154,14 +155,15 @@ def _spec(args: argparse.Namespace, cc: CampaignConfig) -> RunSpec:
                    byte_budget=args.byte_budget, data_cache=data_cache)  # fmt: skip
 
 
-def _trainer_factory(spec: RunSpec):
+def _trainer_factory(spec: RunSpec) -> MakeTrainer:
     """Checks the spec as ``train`` would (one line on a bad setting), builds the corpus once,
-    and returns ``make_trainer(run_dir)``."""
+    and returns ``make_trainer(run_dir, guard_settings)``."""
+    from longcat_sim.train.guard import guarded_config
     from longcat_sim.train.training import Trainer, load_data
 
     cfg, tc = checked_spec_configs(spec)
     data = load_data(cfg, tc, spec.data_cache)
-    return lambda run_dir: Trainer(cfg, tc, run_dir, data=data)
+    return lambda run_dir, guard: Trainer(guarded_config(cfg, guard), tc, run_dir, data=data)
 
 
 def run(args: argparse.Namespace) -> CommandOutput:

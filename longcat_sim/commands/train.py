@@ -28,7 +28,7 @@ from longcat_sim.config.hashing import config_hash as hash_config
 from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
 from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ModelConfig, load_model_config
+from longcat_sim.model.config import ModelConfig, load_model_config, same_model
 from longcat_sim.model.determinism import deterministic_config
 from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
 from longcat_sim.repro.inject import SITES, check_fault_targets, parse_fault, trainer_faults
@@ -43,7 +43,7 @@ from longcat_sim.train.checkpoint import (
     verify_checkpoint,
 )
 from longcat_sim.train.config import TrainConfig
-from longcat_sim.train.guard import POLICIES, GuardSettings
+from longcat_sim.train.guard import POLICIES, GuardSettings, guarded_config
 from longcat_sim.train.metrics import TrainSummary
 from longcat_sim.train.training import grow_source, load_data, trained_config
 from longcat_sim.train.world import (
@@ -224,8 +224,8 @@ def _configs(
                 f"{train_cfg.steps}; give --steps {int(state['step'])} or more"
             )
         if args.model is not None or model_changes or args.target_ffn_experts is not None:
-            requested = _model_config(args, model_changes, train_cfg)
-            if requested != model_cfg:
+            requested = trained_config(_model_config(args, model_changes, train_cfg), train_cfg)
+            if not same_model(requested, model_cfg):
                 raise UserError(
                     f"--resume: the checkpoint in {str(run_dir)!r} was trained with a different "
                     "model config; drop --model/--kernels/--target-ffn-experts/--set model.* to "
@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     if args.grow_from is not None and world is None:  # before any process starts
         grow_source(args.grow_from, trained_config(model_cfg, train_cfg), train_cfg.steps)
     guard, faults = _guard(args, model_cfg, train_cfg, nproc)
+    model_cfg = guarded_config(model_cfg, guard)  # the expert weights carry their checksums
     rank_run = distributed.RankRun(
         model_cfg, train_cfg, str(run_dir),
         data_cache=None if args.data_cache is None else str(args.data_cache),

@@ -107,17 +107,20 @@ class CampaignResult:
         }
 
 
+# ``make_trainer(run_dir, settings)``: a trainer (deterministic mode entered) whose model is
+# built for a run guarded with ``settings`` (``guard.guarded_config``), or unguarded (None)
+MakeTrainer = Callable[[str, GuardSettings | None], Any]
+
+
 class Rig:
     """A trainer with the guard attached, states to start trials from, their clean digests
-    and where each site's faults may land. ``make_trainer(run_dir)`` builds the trainer
-    (deterministic mode entered)."""
+    and where each site's faults may land."""
 
-    def __init__(self, make_trainer: Callable[[str], Any], cc: CampaignConfig) -> None:
+    def __init__(self, make_trainer: MakeTrainer, cc: CampaignConfig) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="sdc-")
-        self.trainer = make_trainer(self._tmp.name)
-        self.guard = SdcGuard(
-            self.trainer, GuardSettings(seed=cc.seed, recompute_experts=cc.recompute_experts)
-        )
+        settings = GuardSettings(seed=cc.seed, recompute_experts=cc.recompute_experts)
+        self.trainer = make_trainer(self._tmp.name, settings)
+        self.guard = SdcGuard(self.trainer, settings)
         self.targets = site_targets(self.trainer.model)
         self.pool: list[Snapshot] = []
         self.history: list[tuple[float, float]] = []
@@ -363,7 +366,7 @@ def fault_trials(rig: Rig, cc: CampaignConfig, tick: Callable[[], None] | None) 
 
 
 def run_campaign(
-    make_trainer: Callable[[str], Any],
+    make_trainer: MakeTrainer,
     cc: CampaignConfig,
     *,
     progress: Callable[[int], None] | None = None,
@@ -411,40 +414,49 @@ OVERHEAD_SETS: dict[str, tuple[str, ...]] = {
 
 
 def guard_overhead(
-    make_trainer: Callable[[str], Any], rounds: int = 5, steps: int = 2, warmup: int = 2
+    make_trainer: MakeTrainer, rounds: int = 5, steps: int = 2, warmup: int = 2
 ) -> dict[str, float]:
     """Per-step time of guarded training over unguarded, as ratios minus one: ``abft_validators``
-    (ABFT and the validators, with the snapshot the replays need) and ``guard`` (every online
-    detector). Each round times ``steps`` steps from one state on each side, in an order that
-    rotates from round to round, with the process's CPU clock (other processes' load touches
-    every side alike); the result is the median of the per-round ratios."""
-    sides = ("plain", *OVERHEAD_SETS)
+    (ABFT, with the checksums the model keeps through its optimizer steps, and the validators,
+    with the snapshot the replays need) and ``guard`` (every online detector). Each side trains
+    its own model, unguarded ones without checksums, from the same start; each round times
+    ``steps`` steps from that start on each side, in an order that rotates from round to round,
+    with the process's CPU clock (other processes' load touches every side alike); the result is
+    the median of the per-round ratios."""
+    settings = {name: GuardSettings(detectors=on) for name, on in OVERHEAD_SETS.items()}
     with tempfile.TemporaryDirectory(prefix="sdc-overhead-") as tmp:
-        trainer = make_trainer(tmp)
-        for _ in range(warmup):
-            trainer.train_step()
-        start = Snapshot()
-        start.take(trainer)
+        sides = {"plain": _OverheadSide(make_trainer(f"{tmp}/plain", None), None, warmup)}
+        for name, guard in settings.items():
+            sides[name] = _OverheadSide(make_trainer(f"{tmp}/{name}", guard), guard, warmup)
+        order = list(sides)
         ratios: dict[str, list[float]] = {name: [] for name in OVERHEAD_SETS}
         for r in range(rounds):
-            seconds = {}
-            for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
-                start.restore(trainer)
-                seconds[side] = _timed_side(trainer, side, steps)
+            seconds = {name: sides[name].timed(steps) for name in order[r % 3 :] + order[: r % 3]}
             for name in OVERHEAD_SETS:
                 ratios[name].append(seconds[name] / seconds["plain"] - 1.0)
     return {name: float(np.median(values)) for name, values in ratios.items()}
 
 
-def _timed_side(trainer: Any, side: str, steps: int) -> float:
-    """CPU seconds of ``steps`` steps, unguarded (``plain``) or with a detector set."""
-    if side == "plain":
-        return _timed_steps(trainer.train_step, steps)
-    guard = SdcGuard(trainer, GuardSettings(detectors=OVERHEAD_SETS[side]))
-    try:
-        return _timed_steps(guard.step, steps)
-    finally:
-        guard.close()
+class _OverheadSide:
+    """One side of :func:`guard_overhead`: a trainer after ``warmup`` steps, its state kept."""
+
+    def __init__(self, trainer: Any, settings: GuardSettings | None, warmup: int) -> None:
+        self.trainer, self.settings = trainer, settings
+        for _ in range(warmup):
+            trainer.train_step()
+        self.start = Snapshot()
+        self.start.take(trainer)
+
+    def timed(self, steps: int) -> float:
+        """CPU seconds of ``steps`` steps from the kept state."""
+        self.start.restore(self.trainer)
+        if self.settings is None:
+            return _timed_steps(self.trainer.train_step, steps)
+        guard = SdcGuard(self.trainer, self.settings)
+        try:
+            return _timed_steps(guard.step, steps)
+        finally:
+            guard.close()
 
 
 def _timed_steps(step: Callable[[], Any], steps: int) -> float:

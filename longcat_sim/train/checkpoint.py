@@ -25,7 +25,7 @@ import torch
 from longcat_sim.errors import UserError
 from longcat_sim.model.balance import BiasController
 from longcat_sim.model.checkpoint import load_pretrained, save_pretrained
-from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.config import CHECK_ONLY_FIELDS, ModelConfig, same_model
 from longcat_sim.model.growth import grow_config, grow_optimizer_state, grow_state_dict
 from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.model.optim import build_adamw
@@ -257,9 +257,9 @@ def _discard(checkpoint: Path) -> None:
 
 
 def check_resumable(state: dict[str, Any], model_cfg: ModelConfig, tc: TrainConfig, path) -> None:
-    """The checkpoint's model config must equal ``model_cfg``, and its train config ``tc``
-    except for :data:`RESUMABLE_CHANGES`."""
-    if state["model_config"] != model_cfg:
+    """The checkpoint's model config must equal ``model_cfg`` (bar :data:`CHECK_ONLY_FIELDS`),
+    and its train config ``tc`` except for :data:`RESUMABLE_CHANGES`."""
+    if not same_model(state["model_config"], model_cfg):
         raise UserError(f"checkpoint {str(path)!r} was written for a different model config")
     saved, ours = state["train_config"].to_dict(), tc.to_dict()
     differ = sorted(k for k in ours if ours[k] != saved[k] and k not in RESUMABLE_CHANGES)
@@ -275,7 +275,8 @@ def check_growable(small_cfg: ModelConfig, target_cfg: ModelConfig) -> int:
     factor, rest = divmod(target_cfg.num_layers, small_cfg.num_layers)
     expected = grow_config(small_cfg, max(factor, 1)).to_dict()
     target = target_cfg.to_dict()
-    differ = sorted(k for k in target if k != "name" and target[k] != expected[k])
+    ignored = ("name", *CHECK_ONLY_FIELDS)
+    differ = sorted(k for k in target if k not in ignored and target[k] != expected[k])
     if rest or factor < 2 or differ:
         raise UserError(
             f"cannot grow {small_cfg.name!r} ({small_cfg.num_layers} layers) into "

@@ -2,8 +2,9 @@
 
 Online detectors run inside every step of the real model:
 
-- ``abft``: checksums of every expert GEMM and of the combine (``model/abft.py``), with the
-  expert weights' encoding refreshed after every optimizer step;
+- ``abft``: checksums of every expert GEMM and of the combine (``model/abft.py``), against the
+  encoding the expert weights carry when the model is built with ``expert_checksums``
+  (:func:`guarded_config`), refreshed after every optimizer step;
 - ``recompute``: one sampled expert block per MoE call recomputed and compared bit for bit;
 - ``validators``: the loss and the gradient norm must be finite and within ``spike_factor`` of
   the median of the recent clean steps; routing ids must name experts and the per-expert counts
@@ -40,14 +41,10 @@ from typing import Any, Protocol
 import torch
 
 from longcat_sim.errors import UserError
-from longcat_sim.model.abft import (
-    AbftProbe,
-    CheckTally,
-    ExpertChecksums,
-    RecomputeProbe,
-    moe_layers,
-)
+from longcat_sim.model.abft import AbftProbe, CheckTally, RecomputeProbe, moe_layers
 from longcat_sim.model.balance import find_routers
+from longcat_sim.model.config import ModelConfig
+from longcat_sim.model.experts import encode_checksums
 from longcat_sim.model.hashing import update_digest as hash_update
 from longcat_sim.model.probes import add_probe, remove_probe
 
@@ -83,6 +80,14 @@ class GuardSettings:
             raise UserError(
                 f"--sdc-policy must be one of {', '.join(POLICIES)}, got {self.policy!r}"
             )
+
+
+def guarded_config(model_cfg: ModelConfig, settings: GuardSettings | None) -> ModelConfig:
+    """The model config a run guarded with ``settings`` builds: its expert weights carry the
+    checksums the ``abft`` detector verifies."""
+    if settings is None or "abft" not in settings.detectors or model_cfg.expert_checksums:
+        return model_cfg
+    return dataclasses.replace(model_cfg, expert_checksums=True)
 
 
 class Snapshot:
@@ -255,12 +260,17 @@ class SdcGuard:
         on = set(self.settings.detectors)
         self.tallies = {name: CheckTally() for name in ("abft", "recompute", "routing")}
         layers = moe_layers(trainer.model)
-        self.checksums = ExpertChecksums([moe.experts for _, moe in layers] if "abft" in on else [])
-        self._handles = [self.checksums.keep_through(trainer.optimizer)]
+        if "abft" in on and not all(moe.experts.has_checksums for _, moe in layers):
+            raise ValueError(
+                "the abft detector needs expert weights that carry checksums: build the model "
+                "from guarded_config(model_cfg, settings)"
+            )
+        encode_checksums(trainer.model)  # the weights as they are now (loaded, grown, restored)
+        self._handles: list[Any] = []
         self._probes = []
         for index, (_, moe) in enumerate(layers):
             if "abft" in on:
-                self._probes.append((moe, AbftProbe(self.checksums, index, self.tallies["abft"])))
+                self._probes.append((moe, AbftProbe(moe.experts, index, self.tallies["abft"])))
             if "recompute" in on:
                 probe = RecomputeProbe(
                     index,
@@ -385,13 +395,13 @@ class SdcGuard:
     def adopt(self) -> None:
         """The current state, however it was reached, as the clean reference: the snapshot
         and the weights' checksums taken from it."""
+        encode_checksums(self.trainer.model)
         self.snapshot.take(self.trainer)
-        self.checksums.encode()
 
     def restore(self) -> None:
         """Back to the snapshot, the weights' checksums with them."""
         self.snapshot.restore(self.trainer)
-        self.checksums.encode()
+        encode_checksums(self.trainer.model)
 
     def _replay(self, device: int) -> tuple[Outcome, bool]:
         self.restore()

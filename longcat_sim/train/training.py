@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from longcat_sim.errors import UserError
+from longcat_sim.model.abft import keep_checksums
 from longcat_sim.model.balance import BiasController
 from longcat_sim.model.checkpoint import load_pretrained
 from longcat_sim.model.config import ModelConfig
 from longcat_sim.model.determinism import deterministic_config
+from longcat_sim.model.experts import encode_checksums
 from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.model.optim import (
     build_adamw,
@@ -78,7 +80,8 @@ def check_compatible(cfg: ModelConfig, tc: TrainConfig) -> None:
 def build_model(
     cfg: ModelConfig, tc: TrainConfig
 ) -> tuple[LongcatFlashForCausalLM, torch.optim.AdamW]:
-    """Model drawn from the ``init`` seed stream and its AdamW (Table 1 transfer if asked)."""
+    """Model drawn from the ``init`` seed stream and its AdamW (Table 1 transfer if asked); with
+    ``expert_checksums`` the experts' checksums follow the weights through every AdamW step."""
     generator = torch.Generator().manual_seed(derive_seeds(tc.seed)["init"])
     model = LongcatFlashForCausalLM(cfg, generator=generator)
     lrs: float | dict[str, float] = tc.lr
@@ -95,6 +98,9 @@ def build_model(
         betas=(tc.beta1, tc.beta2),
         eps=tc.adam_eps,
     )
+    if cfg.expert_checksums:
+        encode_checksums(model)  # the weights as initialised
+        keep_checksums(model, optimizer)
     return model, optimizer
 
 
@@ -215,6 +221,7 @@ class Trainer:
         step counter (hence the data position and LR schedule) and the controller carry on."""
         path, state = grow_source(checkpoint, self.model_cfg, self.tc.steps)
         ckpt.grow_into(path, state, self.model, self.optimizer, self.controller)
+        encode_checksums(self.model)
         self.step = int(state["step"])
         self.grown_from = str(path)
 

@@ -86,10 +86,11 @@ def test_overhead_of_the_sdc_guard(benchmark, tmp_path) -> None:
         steps: dict[str, Callable[[], object]] = {}
         guards = []
         for name in ("plain", *GUARD_SETS):
-            trainer = make_trainer(tmp_path / name, GUARD_BATCH, GUARD_SEQ)
+            settings = GuardSettings(detectors=GUARD_SETS[name]) if name != "plain" else None
+            trainer = make_trainer(tmp_path / name, settings, batch=GUARD_BATCH, seq=GUARD_SEQ)
             steps[name] = trainer.train_step
-            if name != "plain":
-                guards.append(SdcGuard(trainer, GuardSettings(detectors=GUARD_SETS[name])))
+            if settings is not None:
+                guards.append(SdcGuard(trainer, settings))
                 steps[name] = guards[-1].step
         for _ in range(2):  # warm-up (allocator, first-touch pages, the optimizer state)
             for step in steps.values():

@@ -16,7 +16,7 @@ from longcat_sim.repro.fingerprint import RunSpec, spec_configs
 from longcat_sim.repro.inject import Fault, FaultPlan, ModelFaultInjector
 from longcat_sim.train import distributed
 from longcat_sim.train.data import build_corpus_data
-from longcat_sim.train.guard import GuardSettings
+from longcat_sim.train.guard import GuardSettings, guarded_config
 from longcat_sim.train.world import TRAIN_BACKEND
 
 BYTE_BUDGET = 2**18
@@ -51,6 +51,7 @@ def cache(tmp_path_factory) -> str:
 def _train(run_dir: Path, cache: str, guard: GuardSettings | None, faults=None):
     spec = RunSpec(steps=5, train={"batch_size": 2, "seq_len": 32}, byte_budget=BYTE_BUDGET)
     cfg, tc = spec_configs(spec)
+    cfg = guarded_config(cfg, guard)
     run = distributed.RankRun(cfg, tc, str(run_dir), data_cache=cache, guard=guard, faults=faults)
     summary = distributed.launch(distributed.train_rank, 2, run, backend=TRAIN_BACKEND)[0]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -11,10 +11,11 @@ from typing import Any
 from longcat_sim.model.hashing import parameter_hash
 from longcat_sim.repro.fingerprint import RunSpec, spec_configs
 from longcat_sim.repro.inject import Fault, FaultPlan, ModelFaultInjector
-from longcat_sim.train.guard import GuardSettings, SdcGuard, state_digest
+from longcat_sim.train.guard import GuardSettings, SdcGuard, guarded_config, state_digest
 from longcat_sim.train.training import Trainer, load_data
 
 BATCH, SEQ = 2, 32
+GUARDED = GuardSettings()  # every online detector
 
 
 @functools.lru_cache(maxsize=2)
@@ -23,11 +24,18 @@ def _configs_and_data(batch: int, seq: int) -> tuple[Any, Any, Any]:
     return cfg, tc, load_data(cfg, tc, None)
 
 
-def make_trainer(run_dir: str | Path, batch: int = BATCH, seq: int = SEQ) -> Trainer:
-    """The tiny model's deterministic trainer, ``batch`` x ``seq`` tokens a step (call inside
-    ``DeterministicMode``)."""
+def make_trainer(
+    run_dir: str | Path,
+    guard: GuardSettings | None = GUARDED,
+    *,
+    batch: int = BATCH,
+    seq: int = SEQ,
+) -> Trainer:
+    """The tiny model's deterministic trainer, ``batch`` x ``seq`` tokens a step, its model
+    built for a run guarded with ``guard`` (None: unguarded, no checksums); call it inside
+    ``DeterministicMode``."""
     cfg, tc, data = _configs_and_data(batch, seq)
-    return Trainer(cfg, tc, str(run_dir), data=data)
+    return Trainer(guarded_config(cfg, guard), tc, str(run_dir), data=data)
 
 
 def full_digest(trainer: Trainer) -> str:
@@ -60,7 +68,7 @@ def run_steps(
 ) -> Run:
     """``steps`` training steps, guarded when ``guard`` is given (faults planted through a
     :class:`ModelFaultInjector` attached to the trainer), else plain (faults still planted)."""
-    trainer = make_trainer(run_dir)
+    trainer = make_trainer(run_dir, guard)
     injector = None
     if faults:
         injector = ModelFaultInjector(trainer.model, FaultPlan(list(faults)))

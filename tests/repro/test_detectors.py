@@ -12,16 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longcat_sim.errors import UserError
-from longcat_sim.model.abft import (
-    AbftProbe,
-    CheckTally,
-    ExpertChecksums,
-    RecomputeProbe,
-    abft_lambda,
-    moe_layers,
-)
+from longcat_sim.model.abft import AbftProbe, CheckTally, RecomputeProbe, abft_lambda, moe_layers
 from longcat_sim.model.determinism import DeterministicMode
-from longcat_sim.model.probes import CombineCall, ExpertCall, MoEProbe, add_probe, remove_probe
+from longcat_sim.model.experts import Checksum, column_checksum
+from longcat_sim.model.probes import (
+    GEMMS,
+    CombineCall,
+    ExpertCall,
+    MoEProbe,
+    add_probe,
+    remove_probe,
+)
 from longcat_sim.repro.campaign import CampaignConfig, Rig, _genuine_state, attribution_trials
 from longcat_sim.repro.inject import SITES, Fault, flip_bit_, trainer_faults
 from longcat_sim.train.guard import (
@@ -181,9 +182,19 @@ def captured(tmp_path_factory) -> Capture:
     return capture
 
 
-def checksums_of(call: ExpertCall) -> ExpertChecksums:
-    gate, up, down = call.weights
-    return ExpertChecksums([SimpleNamespace(gate_proj=gate, up_proj=up, down_proj=down)])
+class FixedChecksums:
+    """Encodings taken once, never refreshed (a checksummed ``GroupedExperts`` keeps its own
+    up to date)."""
+
+    def __init__(self, codes: dict[str, Checksum]) -> None:
+        self.codes = codes
+
+    def checksum(self, gemm: str) -> Checksum:
+        return self.codes[gemm]
+
+
+def checksums_of(call: ExpertCall) -> FixedChecksums:
+    return FixedChecksums({g: column_checksum(w) for g, w in zip(GEMMS, call.weights, strict=True)})
 
 
 class RowTally(CheckTally):
@@ -286,24 +297,32 @@ def test_abft_catches_high_bits_and_is_blind_to_the_lowest_mantissa_bit(captured
 
 
 def test_checksums_follow_the_weights_through_optimizer_steps(tmp_path) -> None:
-    def alarms_in_second_step(keep: bool) -> int:
-        trainer = make_trainer(tmp_path / f"keep-{keep}")
-        layers = moe_layers(trainer.model)
-        checksums = ExpertChecksums([moe.experts for _, moe in layers])
-        handle = checksums.keep_through(trainer.optimizer)
-        if not keep:
-            handle.remove()
-        tally = CheckTally()
-        for index, (_, moe) in enumerate(layers):
-            add_probe(moe, AbftProbe(checksums, index, tally))
+    trainer = make_trainer(tmp_path)
+    layers = moe_layers(trainer.model)
+    kept, stale = CheckTally(), CheckTally()
+    for index, (_, moe) in enumerate(layers):
+        codes = {gemm: moe.experts.checksum(gemm) for gemm in GEMMS}
+        initial = {g: Checksum(c.sums_NX.clone(), c.scales_N.clone()) for g, c in codes.items()}
+        add_probe(moe, AbftProbe(moe.experts, index, kept))
+        add_probe(moe, AbftProbe(FixedChecksums(initial), index, stale))
+    trainer.train_step()  # reads the initial weights
+    assert kept.checks > 0 and kept.alarms == stale.alarms == 0
+    for _ in range(2):
         trainer.train_step()
-        first = tally.alarms
-        trainer.train_step()
-        assert first == 0 and tally.checks > 0
-        return tally.alarms
+    assert kept.alarms == 0
+    assert stale.alarms > 0  # negative control: the weights moved; an encoding left behind fails
+    for _, moe in layers:  # the buffers are the encoding of the weights as they are now
+        for gemm, weight in zip(GEMMS, (moe.experts.gate_proj, moe.experts.up_proj,
+                                        moe.experts.down_proj), strict=True):  # fmt: skip
+            assert torch.equal(moe.experts.checksum(gemm).sums_NX, column_checksum(weight).sums_NX)
 
-    assert alarms_in_second_step(keep=True) == 0
-    assert alarms_in_second_step(keep=False) > 0  # a stale encoding: the new weights fail
+
+def test_the_abft_detector_needs_a_model_built_with_checksums(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, None)
+    assert not any(moe.experts.has_checksums for _, moe in moe_layers(trainer.model))
+    with pytest.raises(ValueError, match="guarded_config"):
+        SdcGuard(trainer, GuardSettings())
+    SdcGuard(trainer, GuardSettings(detectors=("validators", "at_rest"))).close()
 
 
 def test_abft_lambda_grows_with_the_rounding_count_and_falls_with_the_alarm_rate() -> None:
