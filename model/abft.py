@@ -3,9 +3,9 @@
 A model built with ``expert_checksums=True`` encodes each expert weight ``W [out, in]`` of every
 layer by its column checksum ``s = sum_y W[y, :]`` and its error scale ``sum_y ||W[y]||_2``,
 held as buffers of its :class:`GroupedExperts` (``model/experts.py``). The encoding is taken from
-the weights right after they were written (at build and load time, and after every optimizer
-step through :func:`keep_checksums`), so a weight corrupted while at rest is caught too, the next
-time an expert GEMM reads it.
+the weights right after they were written (at build, load and cast time, and after every optimizer
+step through :func:`keep_checksums`), so a weight corrupted while at rest is caught too when
+its expert runs before the next optimizer step folds the corruption into a new encoding.
 
 :class:`AbftProbe` checks, per MoE call (``model/probes.py``):
 
@@ -61,7 +61,7 @@ class HasChecksums(Protocol):
 
 def keep_checksums(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
     """Re-encode ``model``'s expert checksums after every step of ``optimizer``."""
-    encoded = [m for m in model.modules() if isinstance(m, GroupedExperts) and m.has_checksums]
+    encoded = [m for m in model.modules() if isinstance(m, GroupedExperts) and m.expert_checksums]
     if not encoded:
         raise ValueError("the model's experts carry no checksums: build it with expert_checksums")
 

@@ -165,14 +165,21 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n, i, h))
         self.up_proj = nn.Parameter(torch.empty(n, i, h))
         self.down_proj = nn.Parameter(torch.empty(n, h, i))
-        self.has_checksums = cfg.expert_checksums
-        if self.has_checksums:  # derived from the weights: never saved, encoded on load
+        self.expert_checksums = cfg.expert_checksums
+        if self.expert_checksums:  # derived from the weights: never saved, encoded on load
             for gemm, weight in self._stacked():
                 n_experts, _, width = weight.shape
                 self.register_buffer(f"{gemm}_sums", torch.empty(n_experts, width), False)
                 self.register_buffer(f"{gemm}_scales", torch.empty(n_experts), False)
             self.register_load_state_dict_post_hook(_encode_after_load)
         self.reset_parameters(generator)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Module-wide casts and moves (``.to(torch.bfloat16)``, ``.to(device)``) encode the
+        checksums again from the weights as they now are."""
+        super()._apply(fn, recurse)
+        self.encode_checksums()
+        return self
 
     def _stacked(self) -> tuple[tuple[str, torch.Tensor], ...]:
         return tuple(zip(GEMMS, (self.gate_proj, self.up_proj, self.down_proj), strict=True))
@@ -188,7 +195,7 @@ class GroupedExperts(nn.Module):
     def encode_checksums(self) -> None:
         """Re-encode each weight's checksum buffers in place from the weight as it is now (a
         no-op without ``expert_checksums``); call it whenever the weights were written."""
-        if not self.has_checksums:
+        if not self.expert_checksums:
             return
         for gemm, weight in self._stacked():
             code = column_checksum(weight)
@@ -197,7 +204,7 @@ class GroupedExperts(nn.Module):
 
     def checksum(self, gemm: str) -> Checksum:
         """The encoding of ``gemm``'s stacked weight (``"gate"``, ``"up"`` or ``"down"``)."""
-        if not self.has_checksums:
+        if not self.expert_checksums:
             raise ValueError(
                 "these experts carry no checksums: build the model with expert_checksums=True"
             )

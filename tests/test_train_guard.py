@@ -141,3 +141,5 @@ def test_guarded_weights_carry_checksums_and_a_run_resumes_across_the_guard(
         resumed = json.loads(stdout)
         assert resumed["param_hash"] == full["param_hash"]  # the same six steps
         assert (resumed["sdc_guard"] is not None) == bool(then)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["config"]["model"]["expert_checksums"] is bool(then)  # this run's checks

@@ -38,6 +38,7 @@ from longcat_sim.repro.flips import add_entry_argument, describe_campaign, run_e
 from longcat_sim.repro.inject import SITES
 from longcat_sim.repro.targets import MODEL_SITES
 from longcat_sim.runs import config_hash
+from longcat_sim.train.guard import GuardSettings, guarded_config
 
 HELP = (
     "bit-flip SDC campaign on the model's real training step: detection per site, bit and detector"
@@ -158,7 +159,6 @@ def _spec(args: argparse.Namespace, cc: CampaignConfig) -> RunSpec:
 def _trainer_factory(spec: RunSpec) -> MakeTrainer:
     """Checks the spec as ``train`` would (one line on a bad setting), builds the corpus once,
     and returns ``make_trainer(run_dir, guard_settings)``."""
-    from longcat_sim.train.guard import guarded_config
     from longcat_sim.train.training import Trainer, load_data
 
     cfg, tc = checked_spec_configs(spec)
@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> CommandOutput:
     results = result.to_json()
     results["model"] = cfg.name
     results["tokens_per_step"] = args.batch_size * args.seq_len
-    config = {"model": cfg.to_dict(), "spec": spec.to_dict(), "campaign": _plain(cc)}
+    guarded = guarded_config(cfg, GuardSettings())  # the model the campaign trains
+    config = {"model": guarded.to_dict(), "spec": spec.to_dict(), "campaign": _plain(cc)}
     return CommandOutput(
         results=results,
         text=_text(results, cfg.name, args),

@@ -28,7 +28,7 @@ from longcat_sim.config.hashing import config_hash as hash_config
 from longcat_sim.config.paths import check_output_dir, path_arg, text_arg
 from longcat_sim.config.threads import check_threads
 from longcat_sim.errors import UserError
-from longcat_sim.model.config import ModelConfig, load_model_config, same_model
+from longcat_sim.model.config import CHECK_ONLY_FIELDS, ModelConfig, load_model_config, same_model
 from longcat_sim.model.determinism import deterministic_config
 from longcat_sim.model.kernels.backend import triton_available, triton_interpreting
 from longcat_sim.repro.inject import SITES, check_fault_targets, parse_fault, trainer_faults
@@ -231,7 +231,9 @@ def _configs(
                     "model config; drop --model/--kernels/--target-ffn-experts/--set model.* to "
                     "resume it"
                 )
-        return model_cfg, train_cfg, checkpoint
+        # the checks the weights carry belong to this run, not to the checkpoint's
+        checks = {name: model_changes.get(name, False) for name in CHECK_ONLY_FIELDS}
+        return model_cfg.replace(**checks), train_cfg, checkpoint
     base_cfg = _model_config(args, model_changes, None)
     defaults = training_config.default_train_config(base_cfg)
     if "steps" in train_changes and "warmup_steps" not in train_changes:
@@ -269,33 +271,42 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError("--sdc-inject plants faults for the SDC guard; add --sdc-guard")
 
 
-def _guard(
-    args: argparse.Namespace,
-    model_cfg: ModelConfig,
-    train_cfg: training_config.TrainConfig,
-    nproc: int,
-) -> tuple[GuardSettings | None, Any]:
-    """The guard's settings and planted faults (checked before any work), or None."""
+def _guard_settings(
+    args: argparse.Namespace, train_cfg: training_config.TrainConfig
+) -> GuardSettings | None:
+    """The SDC guard's settings, or None for an unguarded run."""
     if not args.sdc_guard:
-        return None, None
+        return None
     if not train_cfg.deterministic:
         raise UserError(
             "--sdc-guard replays a step and compares it bit for bit; add --deterministic"
         )
+    return GuardSettings(policy=args.sdc_policy, seed=train_cfg.seed)
+
+
+def _planted_faults(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    train_cfg: training_config.TrainConfig,
+    nproc: int,
+) -> Any:
+    """The faults ``--sdc-inject`` plants (checked before any work), or None."""
+    if not args.sdc_inject:
+        return None
     faults = [parse_fault(text, "--sdc-inject") for text in args.sdc_inject]
-    if faults and nproc > 1:
+    if nproc > 1:
         raise UserError("--sdc-inject runs in one process; drop --nproc")
     if any(f.step >= train_cfg.steps for f in faults):
         raise UserError(f"--sdc-inject: a fault's step is past the last step {train_cfg.steps - 1}")
-    if faults:
-        check_fault_targets(trained_config(model_cfg, train_cfg), faults)
-    settings = GuardSettings(policy=args.sdc_policy, seed=train_cfg.seed)
-    return settings, functools.partial(trainer_faults, faults=faults) if faults else None
+    check_fault_targets(trained_config(model_cfg, train_cfg), faults)
+    return functools.partial(trainer_faults, faults=faults)
 
 
 def run(args: argparse.Namespace) -> CommandOutput:
     _check_flags(args)
     model_cfg, train_cfg, checkpoint = _configs(args, args.run_dir)
+    guard = _guard_settings(args, train_cfg)
+    model_cfg = guarded_config(model_cfg, guard)  # the expert weights carry their checksums
     config_hash = training_config.run_config_hash(model_cfg, train_cfg)
     if args.sdc_guard:  # a guarded run, and one with planted faults, is its own configuration
         config_hash = hash_config({"run": config_hash, **_guard_config(args)})
@@ -315,8 +326,7 @@ def run(args: argparse.Namespace) -> CommandOutput:
     _check_kernels(model_cfg, train_cfg, nproc)
     if args.grow_from is not None and world is None:  # before any process starts
         grow_source(args.grow_from, trained_config(model_cfg, train_cfg), train_cfg.steps)
-    guard, faults = _guard(args, model_cfg, train_cfg, nproc)
-    model_cfg = guarded_config(model_cfg, guard)  # the expert weights carry their checksums
+    faults = _planted_faults(args, model_cfg, train_cfg, nproc)
     rank_run = distributed.RankRun(
         model_cfg, train_cfg, str(run_dir),
         data_cache=None if args.data_cache is None else str(args.data_cache),

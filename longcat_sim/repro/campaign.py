@@ -418,41 +418,46 @@ def guard_overhead(
 ) -> dict[str, float]:
     """Per-step time of guarded training over unguarded, as ratios minus one: ``abft_validators``
     (ABFT, with the checksums the model keeps through its optimizer steps, and the validators,
-    with the snapshot the replays need) and ``guard`` (every online detector). Each side trains
-    its own model, unguarded ones without checksums, from the same start; each round times
-    ``steps`` steps from that start on each side, in an order that rotates from round to round,
-    with the process's CPU clock (other processes' load touches every side alike); the result is
-    the median of the per-round ratios."""
-    settings = {name: GuardSettings(detectors=on) for name, on in OVERHEAD_SETS.items()}
+    with the snapshot the replays need) and ``guard`` (every online detector). The unguarded
+    side trains a model without checksums, the guarded sides one with them, from the same start;
+    each round times ``steps`` steps from that start on each side, in an order that rotates from
+    round to round, with the process's CPU clock (other processes' load touches every side
+    alike); the result is the median of the per-round ratios."""
     with tempfile.TemporaryDirectory(prefix="sdc-overhead-") as tmp:
-        sides = {"plain": _OverheadSide(make_trainer(f"{tmp}/plain", None), None, warmup)}
-        for name, guard in settings.items():
-            sides[name] = _OverheadSide(make_trainer(f"{tmp}/{name}", guard), guard, warmup)
+        plain = _Start(make_trainer(f"{tmp}/plain", None), warmup)
+        checked = _Start(make_trainer(f"{tmp}/guarded", GuardSettings()), warmup)
+        sides: dict[str, tuple[_Start, GuardSettings | None]] = {"plain": (plain, None)}
+        for name, on in OVERHEAD_SETS.items():
+            sides[name] = (checked, GuardSettings(detectors=on))
         order = list(sides)
         ratios: dict[str, list[float]] = {name: [] for name in OVERHEAD_SETS}
         for r in range(rounds):
-            seconds = {name: sides[name].timed(steps) for name in order[r % 3 :] + order[: r % 3]}
+            shift = r % len(order)
+            seconds = {
+                name: sides[name][0].timed(steps, sides[name][1])
+                for name in order[shift:] + order[:shift]
+            }
             for name in OVERHEAD_SETS:
                 ratios[name].append(seconds[name] / seconds["plain"] - 1.0)
     return {name: float(np.median(values)) for name, values in ratios.items()}
 
 
-class _OverheadSide:
-    """One side of :func:`guard_overhead`: a trainer after ``warmup`` steps, its state kept."""
+class _Start:
+    """A trainer after ``warmup`` steps, and that state kept to time steps from."""
 
-    def __init__(self, trainer: Any, settings: GuardSettings | None, warmup: int) -> None:
-        self.trainer, self.settings = trainer, settings
+    def __init__(self, trainer: Any, warmup: int) -> None:
+        self.trainer = trainer
         for _ in range(warmup):
             trainer.train_step()
-        self.start = Snapshot()
-        self.start.take(trainer)
+        self.state = Snapshot()
+        self.state.take(trainer)
 
-    def timed(self, steps: int) -> float:
-        """CPU seconds of ``steps`` steps from the kept state."""
-        self.start.restore(self.trainer)
-        if self.settings is None:
+    def timed(self, steps: int, settings: GuardSettings | None) -> float:
+        """CPU seconds of ``steps`` steps from the kept state, guarded with ``settings``."""
+        self.state.restore(self.trainer)
+        if settings is None:
             return _timed_steps(self.trainer.train_step, steps)
-        guard = SdcGuard(self.trainer, self.settings)
+        guard = SdcGuard(self.trainer, settings)
         try:
             return _timed_steps(guard.step, steps)
         finally:

@@ -260,7 +260,7 @@ class SdcGuard:
         on = set(self.settings.detectors)
         self.tallies = {name: CheckTally() for name in ("abft", "recompute", "routing")}
         layers = moe_layers(trainer.model)
-        if "abft" in on and not all(moe.experts.has_checksums for _, moe in layers):
+        if "abft" in on and not all(moe.experts.expert_checksums for _, moe in layers):
             raise ValueError(
                 "the abft detector needs expert weights that carry checksums: build the model "
                 "from guarded_config(model_cfg, settings)"

@@ -221,7 +221,6 @@ class Trainer:
         step counter (hence the data position and LR schedule) and the controller carry on."""
         path, state = grow_source(checkpoint, self.model_cfg, self.tc.steps)
         ckpt.grow_into(path, state, self.model, self.optimizer, self.controller)
-        encode_checksums(self.model)
         self.step = int(state["step"])
         self.grown_from = str(path)
 

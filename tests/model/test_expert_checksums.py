@@ -47,8 +47,8 @@ def stale_gemms(experts: GroupedExperts) -> list[str]:
 
 def test_checksums_change_no_parameter_no_output_and_no_checkpoint_key() -> None:
     checked, plain = build(CHECKED), build(TINY)
-    assert all(e.has_checksums for e in all_experts(checked))
-    assert not any(e.has_checksums for e in all_experts(plain))
+    assert all(e.expert_checksums for e in all_experts(checked))
+    assert not any(e.expert_checksums for e in all_experts(plain))
     assert checked.state_dict().keys() == plain.state_dict().keys()  # never saved
     assert parameter_hash(checked, include_buffers=True) == parameter_hash(
         plain, include_buffers=True
@@ -70,6 +70,13 @@ def test_checksums_are_encoded_again_on_load_and_only_then(tmp_path) -> None:
     reread = load_pretrained(tmp_path / "ckpt")
     assert reread.config.expert_checksums
     assert all(stale_gemms(e) == [] for e in all_experts(reread))
+
+
+def test_a_cast_encodes_the_checksums_of_the_cast_weights() -> None:
+    model = build(CHECKED).to(torch.bfloat16)
+    for experts in all_experts(model):
+        assert experts.checksum("gate").sums_NX.dtype == torch.bfloat16
+        assert stale_gemms(experts) == []
 
 
 def test_keep_checksums_follows_every_optimizer_step() -> None:

@@ -93,6 +93,20 @@ def test_every_site_is_detected_attributed_and_repaired(site, persistent, plain,
     assert [r["loss"] for r in run.records] == [r["loss"] for r in plain.records]
 
 
+def test_abft_alone_catches_an_expert_weight_corrupted_at_rest(tmp_path) -> None:
+    """The flip lands between steps: the encoding the optimizer step left no longer matches
+    the weight the next forward reads."""
+    abft_only = GuardSettings(detectors=("abft",))
+    expert = Fault(site="weight", bit=30, index=12345, step=1,
+                   target="model.layers.0.mlp.experts.down_proj")  # fmt: skip
+    run = run_steps(tmp_path / "expert", STEPS, guard=abft_only, faults=[expert])
+    assert [e["step"] for e in run.events] == [1] and "abft" in run.events[0]["detectors"]
+    # negative control: a weight outside the experts feeds the GEMMs consistent inputs
+    other = dataclasses.replace(expert, index=123, target="model.layers.0.mlps.0.down_proj.weight")
+    run = run_steps(tmp_path / "other", STEPS, guard=abft_only, faults=[other])
+    assert not any("abft" in e["detectors"] for e in run.events)
+
+
 def test_a_scaled_output_head_is_a_genuine_spike_and_faults_are_not(tmp_path) -> None:
     cc = CampaignConfig(sites=("expert_gemm",), states=1, chain=8, attribution_events=1)
     rig = Rig(make_trainer, cc)
@@ -319,7 +333,7 @@ def test_checksums_follow_the_weights_through_optimizer_steps(tmp_path) -> None:
 
 def test_the_abft_detector_needs_a_model_built_with_checksums(tmp_path) -> None:
     trainer = make_trainer(tmp_path, None)
-    assert not any(moe.experts.has_checksums for _, moe in moe_layers(trainer.model))
+    assert not any(moe.experts.expert_checksums for _, moe in moe_layers(trainer.model))
     with pytest.raises(ValueError, match="guarded_config"):
         SdcGuard(trainer, GuardSettings())
     SdcGuard(trainer, GuardSettings(detectors=("validators", "at_rest"))).close()
