@@ -250,6 +250,30 @@ class Outcome:
     exception: BaseException | None = None
 
 
+def moe_probes(
+    model: Any, settings: GuardSettings, tallies: dict[str, CheckTally]
+) -> list[tuple[Any, Any]]:
+    """``(MoE layer, probe)`` for the ``abft`` and ``recompute`` detectors of ``settings``; the
+    expert weights' checksums are encoded from the weights as they are now (loaded, grown)."""
+    on, layers = set(settings.detectors), moe_layers(model)
+    if "abft" in on and not all(moe.experts.expert_checksums for _, moe in layers):
+        raise ValueError(
+            "the abft detector needs expert weights that carry checksums: build the model "
+            "from guarded_config(model_cfg, settings)"
+        )
+    encode_checksums(model)
+    probes: list[tuple[Any, Any]] = []
+    for index, (_, moe) in enumerate(layers):
+        if "abft" in on:
+            probes.append((moe, AbftProbe(moe.experts, index, tallies["abft"])))
+        if "recompute" in on:
+            recompute = RecomputeProbe(
+                index, tallies["recompute"], settings.seed, settings.recompute_experts
+            )
+            probes.append((moe, recompute))
+    return probes
+
+
 class SdcGuard:
     """Guards every step of ``trainer`` (:meth:`step` replaces ``trainer.train_step``)."""
 
@@ -259,26 +283,8 @@ class SdcGuard:
         self.trainer, self.settings, self.faults = trainer, settings or GuardSettings(), faults
         on = set(self.settings.detectors)
         self.tallies = {name: CheckTally() for name in ("abft", "recompute", "routing")}
-        layers = moe_layers(trainer.model)
-        if "abft" in on and not all(moe.experts.expert_checksums for _, moe in layers):
-            raise ValueError(
-                "the abft detector needs expert weights that carry checksums: build the model "
-                "from guarded_config(model_cfg, settings)"
-            )
-        encode_checksums(trainer.model)  # the weights as they are now (loaded, grown, restored)
         self._handles: list[Any] = []
-        self._probes = []
-        for index, (_, moe) in enumerate(layers):
-            if "abft" in on:
-                self._probes.append((moe, AbftProbe(moe.experts, index, self.tallies["abft"])))
-            if "recompute" in on:
-                probe = RecomputeProbe(
-                    index,
-                    self.tallies["recompute"],
-                    self.settings.seed,
-                    self.settings.recompute_experts,
-                )
-                self._probes.append((moe, probe))
+        self._probes = moe_probes(trainer.model, self.settings, self.tallies)
         for moe, probe in self._probes:
             add_probe(moe, probe)
         if "validators" in on:
