@@ -65,7 +65,14 @@ class LongcatFlashForCausalLM(nn.Module):
     ``N(0, initializer_range^2)``, norm weights set to one, buffers (the router bias) to zero.
     """
 
-    def __init__(self, cfg: ModelConfig, *, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """``device="meta"``: the module tree and shapes only, no memory and no draws."""
         super().__init__()
         require_runnable(cfg)
         self.config = cfg
@@ -74,9 +81,13 @@ class LongcatFlashForCausalLM(nn.Module):
             self.lm_head = linear_class(cfg.deterministic)(
                 cfg.hidden_size, cfg.vocab_size, bias=False
             )
-        self.to_empty(device="cpu")
+        materialise = torch.device(device).type != "meta"
+        if materialise:
+            self.to_empty(device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if not materialise:
+            return
         if generator is None:
             generator = torch.Generator().manual_seed(DEFAULT_INIT_SEED)
         self.reset_parameters(generator)

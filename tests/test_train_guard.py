@@ -143,3 +143,19 @@ def test_guarded_weights_carry_checksums_and_a_run_resumes_across_the_guard(
         assert (resumed["sdc_guard"] is not None) == bool(then)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["config"]["model"]["expert_checksums"] is bool(then)  # this run's checks
+
+
+def test_a_resumed_run_takes_the_checksum_option_from_its_own_flags(cache, tmp_path, capsys):
+    """The option is this run's, even for a checkpoint of a model that is no preset."""
+    out = tmp_path / "run"
+    first = base_argv(cache, "--set", "model.rope_theta=5000", "--stop-after", "2")
+    assert main([*first, "--run-dir", str(out)]) == 0
+    then = ["train", "--resume", "--data-cache", str(cache), "--run-dir", str(out)]
+    code = main([*then, "--set", "model.expert_checksums=true"])
+    assert code == 0, capsys.readouterr().err
+    model = json.loads((out / "manifest.json").read_text())["config"]["model"]
+    assert model["expert_checksums"] is True and model["rope_theta"] == 5000
+    capsys.readouterr()
+    # negative control: a real model change is still refused on resume
+    assert main([*then, "--set", "model.rope_theta=8000"]) == 2
+    assert "different model config" in capsys.readouterr().err

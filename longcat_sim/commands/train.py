@@ -212,6 +212,8 @@ def _configs(
     """Model and train configs for a fresh run, or those of the checkpoint to resume."""
     train_changes, model_changes = _requested_settings(args)
     if args.resume:
+        # the checks the weights carry belong to this run, not to the checkpoint's
+        checks = {name: model_changes.pop(name, False) for name in CHECK_ONLY_FIELDS}
         if run_dir is None:
             raise UserError("--resume needs the run directory: pass --run-dir DIR")
         checkpoint = _resume_checkpoint(run_dir, args.resume)
@@ -231,8 +233,6 @@ def _configs(
                     "model config; drop --model/--kernels/--target-ffn-experts/--set model.* to "
                     "resume it"
                 )
-        # the checks the weights carry belong to this run, not to the checkpoint's
-        checks = {name: model_changes.get(name, False) for name in CHECK_ONLY_FIELDS}
         return model_cfg.replace(**checks), train_cfg, checkpoint
     base_cfg = _model_config(args, model_changes, None)
     defaults = training_config.default_train_config(base_cfg)

@@ -455,8 +455,7 @@ def check_fault_targets(cfg: Any, faults: list[Fault], flag: str = "--sdc-inject
     except ValueError as exc:
         raise UserError(str(exc)) from None
     check_fits_in_memory(cfg)  # a model too large to train is refused before it is built
-    with torch.device("meta"):
-        model = LongcatFlashForCausalLM(cfg)
+    model = LongcatFlashForCausalLM(cfg, device="meta")
     try:
         ModelFaultInjector(model, FaultPlan(faults)).close()
     except ValueError as exc:

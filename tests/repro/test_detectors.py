@@ -101,10 +101,13 @@ def test_abft_alone_catches_an_expert_weight_corrupted_at_rest(tmp_path) -> None
                    target="model.layers.0.mlp.experts.down_proj")  # fmt: skip
     run = run_steps(tmp_path / "expert", STEPS, guard=abft_only, faults=[expert])
     assert [e["step"] for e in run.events] == [1] and "abft" in run.events[0]["detectors"]
-    # negative control: a weight outside the experts feeds the GEMMs consistent inputs
-    other = dataclasses.replace(expert, index=123, target="model.layers.0.mlps.0.down_proj.weight")
+    # negative control: a weight outside the experts (a flip that keeps the step finite) feeds
+    # the expert GEMMs consistent inputs, and the loss moves unseen
+    other = Fault(site="weight", bit=29, index=123, step=1,
+                  target="model.layers.0.mlps.0.down_proj.weight")  # fmt: skip
     run = run_steps(tmp_path / "other", STEPS, guard=abft_only, faults=[other])
-    assert not any("abft" in e["detectors"] for e in run.events)
+    clean = run_steps(tmp_path / "clean", STEPS, guard=abft_only)
+    assert run.events == [] and run.records[1]["loss"] != clean.records[1]["loss"]
 
 
 def test_a_scaled_output_head_is_a_genuine_spike_and_faults_are_not(tmp_path) -> None:
