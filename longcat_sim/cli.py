@@ -73,6 +73,18 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(selected: str | None, argv: list[str]) -> frozenset[str]:
+    """The destinations of the options ``argv`` sets itself, defaults aside (``argv`` has
+    parsed already): the same parser, its defaults suppressed, parses it again."""
+    parser = build_parser(selected)
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in (p for sub in subparsers for p in sub.choices.values()):
+        for action in command._actions:
+            action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    return frozenset(name for name in given if name not in ("command", "_module"))
+
+
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -96,6 +108,7 @@ def _main(argv: list[str] | None) -> int:
         args = build_parser(selected).parse_args(argv)
     except SystemExit as exc:  # a usage error (already one line on stderr) or --help
         return int(exc.code or 0)
+    args.given_options = given_options(selected, argv)
     try:
         return _run_and_commit(args)
     finally:

@@ -132,3 +132,13 @@ def test_module_entry_point_prints_pure_json(tmp_path) -> None:
 
 def test_module_entry_point_error_has_no_traceback(tmp_path) -> None:
     assert "unknown model 'huge'" in refused_in_a_process(["params", "--model", "huge"], tmp_path)
+
+
+def test_given_options_are_the_ones_the_command_line_sets() -> None:
+    from longcat_sim.cli import given_options
+
+    given = given_options("train", ["train", "--steps", "5", "--sdc-guard", "--set", "lr=0.1"])
+    assert given == {"steps", "sdc_guard", "overrides"}
+    # a default repeated on the command line is given too; an option left out is not
+    assert given_options("sdc", ["sdc", "--model", "tiny"]) == {"model"}
+    assert given_options("sdc", ["sdc"]) == frozenset()

@@ -160,9 +160,8 @@ def _run_entry(args: argparse.Namespace, threads: list[int], fault: Fault | None
     from longcat_sim.repro.library import check_entry_determinism
     from longcat_sim.repro.targets import MODEL_SITES, check_target
 
-    defaults = {"model": "tiny", "batch_size": None, "seq_len": None, "byte_budget": 2**19,
-                "data_cache": None}  # fmt: skip
-    refuse_options_with_entry(args, defaults, "the runs train your experiment")
+    builtin = ("model", "batch_size", "seq_len", "byte_budget", "data_cache")
+    refuse_options_with_entry(args, builtin, "the runs train your experiment")
     if fault is not None and fault.site not in MODEL_SITES:
         raise UserError(f"--inject with --entry takes a site among {', '.join(MODEL_SITES)}")
     experiment = build_experiment(args.entry, args.seed)  # fails here, not in every run

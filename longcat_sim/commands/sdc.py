@@ -226,10 +226,9 @@ def run(args: argparse.Namespace) -> CommandOutput:
 def _run_entry(args: argparse.Namespace) -> CommandOutput:
     """The campaign on a user's experiment (``--entry``): its weights, activations, gradients
     and optimizer state, scored by replay and the validators."""
-    defaults = {"model": "tiny", "batch_size": 2, "seq_len": 32, "byte_budget": 2**19,
-                "data_cache": None, "clean_runs": 1000, "attribution_events": 100,
-                "overhead_rounds": 5, "recompute_experts": 1}  # fmt: skip
-    refuse_options_with_entry(args, defaults, "the campaign runs your experiment")
+    builtin = ("model", "batch_size", "seq_len", "byte_budget", "data_cache", "clean_runs",
+               "attribution_events", "overhead_rounds", "recompute_experts")  # fmt: skip
+    refuse_options_with_entry(args, builtin, "the campaign runs your experiment")
     sites = tuple(s for s in parse_sites(args.sites) if s in MODEL_SITES)
     if not sites:
         raise UserError(f"--entry runs the sites {', '.join(MODEL_SITES)}; pick some of them")

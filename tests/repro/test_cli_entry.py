@@ -81,6 +81,8 @@ def test_bad_inject_for_an_entry_is_exit_code_2(inject, message, tmp_path, capsy
         (["determinism", "--batch-size", "4"], "--batch-size do not apply with --entry"),
         (["determinism", "--model", "small"], "--model do not apply with --entry"),
         (["sdc", "--clean-runs", "5"], "--clean-runs do not apply with --entry"),
+        (["determinism", "--model", "tiny"], "--model do not apply with --entry"),  # a default
+        (["sdc", "--clean-runs", "1000", "--seq-len", "32"], "--seq-len, --clean-runs do not"),
         (["sdc", "--bits", "0,40"], "--bits must lie in 0..31"),
     ],
 )
