@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from longcat_sim.cluster.errors import ClusterInputError
+from longcat_sim.config.flags import given_options
 from longcat_sim.config.paths import path_arg
 from longcat_sim.errors import UserError, os_error_line
 from longcat_sim.model.config import ConfigError
@@ -73,18 +74,6 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def given_options(selected: str | None, argv: list[str]) -> frozenset[str]:
-    """The destinations of the options ``argv`` sets itself, defaults aside (``argv`` has
-    parsed already): the same parser, its defaults suppressed, parses it again."""
-    parser = build_parser(selected)
-    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    for command in (p for sub in subparsers for p in sub.choices.values()):
-        for action in command._actions:
-            action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    return frozenset(name for name in given if name not in ("command", "_module"))
-
-
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -106,9 +95,10 @@ def _main(argv: list[str] | None) -> int:
     selected = argv[0] if argv and argv[0] in COMMANDS else None
     try:
         args = build_parser(selected).parse_args(argv)
+        given = given_options(lambda: build_parser(selected), argv)
     except SystemExit as exc:  # a usage error (already one line on stderr) or --help
         return int(exc.code or 0)
-    args.given_options = given_options(selected, argv)
+    args.given_options = given - {"command", "_module"}
     try:
         return _run_and_commit(args)
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from longcat_sim.commands.base import CommandOutput
-from longcat_sim.config.flags import add_config_flags, set_values
+from longcat_sim.config.flags import add_config_flags, given_options, set_values
 from longcat_sim.config.paths import path_arg
 from longcat_sim.config.report import ReportConfig, load_report_config
 from longcat_sim.errors import UserError
@@ -89,12 +89,17 @@ def run_command(argv: Sequence[str]) -> dict[str, Any]:
     run directory."""
     name, *rest = argv
     module = importlib.import_module(f"longcat_sim.commands.{name}")
-    parser = _CommandParser(prog=f"longcat-sim {name}", add_help=False)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--run-dir", type=path_arg, default=None)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+
+    def build() -> argparse.ArgumentParser:
+        parser = _CommandParser(prog=f"longcat-sim {name}", add_help=False)
+        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--run-dir", type=path_arg, default=None)
+        module.add_arguments(parser)
+        return parser
+
+    args = build().parse_args(rest)
     args.command, args._module = name, module
+    args.given_options = given_options(build, rest)
     return module.run(args).results
 
 

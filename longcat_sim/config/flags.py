@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from longcat_sim.config.fields import flag
@@ -106,6 +106,23 @@ def add_config_flags(
             metavar="A,B,..." if listed else None,
             help=text,
         )
+
+
+def given_options(
+    build: Callable[[], argparse.ArgumentParser], argv: Sequence[str]
+) -> frozenset[str]:
+    """The destinations of the options ``argv`` sets itself, defaults aside (``argv`` has
+    parsed already): a fresh parser from ``build``, every default suppressed, sub-commands'
+    too, parses it again."""
+    parser = build()
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            else:
+                action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(list(argv))))
 
 
 def given(args: argparse.Namespace, names: list[str] | tuple[str, ...]) -> list[str]:

@@ -101,10 +101,9 @@ def build_experiment(entry: str, seed: int = 0, threads: int | None = None) -> E
 
 def refuse_options_with_entry(args: Any, options: tuple[str, ...], what: str) -> None:
     """One line naming the ``options`` of the built-in model that the command line gave
-    (``args.given_options``, set by the CLI): with ``--entry`` they would be ignored (``what``
+    (``args.given_options``: ``config.flags.given_options``): with ``--entry`` they would be ignored (``what``
     says what runs instead), even when they repeat a default."""
-    explicit = getattr(args, "given_options", frozenset())
-    given = [name for name in options if name in explicit]
+    given = [name for name in options if name in args.given_options]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(f"{flags} do not apply with --entry ({what})")
