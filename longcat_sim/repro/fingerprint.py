@@ -233,11 +233,17 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
-        data = dict(data)
-        if data.get("capture") is not None:
-            step, module, tensor = data["capture"]
-            data["capture"] = (int(step), str(module), str(tensor))
-        return cls(**data)
+        return cls(**with_capture_tuple(data))
+
+
+def with_capture_tuple(data: dict[str, Any]) -> dict[str, Any]:
+    """A spec's fields read back from JSON: its ``capture`` (a list there) as the
+    ``(step, module, tensor)`` tuple the spec holds."""
+    data = dict(data)
+    if data.get("capture") is not None:
+        step, module, tensor = data["capture"]
+        data["capture"] = (int(step), str(module), str(tensor))
+    return data
 
 
 @dataclass(frozen=True)

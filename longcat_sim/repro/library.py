@@ -34,6 +34,7 @@ from longcat_sim.repro.fingerprint import (
     StepFingerprint,
     state_tensors,
     value_digest,
+    with_capture_tuple,
 )
 from longcat_sim.repro.harness import WORKER_ENV, DeterminismReport, check_determinism
 from longcat_sim.repro.inject import Fault, ModelFaultInjector
@@ -88,11 +89,7 @@ class EntrySpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EntrySpec:
-        data = dict(data)
-        if data.get("capture") is not None:
-            step, module, tensor = data["capture"]
-            data["capture"] = (int(step), str(module), str(tensor))
-        return cls(**data)
+        return cls(**with_capture_tuple(data))
 
 
 def _injector(experiment: Experiment, spec: EntrySpec) -> ModelFaultInjector | None:

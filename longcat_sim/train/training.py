@@ -89,6 +89,7 @@ def build_model(
         proxy = uniform_hyperparameters(tc.lr, cfg.initializer_range)
         hyper = transfer_hyperparameters(proxy, tc.proxy_width, cfg.hidden_size)
         initialize_parameters(model, hyper, generator)
+        encode_checksums(model)  # the weights were drawn again
         lrs = {group: h.lr for group, h in hyper.items()}
     model.train()
     optimizer = build_adamw(
@@ -99,7 +100,6 @@ def build_model(
         eps=tc.adam_eps,
     )
     if cfg.expert_checksums:
-        encode_checksums(model)  # the weights as initialised
         keep_checksums(model, optimizer)
     return model, optimizer
 

@@ -111,3 +111,13 @@ def test_the_option_is_a_config_field_that_round_trips_and_resumes() -> None:
     assert same_model(TINY, CHECKED)  # a run may resume across the option
     assert not same_model(TINY, TINY.replace(deterministic=True))  # but not across arithmetic
     assert TINY.config_hash() != CHECKED.config_hash()  # and a run records which it used
+
+
+def test_the_trainer_s_proxy_width_initialisation_is_encoded() -> None:
+    """``build_model`` draws the weights again for a width transfer (Table 1); the checksums
+    follow."""
+    from longcat_sim.train.config import default_train_config
+    from longcat_sim.train.training import build_model
+
+    model, _ = build_model(CHECKED, default_train_config(CHECKED).replace(proxy_width=32))
+    assert all(stale_gemms(e) == [] for e in all_experts(model))
