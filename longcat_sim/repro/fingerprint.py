@@ -193,16 +193,29 @@ def fingerprint_step(
         return StepFingerprint(step, tuple(entries)), captured, None
     if after_step is not None:
         after_step()
-    for name in LOSS_FIELDS:
-        if name in record:
-            entries.append(Entry("loss", name, value_digest(record[name])))
-            if ("loss", name) in wanted:
-                captured[("loss", name)] = torch.tensor(float(record[name]), dtype=torch.float64)
-    for module, label, tensor in state_tensors(trainer.model, trainer.optimizer):
+    losses = {name: record[name] for name in LOSS_FIELDS if name in record}
+    add_losses_and_state(entries, captured, wanted, losses, trainer.model, trainer.optimizer)
+    return StepFingerprint(step, tuple(entries)), captured, record
+
+
+def add_losses_and_state(
+    entries: list[Entry],
+    captured: dict[tuple[str, str], torch.Tensor],
+    wanted: set[tuple[str, str]],
+    losses: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Append a step's loss values and then its state (:func:`state_tensors`) to ``entries``,
+    keeping a copy of the ``wanted`` ones in ``captured``."""
+    for name, value in losses.items():
+        entries.append(Entry("loss", name, value_digest(value)))
+        if ("loss", name) in wanted:
+            captured[("loss", name)] = torch.tensor(float(value), dtype=torch.float64)
+    for module, label, tensor in state_tensors(model, optimizer):
         entries.append(Entry(module, label, tensor_hash(tensor)))
         if (module, label) in wanted:
             captured[(module, label)] = tensor.detach().clone()
-    return StepFingerprint(step, tuple(entries)), captured, record
 
 
 # -- one run -------------------------------------------------------------------------------------

@@ -24,16 +24,13 @@ from typing import Any
 
 import torch
 
-from longcat_sim.model.hashing import tensor_hash
 from longcat_sim.processes import Children
 from longcat_sim.repro.entry import Experiment, build_experiment
 from longcat_sim.repro.fingerprint import (
     ActivationRecorder,
-    Entry,
     RunRecord,
     StepFingerprint,
-    state_tensors,
-    value_digest,
+    add_losses_and_state,
     with_capture_tuple,
 )
 from longcat_sim.repro.harness import WORKER_ENV, DeterminismReport, check_determinism
@@ -60,13 +57,8 @@ def fingerprint_experiment_step(
         after_step()
     entries, captured = list(recorder.entries), dict(recorder.captured)
     value = float(loss.detach().double().item())
-    entries.append(Entry("loss", "loss", value_digest(value)))
-    if ("loss", "loss") in wanted:
-        captured[("loss", "loss")] = torch.tensor(value, dtype=torch.float64)
-    for module, label, tensor in state_tensors(experiment.model, experiment.optimizer):
-        entries.append(Entry(module, label, tensor_hash(tensor)))
-        if (module, label) in wanted:
-            captured[(module, label)] = tensor.detach().clone()
+    model, optimizer = experiment.model, experiment.optimizer
+    add_losses_and_state(entries, captured, wanted, {"loss": value}, model, optimizer)
     return StepFingerprint(step, tuple(entries)), captured, value
 
 
